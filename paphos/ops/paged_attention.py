@@ -1,0 +1,93 @@
+"""Attention over the paged KV cache for a mixed batch: prefill chunks (with cached context) and decodes.
+
+Sequence b owns query tokens query_start_loc[b]:query_start_loc[b+1]; its context (cached tokens plus this
+step's, already written to the cache) is seq_lens[b] tokens long, stored in the blocks block_tables[b].
+Query token i of a sequence with q_len query tokens sits at position seq_len - q_len + i and attends
+causally to context positions <= its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """query: [num_tokens, num_heads, head_size]; kv_cache: [2, num_blocks, block_size, num_kv_heads,
+    head_size]; query_start_loc: [num_seqs + 1]; seq_lens: [num_seqs]; block_tables: [num_seqs,
+    max_blocks]. Returns [num_tokens, num_heads, head_size]."""
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
+    out = torch.empty_like(query)
+    decode_seqs = [b for b, q_len in enumerate(q_lens) if q_len == 1]
+    if decode_seqs:
+        rows = torch.tensor([starts[b] for b in decode_seqs], device=query.device)
+        out[rows] = _decode_attention(
+            query[rows], kv_cache, seq_lens[decode_seqs], block_tables[decode_seqs], scale
+        )
+    for b, q_len in enumerate(q_lens):
+        if q_len > 1:
+            s, e = starts[b], starts[b + 1]
+            out[s:e] = _prefill_attention(query[s:e], kv_cache, lens[b], block_tables[b], scale)
+    return out
+
+
+def gather_context(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of one sequence's first num_tokens positions: [num_tokens, num_kv_heads, head_size]."""
+    block_size = kv_cache.shape[2]
+    num_blocks = -(-num_tokens // block_size)
+    blocks = block_table[:num_blocks]
+    k = kv_cache[0, blocks].flatten(0, 1)[:num_tokens]  # [num_tokens, num_kv_heads, head_size]
+    v = kv_cache[1, blocks].flatten(0, 1)[:num_tokens]
+    return k, v
+
+
+def _prefill_attention(
+    query: torch.Tensor, kv_cache: torch.Tensor, seq_len: int, block_table: torch.Tensor, scale: float
+) -> torch.Tensor:
+    q_len = query.shape[0]
+    k, v = gather_context(kv_cache, block_table, seq_len)
+    q = query.transpose(0, 1)  # [num_heads, q_len, head_size]
+    k, v = k.transpose(0, 1), v.transpose(0, 1)  # [num_kv_heads, seq_len, head_size]
+    if q_len == seq_len:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        positions = torch.arange(seq_len - q_len, seq_len, device=query.device)  # [q_len]
+        mask = torch.arange(seq_len, device=query.device)[None, :] <= positions[:, None]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.transpose(0, 1)  # [q_len, num_heads, head_size]
+
+
+def _decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence, batched: pad every context to the longest and mask the rest."""
+    num_seqs, num_heads, head_size = query.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    max_len = int(seq_lens.max())
+    num_blocks = -(-max_len // block_size)
+    blocks = block_tables[:, :num_blocks]  # [num_seqs, num_blocks]
+    k = kv_cache[0, blocks].flatten(1, 2)  # [num_seqs, num_blocks * block_size, num_kv_heads, head_size]
+    v = kv_cache[1, blocks].flatten(1, 2)
+    q = query.view(num_seqs, num_kv_heads, group, head_size)
+    scores = torch.matmul(q, k.permute(0, 2, 3, 1)).float() * scale  # [num_seqs, kv_heads, group, len]
+    padded = torch.arange(k.shape[1], device=query.device)[None, :] >= seq_lens[:, None]
+    scores.masked_fill_(padded[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    o = torch.matmul(probs, v.transpose(1, 2))  # [num_seqs, num_kv_heads, group, head_size]
+    return o.reshape(num_seqs, num_heads, head_size)

@@ -1,0 +1,34 @@
+"""Choosing each op's implementation once, at start-up: the Triton kernel on CUDA, the reference elsewhere."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from paphos.ops import activation, kv_cache, paged_attention, rms_norm, rotary
+
+REFERENCES: dict[str, Callable[..., Any]] = {
+    "rms_norm": rms_norm.rms_norm,
+    "fused_add_rms_norm": rms_norm.fused_add_rms_norm,
+    "silu_and_mul": activation.silu_and_mul,
+    "rotary_embedding": rotary.rotary_embedding,
+    "write_kv_cache": kv_cache.write_kv_cache,
+    "paged_attention": paged_attention.paged_attention,
+}
+
+
+def pick(name: str, device_type: str) -> Callable[..., Any]:
+    """The implementation of op `name` for a device type ("cpu" or "cuda")."""
+    if device_type == "cuda":
+        fast = _cuda_kernels().get(name)
+        if fast is not None:
+            return fast
+    return REFERENCES[name]
+
+
+def _cuda_kernels() -> dict[str, Callable[..., Any]]:
+    try:
+        from paphos.kernels import CUDA_KERNELS
+    except ImportError:
+        return {}
+    return CUDA_KERNELS
