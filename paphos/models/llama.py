@@ -1,0 +1,219 @@
+"""Llama (2, 3, 3.1+ rope scaling; GQA; tied embeddings; optional qkv/mlp bias), from HF's definition.
+
+Tokens of every scheduled request arrive flattened into one batch; attention goes through the paged cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from paphos.attention import Attention, AttentionMetadata
+from paphos.config import ModelConfig
+from paphos.layers.activation import SiluAndMul
+from paphos.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from paphos.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from paphos.layers.logits import LogitsProcessor
+from paphos.layers.norm import RMSNorm
+from paphos.layers.rotary import get_rope
+from paphos.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
+from paphos.layers.weight_utils import default_weight_loader
+from paphos.parallel import ParallelInfo
+from paphos.quant.base import LinearMethod
+
+
+def rope_settings(hf_config: Any) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from either transformers 5 `rope_parameters` or older attributes."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    scaling = params if params.get("rope_type", "default") != "default" else None
+    return float(theta), scaling or getattr(hf_config, "rope_scaling", None)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hf_config: Any, linear_method: LinearMethod | None, parallel: ParallelInfo):
+        super().__init__()
+        hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
+        bias = getattr(hf_config, "mlp_bias", False)
+        if getattr(hf_config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={hf_config.hidden_act!r} is not supported (silu)")
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden, [inter, inter], bias=bias, linear_method=linear_method, parallel=parallel
+        )
+        self.down_proj = RowParallelLinear(
+            inter, hidden, bias=bias, linear_method=linear_method, parallel=parallel
+        )
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, hf_config: Any, linear_method: LinearMethod | None, parallel: ParallelInfo):
+        super().__init__()
+        hidden = hf_config.hidden_size
+        total_heads = hf_config.num_attention_heads
+        total_kv_heads = getattr(hf_config, "num_key_value_heads", None) or total_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hidden // total_heads
+        bias = getattr(hf_config, "attention_bias", False)
+        self.qkv_proj = QKVParallelLinear(
+            hidden, head_dim, total_heads, total_kv_heads, bias=bias,
+            linear_method=linear_method, parallel=parallel,
+        )
+        self.o_proj = RowParallelLinear(
+            total_heads * head_dim, hidden, bias=bias, linear_method=linear_method, parallel=parallel
+        )
+        num_heads, num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        theta, scaling = rope_settings(hf_config)
+        self.rotary_emb = get_rope(
+            head_dim, head_dim, hf_config.max_position_embeddings, theta, scaling
+        )
+        self.attn = Attention(num_heads, head_dim, head_dim**-0.5, num_kv_heads)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, hf_config: Any, linear_method: LinearMethod | None, parallel: ParallelInfo):
+        super().__init__()
+        eps = hf_config.rms_norm_eps
+        self.self_attn = LlamaAttention(hf_config, linear_method, parallel)
+        self.mlp = LlamaMLP(hf_config, linear_method, parallel)
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, kv_cache, attn_metadata)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, hf_config: Any, linear_method: LinearMethod | None, parallel: ParallelInfo):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(
+            hf_config.vocab_size, hf_config.hidden_size, parallel=parallel
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(hf_config, linear_method, parallel)
+            for _ in range(hf_config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden_states = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden_states, residual = layer(
+                positions, hidden_states, residual, kv_cache, attn_metadata
+            )
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name -> (our parameter name, shard id)
+    stacked_params = {
+        ".q_proj.": (".qkv_proj.", "q"),
+        ".k_proj.": (".qkv_proj.", "k"),
+        ".v_proj.": (".qkv_proj.", "v"),
+        ".gate_proj.": (".gate_up_proj.", 0),
+        ".up_proj.": (".gate_up_proj.", 1),
+    }
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        linear_method: LinearMethod | None = None,
+        parallel: ParallelInfo | None = None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        parallel = parallel or ParallelInfo()
+        hf_config = config.hf_config
+        self.hf_config = hf_config
+        self.model = LlamaModel(hf_config, linear_method, parallel)
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, parallel=parallel)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(hf_config.vocab_size, parallel)
+        self.sampler = Sampler()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(
+        self, hidden_states: torch.Tensor, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        selected = hidden_states.index_select(0, attn_metadata.logits_indices)
+        return self.logits_processor(self.lm_head, selected)  # [num_logits, vocab_size]
+
+    def sample(self, logits: torch.Tensor, sampling_metadata: SamplingMetadata) -> SamplerOutput:
+        return self.sampler(logits, sampling_metadata)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue  # tied: the embedding's weight serves both
+            target, shard_id = _map_name(name, self.stacked_params)
+            param = params.get(target)
+            if param is None:
+                raise ValueError(f"checkpoint weight {name!r} has no parameter in {type(self).__name__}")
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard_id is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard_id)
+            loaded.add(target)
+        return loaded
+
+
+def _map_name(name: str, stacked: dict[str, tuple[str, Any]]) -> tuple[str, Any]:
+    for ckpt_part, (param_part, shard_id) in stacked.items():
+        if ckpt_part in name:
+            return name.replace(ckpt_part, param_part), shard_id
+    return name, None

@@ -1,0 +1,61 @@
+"""Sizing and allocating the paged KV cache: one tensor per attention layer, from the memory left.
+
+CPU: a configured number of GiB. CUDA: total memory x gpu_memory_utilization, minus weights and the
+peak activation memory of one profiled step of max_num_batched_tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from paphos.config import CacheConfig
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        per_layer = 2 * self.block_size * self.num_kv_heads * self.head_size * element_size
+        return per_layer * self.num_layers
+
+
+def allocate_kv_caches(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> list[torch.Tensor]:
+    shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
+    # one [2, num_blocks, block_size, num_kv_heads, head_size] tensor per layer
+    return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+
+
+def num_blocks_for_device(
+    spec: KVCacheSpec, cache: CacheConfig, device: torch.device, profile: Callable[[], None]
+) -> int:
+    if device.type == "cpu":
+        return int(cache.kv_cache_space * GiB) // spec.bytes_per_block
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    profile()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    # Memory others hold on this card (total - free - ours) is not ours to take.
+    others = total - free - torch.cuda.memory_reserved(device)
+    budget = total * cache.gpu_memory_utilization - peak - max(others, 0)
+    torch.cuda.empty_cache()
+    if budget < spec.bytes_per_block:
+        raise ValueError(
+            f"no GPU memory left for the KV cache: weights + activations peak at {peak / GiB:.2f} GiB "
+            f"of {total / GiB:.2f} GiB x gpu_memory_utilization={cache.gpu_memory_utilization}; "
+            "raise --gpu-memory-utilization or lower --max-num-batched-tokens"
+        )
+    return int(budget // spec.bytes_per_block)

@@ -1,0 +1,216 @@
+"""One rank's model runner: builds and loads the model, sizes and allocates the KV cache, runs steps.
+
+It keeps a copy of every running request (tokens, blocks, sampling state), updated from each
+`SchedulerOutput`, so that a step's message only carries what changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from paphos.config import EngineConfig
+from paphos.core.step_data import RunnerOutput, SchedulerOutput, TokenLogprobs
+from paphos.layers.sampler import LogprobsTensors, RequestSamplingState, SamplingMetadata
+from paphos.layers.sampler import compute_prompt_logprobs
+from paphos.models.loader import initialize_dummy_weights, load_model_weights
+from paphos.models.registry import ModelRegistry
+from paphos.parallel import ParallelInfo
+from paphos.runner.inputs import RunnerRequestState, StepInputs, build_step_inputs
+from paphos.runner.kv_cache import KVCacheSpec, allocate_kv_caches, num_blocks_for_device
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available")
+    return torch.device(requested)
+
+
+def resolve_dtype(requested: str, hf_config: object, device: torch.device) -> torch.dtype:
+    """'auto': the checkpoint's dtype, except float16 on CPU (slow there) becomes bfloat16."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    found = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(found, str):
+        found = _DTYPES.get(found)
+    if found not in (torch.float32, torch.bfloat16, torch.float16):
+        found = torch.bfloat16
+    if found == torch.float16 and device.type == "cpu":
+        found = torch.bfloat16
+    return found
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, parallel: ParallelInfo | None = None) -> None:
+        self.config = config
+        self.parallel = parallel or ParallelInfo()
+        self.device = resolve_device(config.runtime.device)
+        self.dtype = resolve_dtype(config.model.dtype, config.model.hf_config, self.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.runtime.num_threads or os.cpu_count() or 1)
+        self.block_size = config.cache.block_size
+        self.model = self._load_model()
+        self.vocab_size = config.model.hf_config.vocab_size
+        self.kv_caches: list[torch.Tensor] = []
+        self.requests: dict[str, RunnerRequestState] = {}
+
+    def _load_model(self) -> torch.nn.Module:
+        model_cls = ModelRegistry.resolve(self.config.model.architecture)
+        previous_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = model_cls(self.config.model, None, self.parallel)
+        finally:
+            torch.set_default_dtype(previous_dtype)
+        if self.config.model.load_format == "dummy":
+            initialize_dummy_weights(model, self.config.runtime.seed)
+        else:
+            load_model_weights(model, self.config.model)
+        return model.eval()
+
+    # ---- KV cache -------------------------------------------------------------------------------
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        attn_layers = [m for m in self.model.modules() if type(m).__name__ == "Attention"]
+        first = attn_layers[0]
+        return KVCacheSpec(
+            num_layers=len(attn_layers),
+            block_size=self.block_size,
+            num_kv_heads=first.num_kv_heads,
+            head_size=first.head_size,
+            dtype=self.dtype,
+        )
+
+    def determine_num_blocks(self) -> int:
+        if self.config.cache.num_blocks_override is not None:
+            return self.config.cache.num_blocks_override
+        return num_blocks_for_device(self.kv_cache_spec(), self.config.cache, self.device, self._profile)
+
+    def _profile(self) -> None:
+        """One dummy step of max_num_batched_tokens, so the peak activation memory is measured."""
+        num_tokens = min(
+            self.config.scheduler.max_num_batched_tokens, self.config.model.model_max_len
+        )
+        spec = self.kv_cache_spec()
+        num_blocks = -(-num_tokens // spec.block_size)
+        caches = allocate_kv_caches(spec, num_blocks, self.device)
+        sampling = RequestSamplingState(
+            _profile_params(), [0] * num_tokens, [], None, self.vocab_size, self.device
+        )
+        state = RunnerRequestState(
+            "__profile__", [0] * num_tokens, num_tokens, list(range(num_blocks)), 0, sampling
+        )
+        with torch.inference_mode():
+            inputs = build_step_inputs([state], [num_tokens], spec.block_size, self.device)
+            hidden = self.model(inputs.input_ids, inputs.positions, caches, inputs.attn_metadata)
+            self.model.compute_logits(hidden, inputs.attn_metadata)
+        del caches
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = allocate_kv_caches(self.kv_cache_spec(), num_blocks, self.device)
+
+    # ---- steps ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        self._update_states(scheduler_output)
+        if scheduler_output.is_empty:
+            return RunnerOutput.empty()
+        states = [self.requests[rid] for rid in scheduler_output.num_scheduled_tokens]
+        num_scheduled = list(scheduler_output.num_scheduled_tokens.values())
+        inputs = build_step_inputs(states, num_scheduled, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata)
+        logits = self.model.compute_logits(hidden, inputs.attn_metadata)  # [num_logits, vocab]
+        output = self._sample(logits, inputs)
+        for state, n in zip(states, num_scheduled):
+            state.num_computed_tokens += n
+        return output
+
+    def _update_states(self, out: SchedulerOutput) -> None:
+        for rid in out.finished_request_ids:
+            self.requests.pop(rid, None)
+        for new in out.new_requests:
+            params = new.sampling_params
+            self.requests[new.request_id] = RunnerRequestState(
+                request_id=new.request_id,
+                token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
+                num_prompt_tokens=len(new.prompt_token_ids),
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+                sampling=RequestSamplingState(
+                    params, new.prompt_token_ids, new.output_token_ids,
+                    self._eos_token_id(), self.vocab_size, self.device,
+                ),
+                wants_prompt_logprobs=params.prompt_logprobs is not None,
+            )
+        for cached in out.cached_requests:
+            state = self.requests[cached.request_id]
+            state.token_ids.extend(cached.new_token_ids)
+            for token in cached.new_token_ids:
+                state.sampling.append_output_token(token)
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def _eos_token_id(self) -> int | None:
+        eos = getattr(self.config.model.hf_config, "eos_token_id", None)
+        return eos[0] if isinstance(eos, list) and eos else eos
+
+    def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> RunnerOutput:
+        num_sampled = len(inputs.sampling_request_ids)
+        sampled: dict[str, int] = {}
+        logprobs: dict[str, TokenLogprobs] = {}
+        if num_sampled:
+            states = [self.requests[rid].sampling for rid in inputs.sampling_request_ids]
+            metadata = SamplingMetadata.build(states, self.vocab_size, self.device)
+            result = self.model.sample(logits[:num_sampled], metadata)
+            token_ids = result.sampled_token_ids.tolist()
+            sampled = dict(zip(inputs.sampling_request_ids, token_ids))
+            if result.logprobs is not None:
+                logprobs = _split_logprobs(result.logprobs, inputs.sampling_request_ids, self.requests)
+        prompt_logprobs = self._prompt_logprobs(logits, inputs)
+        return RunnerOutput(sampled, logprobs, prompt_logprobs)
+
+    def _prompt_logprobs(
+        self, logits: torch.Tensor, inputs: StepInputs
+    ) -> dict[str, list[TokenLogprobs | None]]:
+        out: dict[str, list[TokenLogprobs | None]] = {}
+        for rid, first_row, targets in inputs.prompt_logprob_rows:
+            num_top = self.requests[rid].sampling.params.prompt_logprobs or 0
+            rows = logits[first_row : first_row + len(targets)]
+            target_ids = torch.tensor(targets, device=logits.device)
+            tensors = compute_prompt_logprobs(rows, target_ids, num_top)
+            out[rid] = list(_rows_to_token_logprobs(tensors, [num_top] * len(targets)))
+        return out
+
+    def shutdown(self) -> None:
+        self.requests.clear()
+        self.kv_caches = []
+
+
+def _profile_params():  # noqa: ANN202 - SamplingParams, imported lazily to keep the import light
+    from paphos.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=0)
+
+
+def _split_logprobs(
+    tensors: LogprobsTensors, request_ids: list[str], requests: dict[str, RunnerRequestState]
+) -> dict[str, TokenLogprobs]:
+    wanted = [requests[rid].sampling.params.logprobs for rid in request_ids]
+    rows = _rows_to_token_logprobs(tensors, [w or 0 for w in wanted])
+    return {rid: row for rid, want, row in zip(request_ids, wanted, rows) if want is not None}
+
+
+def _rows_to_token_logprobs(tensors: LogprobsTensors, num_top: list[int]):  # noqa: ANN202
+    ids, values, ranks = tensors.token_ids.tolist(), tensors.logprobs.tolist(), tensors.ranks.tolist()
+    for i, n in enumerate(num_top):
+        yield TokenLogprobs(tuple(ids[i][: n + 1]), tuple(values[i][: n + 1]), tuple(ranks[i][: n + 1]))
