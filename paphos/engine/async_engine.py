@@ -1,0 +1,305 @@
+"""AsyncEngine: runs the synchronous `Engine.step()` loop in one background thread and hands each request
+its outputs as an async stream. Invariant: only the engine thread touches the `Engine`; the event loop
+talks to it through a command queue, so add/abort never race with a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from paphos.outputs import CompletionOutput, RequestOutput
+from paphos.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.5
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; no request can be served any more."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine raised while a request was running; the request was finished with this error."""
+
+
+class RequestStream:
+    """Outputs of one request, as the engine thread publishes them (latest cumulative output wins).
+
+    Only the event loop thread touches a stream. Outputs are coalesced: a slow consumer sees the latest
+    cumulative state, never an unbounded backlog.
+    """
+
+    def __init__(self, request_id: str, params: SamplingParams) -> None:
+        self.request_id = request_id
+        self.params = params
+        self.latest: RequestOutput | None = None
+        self.error: BaseException | None = None
+        self.finished = False
+        self._event = asyncio.Event()
+
+    def put(self, output: RequestOutput) -> None:
+        self.latest = output
+        self.finished = output.finished
+        self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.finished = True
+        self._event.set()
+
+    async def wait(self) -> RequestOutput:
+        """The latest cumulative output after something new arrived; raises the request's error."""
+        await self._event.wait()
+        self._event.clear()
+        if self.error is not None:
+            raise self.error
+        assert self.latest is not None
+        return self.latest
+
+
+class AsyncEngine:
+    """Async front of a synchronous engine (anything with the `Engine` API of docs/contracts.md)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._stop = threading.Event()
+        self._streams: dict[str, RequestStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._dead: BaseException | None = None
+        self.stats: Any = engine.get_stats()
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread; call from inside the event loop that will consume the streams."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="paphos-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the engine thread (outstanding requests fail) and shut the engine down."""
+        self._stop.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        self.engine.shutdown()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    # ---- public API (event loop) -----------------------------------------------------------------
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | dict[str, Any],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> RequestStream:
+        """Hand the request to the engine; raises ValueError (bad input) before any output exists."""
+        self._check_alive()
+        if request_id in self._streams:
+            raise ValueError(f"request_id={request_id!r} is already in use")
+        loop = asyncio.get_running_loop()
+        added: asyncio.Future[None] = loop.create_future()
+        stream = RequestStream(request_id, params)
+        self._streams[request_id] = stream
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+
+        def add() -> None:
+            try:
+                self.engine.add_request(request_id, prompt, params, arrival_time=arrival)
+            except Exception as e:  # noqa: BLE001 - handed to the caller, not swallowed
+                self._reply(added, error=e)
+                return
+            self._reply(added, request_id=request_id)
+
+        self._submit(add)
+        try:
+            await added
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return stream
+
+    async def generate(
+        self,
+        prompt: str | dict[str, Any],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        delta: bool = True,
+    ) -> AsyncIterator[RequestOutput]:
+        """Add the request and yield its outputs: deltas (new text/tokens since the last yield) by default,
+        cumulative outputs with `delta=False`. Stopping the iteration early aborts the request."""
+        stream = await self.add_request(request_id, prompt, params)
+        async for output in self.iterate(stream, delta=delta):
+            yield output
+
+    async def iterate(self, stream: RequestStream, *, delta: bool = True) -> AsyncIterator[RequestOutput]:
+        """Yield a stream's outputs; if the consumer stops before the end, the request is aborted."""
+        tracker = DeltaTracker(stream.params) if delta else None
+        try:
+            while True:
+                output = await stream.wait()
+                if tracker is None:
+                    yield output
+                else:
+                    piece = tracker.step(output)
+                    if piece is not None:
+                        yield piece
+                if output.finished:
+                    return
+        finally:
+            if not stream.finished:
+                self.abort(stream.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (its blocks are freed by the engine thread); safe to call twice."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        stream.finished = True
+        self._submit(lambda: self.engine.abort_request([request_id]))
+
+    # ---- engine thread ---------------------------------------------------------------------------
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    def _reply(self, future: asyncio.Future, error: BaseException | None = None, **ok: Any) -> None:
+        """Resolve an event-loop future from the engine thread; a request added for a caller that is
+        already gone is aborted at once so it holds no blocks."""
+
+        def resolve() -> None:
+            if future.done():
+                if error is None and "request_id" in ok:
+                    self._submit(lambda: self.engine.abort_request([ok["request_id"]]))
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(None)
+
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(resolve)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._run_commands()
+                if not self.engine.has_unfinished_requests():
+                    self.stats = self.engine.get_stats()
+                    self._wakeup.wait(_IDLE_WAIT_S)
+                    self._wakeup.clear()
+                    continue
+                self._step()
+        except BaseException as e:  # the loop itself broke (not a step): every stream must hear of it
+            logger.exception("engine thread died")
+            self._dead = e
+            self._publish_failure(EngineDeadError(f"engine thread died: {e!r}"), None)
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - a failing step fails its requests, not the server
+            logger.exception("engine step failed; aborting the running requests")
+            self._publish_failure(RequestFailedError(f"engine step failed: {e!r}"), abort=True)
+            return
+        self.stats = self.engine.get_stats()
+        if outputs:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _publish_failure(self, error: BaseException, abort: bool | None) -> None:
+        """Fail every live stream (from the engine thread); with `abort`, also free their requests."""
+        assert self._loop is not None
+
+        def fail_all() -> None:
+            ids = list(self._streams)
+            for request_id in ids:
+                self._streams.pop(request_id).fail(error)
+            if abort and ids:
+                self._submit(lambda: self.engine.abort_request(ids))
+
+        self._loop.call_soon_threadsafe(fail_all)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:  # aborted by its consumer meanwhile
+                continue
+            stream.put(output)
+            if output.finished:
+                del self._streams[output.request_id]
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine thread died: {self._dead!r}")
+        if self._thread is None:
+            raise EngineDeadError("AsyncEngine.start() was not called")
+
+
+class DeltaTracker:
+    """Turns cumulative outputs into deltas. While a request can still hit a stop string, the last
+    `len(longest stop) - 1` characters are held back, so streamed text never shows what the final
+    output trims away."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        longest = max((len(s) for s in params.stop), default=0)
+        self._holdback = 0 if params.include_stop_str_in_output else max(longest - 1, 0)
+        self._num_chars: dict[int, int] = {}
+        self._num_tokens: dict[int, int] = {}
+        self._finished: set[int] = set()
+
+    def step(self, output: RequestOutput) -> RequestOutput | None:
+        """The delta of `output` against what was handed out so far (None if nothing is new)."""
+        pieces = [p for c in output.outputs if (p := self._piece(c, output.finished)) is not None]
+        if not pieces and not output.finished:
+            return None
+        return dataclasses.replace(output, outputs=pieces)
+
+    def _piece(self, completion: CompletionOutput, request_finished: bool) -> CompletionOutput | None:
+        index = completion.index
+        if index in self._finished:
+            return None
+        done = completion.finished() or request_finished
+        sent_chars = self._num_chars.get(index, 0)
+        sent_tokens = self._num_tokens.get(index, 0)
+        visible = len(completion.text) if done else max(len(completion.text) - self._holdback, 0)
+        visible = max(visible, sent_chars)
+        text = completion.text[sent_chars:visible]
+        token_ids = completion.token_ids[sent_tokens:]
+        if not text and not token_ids and not done:
+            return None
+        self._num_chars[index] = visible
+        self._num_tokens[index] = len(completion.token_ids)
+        if done:
+            self._finished.add(index)
+        logprobs = completion.logprobs[sent_tokens:] if completion.logprobs is not None else None
+        return dataclasses.replace(completion, text=text, token_ids=token_ids, logprobs=logprobs)
