@@ -1,0 +1,48 @@
+"""The `LinearMethod` protocol: how a linear layer's weights are laid out, created and applied.
+
+Invariant: a method creates every parameter on the layer and tags each with `input_dim` and
+`output_dim` (the tensor dimension that follows the layer's input/output features, or None if none
+does), so the layer's weight loader can cut each parameter's shard without knowing the format.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class LinearMethod(Protocol):
+    """Strategy for one weight format (unquantized, int8, fp8, GPTQ, GGUF, ...)."""
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+    ) -> None:
+        """Register this rank's parameters on `layer`, each tagged with `input_dim`/`output_dim`."""
+        ...
+
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: [num_tokens, input_size_per_partition] -> [num_tokens, output_size_per_partition]."""
+        ...
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Repack loaded weights into the layout `apply` uses (called once, after loading)."""
+        ...
+
+
+def set_weight_attrs(param: nn.Parameter, attrs: dict[str, Any]) -> None:
+    """Attach loader metadata (`input_dim`, `output_dim`, `weight_loader`, ...) to a parameter."""
+    for key, value in attrs.items():
+        if hasattr(param, key):
+            raise ValueError(f"parameter already has attribute {key!r}; refusing to overwrite it")
+        setattr(param, key, value)

@@ -1,0 +1,42 @@
+"""Unquantized linear layers: one dense `weight` [output_per_partition, input_per_partition].
+
+Invariant: the weight keeps the checkpoint layout (rows = output features); loading is a copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paphos.quant.base import set_weight_attrs
+
+
+class UnquantizedLinearMethod:
+    """Dense weights in `params_dtype`, applied with `F.linear`."""
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+    ) -> None:
+        output_size_per_partition = sum(output_partition_sizes)
+        weight = nn.Parameter(
+            # [output_size_per_partition, input_size_per_partition]
+            torch.empty(output_size_per_partition, input_size_per_partition, dtype=params_dtype),
+            requires_grad=False,
+        )
+        set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0})
+        layer.register_parameter("weight", weight)
+
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)  # [..., output_size_per_partition]
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Nothing to repack: `apply` uses the checkpoint layout as loaded."""
