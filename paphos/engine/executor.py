@@ -1,0 +1,58 @@
+"""Executors run the model runner(s): in this process (one rank) or over several processes (TP).
+
+An executor takes plain-data `SchedulerOutput`s and returns `RunnerOutput`s; the engine never touches
+tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from paphos.config import EngineConfig
+from paphos.core.step_data import RunnerOutput, SchedulerOutput
+
+
+class Executor(Protocol):
+    def determine_num_blocks(self) -> int: ...
+
+    def initialize_kv_cache(self, num_blocks: int) -> None: ...
+
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
+
+    def shutdown(self) -> None: ...
+
+
+class UniprocExecutor:
+    """World size 1: the runner lives in the engine's process."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from paphos.runner.model_runner import ModelRunner
+
+        self.runner = ModelRunner(config)
+
+    def determine_num_blocks(self) -> int:
+        return self.runner.determine_num_blocks()
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.runner.initialize_kv_cache(num_blocks)
+
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        return self.runner.execute(scheduler_output)
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()
+
+
+def make_executor(config: EngineConfig) -> Executor:
+    backend = config.parallel.distributed_executor_backend
+    if backend is None:
+        backend = "uni" if config.parallel.world_size == 1 else "mp"
+    if backend == "uni":
+        if config.parallel.world_size != 1:
+            raise ValueError("distributed_executor_backend='uni' runs one rank: use 'mp' for TP > 1")
+        return UniprocExecutor(config)
+    if backend == "mp":
+        from paphos.engine.mp_executor import MultiprocExecutor
+
+        return MultiprocExecutor(config)
+    raise ValueError(f"distributed_executor_backend={backend!r} is not available in this build")
