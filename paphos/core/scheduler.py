@@ -1,0 +1,382 @@
+"""Continuous batching: each step gives every scheduled request up to its remaining tokens within
+one token budget, then applies the runner's sampled tokens and the stop rules.
+
+Invariant: every unfinished request is either running (holds KV blocks, known to the runner) or
+waiting (holds none); the runner's copy of a request always equals ours once it applies a
+`SchedulerOutput`. No prefill/decode modes: `num_computed_tokens` just catches up to `num_tokens`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from paphos.config import CacheConfig, SchedulerConfig
+from paphos.core.kv_cache_manager import KVCacheManager
+from paphos.core.step_data import (
+    CachedRequestData,
+    NewRequestData,
+    RunnerOutput,
+    SchedulerOutput,
+    TokenLogprobs,
+)
+from paphos.request import Request, RequestStatus
+
+
+@dataclass
+class RequestUpdate:
+    """What one step did to one request: tokens appended, their logprobs, and whether it ended."""
+
+    request: Request
+    new_token_ids: list[int]
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks held by requests
+    prefix_cache_queries: int  # tokens looked up in the prefix cache
+    prefix_cache_hits: int  # tokens found there
+    num_preemptions: int  # since start
+
+
+@dataclass
+class _StepPlan:
+    """What `schedule()` decided so far in this step (batch order = insertion order)."""
+
+    token_budget: int
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    new_block_ids: dict[str, list[int]] = field(default_factory=dict)
+    admitted: list[Request] = field(default_factory=list)
+    num_preempted: int = 0
+
+    def add(self, request: Request, num_tokens: int, new_block_ids: list[int]) -> None:
+        self.num_scheduled_tokens[request.request_id] = num_tokens
+        self.new_block_ids[request.request_id] = new_block_ids
+        self.token_budget -= num_tokens
+
+
+class Scheduler:
+    """Decides each step which requests run and how many tokens each computes; see module doc."""
+
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+        max_model_len: int,
+    ) -> None:
+        _validate(scheduler_config, cache_config, num_blocks, max_model_len)
+        self.config = scheduler_config
+        self.max_model_len = max_model_len
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
+        self.requests: dict[str, Request] = {}  # unfinished requests only
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # ordered by arrival (see _arrival_key)
+        self._arrival_keys: dict[str, tuple[float, int]] = {}
+        self._arrival_counter = itertools.count()
+        # request_id -> how many of its tokens the runner holds (present iff the runner holds it).
+        self._num_runner_tokens: dict[str, int] = {}
+        self._forget_ids: set[str] = set()  # runner must drop these at the next step
+        self.num_preemptions = 0
+
+    # ---- requests in and out -------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        req_id = request.request_id
+        if req_id in self.requests:
+            raise ValueError(f"request_id={req_id!r} is invalid: already scheduled")
+        if not request.prompt_token_ids:
+            raise ValueError(f"request {req_id!r}: prompt_token_ids=[] is invalid: expected tokens")
+        if request.num_tokens > self.max_model_len:
+            raise ValueError(
+                f"request {req_id!r}: {request.num_tokens} tokens is invalid: "
+                f"expected at most max_model_len={self.max_model_len}"
+            )
+        if request.is_finished or request.num_computed_tokens != 0:
+            raise ValueError(
+                f"request {req_id!r}: status={request.status} is invalid: expected a new request"
+            )
+        request.status = RequestStatus.WAITING
+        self.requests[req_id] = request
+        self._arrival_keys[req_id] = (request.arrival_time, next(self._arrival_counter))
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
+        """End requests (abort, stop string); unknown or already finished ids are ignored."""
+        if not status.is_finished:
+            raise ValueError(f"status={status!r} is invalid: expected a FINISHED_* status")
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for req_id in ids:
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    def get_stats(self) -> SchedulerStats:
+        kv = self.kv_cache_manager
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+        )
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Running requests first (arrival order), then waiting ones (FIFO) while budget lasts."""
+        plan = _StepPlan(token_budget=self.config.max_num_batched_tokens)
+        self._schedule_running(plan)
+        if plan.num_preempted == 0:  # blocks are short: admitting more would only thrash
+            self._schedule_waiting(plan)
+        for request in plan.admitted:
+            self._insert_running(request)
+        return self._build_output(plan)
+
+    def update(
+        self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput
+    ) -> list[RequestUpdate]:
+        """Apply a step's results: advance computed tokens, append sampled ones, check stops."""
+        updates = []
+        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            if request is None:  # finished (aborted) after it was scheduled
+                continue
+            request.num_computed_tokens += num_tokens
+            token_id = runner_output.sampled_token_ids.get(req_id)
+            new_token_ids = [] if token_id is None else [token_id]
+            if token_id is not None:
+                self._append_token(request, token_id)
+            prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
+            if new_token_ids or prompt_logprobs is not None or request.is_finished:
+                updates.append(
+                    RequestUpdate(
+                        request=request,
+                        new_token_ids=new_token_ids,
+                        logprobs=runner_output.logprobs.get(req_id),
+                        prompt_logprobs=prompt_logprobs,
+                        finished=request.is_finished,
+                    )
+                )
+        return updates
+
+    # ---- schedule() steps ----------------------------------------------------------------------
+
+    def _schedule_running(self, plan: _StepPlan) -> None:
+        index = 0
+        while index < len(self.running) and plan.token_budget > 0:
+            request = self.running[index]
+            num_new_tokens = self._num_tokens_to_schedule(request, plan.token_budget)
+            if num_new_tokens == 0:
+                index += 1
+                continue
+            new_block_ids = self._allocate_or_preempt(request, num_new_tokens, plan)
+            if new_block_ids is None:  # the request preempted itself: nothing after it is left
+                break
+            plan.add(request, num_new_tokens, new_block_ids)
+            index += 1
+
+    def _allocate_or_preempt(
+        self, request: Request, num_new_tokens: int, plan: _StepPlan
+    ) -> list[int] | None:
+        """Blocks for the request, preempting the latest arrivals (possibly itself) until they fit.
+        Victims come from the end of `running`, which this step has not scheduled yet."""
+        while True:
+            new_block_ids = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
+            if new_block_ids is not None:
+                return new_block_ids
+            victim = self.running.pop()
+            self._preempt(victim)
+            plan.num_preempted += 1
+            if victim is request:
+                return None
+
+    def _schedule_waiting(self, plan: _StepPlan) -> None:
+        kv = self.kv_cache_manager
+        while self.waiting and plan.token_budget > 0:
+            if len(self.running) + len(plan.admitted) >= self.config.max_num_seqs:
+                return
+            request = self.waiting[0]
+            computed_blocks, num_cached_tokens = kv.get_computed_blocks(request)
+            num_new_tokens = request.num_tokens - num_cached_tokens
+            if num_new_tokens > plan.token_budget and not self.config.enable_chunked_prefill:
+                return  # FIFO: the head waits for a step with room for all of it
+            num_new_tokens = min(num_new_tokens, plan.token_budget)
+            new_block_ids = kv.allocate_slots(request, num_new_tokens, computed_blocks)
+            if new_block_ids is None:
+                return
+            self.waiting.popleft()
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached_tokens
+            request.num_computed_tokens = num_cached_tokens
+            request.status = RequestStatus.RUNNING
+            plan.admitted.append(request)
+            plan.add(request, num_new_tokens, new_block_ids)
+
+    def _num_tokens_to_schedule(self, request: Request, token_budget: int) -> int:
+        remaining = request.num_tokens - request.num_computed_tokens
+        if remaining > token_budget and not self.config.enable_chunked_prefill:
+            return 0
+        return min(remaining, token_budget)
+
+    def _build_output(self, plan: _StepPlan) -> SchedulerOutput:
+        new_requests, cached_requests = [], []
+        for req_id in plan.num_scheduled_tokens:
+            request = self.requests[req_id]
+            if req_id in self._num_runner_tokens:
+                cached_requests.append(self._cached_request_data(request, plan))
+            else:
+                new_requests.append(self._new_request_data(request))
+            self._num_runner_tokens[req_id] = request.num_tokens
+        forget_ids, self._forget_ids = frozenset(self._forget_ids), set()
+        return SchedulerOutput(
+            new_requests=tuple(new_requests),
+            cached_requests=tuple(cached_requests),
+            num_scheduled_tokens=dict(plan.num_scheduled_tokens),
+            total_num_scheduled_tokens=sum(plan.num_scheduled_tokens.values()),
+            finished_request_ids=forget_ids,
+        )
+
+    def _new_request_data(self, request: Request) -> NewRequestData:
+        return NewRequestData(
+            request_id=request.request_id,
+            prompt_token_ids=tuple(request.prompt_token_ids),
+            output_token_ids=tuple(request.output_token_ids),
+            sampling_params=request.sampling_params,
+            block_ids=tuple(self.kv_cache_manager.get_block_ids(request.request_id)),
+            num_computed_tokens=request.num_computed_tokens,
+        )
+
+    def _cached_request_data(self, request: Request, plan: _StepPlan) -> CachedRequestData:
+        num_known = self._num_runner_tokens[request.request_id]
+        return CachedRequestData(
+            request_id=request.request_id,
+            new_token_ids=tuple(request.all_token_ids[num_known:]),
+            new_block_ids=tuple(plan.new_block_ids[request.request_id]),
+            num_computed_tokens=request.num_computed_tokens,
+        )
+
+    # ---- state changes -------------------------------------------------------------------------
+
+    def _insert_running(self, request: Request) -> None:
+        keys = [self._arrival_keys[r.request_id] for r in self.running]
+        position = bisect.bisect(keys, self._arrival_keys[request.request_id])
+        self.running.insert(position, request)
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute later: free blocks, keep outputs, go to the front of the waiting queue."""
+        self.kv_cache_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._forget_runner_copy(request.request_id)
+        self.waiting.appendleft(request)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.kv_cache_manager.free(request)
+        self._forget_runner_copy(request.request_id)
+        del self.requests[request.request_id]
+        del self._arrival_keys[request.request_id]
+
+    def _forget_runner_copy(self, request_id: str) -> None:
+        if self._num_runner_tokens.pop(request_id, None) is not None:
+            self._forget_ids.add(request_id)
+
+    def _append_token(self, request: Request, token_id: int) -> None:
+        if request.num_computed_tokens != request.num_tokens:
+            raise ValueError(
+                f"sampled token for request {request.request_id!r} is invalid: it has "
+                f"{request.num_tokens - request.num_computed_tokens} tokens left to compute"
+            )
+        request.output_token_ids.append(token_id)
+        status = self._check_stop(request, token_id)
+        if status is not None:
+            self.running.remove(request)
+            self._finish(request, status)
+
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        """EOS / stop tokens (not before min_tokens outputs), then max_tokens / max_model_len."""
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if token_id == request.eos_token_id and not params.ignore_eos:
+                request.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        max_tokens = params.max_tokens
+        if max_tokens is not None and request.num_output_tokens >= max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def check_invariants(self) -> None:
+        """Assert the KV manager is consistent and request bookkeeping matches it."""
+        kv = self.kv_cache_manager
+        kv.check_invariants()
+        running_ids = [r.request_id for r in self.running]
+        waiting_ids = [r.request_id for r in self.waiting]
+        assert len(set(running_ids)) == len(running_ids), "a request is twice in running"
+        assert not set(running_ids) & set(waiting_ids), "a request is running and waiting"
+        assert set(running_ids) | set(waiting_ids) == set(self.requests), "a request is lost"
+        assert len(self.running) <= self.config.max_num_seqs, "more running than max_num_seqs"
+        keys = [self._arrival_keys[i] for i in running_ids]
+        assert keys == sorted(keys), "running is out of arrival order"
+        assert set(kv.req_to_blocks) == set(running_ids), "block tables disagree with running"
+        assert set(self._num_runner_tokens) == set(running_ids), "runner view out of sync"
+        for request in self.running:
+            assert request.status == RequestStatus.RUNNING, f"{request.request_id}: not RUNNING"
+            assert request.num_computed_tokens <= request.num_tokens <= self.max_model_len
+            num_slots = len(kv.get_block_ids(request.request_id)) * kv.block_size
+            assert num_slots >= request.num_computed_tokens, f"{request.request_id}: too few blocks"
+        for request in self.waiting:
+            assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+            assert request.num_computed_tokens == 0, f"{request.request_id}: waiting but computed"
+
+
+def _validate(
+    scheduler_config: SchedulerConfig,
+    cache_config: CacheConfig,
+    num_blocks: int,
+    max_model_len: int,
+) -> None:
+    if max_model_len < 1:
+        raise ValueError(f"max_model_len={max_model_len!r} is invalid: expected >= 1")
+    capacity = num_blocks * cache_config.block_size
+    if max_model_len > capacity:
+        # A single request must always fit alone, or preemption could never let it finish.
+        raise ValueError(
+            f"max_model_len={max_model_len!r} is invalid: expected <= the KV cache capacity "
+            f"({num_blocks} blocks x {cache_config.block_size} = {capacity} tokens)"
+        )
+    if not scheduler_config.enable_chunked_prefill:
+        if scheduler_config.max_num_batched_tokens < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens={scheduler_config.max_num_batched_tokens!r} is invalid: "
+                f"expected >= max_model_len ({max_model_len}) when chunked prefill is off"
+            )
