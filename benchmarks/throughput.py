@@ -1,0 +1,155 @@
+"""Workload W (64 chat prompts, greedy, exactly 128 new tokens, EOS ignored) through paphos and through
+HF transformers `generate`, in the same run on the same model; prints one table with the ratios.
+
+    python benchmarks/throughput.py                       # default SmolLM2 (GGUF), bf16 and fp32
+    python benchmarks/throughput.py --dtypes bfloat16 --skip-hf
+
+Throughput: output tokens per wall second from submitting all prompts to the last token.
+Latency (batch 1, prompt 0): time to first token and mean ms per output token after the first.
+In float32 the greedy outputs are also checked against ../shared/bench/reference_outputs_fp32.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_WORKLOAD = REPO.parent / "shared" / "bench" / "workload_w.json"
+DEFAULT_REFERENCE = REPO.parent / "shared" / "bench" / "reference_outputs_fp32.json"
+
+
+def load_workload(path: Path, num_prompts: int) -> tuple[list[list[int]], int, int]:
+    data = json.loads(path.read_text())
+    prompts = [p["ids"] for p in data["prompts"]][:num_prompts]
+    return prompts, data["max_new_tokens"], data["latency_prompt_index"]
+
+
+# ---- paphos -----------------------------------------------------------------------------------
+
+
+def run_paphos(model: str, dtype: str, prompts, max_tokens: int, latency_index: int, args) -> dict:
+    from paphos import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(model=model, dtype=dtype, load_format=args.load_format, device=args.device,
+              tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=max(len(prompts), 1))
+    startup = time.perf_counter() - start
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(temperature=0, max_tokens=4),
+                 use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    num_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    lat = llm.generate([{"prompt_token_ids": prompts[latency_index]}], params, use_tqdm=False)[0]
+    m = lat.metrics
+    ttft = m.first_token_time - m.arrival_time
+    tpot = (m.last_token_time - m.first_token_time) / max(len(lat.outputs[0].token_ids) - 1, 1)
+    llm.close()
+    return {
+        "tok_s": num_out / elapsed, "ttft_ms": ttft * 1e3, "tpot_ms": tpot * 1e3,
+        "startup_s": startup, "outputs": [o.outputs[0].token_ids for o in outs],
+    }
+
+
+# ---- HF transformers --------------------------------------------------------------------------
+
+
+def load_hf(model: str, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = getattr(torch, dtype)
+    path = Path(model)
+    if path.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch_dtype
+        ).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).eval()
+
+
+@torch.inference_mode()
+def run_hf(model: str, dtype: str, prompts, max_tokens: int, latency_index: int) -> dict:
+    hf = load_hf(model, dtype)
+    pad = 0
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])  # left-padded [batch, len]
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    kwargs = dict(do_sample=False, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                  pad_token_id=pad, eos_token_id=None)
+    hf.generate(ids[:1], attention_mask=mask[:1], **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
+    start = time.perf_counter()
+    out = hf.generate(ids, attention_mask=mask, **kwargs)
+    elapsed = time.perf_counter() - start
+    one = torch.tensor([prompts[latency_index]])
+    start = time.perf_counter()
+    hf.generate(one, **{**kwargs, "max_new_tokens": 1, "min_new_tokens": 1})
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    hf.generate(one, **kwargs)
+    total = time.perf_counter() - start
+    del hf
+    gc.collect()
+    return {
+        "tok_s": out[:, longest:].numel() / elapsed, "ttft_ms": ttft * 1e3,
+        "tpot_ms": (total - ttft) / (max_tokens - 1) * 1e3,
+        "outputs": out[:, longest:].tolist(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", default="", help="HF dir or .gguf (default: packaged SmolLM2)")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD)
+    parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--skip-hf", action="store_true")
+    args = parser.parse_args()
+    from paphos.config import default_model_path
+
+    model = args.model or default_model_path()
+    prompts, max_tokens, latency_index = load_workload(args.workload, args.num_prompts)
+    rows = []
+    for dtype in args.dtypes.split(","):
+        ours = run_paphos(model, dtype, prompts, max_tokens, latency_index, args)
+        peer = None if args.skip_hf else run_hf(model, dtype, prompts, max_tokens, latency_index)
+        rows.append((dtype, ours, peer, _check_reference(args.reference, dtype, ours["outputs"])))
+    _print_table(rows, len(prompts), max_tokens)
+
+
+def _check_reference(path: Path, dtype: str, outputs) -> str:
+    if dtype != "float32" or not path.exists():
+        return "-"
+    expected = json.loads(path.read_text())["outputs"][: len(outputs)]
+    same = sum(a == b for a, b in zip(outputs, expected))
+    return f"{same}/{len(expected)} identical"
+
+
+def _print_table(rows, num_prompts: int, max_tokens: int) -> None:
+    print(f"\nworkload W: {num_prompts} prompts x {max_tokens} new tokens, greedy; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    header = (f"{'dtype':9} {'engine':8} {'tok/s':>8} {'ratio':>6} {'TTFT ms':>8} "
+              f"{'ms/tok':>7} {'ratio':>6} {'start s':>7}  fp32 reference")
+    print(header)
+    print("-" * len(header))
+    for dtype, ours, peer, ref in rows:
+        tp_ratio = f"{ours['tok_s'] / peer['tok_s']:.2f}x" if peer else "-"
+        lat_ratio = f"{ours['tpot_ms'] / peer['tpot_ms']:.2f}x" if peer else "-"
+        print(f"{dtype:9} {'paphos':8} {ours['tok_s']:8.1f} {tp_ratio:>6} {ours['ttft_ms']:8.1f} "
+              f"{ours['tpot_ms']:7.2f} {lat_ratio:>6} {ours['startup_s']:7.1f}  {ref}")
+        if peer:
+            print(f"{dtype:9} {'HF':8} {peer['tok_s']:8.1f} {'1.00x':>6} {peer['ttft_ms']:8.1f} "
+                  f"{peer['tpot_ms']:7.2f} {'1.00x':>6} {'':>7}")
+
+
+if __name__ == "__main__":
+    main()
