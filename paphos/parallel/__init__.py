@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from paphos.parallel.communication import all_gather, all_reduce, broadcast_object
 from paphos.parallel.group import (
+    SINGLE_PROCESS,
     ParallelInfo,
     default_backend,
     destroy_distributed,
@@ -15,6 +16,7 @@ from paphos.parallel.group import (
 from paphos.parallel.sharding import divide, round_up
 
 __all__ = [
+    "SINGLE_PROCESS",
     "ParallelInfo",
     "all_gather",
     "all_reduce",

@@ -36,6 +36,10 @@ class ParallelInfo:
         return self.rank == 0
 
 
+# The single-process default for layers built without tensor parallelism (frozen, so safe to share).
+SINGLE_PROCESS = ParallelInfo()
+
+
 def default_backend() -> str:
     """NCCL where CUDA is usable, gloo elsewhere."""
     return "nccl" if torch.cuda.is_available() else "gloo"

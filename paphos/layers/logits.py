@@ -1,0 +1,37 @@
+"""Logits from hidden states: each rank projects onto its vocabulary slice; slices are gathered.
+
+Invariant: the result is float32 [num_tokens, vocab_size] on every rank, padding columns cut off.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paphos.layers.embedding import ParallelLMHead
+from paphos.parallel import SINGLE_PROCESS, ParallelInfo, all_gather
+
+
+class LogitsProcessor(nn.Module):
+    """hidden_states [num_tokens, hidden] -> logits [num_tokens, vocab_size] (float32)."""
+
+    def __init__(self, vocab_size: int, parallel: ParallelInfo = SINGLE_PROCESS) -> None:
+        super().__init__()
+        if not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size={vocab_size!r} is invalid: expected a positive int")
+        self.vocab_size = vocab_size
+        self.parallel = parallel
+
+    def forward(self, lm_head: ParallelLMHead, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.vocab_size > lm_head.num_embeddings_padded:
+            raise ValueError(
+                f"vocab_size={self.vocab_size} exceeds the LM head's "
+                f"{lm_head.num_embeddings_padded} rows"
+            )
+        logits = F.linear(hidden_states, lm_head.weight, lm_head.bias)  # [num, rows_per_rank]
+        logits = all_gather(logits, self.parallel, dim=-1)  # [num, num_embeddings_padded]
+        return logits[..., : self.vocab_size].float()  # [num, vocab_size]
+
+    def extra_repr(self) -> str:
+        return f"vocab_size={self.vocab_size}, world_size={self.parallel.world_size}"
