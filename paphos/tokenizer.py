@@ -36,9 +36,7 @@ def get_tokenizer(model_config: ModelConfig) -> PreTrainedTokenizerBase | None:
     elif os.path.isdir(source):
         tokenizer = _tokenizer_from_dir(source)
     else:
-        raise ValueError(
-            f"tokenizer source {source!r} is neither a .gguf file nor a directory"
-        )
+        raise ValueError(f"tokenizer source {source!r} is neither a .gguf file nor a directory")
     if model_config.chat_template is not None:
         tokenizer.chat_template = load_chat_template(model_config.chat_template)
     return tokenizer
