@@ -1,7 +1,7 @@
 """Triton kernels, one per file, each tested against its reference in paphos.ops.
 
 CUDA_KERNELS maps an op name (see paphos.ops.registry.REFERENCES) to its Triton implementation, with the
-same signature as the reference.
+same signature as the reference. Empty where Triton is not installed (a CPU-only install).
 """
 
 from __future__ import annotations
@@ -9,4 +9,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-CUDA_KERNELS: dict[str, Callable[..., Any]] = {}
+
+def _load_kernels() -> dict[str, Callable[..., Any]]:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return {}
+    from paphos.kernels.activation import silu_and_mul
+    from paphos.kernels.kv_cache import write_kv_cache
+    from paphos.kernels.paged_attention import paged_attention
+    from paphos.kernels.rms_norm import fused_add_rms_norm, rms_norm
+    from paphos.kernels.rotary import rotary_embedding
+
+    return {
+        "rms_norm": rms_norm,
+        "fused_add_rms_norm": fused_add_rms_norm,
+        "silu_and_mul": silu_and_mul,
+        "rotary_embedding": rotary_embedding,
+        "write_kv_cache": write_kv_cache,
+        "paged_attention": paged_attention,
+    }
+
+
+CUDA_KERNELS: dict[str, Callable[..., Any]] = _load_kernels()

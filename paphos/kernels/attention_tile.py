@@ -1,0 +1,51 @@
+"""One step of online-softmax attention over a tile of paged KV, shared by the decode and prefill kernels.
+
+Invariant: a row's running max `m` is finite once its first tile was attended (the first tile of every
+program holds at least one key the row may see), so `exp2(m - m_new)` never sees -inf - -inf.
+Scores are kept in the log2 domain: `scale_log2 = scale * log2(e)`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def attend_tile(
+    q, acc, m, l_sum,
+    cache_ptr, block_table_ptr, kv_head, start, kv_end, q_pos, scale_log2,
+    stride_kv, stride_blk, stride_tok, stride_head,
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+):
+    """q: [M, HEAD_PAD]; acc: [M, HEAD_PAD] f32; m, l_sum: [M] f32; keys start..start+BLOCK_N-1."""
+    toks = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    tok_mask = toks < kv_end
+    pages = tl.load(block_table_ptr + toks // PAGE_SIZE, mask=tok_mask, other=0).to(tl.int64)
+    offsets = pages * stride_blk + (toks % PAGE_SIZE) * stride_tok + kv_head * stride_head
+    dims = tl.arange(0, HEAD_PAD)  # [HEAD_PAD]
+    kv_mask = tok_mask[:, None] & (dims < HEAD_SIZE)[None, :]
+    kv_ptrs = cache_ptr + offsets[:, None] + dims[None, :]  # [BLOCK_N, HEAD_PAD]
+    k = tl.load(kv_ptrs, mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), IEEE) * scale_log2  # [M, BLOCK_N]
+    if CAUSAL:
+        visible = tok_mask[None, :] & (toks[None, :] <= q_pos[:, None])
+    else:
+        visible = tok_mask[None, :]
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))  # [M]
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])  # [M, BLOCK_N]
+    l_sum = l_sum * alpha + tl.sum(p, axis=1)
+    v = tl.load(kv_ptrs + stride_kv, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return acc, m_new, l_sum

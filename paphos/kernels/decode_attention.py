@@ -1,0 +1,142 @@
+"""Triton paged decode attention (flash-decoding): rows with exactly one query token.
+
+One program per (sequence, kv head, split) attends the whole GQA group to its share of the context;
+with several splits a second kernel merges the partial results. The grid depends only on shapes and the
+host-side split count, never on data, so a captured CUDA graph stays valid for any seq_lens.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from paphos.kernels.attention_tile import attend_tile
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, cache_ptr, query_start_ptr, seq_lens_ptr, block_tables_ptr,
+    out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kv, stride_blk, stride_tok, stride_head, stride_bt,
+    scale_log2, num_heads, num_splits,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + seq).to(tl.int64)
+    q_len = tl.load(query_start_ptr + seq + 1).to(tl.int64) - q_start
+    if q_len != 1:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    tile_start = split * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
+    g = tl.arange(0, GROUP_PAD)  # [GROUP_PAD]
+    dims = tl.arange(0, HEAD_PAD)  # [HEAD_PAD]
+    heads = kv_head * GROUP + g
+    io_mask = (g < GROUP)[:, None] & (dims < HEAD_SIZE)[None, :]
+    q = tl.load(
+        q_ptr + q_start * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+        mask=io_mask, other=0.0,
+    )  # [GROUP_PAD, HEAD_PAD]
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_sum = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for tile in range(tile_start, tile_end):
+        acc, m, l_sum = attend_tile(
+            q, acc, m, l_sum, cache_ptr, bt_row, kv_head, tile * BLOCK_N, seq_len, m, scale_log2,
+            stride_kv, stride_blk, stride_tok, stride_head,
+            HEAD_SIZE, HEAD_PAD, PAGE_SIZE, BLOCK_N, False, IEEE,
+        )
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # [GROUP_PAD, HEAD_PAD]
+    if SPLIT:
+        part = (seq * num_heads + heads) * num_splits + split  # [GROUP_PAD]
+        tl.store(part_out_ptr + part[:, None] * HEAD_PAD + dims[None, :], out, mask=io_mask)
+        tl.store(part_m_ptr + part, m, mask=g < GROUP)
+        tl.store(part_l_ptr + part, l_sum, mask=g < GROUP)
+    else:
+        dst = out_ptr + q_start * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    query_start_ptr, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
+    stride_ot, stride_oh, num_heads, num_splits,
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(query_start_ptr + seq).to(tl.int64)
+    if tl.load(query_start_ptr + seq + 1).to(tl.int64) - q_start != 1:
+        return
+    splits = tl.arange(0, SPLITS_PAD)  # [SPLITS_PAD]
+    dims = tl.arange(0, HEAD_PAD)  # [HEAD_PAD]
+    part = (seq * num_heads + head) * num_splits + splits
+    m = tl.load(part_m_ptr + part, mask=splits < num_splits, other=float("-inf"))
+    l_sum = tl.load(part_l_ptr + part, mask=splits < num_splits, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    weight = tl.exp2(m - m_max) * l_sum  # [SPLITS_PAD]
+    mask = (splits < num_splits)[:, None] & (dims < HEAD_SIZE)[None, :]
+    parts = tl.load(part_out_ptr + part[:, None] * HEAD_PAD + dims[None, :], mask=mask, other=0.0)
+    total = tl.sum(weight, axis=0)
+    out = tl.sum(parts * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)  # [HEAD_PAD]
+    dst = out_ptr + q_start * stride_ot + head * stride_oh + dims
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_SIZE)
+
+
+def decode_block_n(head_size: int) -> int:
+    """Keys per tile: 64 keeps a K and a V tile of head size 256 in 64 KiB of shared memory."""
+    return 64 if head_size <= 128 else 32
+
+
+def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Enough programs to fill the chip twice, but no split shorter than 256 keys, at most 32."""
+    wanted = triton.cdiv(2 * num_sms, max(num_seqs * num_kv_heads, 1))
+    return max(1, min(wanted, triton.cdiv(max_seq_len, 256), 32))
+
+
+def decode_attention(
+    query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, out: torch.Tensor,
+    num_splits: int,
+) -> None:
+    """Write `out` rows of the sequences with one query token; other rows are left untouched."""
+    num_seqs = seq_lens.shape[0]
+    _, num_heads, head_size = query.shape
+    page_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    head_pad = max(triton.next_power_of_2(head_size), 16)
+    split = num_splits > 1
+    # [num_seqs, num_heads, num_splits, head_pad] partial outputs; [num_seqs, num_heads, num_splits] m, l
+    part_out = torch.empty(
+        (num_seqs, num_heads, num_splits, head_pad) if split else (1,),
+        dtype=torch.float32, device=query.device,
+    )
+    part_m = torch.empty((num_seqs, num_heads, num_splits) if split else (1,),
+                         dtype=torch.float32, device=query.device)  # [num_seqs, heads, splits]
+    part_l = torch.empty_like(part_m)  # [num_seqs, num_heads, num_splits]
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, kv_cache, query_start_loc, seq_lens, block_tables, out, part_out, part_m, part_l,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0), scale * 1.4426950408889634, num_heads, num_splits,
+        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16), HEAD_SIZE=head_size,
+        HEAD_PAD=head_pad, PAGE_SIZE=page_size, BLOCK_N=decode_block_n(head_size),
+        SPLIT=split, IEEE=query.dtype == torch.float32, num_warps=4, num_stages=2,
+    )
+    if split:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            query_start_loc, out, part_out, part_m, part_l,
+            out.stride(0), out.stride(1), num_heads, num_splits,
+            HEAD_SIZE=head_size, HEAD_PAD=head_pad,
+            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+        )

@@ -1,0 +1,80 @@
+"""Triton KV cache write: one program per token copies its keys and values into the slot it maps to.
+
+Cache layout [2, num_blocks, block_size, num_kv_heads, head_size]; slot = block_id * block_size + offset.
+A negative slot (padding in a captured CUDA graph) is skipped; the reference never receives one.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from paphos.kernels._checks import check_dim, check_float_dtype, check_same_device
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr, value_ptr, cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_kv, stride_slot,
+    num_kv_heads,
+    HEAD_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot >= 0:
+        heads = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
+        dims = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
+        mask = (heads < num_kv_heads) & (dims < HEAD_SIZE)
+        dst = cache_ptr + slot * stride_slot + heads * HEAD_SIZE + dims
+        k = tl.load(key_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
+        v = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
+        tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + stride_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    check_dim("key", key, 3)
+    check_dim("value", value, 3)
+    check_dim("kv_cache", kv_cache, 5)
+    check_dim("slot_mapping", slot_mapping, 1)
+    check_float_dtype("key", key)
+    check_float_dtype("value", value)
+    check_same_device(key=key, value=value, kv_cache=kv_cache, slot_mapping=slot_mapping)
+    if key.shape != value.shape:
+        raise ValueError(f"key shape {tuple(key.shape)} != value shape {tuple(value.shape)}")
+    if kv_cache.shape[0] != 2 or tuple(kv_cache.shape[3:]) != tuple(key.shape[1:]):
+        raise ValueError(
+            f"kv_cache shape {tuple(kv_cache.shape)} does not match key heads "
+            f"{tuple(key.shape[1:])}; expected [2, num_blocks, block_size, num_kv_heads, head_size]"
+        )
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous")
+    if slot_mapping.shape[0] != key.shape[0]:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} slots for {key.shape[0]} tokens")
+    if slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping has dtype {slot_mapping.dtype}; expected int32 or int64")
+
+
+def write_kv_cache(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """key, value: [num_tokens, num_kv_heads, head_size]; as paphos.ops.kv_cache.write_kv_cache."""
+    _check(key, value, kv_cache, slot_mapping)
+    num_tokens, num_kv_heads, head_size = key.shape
+    if key.stride(2) != 1:
+        key = key.contiguous()  # [num_tokens, num_kv_heads, head_size]
+    if value.stride(2) != 1:
+        value = value.contiguous()  # [num_tokens, num_kv_heads, head_size]
+    if num_tokens == 0:
+        return
+    _write_kv_kernel[(num_tokens,)](
+        key, value, kv_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        kv_cache.stride(0), num_kv_heads * head_size,
+        num_kv_heads,
+        HEAD_SIZE=head_size, BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_size), num_warps=4,
+    )

@@ -1,0 +1,101 @@
+"""Triton paged prefill attention: sequences with more than one query token (prompt chunks).
+
+One program per (sequence, query block, kv head) holds BLOCK_Q query tokens times the whole GQA group
+as its rows. Query token i of a sequence sits at position seq_len - q_len + i; keys before the block's
+first position are attended without a mask, the rest with the causal mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from paphos.kernels.attention_tile import attend_tile
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, cache_ptr, query_start_ptr, seq_lens_ptr, block_tables_ptr, out_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kv, stride_blk, stride_tok, stride_head, stride_bt, scale_log2,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    q_block = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + seq).to(tl.int32)
+    q_len = tl.load(query_start_ptr + seq + 1).to(tl.int32) - q_start
+    if q_len <= 1 or q_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    context_len = seq_len - q_len
+    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)  # [M]
+    q_idx = q_block * BLOCK_Q + rows // GROUP_PAD
+    g = rows % GROUP_PAD
+    heads = kv_head * GROUP + g
+    dims = tl.arange(0, HEAD_PAD)  # [HEAD_PAD]
+    io_mask = ((q_idx < q_len) & (g < GROUP))[:, None] & (dims < HEAD_SIZE)[None, :]
+    token = (q_start + q_idx).to(tl.int64)
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+        mask=io_mask, other=0.0,
+    )  # [M, HEAD_PAD]
+    q_pos = context_len + q_idx  # [M]
+    m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_PAD], tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    first_pos = context_len + q_block * BLOCK_Q
+    kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
+    unmasked_end = (first_pos // BLOCK_N) * BLOCK_N
+    for start in range(0, unmasked_end, BLOCK_N):
+        acc, m, l_sum = attend_tile(
+            q, acc, m, l_sum, cache_ptr, bt_row, kv_head, start, kv_end, q_pos, scale_log2,
+            stride_kv, stride_blk, stride_tok, stride_head,
+            HEAD_SIZE, HEAD_PAD, PAGE_SIZE, BLOCK_N, False, IEEE,
+        )
+    for start in range(unmasked_end, kv_end, BLOCK_N):
+        acc, m, l_sum = attend_tile(
+            q, acc, m, l_sum, cache_ptr, bt_row, kv_head, start, kv_end, q_pos, scale_log2,
+            stride_kv, stride_blk, stride_tok, stride_head,
+            HEAD_SIZE, HEAD_PAD, PAGE_SIZE, BLOCK_N, True, IEEE,
+        )
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # [M, HEAD_PAD]
+    dst = out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def prefill_tiles(head_size: int, group: int) -> tuple[int, int, int]:
+    """(BLOCK_Q, GROUP_PAD, BLOCK_N): about 64 (head 256) or 128 query rows per program."""
+    group_pad = triton.next_power_of_2(group)
+    rows = 128 if head_size <= 128 else 64
+    block_q = max(rows // group_pad, 1)
+    block_n = 64 if head_size <= 128 else 32
+    return block_q, group_pad, block_n
+
+
+def prefill_attention(
+    query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, out: torch.Tensor,
+    max_query_len: int,
+) -> None:
+    """Write `out` rows of the sequences with more than one query token; others are left untouched."""
+    num_seqs = seq_lens.shape[0]
+    _, num_heads, head_size = query.shape
+    page_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    block_q, group_pad, block_n = prefill_tiles(head_size, group)
+    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    _prefill_kernel[grid](
+        query, kv_cache, query_start_loc, seq_lens, block_tables, out,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0), scale * 1.4426950408889634,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_SIZE=head_size,
+        HEAD_PAD=max(triton.next_power_of_2(head_size), 16), PAGE_SIZE=page_size,
+        BLOCK_N=block_n, IEEE=query.dtype == torch.float32,
+        num_warps=8 if head_size > 64 else 4, num_stages=2,
+    )
