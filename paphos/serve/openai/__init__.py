@@ -1,0 +1,1 @@
+"""OpenAI-compatible API: protocol models, endpoint handlers and their shared serving helpers."""
