@@ -87,6 +87,7 @@ class Scheduler:
         # request_id -> how many of its tokens the runner holds (present iff the runner holds it).
         self._num_runner_tokens: dict[str, int] = {}
         self._forget_ids: set[str] = set()  # runner must drop these at the next step
+        self._num_prompt_logprobs_sent: dict[str, int] = {}  # survives preemption
         self.num_preemptions = 0
 
     # ---- requests in and out -------------------------------------------------------------------
@@ -164,23 +165,44 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None:  # finished (aborted) after it was scheduled
                 continue
-            request.num_computed_tokens += num_tokens
-            token_id = runner_output.sampled_token_ids.get(req_id)
-            new_token_ids = [] if token_id is None else [token_id]
-            if token_id is not None:
-                self._append_token(request, token_id)
-            prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
-            if new_token_ids or prompt_logprobs is not None or request.is_finished:
-                updates.append(
-                    RequestUpdate(
-                        request=request,
-                        new_token_ids=new_token_ids,
-                        logprobs=runner_output.logprobs.get(req_id),
-                        prompt_logprobs=prompt_logprobs,
-                        finished=request.is_finished,
-                    )
-                )
+            update = self._update_request(request, num_tokens, runner_output)
+            if update is not None:
+                updates.append(update)
         return updates
+
+    def _update_request(
+        self, request: Request, num_tokens: int, runner_output: RunnerOutput
+    ) -> RequestUpdate | None:
+        req_id = request.request_id
+        start = request.num_computed_tokens
+        request.num_computed_tokens += num_tokens
+        prompt_logprobs = self._fresh_prompt_logprobs(
+            req_id, start, runner_output.prompt_logprobs.get(req_id)
+        )
+        token_id = runner_output.sampled_token_ids.get(req_id)
+        if token_id is not None:
+            self._append_token(request, token_id)
+        elif prompt_logprobs is None:
+            return None  # a prompt chunk with nothing to report
+        return RequestUpdate(
+            request=request,
+            new_token_ids=[] if token_id is None else [token_id],
+            logprobs=runner_output.logprobs.get(req_id),
+            prompt_logprobs=prompt_logprobs,
+            finished=request.is_finished,
+        )
+
+    def _fresh_prompt_logprobs(
+        self, req_id: str, start: int, entries: list[TokenLogprobs | None] | None
+    ) -> list[TokenLogprobs | None] | None:
+        """Drop prompt logprobs already reported: a preempted request recomputes its prompt, and
+        the runner reports the positions of each computed chunk again (entries align to `start`)."""
+        if entries is None:
+            return None
+        num_sent = self._num_prompt_logprobs_sent.get(req_id, 0)
+        fresh = entries[max(0, num_sent - start) :]
+        self._num_prompt_logprobs_sent[req_id] = max(num_sent, start + len(entries))
+        return fresh or None
 
     # ---- schedule() steps ----------------------------------------------------------------------
 
@@ -301,6 +323,7 @@ class Scheduler:
         self._forget_runner_copy(request.request_id)
         del self.requests[request.request_id]
         del self._arrival_keys[request.request_id]
+        self._num_prompt_logprobs_sent.pop(request.request_id, None)
 
     def _forget_runner_copy(self, request_id: str) -> None:
         if self._num_runner_tokens.pop(request_id, None) is not None:
@@ -365,6 +388,8 @@ def _validate(
     num_blocks: int,
     max_model_len: int,
 ) -> None:
+    if not isinstance(num_blocks, int) or num_blocks < 1:
+        raise ValueError(f"num_blocks={num_blocks!r} is invalid: expected an int >= 1")
     if max_model_len < 1:
         raise ValueError(f"max_model_len={max_model_len!r} is invalid: expected >= 1")
     capacity = num_blocks * cache_config.block_size
