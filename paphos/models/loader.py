@@ -114,7 +114,7 @@ def _iterate_pt(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model_weights(model: nn.Module, model_config: ModelConfig, seed: int = 0) -> set[str]:
-    """Fill every parameter of `model` from the checkpoint (or dummy values); return names loaded."""
+    """Fill every parameter from the checkpoint (or dummy values); return the names loaded."""
     if model_config.load_format == "dummy":
         initialize_dummy_weights(model, seed)
         return {name for name, _ in model.named_parameters(remove_duplicate=False)}
@@ -124,7 +124,7 @@ def load_model_weights(model: nn.Module, model_config: ModelConfig, seed: int = 
 
 
 def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
-    """Raise ValueError naming each parameter none of whose names (tied aliases count) was loaded."""
+    """Raise ValueError naming every parameter not loaded under any of its (tied) names."""
     names_by_param: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names_by_param.setdefault(id(param), []).append(name)
