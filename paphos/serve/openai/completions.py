@@ -47,7 +47,11 @@ async def create_completion(
             kwargs["prompt_logprobs"] = body.logprobs
     params = serving.make_sampling_params(kwargs)
     request_id = serving.random_id("cmpl")
-    engine_prompts = [{"prompt_token_ids": token_ids} for _, token_ids in prompts]
+    engine_prompts = [
+        {"prompt_token_ids": token_ids} if text is None else
+        {"prompt_token_ids": token_ids, "prompt": text}
+        for text, token_ids in prompts
+    ]
     streams = await serving.start_requests(ctx, engine_prompts, params, request_id)
     builder = _ChoiceBuilder(ctx, body, prompts)
     if body.stream:

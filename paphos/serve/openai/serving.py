@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from paphos.engine.async_engine import AsyncEngine, RequestFailedError
 from paphos.outputs import Logprob, RequestOutput
 from paphos.sampling_params import SamplingParams
+from paphos.tokenizer import load_chat_template
 from paphos.serve.metrics import ServerMetrics
 from paphos.serve.openai.errors import OpenAIError, error_body
 
@@ -42,7 +43,11 @@ class ServingContext:
             served_model_names=served_model_names(model_config),
             max_model_len=int(sync.max_model_len),
             tokenizer=sync.tokenizer,
-            chat_template=load_chat_template(model_config.chat_template),
+            chat_template=(
+                load_chat_template(model_config.chat_template)
+                if model_config.chat_template
+                else None
+            ),
             metrics=metrics,
         )
 
@@ -106,14 +111,6 @@ def served_model_names(model_config: Any) -> list[str]:
     base = os.path.basename(path)
     short = base.split(".")[0] if base.endswith(".gguf") else base
     return [short, path] if short and short != path else [path]
-
-
-def load_chat_template(template: str | None) -> str | None:
-    """A chat template given inline or as a path to a file."""
-    if template is not None and os.path.isfile(template):
-        with open(template, encoding="utf-8") as f:
-            return f.read()
-    return template
 
 
 def make_sampling_params(kwargs: dict[str, Any]) -> SamplingParams:

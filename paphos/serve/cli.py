@@ -1,0 +1,164 @@
+"""`paphos run [MODEL]`: the command line. Flags are generated from the fields of the engine config
+parts and of `ServerConfig`, so names, help text, choices and defaults cannot drift from the code."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from paphos.config import PART_CLASSES, EngineConfig
+
+logger = logging.getLogger("paphos.serve")
+
+_SCALARS: dict[str, type] = {"int": int, "float": float, "str": str}
+
+
+def _flag_kwargs(f: dataclasses.Field) -> dict[str, Any]:
+    """argparse keyword arguments for one dataclass field (type read from its annotation)."""
+    annotation = str(f.type).replace(" ", "")
+    base = annotation.replace("|None", "").replace("None|", "")
+    help_text = f.metadata.get("help", "")
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = None
+    kwargs: dict[str, Any] = {"default": default, "help": help_text}
+    shown = default not in (None, "", ()) and "default" not in help_text.lower()
+    if base == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif base.startswith(("tuple[", "list[")):
+        inner = base[base.index("[") + 1 :].split(",")[0].rstrip("]")
+        kwargs["type"] = _SCALARS.get(inner, str)
+        kwargs["nargs"] = f.metadata.get("nargs", "+")
+        kwargs["metavar"] = f.name.upper().rstrip("S")
+    else:
+        kwargs["type"] = _SCALARS.get(base, str)
+        kwargs["help"] = f"{help_text} (default: {default})" if shown else help_text
+    if "choices" in f.metadata:
+        kwargs["choices"] = list(f.metadata["choices"])
+    return kwargs
+
+
+def add_dataclass_flags(group: Any, cls: type, skip: Sequence[str] = ()) -> list[str]:
+    """Add one `--field-name` flag per user-facing field of `cls`; returns the field names added."""
+    names = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli", True) is False or f.name in skip:
+            continue
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **_flag_kwargs(f))
+        names.append(f.name)
+    return names
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
+    """The parser and, per config part ('model', ..., 'server'), the dests of its flags."""
+    from paphos.serve.app import ServerConfig
+
+    parser = argparse.ArgumentParser(prog="paphos", description="paphos: serve open-weight LLMs.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser(
+        "run",
+        help="Serve a model over an OpenAI-compatible HTTP API.",
+        description="Serve MODEL (an HF model directory or a .gguf file; default: the packaged "
+        "SmolLM2-135M-Instruct) over an OpenAI-compatible HTTP API.",
+    )
+    run.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                     help="HF model directory or .gguf file (same as --model; default: the "
+                     "packaged SmolLM2-135M-Instruct).")
+    dests: dict[str, list[str]] = {}
+    server_group = run.add_argument_group("server")
+    dests["server"] = add_dataclass_flags(server_group, ServerConfig)
+    for part, cls in PART_CLASSES.items():
+        group = run.add_argument_group(part)
+        dests[part] = add_dataclass_flags(group, cls)
+    return parser, dests
+
+
+def configs_from_args(
+    args: argparse.Namespace, dests: dict[str, list[str]]
+) -> tuple[dict[str, Any], Any]:
+    """Flat engine kwargs (for `EngineConfig.from_kwargs`) and the `ServerConfig`."""
+    from paphos.serve.app import ServerConfig
+
+    if args.model_path and args.model and args.model_path != args.model:
+        raise ValueError(f"two models given: {args.model_path!r} and --model {args.model!r}")
+    engine_kwargs = {
+        name: getattr(args, name) for part, names in dests.items() if part != "server"
+        for name in names
+    }
+    engine_kwargs["model"] = args.model_path or args.model or ""
+    server_kwargs = {name: getattr(args, name) for name in dests["server"]}
+    server_kwargs["api_keys"] = tuple(server_kwargs["api_keys"] or ())
+    return engine_kwargs, ServerConfig(**server_kwargs)
+
+
+def _load_plugins() -> None:
+    """Out-of-tree models register themselves through the model registry's plugin hook."""
+    from paphos.models import registry
+
+    load = getattr(registry, "load_plugins", None)
+    if load is not None:
+        load()
+
+
+def log_startup(config: EngineConfig, engine: Any, server_config: Any) -> None:
+    logger.info("paphos engine config:")
+    for key, value in config.to_dict().items():
+        logger.info("  %-28s %s", key, value)
+    stats = engine.get_stats()
+    block_size = config.cache.block_size
+    max_len = int(engine.max_model_len)
+    concurrent = stats.num_kv_blocks * block_size // max_len
+    logger.info(
+        "KV cache: %d blocks of %d tokens (%d tokens); max_model_len %d; "
+        "%d sequences of max_model_len fit at once",
+        stats.num_kv_blocks, block_size, stats.num_kv_blocks * block_size, max_len, concurrent,
+    )
+    host = f"[{server_config.host}]" if ":" in server_config.host else server_config.host
+    logger.info("serving on http://%s:%d/v1", host, server_config.port)
+
+
+def run_server(engine_kwargs: dict[str, Any], server_config: Any) -> None:
+    """Build the engine, log what was resolved, and serve until interrupted."""
+    import uvicorn
+
+    from paphos.engine.async_engine import AsyncEngine
+    from paphos.engine.engine import Engine
+    from paphos.serve.app import build_app
+
+    _load_plugins()
+    config = EngineConfig.from_kwargs(**engine_kwargs)
+    engine = Engine(config)
+    log_startup(config, engine, server_config)
+    app = build_app(AsyncEngine(engine), server_config)
+    uvicorn.run(
+        app,
+        host=server_config.host,
+        port=server_config.port,
+        log_level=server_config.uvicorn_log_level,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, dests = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        engine_kwargs, server_config = configs_from_args(args, dests)
+        run_server(engine_kwargs, server_config)
+    except ValueError as e:
+        parser.exit(2, f"paphos: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
