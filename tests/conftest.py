@@ -1,5 +1,5 @@
-"""Shared test fixtures: `tiny_llama_dir`, a random 2-layer Llama with its own byte-level BPE tokenizer
-and chat template, saved as an HF model directory (made offline in well under a second)."""
+"""Shared test fixtures: `tiny_llama_dir`, a random 2-layer Llama with its own byte-level BPE
+tokenizer and chat template, saved as an HF model directory (made offline in about a second)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""AsyncEngine: runs the synchronous `Engine.step()` loop in one background thread and hands each request
-its outputs as an async stream. Invariant: only the engine thread touches the `Engine`; the event loop
-talks to it through a command queue, so add/abort never race with a step.
+"""AsyncEngine: runs the synchronous `Engine.step()` loop in one background thread and hands each
+request its outputs as an async stream. Invariant: only the engine thread touches the `Engine`; the
+event loop talks to it through a command queue, so add/abort never race with a step.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ class RequestFailedError(RuntimeError):
 class RequestStream:
     """Outputs of one request, as the engine thread publishes them (latest cumulative output wins).
 
-    Only the event loop thread touches a stream. Outputs are coalesced: a slow consumer sees the latest
-    cumulative state, never an unbounded backlog.
+    Only the event loop thread touches a stream. Outputs are coalesced: a slow consumer sees the
+    latest cumulative state, never an unbounded backlog.
     """
 
     def __init__(self, request_id: str, params: SamplingParams) -> None:
@@ -81,7 +81,7 @@ class AsyncEngine:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the engine thread; call from inside the event loop that will consume the streams."""
+        """Start the engine thread; call it inside the event loop that consumes the streams."""
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
@@ -113,7 +113,7 @@ class AsyncEngine:
         params: SamplingParams,
         arrival_time: float | None = None,
     ) -> RequestStream:
-        """Hand the request to the engine; raises ValueError (bad input) before any output exists."""
+        """Hand the request to the engine; raises ValueError (bad input) before any output."""
         self._check_alive()
         if request_id in self._streams:
             raise ValueError(f"request_id={request_id!r} is already in use")
@@ -147,14 +147,16 @@ class AsyncEngine:
         *,
         delta: bool = True,
     ) -> AsyncIterator[RequestOutput]:
-        """Add the request and yield its outputs: deltas (new text/tokens since the last yield) by default,
-        cumulative outputs with `delta=False`. Stopping the iteration early aborts the request."""
+        """Add the request and yield its outputs: deltas (new text/tokens since the last yield) by
+        default, cumulative ones with `delta=False`. Stopping the iteration early aborts it."""
         stream = await self.add_request(request_id, prompt, params)
         async for output in self.iterate(stream, delta=delta):
             yield output
 
-    async def iterate(self, stream: RequestStream, *, delta: bool = True) -> AsyncIterator[RequestOutput]:
-        """Yield a stream's outputs; if the consumer stops before the end, the request is aborted."""
+    async def iterate(
+        self, stream: RequestStream, *, delta: bool = True
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield a stream's outputs; a consumer that stops before the end aborts the request."""
         tracker = DeltaTracker(stream.params) if delta else None
         try:
             while True:
@@ -211,7 +213,7 @@ class AsyncEngine:
                     self._wakeup.clear()
                     continue
                 self._step()
-        except BaseException as e:  # the loop itself broke (not a step): every stream must hear of it
+        except BaseException as e:  # the loop itself broke (not a step): every stream must know
             logger.exception("engine thread died")
             self._dead = e
             self._publish_failure(EngineDeadError(f"engine thread died: {e!r}"), None)
@@ -237,7 +239,7 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self._deliver, outputs)
 
     def _publish_failure(self, error: BaseException, abort: bool | None) -> None:
-        """Fail every live stream (from the engine thread); with `abort`, also free their requests."""
+        """Fail every live stream (from the engine thread); with `abort`, free their requests."""
         assert self._loop is not None
 
         def fail_all() -> None:
@@ -284,7 +286,9 @@ class DeltaTracker:
             return None
         return dataclasses.replace(output, outputs=pieces)
 
-    def _piece(self, completion: CompletionOutput, request_finished: bool) -> CompletionOutput | None:
+    def _piece(
+        self, completion: CompletionOutput, request_finished: bool
+    ) -> CompletionOutput | None:
         index = completion.index
         if index in self._finished:
             return None

@@ -1,5 +1,5 @@
-"""`paphos run [MODEL]`: the command line. Flags are generated from the fields of the engine config
-parts and of `ServerConfig`, so names, help text, choices and defaults cannot drift from the code."""
+"""`paphos run [MODEL]`: the command line. Flags are generated from the fields of the engine
+config parts and of `ServerConfig`, so names, help, choices and defaults cannot drift."""
 
 from __future__ import annotations
 

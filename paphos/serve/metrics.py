@@ -1,5 +1,5 @@
-"""Prometheus metrics of the server: engine gauges/counters read from the engine's latest stats at scrape
-time, and per-request latency histograms (TTFT, TPOT, end-to-end) observed as streams finish.
+"""Prometheus metrics of the server: engine gauges/counters read from the engine's latest stats at
+scrape time, and per-request latency histograms (TTFT, TPOT, end-to-end) observed as streams finish.
 Each server owns its own registry, so several apps in one process never share series."""
 
 from __future__ import annotations

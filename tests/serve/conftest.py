@@ -1,74 +1,15 @@
-"""Serve-test fixtures: the tiny tokenizer, a fake engine, and a real uvicorn server on a free loopback
-port (in a thread of this process) that is always stopped by the fixture's finalizer."""
+"""Serve-test fixtures: the tiny tokenizer, a fake engine, and a server over the fake engine on a
+free loopback port, always stopped by the fixture's finalizer."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-
 from fake_engine import FakeEngine
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class RunningServer:
-    base_url: str  # http://127.0.0.1:PORT
-    engine: Any  # the synchronous engine behind the server
-    async_engine: Any
-
-    @property
-    def api_url(self) -> str:
-        return self.base_url + "/v1"
-
-
-class ServerThread:
-    """uvicorn serving `app` in a daemon thread; `stop()` ends it (and the app's engine thread)."""
-
-    def __init__(self, app: Any, port: int) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def start(self, timeout: float = 30.0) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-def serve_engine(engine: Any, **server_kwargs: Any) -> Iterator[RunningServer]:
-    from paphos.engine.async_engine import AsyncEngine
-    from paphos.serve.app import ServerConfig, build_app
-
-    port = free_port()
-    async_engine = AsyncEngine(engine)
-    app = build_app(async_engine, ServerConfig(port=port, **server_kwargs))
-    thread = ServerThread(app, port)
-    thread.start()
-    try:
-        yield RunningServer(f"http://127.0.0.1:{port}", engine, async_engine)
-    finally:
-        thread.stop()
+from server_utils import RunningServer, serve_engine
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""A small synchronous engine with the `Engine` API of docs/contracts.md, for unit tests of the async
-layer: deterministic tokens, cumulative outputs, stop strings, n, logprobs and block accounting.
+"""A small synchronous engine with the `Engine` API of docs/contracts.md, for unit tests of the
+async layer: deterministic tokens, cumulative outputs, stop strings, n, logprobs and block accounting.
 Invariant: free blocks + blocks held by unfinished requests == num_kv_blocks."""
 
 from __future__ import annotations
@@ -40,8 +40,14 @@ class _Seq:
 class FakeEngine:
     """Token i of completion j is a pure function of (seed, j, prompt, i), so reruns agree."""
 
-    def __init__(self, tokenizer: Any, max_model_len: int = 128, num_kv_blocks: int = 1024,
-                 block_size: int = 16, step_delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_model_len: int = 128,
+        num_kv_blocks: int = 1024,
+        block_size: int = 16,
+        step_delay: float = 0.0,
+    ) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.model_config = ModelConfig(model="/models/fake-model", served_model_name=None)
@@ -55,8 +61,13 @@ class FakeEngine:
         self.num_generation_total = 0
         self.shut_down = False
 
-    def add_request(self, request_id: str, prompt: Any, params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Any,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
         if request_id in self.seqs:
             raise ValueError(f"request_id={request_id!r} already exists")
         if isinstance(prompt, str):
@@ -66,14 +77,18 @@ class FakeEngine:
         else:
             raise ValueError(f"prompt={prompt!r} is invalid")
         if not token_ids or len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len={self.max_model_len}")
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens; max_model_len={self.max_model_len}"
+            )
         blocks = math.ceil(self.max_model_len / self.block_size) * params.n
         if blocks > self.num_free_blocks:
             raise ValueError("out of KV blocks")
         self.num_free_blocks -= blocks
         self.num_prompt_total += len(token_ids)
-        outputs = [CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None else None)
-                   for i in range(params.n)]
+        outputs = [
+            CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None else None)
+            for i in range(params.n)
+        ]
         self.seqs[request_id] = _Seq(request_id, token_ids, params, outputs, blocks)
 
     def step(self) -> list[RequestOutput]:
@@ -96,7 +111,7 @@ class FakeEngine:
     def _advance(self, seq: _Seq, out: CompletionOutput) -> None:
         vocab = len(self.tokenizer)
         seed = seq.params.seed if seq.params.seed is not None else 0
-        token = (sum(seq.prompt_token_ids) * 7 + seed * 13 + out.index * 31 + len(out.token_ids) * 17)
+        token = sum(seq.prompt_token_ids) * 7 + seed * 13 + out.index * 31 + len(out.token_ids) * 17
         token = 3 + token % (vocab - 3)  # never a special token
         out.token_ids.append(token)
         self.num_generation_total += 1
@@ -104,8 +119,12 @@ class FakeEngine:
         if out.logprobs is not None:
             k = seq.params.logprobs or 0
             entry = {token: Logprob(-0.5, rank=1)}
-            entry.update({3 + (token + j) % (vocab - 3): Logprob(-1.0 - j, rank=j + 1)
-                          for j in range(1, k + 1)})
+            entry.update(
+                {
+                    3 + (token + j) % (vocab - 3): Logprob(-1.0 - j, rank=j + 1)
+                    for j in range(1, k + 1)
+                }
+            )
             out.logprobs.append(entry)
         for stop in seq.params.stop:
             if stop in out.text:
@@ -118,9 +137,14 @@ class FakeEngine:
             out.finish_reason = "length"
 
     def _output(self, seq: _Seq, finished: bool) -> RequestOutput:
-        outputs = [dataclasses.replace(o, token_ids=list(o.token_ids),
-                                       logprobs=list(o.logprobs) if o.logprobs is not None else None)
-                   for o in seq.outputs]
+        outputs = [
+            dataclasses.replace(
+                o,
+                token_ids=list(o.token_ids),
+                logprobs=list(o.logprobs) if o.logprobs is not None else None,
+            )
+            for o in seq.outputs
+        ]
         return RequestOutput(seq.request_id, None, list(seq.prompt_token_ids), outputs, finished)
 
     def _free(self, request_id: str) -> None:
@@ -138,11 +162,15 @@ class FakeEngine:
     def get_stats(self) -> FakeStats:
         used = self.num_kv_blocks - self.num_free_blocks
         return FakeStats(
-            num_running=len(self.seqs), num_waiting=0, kv_cache_usage=used / self.num_kv_blocks,
-            prefix_cache_queries=self.num_prompt_total, prefix_cache_hits=0,
+            num_running=len(self.seqs),
+            num_waiting=0,
+            kv_cache_usage=used / self.num_kv_blocks,
+            prefix_cache_queries=self.num_prompt_total,
+            prefix_cache_hits=0,
             num_prompt_tokens_total=self.num_prompt_total,
             num_generation_tokens_total=self.num_generation_total,
-            num_kv_blocks=self.num_kv_blocks, num_free_kv_blocks=self.num_free_blocks,
+            num_kv_blocks=self.num_kv_blocks,
+            num_free_kv_blocks=self.num_free_blocks,
         )
 
     def shutdown(self) -> None:

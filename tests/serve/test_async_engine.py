@@ -1,5 +1,5 @@
-"""AsyncEngine over a fake engine: streams of deltas, cumulative mode, abort on consumer exit, failing
-requests and failing steps never stop the engine from serving the next request."""
+"""AsyncEngine over a fake engine: streams of deltas, cumulative mode, abort on consumer exit,
+failing requests and failing steps never stop the engine from serving the next request."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """POST /v1/chat/completions: messages rendered with the model's (or --chat-template) template, n,
-logprobs/top_logprobs, stop, max_tokens/max_completion_tokens, usage; streamed as SSE deltas where each
-choice first sends its role, then content, then its finish reason."""
+logprobs/top_logprobs, stop, max_tokens/max_completion_tokens, usage; streamed as SSE deltas
+where each choice first sends its role, then content, then its finish reason."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""OpenAI-style errors: `OpenAIError` carries status, message and param; handlers turn it (and pydantic
-validation errors, ValueErrors from the engine edge) into `{"error": {message, type, param, code}}`."""
+"""OpenAI-style errors: `OpenAIError` carries status, message and param; handlers turn it (and
+pydantic validation errors, engine ValueErrors) into `{"error": {message, type, param, code}}`."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class OpenAIError(Exception):
 
     @classmethod
     def from_value_error(cls, error: ValueError | TypeError) -> OpenAIError:
-        """A ValueError from SamplingParams/Engine ("name=value is invalid: ...") -> 400 naming it."""
+        """A ValueError from SamplingParams/Engine ("name=value is invalid") -> 400 naming it."""
         message = str(error)
         match = _PARAM_IN_MESSAGE.match(message)
         return cls(400, message, param=match.group(1) if match else None)

@@ -18,9 +18,9 @@ from pydantic import BaseModel
 from paphos.engine.async_engine import AsyncEngine, RequestFailedError
 from paphos.outputs import Logprob, RequestOutput
 from paphos.sampling_params import SamplingParams
-from paphos.tokenizer import load_chat_template
 from paphos.serve.metrics import ServerMetrics
 from paphos.serve.openai.errors import OpenAIError, error_body
+from paphos.tokenizer import load_chat_template
 
 
 @dataclass
@@ -76,7 +76,7 @@ class ServingContext:
         return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
 
     def check_prompt(self, token_ids: list[int], max_tokens: int | None, param: str) -> None:
-        """Reject empty prompts, prompts that leave no room to generate, and oversized max_tokens."""
+        """Reject empty prompts, prompts leaving no room to generate, and oversized max_tokens."""
         num = len(token_ids)
         if num == 0:
             raise OpenAIError(400, f"{param} is empty", param=param)
