@@ -23,6 +23,7 @@ from paphos.core.step_data import (
     SchedulerOutput,
     TokenLogprobs,
 )
+from paphos.core.stopping import check_stop
 from paphos.request import Request, RequestStatus
 
 
@@ -64,7 +65,12 @@ class _StepPlan:
 
 
 class Scheduler:
-    """Decides each step which requests run and how many tokens each computes; see module doc."""
+    """Decides each step which requests run and how many tokens each computes.
+
+    Engine loop: `add_request`, then per step `schedule()` -> runner -> `update()`; aborts and
+    stop-string finishes go through `finish_requests`. A request that cannot get KV blocks
+    preempts the latest-arriving running request (recompute later, outputs kept).
+    """
 
     def __init__(
         self,
@@ -336,27 +342,10 @@ class Scheduler:
                 f"{request.num_tokens - request.num_computed_tokens} tokens left to compute"
             )
         request.output_token_ids.append(token_id)
-        status = self._check_stop(request, token_id)
+        status = check_stop(request, self.max_model_len)
         if status is not None:
             self.running.remove(request)
             self._finish(request, status)
-
-    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
-        """EOS / stop tokens (not before min_tokens outputs), then max_tokens / max_model_len."""
-        params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
-            if token_id == request.eos_token_id and not params.ignore_eos:
-                request.stop_reason = None
-                return RequestStatus.FINISHED_STOPPED
-            if token_id in params.stop_token_ids:
-                request.stop_reason = token_id
-                return RequestStatus.FINISHED_STOPPED
-        max_tokens = params.max_tokens
-        if max_tokens is not None and request.num_output_tokens >= max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
 
     def check_invariants(self) -> None:
         """Assert the KV manager is consistent and request bookkeeping matches it."""

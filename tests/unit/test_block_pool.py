@@ -218,3 +218,15 @@ def test_random_operations_keep_invariants() -> None:
     pool.free_blocks(held)
     pool.check_invariants()
     assert pool.num_free_blocks == 16
+
+
+def test_reset_prefix_cache_only_when_nothing_is_held() -> None:
+    pool = BlockPool(2, enable_caching=True)
+    (a,) = pool.get_new_blocks(1)
+    h = hash_block_tokens(None, [1])
+    pool.cache_block(a, h)
+    assert pool.reset_prefix_cache() is False and pool.get_cached_block(h) is a
+    pool.free_blocks([a])
+    assert pool.reset_prefix_cache() is True
+    pool.check_invariants()
+    assert pool.get_cached_block(h) is None and a.block_hash is None

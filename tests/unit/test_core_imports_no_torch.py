@@ -10,6 +10,7 @@ CORE_MODULES = (
     "paphos.core.kv_cache_manager",
     "paphos.core.scheduler",
     "paphos.core.step_data",
+    "paphos.core.stopping",
 )
 
 

@@ -547,3 +547,19 @@ def test_random_workload_keeps_invariants_and_consistent_outputs(seed: int) -> N
         if request.status == RequestStatus.FINISHED_STOPPED:
             assert request.output_token_ids[-1] == 3
     assert scheduler.get_stats().num_preemptions > 0 or seed == 1
+
+
+def test_eos_as_the_last_allowed_token_reports_stop_not_length() -> None:
+    request = drive_scripted(make_request("a", [1], eos=9, max_tokens=2), [4, 9])
+    assert request.status == RequestStatus.FINISHED_STOPPED
+
+
+def test_updates_carry_logprobs_and_finished_flag() -> None:
+    scheduler = make_scheduler()
+    scheduler.add_request(make_request("a", [1, 2], max_tokens=1))
+    out = scheduler.schedule()
+    entry = TokenLogprobs(token_ids=(5,), logprobs=(-0.5,), ranks=(1,))
+    (update,) = scheduler.update(out, RunnerOutput({"a": 5}, logprobs={"a": entry}))
+    assert update.new_token_ids == [5] and update.logprobs == entry and update.finished
+    assert update.request.status == RequestStatus.FINISHED_LENGTH
+    assert_all_blocks_free(scheduler)
