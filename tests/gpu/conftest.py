@@ -28,6 +28,12 @@ def device() -> torch.device:
     pytest.skip("needs a CUDA device (or TRITON_INTERPRET=1 to run the kernels on the CPU)")
 
 
+def skip_interpreted_bf16_dot(device: torch.device, dtype: torch.dtype) -> None:
+    """Triton 3.6's CPU interpreter computes bfloat16 tl.dot wrongly; such kernels are checked on CUDA."""
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter's bfloat16 tl.dot is wrong; checked on CUDA only")
+
+
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf."""
     diff = (out.double() - ref.double()).norm().item()

@@ -1,0 +1,117 @@
+"""Triton paged attention (decode + prefill kernels) against the paphos.ops reference.
+
+Mixed batches put decode rows and prefill chunks with cached context side by side; context lengths
+straddle block boundaries. Both are checked against the reference run in float32 on upcast inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from paphos.ops.paged_attention import paged_attention as ref_paged_attention
+from tests.gpu.conftest import TOLERANCE, rel_error, skip_interpreted_bf16_dot
+
+pytestmark = pytest.mark.gpu
+# Kernel vs float32 reference: bf16/fp16 inputs, probabilities rounded to the input dtype.
+ATTN_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
+MIXED_BATCH = [(1, 1), (7, 7), (1, 33), (5, 32), (1, 200), (40, 40), (17, 64), (1, 16)]
+
+
+def make_batch(
+    lens: list[tuple[int, int]], num_heads: int, num_kv_heads: int, head_size: int,
+    block_size: int, dtype: torch.dtype, device: torch.device, spare_blocks: int = 0,
+) -> dict:
+    """Random query and paged cache for sequences given as (q_len, seq_len); blocks shuffled."""
+    q_lens = torch.tensor([q for q, _ in lens])
+    seq_lens = torch.tensor([s for _, s in lens], device=device)  # [num_seqs]
+    blocks_per_seq = [-(-s // block_size) for _, s in lens]
+    max_blocks = max(blocks_per_seq) + spare_blocks
+    num_blocks = sum(blocks_per_seq) + 3
+    block_ids = torch.randperm(num_blocks, device=device)
+    block_tables = torch.zeros(len(lens), max_blocks, dtype=torch.int32, device=device)
+    used = 0
+    for b, n in enumerate(blocks_per_seq):
+        block_tables[b, :n] = block_ids[used : used + n]
+        used += n
+    # [2, num_blocks, block_size, num_kv_heads, head_size]
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_size, device=device)
+    query = torch.randn(int(q_lens.sum()), num_heads, head_size, device=device)  # [tokens, h, d]
+    starts = torch.zeros(len(lens) + 1, dtype=torch.int32)  # [num_seqs + 1]
+    starts[1:] = torch.cumsum(q_lens, 0)
+    return dict(
+        query=query.to(dtype), kv_cache=kv_cache.to(dtype), query_start_loc=starts.to(device),
+        seq_lens=seq_lens, block_tables=block_tables, scale=head_size**-0.5,
+    )
+
+
+def float32_reference(batch: dict) -> torch.Tensor:
+    upcast = dict(batch, query=batch["query"].float(), kv_cache=batch["kv_cache"].float())
+    return ref_paged_attention(**upcast)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_size", [64, 128, 256])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_mixed_batch_matches_reference(device, dtype, head_size, group, block_size):
+    from paphos.kernels.paged_attention import paged_attention
+
+    skip_interpreted_bf16_dot(device, dtype)
+    num_kv_heads = 2
+    batch = make_batch(
+        MIXED_BATCH, group * num_kv_heads, num_kv_heads, head_size, block_size, dtype, device, 2
+    )
+    out = paged_attention(**batch, max_query_len=40)
+    exact = float32_reference(batch)
+    assert out.shape == batch["query"].shape and out.dtype == dtype
+    assert rel_error(out, exact) < ATTN_TOLERANCE[dtype]
+    same_dtype_ref = ref_paged_attention(**batch)
+    assert rel_error(out, same_dtype_ref) < 2 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_splits_over_long_context_match_reference(device, num_splits):
+    from paphos.kernels.decode_attention import decode_attention
+
+    lens = [(1, 700), (1, 1), (1, 513), (1, 64)]
+    batch = make_batch(lens, 8, 2, 128, 16, torch.float16, device)
+    out = torch.full_like(batch["query"], float("nan"))  # [num_seqs, heads, head_size], poisoned
+    decode_attention(**batch, out=out, num_splits=num_splits)
+    assert rel_error(out, float32_reference(batch)) < ATTN_TOLERANCE[torch.float16]
+
+
+def test_prefill_only_batch_without_host_hints(device):
+    from paphos.kernels.paged_attention import paged_attention
+
+    batch = make_batch([(33, 33), (16, 80), (2, 2)], 4, 4, 64, 16, torch.float16, device)
+    out = paged_attention(**batch)  # no max_query_len: bounded by num_tokens
+    assert rel_error(out, float32_reference(batch)) < ATTN_TOLERANCE[torch.float16]
+
+
+def test_rejects_heads_not_multiple_of_kv_heads(device):
+    from paphos.kernels.paged_attention import paged_attention
+
+    batch = make_batch([(1, 5)], 4, 4, 64, 16, torch.float16, device)
+    batch["query"] = torch.randn(1, 6, 64, device=device).half()  # [1, 6, 64]: 6 % 4 != 0
+    with pytest.raises(ValueError, match="num_heads=6"):
+        paged_attention(**batch)
+
+
+def test_decode_cuda_graph_replays_with_new_lengths(device):
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    from paphos.kernels.paged_attention import paged_attention
+
+    batch = make_batch([(1, 300), (1, 17), (1, 90)], 16, 2, 128, 16, torch.bfloat16, device)
+    static = dict(batch)
+    paged_attention(**static, max_query_len=1, max_seq_len=320)  # warm up: compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_attention(**static, max_query_len=1, max_seq_len=320)
+    static["seq_lens"].copy_(torch.tensor([5, 300, 129], device=device))
+    static["query"].copy_(torch.randn_like(static["query"]))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_error(out, float32_reference(static)) < ATTN_TOLERANCE[torch.bfloat16]
