@@ -87,7 +87,7 @@ class Scheduler:
         )
         self.requests: dict[str, Request] = {}  # unfinished requests only
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # ordered by arrival (see _arrival_key)
+        self.running: list[Request] = []  # ordered by (arrival_time, add order)
         self._arrival_keys: dict[str, tuple[float, int]] = {}
         self._arrival_counter = itertools.count()
         # request_id -> how many of its tokens the runner holds (present iff the runner holds it).
