@@ -163,17 +163,7 @@ class Sampler(torch.nn.Module):
     def forward(self, logits: Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         md = metadata
         raw = logits.float()  # [rows, vocab]
-        x = _apply_token_masks(raw, md)
-        coins = self._uniform_coins(md, x.device)  # [rows]
-        for order, rows_for in md.groups:
-            for name in order:
-                if name in rows_for:
-                    x = _apply_one(x, name, rows_for[name], md, coins)
-        x = _on_rows(
-            x,
-            md.tail_rows["mirostat"],
-            lambda sub, r: shaping.apply_mirostat(sub, md.params[:, MU_COLUMN][_ix(r)]),
-        )
+        x = self.process_logits(raw, md)
         tokens = x.argmax(dim=-1)  # [rows]
         if not md.all_greedy:
             drawn = self._draw(x, md)
@@ -183,6 +173,20 @@ class Sampler(torch.nn.Module):
         if md.num_logprobs is not None:
             logprobs = gather_logprobs(raw.log_softmax(dim=-1), tokens, md.num_logprobs)
         return SamplerOutput(sampled_token_ids=tokens, logprobs=logprobs)
+
+    def process_logits(self, logits: Tensor, md: SamplingMetadata) -> Tensor:
+        """The logits after the bans and each row's samplers (all but skew), [rows, vocab]."""
+        x = _apply_token_masks(logits.float(), md)
+        coins = self._uniform_coins(md, x.device)  # [rows]
+        for order, rows_for in md.groups:
+            for name in order:
+                if name in rows_for:
+                    x = _apply_one(x, name, rows_for[name], md, coins)
+        return _on_rows(
+            x,
+            md.tail_rows["mirostat"],
+            lambda sub, r: shaping.apply_mirostat(sub, md.params[:, MU_COLUMN][_ix(r)]),
+        )
 
     def _uniform_coins(self, md: SamplingMetadata, device: torch.device) -> Tensor | None:
         """One uniform per row for XTC's coin flip (seeded rows: from their own generator)."""
