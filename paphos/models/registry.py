@@ -1,0 +1,173 @@
+"""HF architecture name -> model class: built-ins imported lazily, out-of-tree ones registered.
+
+`ModelRegistry` is paphos's one documented piece of process-wide mutable state (as in vLLM); every
+class is checked against the model contract before it is handed out. Plugins run in every process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import re
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import ClassVar
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_GROUP = "paphos.plugins"
+_CLASS_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_FORWARD_PARAMS = ("input_ids", "positions", "kv_caches", "attn_metadata")
+_INIT_PARAMS = ("config", "linear_method", "parallel")
+
+_BUILTIN_MODELS: dict[str, str] = {
+    "LlamaForCausalLM": "paphos.models.llama:LlamaForCausalLM",
+}
+
+
+def _parameters(func: object) -> list[inspect.Parameter] | None:
+    """The parameters of `func` without `self`, or None if it is not an inspectable callable."""
+    if not callable(func):
+        return None
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    return params[1:] if params and params[0].name == "self" else params
+
+
+def _init_problems(cls: type) -> list[str]:
+    """`cls(config, linear_method, parallel)` must work, by position or by name."""
+    kind = inspect.Parameter
+    params = None if cls.__init__ is nn.Module.__init__ else _parameters(cls.__init__)
+    if params is None:
+        return ["__init__ does not accept (config, linear_method, parallel)"]
+    if any(p.kind == kind.VAR_POSITIONAL for p in params):
+        return []
+    positional = [p for p in params if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)]
+    keywords = {p.name for p in params if p.kind != kind.POSITIONAL_ONLY}
+    by_name = set(_INIT_PARAMS) <= keywords or any(p.kind == kind.VAR_KEYWORD for p in params)
+    if not by_name and len(positional) < len(_INIT_PARAMS):
+        return ["__init__ does not accept (config, linear_method, parallel)"]
+    covered = set(_INIT_PARAMS) | {p.name for p in positional[: len(_INIT_PARAMS)]}
+    required = [
+        p.name
+        for p in params
+        if p.default is kind.empty and p.kind != kind.VAR_KEYWORD and p.name not in covered
+    ]
+    return [f"__init__ requires unexpected parameter {name!r}" for name in required]
+
+
+def contract_problems(cls: object) -> list[str]:
+    """What keeps `cls` from being a paphos model (empty when it follows the contract)."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        return ["it is not a torch.nn.Module subclass"]
+    problems: list[str] = []
+    forward = getattr(cls, "forward", None)
+    forward_params = None if forward is nn.Module.forward else _parameters(forward)
+    if forward_params is None:
+        problems.append("missing forward(input_ids, positions, kv_caches, attn_metadata)")
+    if _parameters(getattr(cls, "compute_logits", None)) is None:
+        problems.append("missing compute_logits(hidden_states, attn_metadata)")
+    if _parameters(getattr(cls, "load_weights", None)) is None:
+        problems.append("missing load_weights(weights)")
+    if forward_params is not None:
+        names = {p.name for p in forward_params}
+        problems += [f"forward() lacks parameter {n!r}" for n in _FORWARD_PARAMS if n not in names]
+    return problems + _init_problems(cls)
+
+
+def _contract_error(arch: str, cls: object, problems: list[str]) -> ValueError:
+    return ValueError(
+        f"cannot register {arch!r}: {cls!r} does not follow the paphos model contract: "
+        + "; ".join(problems)
+    )
+
+
+class ModelRegistry:
+    """Architecture name -> model class (or its lazy "module:Class" path). Class-level, explicit."""
+
+    _models: ClassVar[dict[str, type | str]] = dict(_BUILTIN_MODELS)
+    _plugins_loaded: ClassVar[bool] = False
+
+    @classmethod
+    def register_model(cls, arch: str, cls_or_path: type | str) -> None:
+        """Serve `arch` with a class (checked now) or a "module:Class" path (checked on resolve)."""
+        if not isinstance(arch, str) or not arch:
+            raise ValueError(f"arch={arch!r} is invalid: expected a non-empty architecture name")
+        if isinstance(cls_or_path, str):
+            if not _CLASS_PATH.match(cls_or_path):
+                raise ValueError(
+                    f"cannot register {arch!r}: {cls_or_path!r} is not of the form 'module:Class'"
+                )
+        else:
+            problems = contract_problems(cls_or_path)
+            if problems:
+                raise _contract_error(arch, cls_or_path, problems)
+        if arch in cls._models:
+            logger.warning("architecture %s was registered already; %s replaces it", arch,
+                           cls_or_path)  # fmt: skip
+        cls._models[arch] = cls_or_path
+
+    @classmethod
+    def supported_architectures(cls) -> list[str]:
+        return sorted(cls._models)
+
+    @classmethod
+    def is_supported(cls, arch: str) -> bool:
+        return arch in cls._models
+
+    @classmethod
+    def resolve(cls, arch: str) -> type:
+        """The model class of `arch`, imported (and checked) on first use."""
+        entry = cls._models.get(arch)
+        if entry is None:
+            raise ValueError(
+                f"architecture {arch!r} is not supported; supported: "
+                + ", ".join(cls.supported_architectures())
+            )
+        if isinstance(entry, str):
+            entry = _import_class(arch, entry)
+            problems = contract_problems(entry)
+            if problems:
+                raise _contract_error(arch, entry, problems)
+            cls._models[arch] = entry
+        return entry
+
+    @classmethod
+    def load_plugins(cls, group: str = PLUGIN_GROUP) -> list[str]:
+        """Run each entry point of `group` once per process; returns the names run now."""
+        if cls._plugins_loaded:
+            return []
+        names = []
+        for entry_point in entry_points(group=group):
+            plugin: Callable[[], object] = entry_point.load()
+            if not callable(plugin):
+                raise ValueError(
+                    f"plugin {entry_point.name!r} ({entry_point.value}) is not callable"
+                )
+            plugin()
+            names.append(entry_point.name)
+            logger.info("loaded paphos plugin %s (%s)", entry_point.name, entry_point.value)
+        cls._plugins_loaded = True  # only once all ran: a failed start-up may retry
+        return names
+
+
+def _import_class(arch: str, path: str) -> type:
+    module_name, class_name = path.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import {path!r} for architecture {arch!r}: {e}") from e
+    found = getattr(module, class_name, None)
+    if found is None:
+        raise ValueError(f"cannot import {path!r} for architecture {arch!r}: no {class_name}")
+    return found
+
+
+def load_plugins() -> list[str]:
+    """Run the `paphos.plugins` entry points (idempotent per process); call at every start-up."""
+    return ModelRegistry.load_plugins()
