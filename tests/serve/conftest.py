@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from fake_engine import FakeEngine
-from server_utils import RunningServer, serve_engine
+from server_utils import RunningServer, ServerProcess, serve_engine
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +27,23 @@ def fake_engine(tiny_tokenizer: Any) -> FakeEngine:
 @pytest.fixture
 def fake_server(fake_engine: FakeEngine) -> Iterator[RunningServer]:
     yield from serve_engine(fake_engine)
+
+
+TINY_SERVER_ARGS = [
+    *("--device", "cpu", "--dtype", "float32", "--kv-cache-space", "0.02"),
+    *("--max-model-len", "256", "--max-num-seqs", "64"),
+    *("--uvicorn-log-level", "warning", "--served-model-name", "tiny"),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_server(
+    tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """The real `paphos run` over the tiny random Llama, shared by the serve tests."""
+    log = tmp_path_factory.mktemp("tiny_server") / "server.log"
+    server = ServerProcess([str(tiny_llama_dir), *TINY_SERVER_ARGS], str(log))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -64,3 +64,55 @@ def serve_engine(engine: Any, **server_kwargs: Any) -> Iterator[RunningServer]:
         yield RunningServer(f"http://127.0.0.1:{port}", engine, async_engine)
     finally:
         thread.stop()
+
+
+class ServerProcess:
+    """`python -m paphos.serve.cli run ARGS` on a free port; `stop()` terminates it (kill if stuck)."""
+
+    def __init__(self, args: list[str], log_path: str, startup_timeout: float = 180.0) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        command = [sys.executable, "-m", "paphos.serve.cli", "run", *args, "--port", str(self.port)]
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        self._wait_healthy(startup_timeout)
+
+    def _wait_healthy(self, timeout: float) -> None:
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"server exited at start-up:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"server not healthy after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        with open(self.log_path) as f:
+            return f.read()[-5000:]
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self._log.close()

@@ -37,7 +37,10 @@ async def create_chat_completion(
     model = ctx.check_model(body.model)
     max_tokens = _max_tokens(body)
     prompt_ids = render_chat(
-        ctx, body.messages, body.add_generation_prompt, body.continue_final_message,
+        ctx,
+        body.messages,
+        body.add_generation_prompt,
+        body.continue_final_message,
         body.chat_template_kwargs,
     )
     ctx.check_prompt(prompt_ids, max_tokens, "messages")
@@ -62,7 +65,9 @@ async def create_chat_completion(
             ChatChoice(
                 index=completion.index,
                 message=AssistantMessage(content=completion.text),
-                logprobs=_logprobs(ctx, completion) if body.logprobs else None,
+                logprobs=_logprobs(ctx, completion, body.top_logprobs or 0)
+                if body.logprobs
+                else None,
                 finish_reason=completion.finish_reason,
                 stop_reason=completion.stop_reason,
             )
@@ -119,28 +124,27 @@ def render_chat(
     return ctx.tokenize(text, add_special_tokens=False)
 
 
-def _logprobs(ctx: ServingContext, completion: CompletionOutput) -> ChatLogprobs:
+def _logprobs(ctx: ServingContext, completion: CompletionOutput, num_top: int) -> ChatLogprobs:
     content = []
     for token_id, position in zip(completion.token_ids, completion.logprobs or [], strict=False):
-        content.append(_token_logprob(ctx, token_id, position))
+        content.append(_token_logprob(ctx, token_id, position, num_top))
     return ChatLogprobs(content=content)
 
 
-def _token_logprob(ctx: ServingContext, token_id: int, position: LogprobsDict) -> TokenLogprob:
-    def top(tid: int) -> TopLogprob:
+def _token_logprob(
+    ctx: ServingContext, token_id: int, position: LogprobsDict, num_top: int
+) -> TokenLogprob:
+    """The sampled token and the `num_top` most likely ones (the sampled one among them if its
+    rank is within `num_top`)."""
+
+    def entry(tid: int) -> TopLogprob:
         token = serving.decode_token(ctx, tid, position[tid])
         logprob = max(position[tid].logprob, -9999.0)
         return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
 
-    sampled = top(token_id)
-    others = [top(tid) for tid in position if tid != token_id]
-    # The sampled token appears in top_logprobs only if it is among the top N (its rank says so).
-    n_top = len(position) - 1
-    rank = position[token_id].rank
-    tops = others if rank is None or rank > n_top else sorted(
-        [sampled, *others], key=lambda t: -t.logprob
-    )[:n_top]
-    return TokenLogprob(**sampled.model_dump(), top_logprobs=tops)
+    by_rank = sorted(position, key=lambda tid: -position[tid].logprob)
+    tops = [entry(tid) for tid in by_rank[:num_top]]
+    return TokenLogprob(**entry(token_id).model_dump(), top_logprobs=tops)
 
 
 async def _stream(
@@ -171,7 +175,9 @@ async def _stream(
                     ChatStreamChoice(
                         index=completion.index,
                         delta=DeltaMessage(content=completion.text),
-                        logprobs=_logprobs(ctx, completion) if body.logprobs else None,
+                        logprobs=_logprobs(ctx, completion, body.top_logprobs or 0)
+                        if body.logprobs
+                        else None,
                         finish_reason=completion.finish_reason,
                         stop_reason=completion.stop_reason,
                     )

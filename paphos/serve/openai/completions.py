@@ -166,12 +166,11 @@ class _ChoiceBuilder:
                 token = serving.decode_token(self.ctx, token_id, position[token_id])
                 out.tokens.append(token)
                 out.token_logprobs.append(max(position[token_id].logprob, -9999.0))
-                out.top_logprobs.append(
-                    {
-                        serving.decode_token(self.ctx, tid, lp): max(lp.logprob, -9999.0)
-                        for tid, lp in position.items()
-                    }
-                )
+                top: dict[str, float] = {}
+                for tid, lp in position.items():  # tokens sharing a text keep the best logprob
+                    key = serving.decode_token(self.ctx, tid, lp)
+                    top[key] = max(top.get(key, -9999.0), lp.logprob)
+                out.top_logprobs.append(top)
             out.text_offset.append(offset)
             offset += len(token)
         return out
