@@ -1,6 +1,6 @@
-"""Each batched sampler against its slow per-sequence reference (test_sampler_refs), on random logits
-and histories: removed tokens must match exactly, kept logits within float32 tolerance. Every batch
-mixes rows that use the sampler (with different values) and rows that do not."""
+"""Each batched sampler against its slow per-sequence reference (test_sampler_refs), on random
+logits and histories: removed tokens must match exactly, kept logits within float32 tolerance.
+Every batch mixes rows that use the sampler (with different values) and rows that do not."""
 
 from __future__ import annotations
 
