@@ -1,7 +1,7 @@
 """Triton kernels, one per file, each tested against its reference in paphos.ops.
 
-CUDA_KERNELS maps an op name (see paphos.ops.registry.REFERENCES) to its Triton implementation, with the
-same signature as the reference. Empty where Triton is not installed (a CPU-only install).
+CUDA_KERNELS maps an op name (see paphos.ops.registry.REFERENCES) to its Triton implementation,
+with the same signature as the reference. Empty where Triton is not installed (CPU-only installs).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Input checks shared by the Triton wrappers: cheap shape/device facts only, never a device sync.
 
-Each check raises ValueError naming the bad argument and value, as the reference ops' callers expect.
+Each check raises ValueError naming the bad argument and its value.
 """
 
 from __future__ import annotations

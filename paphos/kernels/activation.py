@@ -1,4 +1,4 @@
-"""Triton SiLU-and-mul: [num_tokens, 2 * d] = [gate | up] -> silu(gate) * up, one pass over the input.
+"""Triton SiLU-and-mul: [num_tokens, 2 * d] = [gate | up] -> silu(gate) * up, one pass.
 
 Same rounding as paphos.ops.activation: silu(gate) is rounded to x's dtype before the multiply.
 """
@@ -30,7 +30,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [num_tokens, 2 * d]; returns [num_tokens, d], as paphos.ops.activation.silu_and_mul."""
     check_float_dtype("x", x)
     if x.dim() == 0 or x.shape[-1] % 2 != 0:
-        raise ValueError(f"x has shape {tuple(x.shape)}; the last dimension must be even (gate | up)")
+        raise ValueError(f"x has shape {tuple(x.shape)}; the last dimension must be even")
     d = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * d)  # [num_tokens, 2 * d]
     if x2.stride(-1) != 1:

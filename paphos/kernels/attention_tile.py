@@ -1,7 +1,7 @@
-"""One step of online-softmax attention over a tile of paged KV, shared by the decode and prefill kernels.
+"""One online-softmax step over a tile of paged KV, shared by the decode and prefill kernels.
 
-Invariant: a row's running max `m` is finite once its first tile was attended (the first tile of every
-program holds at least one key the row may see), so `exp2(m - m_new)` never sees -inf - -inf.
+Invariant: a row's running max `m` is finite once its first tile was attended (the first tile of
+every program holds a key each row may see), so `exp2(m - m_new)` never sees -inf - -inf.
 Scores are kept in the log2 domain: `scale_log2 = scale * log2(e)`.
 """
 

@@ -1,8 +1,8 @@
 """Triton paged decode attention (flash-decoding): rows with exactly one query token.
 
-One program per (sequence, kv head, split) attends the whole GQA group to its share of the context;
-with several splits a second kernel merges the partial results. The grid depends only on shapes and the
-host-side split count, never on data, so a captured CUDA graph stays valid for any seq_lens.
+One program per (sequence, kv head, split) attends the whole GQA group to its share of the
+context; with several splits a second kernel merges the partial results. The grid depends only on
+shapes and the host-side split count, never on data: a captured CUDA graph stays valid.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def decode_attention(
     group = num_heads // num_kv_heads
     head_pad = max(triton.next_power_of_2(head_size), 16)
     split = num_splits > 1
-    # [num_seqs, num_heads, num_splits, head_pad] partial outputs; [num_seqs, num_heads, num_splits] m, l
+    # partial outputs [num_seqs, num_heads, num_splits, head_pad]; m, l [num_seqs, heads, splits]
     part_out = torch.empty(
         (num_seqs, num_heads, num_splits, head_pad) if split else (1,),
         dtype=torch.float32, device=query.device,

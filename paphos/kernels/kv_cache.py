@@ -1,7 +1,7 @@
-"""Triton KV cache write: one program per token copies its keys and values into the slot it maps to.
+"""Triton KV cache write: one program per token copies its keys and values into its slot.
 
-Cache layout [2, num_blocks, block_size, num_kv_heads, head_size]; slot = block_id * block_size + offset.
-A negative slot (padding in a captured CUDA graph) is skipped; the reference never receives one.
+Cache layout [2, num_blocks, block_size, num_kv_heads, head_size]; slot = block * block_size +
+offset. A negative slot (padding in a captured CUDA graph) is skipped.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def _check(
     if not kv_cache.is_contiguous():
         raise ValueError("kv_cache must be contiguous")
     if slot_mapping.shape[0] != key.shape[0]:
-        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} slots for {key.shape[0]} tokens")
+        raise ValueError(
+            f"slot_mapping has {slot_mapping.shape[0]} slots for {key.shape[0]} tokens"
+        )
     if slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping has dtype {slot_mapping.dtype}; expected int32 or int64")
 

@@ -70,11 +70,11 @@ def paged_attention(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
-    """Same contract as paphos.ops.paged_attention.paged_attention; returns [num_tokens, heads, head].
+    """As paphos.ops.paged_attention.paged_attention; returns [num_tokens, num_heads, head_size].
 
-    max_query_len / max_seq_len: host-side upper bounds of this batch (optional; the reference ignores
-    them). max_query_len == 1 skips the prefill kernel; max_seq_len sizes the decode split count and
-    must stay fixed across replays of a captured CUDA graph.
+    max_query_len / max_seq_len: host-side upper bounds of this batch (optional; the reference
+    ignores them). max_query_len == 1 skips the prefill kernel; max_seq_len sizes the decode
+    split count and must stay fixed across replays of a captured CUDA graph.
     """
     _check(query, kv_cache, query_start_loc, seq_lens, block_tables)
     if query.stride(2) != 1:
@@ -88,7 +88,9 @@ def paged_attention(
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * kv_cache.shape[2]
     if max_query_len < 1 or max_seq_len < 1:
-        raise ValueError(f"max_query_len={max_query_len} and max_seq_len={max_seq_len} must be >= 1")
+        raise ValueError(
+            f"max_query_len={max_query_len} and max_seq_len={max_seq_len} must be >= 1"
+        )
     num_splits = num_decode_splits(
         num_seqs, kv_cache.shape[3], max_seq_len, _num_sms(query.device)
     )

@@ -1,8 +1,8 @@
 """Triton paged prefill attention: sequences with more than one query token (prompt chunks).
 
-One program per (sequence, query block, kv head) holds BLOCK_Q query tokens times the whole GQA group
-as its rows. Query token i of a sequence sits at position seq_len - q_len + i; keys before the block's
-first position are attended without a mask, the rest with the causal mask.
+One program per (sequence, query block, kv head) holds BLOCK_Q query tokens times the GQA group as
+its rows. Query token i of a sequence sits at position seq_len - q_len + i; keys before the
+block's first position are attended without a mask, the rest with the causal mask.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def prefill_attention(
     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, out: torch.Tensor,
     max_query_len: int,
 ) -> None:
-    """Write `out` rows of the sequences with more than one query token; others are left untouched."""
+    """Write `out` rows of sequences with more than one query token; others stay untouched."""
     num_seqs = seq_lens.shape[0]
     _, num_heads, head_size = query.shape
     page_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]

@@ -1,7 +1,7 @@
-"""Triton RMSNorm and fused residual-add + RMSNorm: one program per row, one read and one write each.
+"""Triton RMSNorm and fused residual-add + RMSNorm: one program per row, one read, one write.
 
-Same rounding as paphos.ops.rms_norm: the sum is rounded to x's dtype before the norm, the normalized
-row is rounded to x's dtype before the weight multiply.
+Same rounding as paphos.ops.rms_norm: the sum is rounded to x's dtype before the norm, the
+normalized row is rounded to x's dtype before the weight multiply.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from paphos.kernels._checks import check_float_dtype, check_dim, check_same_device, rows_of
+from paphos.kernels._checks import check_dim, check_float_dtype, check_same_device, rows_of
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Triton rotary embedding: one program per token rotates every query and key head, cos/sin read once.
+"""Triton rotary embedding: one program per token rotates all query and key heads, cos/sin once.
 
 Writes new tensors (the reference does not modify its inputs); dims past rot_dim are copied through.
 neox style rotates the halves of the first rot_dim dims, gptj style interleaved pairs.
@@ -67,7 +67,11 @@ def _rotary_kernel(
 
 
 def _check(
-    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cache: torch.Tensor, head_size: int
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cache: torch.Tensor,
+    head_size: int,
 ) -> None:
     check_dim("positions", positions, 1)
     check_dim("query", query, 2)
@@ -86,7 +90,9 @@ def _check(
         )
     rot_dim = cache.shape[1]
     if rot_dim % 2 or rot_dim > head_size:
-        raise ValueError(f"cos_sin_cache rot_dim={rot_dim} must be even and <= head_size={head_size}")
+        raise ValueError(
+            f"cos_sin_cache rot_dim={rot_dim} must be even and <= head_size={head_size}"
+        )
     if query.shape[0] != positions.shape[0] or key.shape[0] != positions.shape[0]:
         raise ValueError(
             f"positions ({positions.shape[0]}), query ({query.shape[0]}) and key "

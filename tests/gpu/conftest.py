@@ -1,7 +1,7 @@
 """GPU kernel tests: run on CUDA, or on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 
-Collected everywhere without Triton; each test asks for the `device` fixture, which skips when neither
-a CUDA device nor the interpreter is available.
+Collected everywhere without Triton; each test asks for the `device` fixture, which skips when
+neither a CUDA device nor the interpreter is available.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def device() -> torch.device:
 
 
 def skip_interpreted_bf16_dot(device: torch.device, dtype: torch.dtype) -> None:
-    """Triton 3.6's CPU interpreter computes bfloat16 tl.dot wrongly; such kernels are checked on CUDA."""
+    """Triton 3.6's CPU interpreter gets bfloat16 tl.dot wrong; those cases run on CUDA only."""
     if device.type == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter's bfloat16 tl.dot is wrong; checked on CUDA only")
 

@@ -1,4 +1,4 @@
-"""Triton RMSNorm, fused residual-add + RMSNorm and SiLU-and-mul against their paphos.ops references."""
+"""Triton RMSNorm, fused residual-add + RMSNorm and SiLU-and-mul against their ops references."""
 
 from __future__ import annotations
 

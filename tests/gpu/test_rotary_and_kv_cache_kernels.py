@@ -89,7 +89,8 @@ def test_write_kv_cache_skips_negative_slots(device):
     write_kv_cache(key, key, cache, torch.tensor([5, -1, 20], device=device))
     flat, flat_before = cache.view(2, 32, 64), before.view(2, 32, 64)  # [2, slots, 64]
     for slot, token in ((5, 0), (20, 2)):
-        assert torch.equal(flat[0, slot], key[token, 0]) and torch.equal(flat[1, slot], key[token, 0])
+        assert torch.equal(flat[0, slot], key[token, 0])
+        assert torch.equal(flat[1, slot], key[token, 0])
     untouched = [s for s in range(32) if s not in (5, 20)]
     assert torch.equal(flat[:, untouched], flat_before[:, untouched])
 

@@ -1,0 +1,181 @@
+"""Check and time every Triton kernel in paphos.kernels against its torch reference on one CUDA GPU.
+
+Floors first (device copy bandwidth, bf16 matmul rate), then per kernel: relative error vs the
+reference, median time of kernel and reference (CUDA events via triton.testing.do_bench, L2
+flushed), and the kernel's bandwidth/compute floor. Prints a table; writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+import torch
+import triton
+
+from paphos.kernels import CUDA_KERNELS
+from paphos.ops.registry import REFERENCES
+
+DTYPE = torch.bfloat16
+
+
+def median_ms(fn: Callable[[], object]) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def measure_floors(device: torch.device) -> dict[str, float]:
+    src = torch.randn(256 * 1024 * 1024, device=device)  # [256M] float32 = 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src))
+    a = torch.randn(8192, 8192, device=device, dtype=DTYPE)  # [8192, 8192]
+    b = torch.randn(8192, 8192, device=device, dtype=DTYPE)  # [8192, 8192]
+    mm_ms = median_ms(lambda: a @ b)
+    return {
+        "copy_gbps": 2 * src.numel() * 4 / copy_ms / 1e6,
+        "bf16_tflops": 2 * 8192**3 / mm_ms / 1e9,
+    }
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def elementwise_cases(device: torch.device) -> list[tuple[str, tuple, float, float]]:
+    """(op, args, bytes moved, flops) for the row-wise ops at Llama-8B widths."""
+    n, hidden, inter = 16384, 4096, 14336
+    x = torch.randn(n, hidden, device=device, dtype=DTYPE)  # [n, hidden]
+    r = torch.randn(n, hidden, device=device, dtype=DTYPE)  # [n, hidden]
+    w = torch.randn(hidden, device=device, dtype=DTYPE)  # [hidden]
+    gate_up = torch.randn(n, 2 * inter, device=device, dtype=DTYPE)  # [n, 2 * inter]
+    positions = torch.randint(0, 8192, (n,), device=device)  # [n]
+    cos_sin = torch.randn(8192, 128, device=device)  # [8192, 128] float32
+    q = torch.randn(n, 32 * 128, device=device, dtype=DTYPE)  # [n, 32 heads * 128]
+    k = torch.randn(n, 8 * 128, device=device, dtype=DTYPE)  # [n, 8 kv heads * 128]
+    num_blocks, block = n // 16 + 8, 16
+    cache = torch.randn(2, num_blocks, block, 8, 128, device=device, dtype=DTYPE)
+    slots = torch.randperm(num_blocks * block, device=device)[:n]  # [n]
+    kv = k.view(n, 8, 128)  # [n, 8, 128]
+    e = n * hidden * 2
+    return [
+        ("rms_norm", (x, w, 1e-6), 2 * e, 4 * n * hidden),
+        ("fused_add_rms_norm", (x, r, w, 1e-6), 4 * e, 5 * n * hidden),
+        ("silu_and_mul", (gate_up,), 3 * n * inter * 2, 6 * n * inter),
+        ("rotary_embedding", (positions, q, k, cos_sin, 128, True),
+         2 * n * 40 * 128 * 2 + n * 128 * 4, 6 * n * 40 * 64),
+        ("write_kv_cache", (kv, kv, cache, slots), 4 * n * 8 * 128 * 2, 0),
+    ]
+
+
+def paged_batch(
+    lens: list[tuple[int, int]], device: torch.device, heads: int = 32, kv_heads: int = 8,
+    head_size: int = 128, block: int = 16,
+) -> dict:
+    """A paged batch of sequences given as (q_len, seq_len), each on shuffled blocks."""
+    per_seq = [-(-s // block) for _, s in lens]
+    ids = torch.randperm(sum(per_seq), device=device, dtype=torch.int32)
+    tables = torch.zeros(len(lens), max(per_seq), dtype=torch.int32, device=device)
+    used = 0
+    for b, n in enumerate(per_seq):
+        tables[b, :n] = ids[used : used + n]
+        used += n
+    q_lens = torch.tensor([q for q, _ in lens])
+    starts = torch.zeros(len(lens) + 1, dtype=torch.int32)  # [num_seqs + 1]
+    starts[1:] = q_lens.cumsum(0)
+    return dict(
+        # [num_tokens, heads, head_size]
+        query=torch.randn(int(q_lens.sum()), heads, head_size, device=device, dtype=DTYPE),
+        # [2, num_blocks, block, kv_heads, head_size]
+        kv_cache=torch.randn(2, sum(per_seq), block, kv_heads, head_size, device=device,
+                             dtype=DTYPE),
+        query_start_loc=starts.to(device),
+        seq_lens=torch.tensor([s for _, s in lens], device=device, dtype=torch.int32),
+        block_tables=tables,
+        scale=head_size**-0.5,
+    )
+
+
+def attention_cost(lens: list[tuple[int, int]], heads: int = 32, kv_heads: int = 8,
+                   head_size: int = 128) -> tuple[float, float]:
+    """(bytes, flops): each sequence's K and V read once; causal QK^T and PV counted."""
+    kv_bytes = sum(s for _, s in lens) * kv_heads * head_size * 2 * 2
+    q_bytes = 2 * sum(q for q, _ in lens) * heads * head_size * 2
+    pairs = sum(q * (s - q) + q * (q + 1) / 2 for q, s in lens)
+    return kv_bytes + q_bytes, 4 * pairs * heads * head_size
+
+
+ATTENTION_CASES = {
+    "decode b64 L2048": [(1, 2048)] * 64,
+    "decode b4 L32768": [(1, 32768)] * 4,
+    "decode b256 L512": [(1, 512)] * 256,
+    "prefill 4x2048": [(2048, 2048)] * 4,
+    "chunk 4x512 ctx4096": [(512, 4608)] * 4,
+    "mixed 32dec+2chunk": [(1, 2048)] * 32 + [(512, 2048)] * 2,
+}
+
+
+def run_case(name: str, op: str, args: tuple, kwargs: dict, cost: tuple[float, float],
+             floors: dict[str, float]) -> dict:
+    kernel, reference = CUDA_KERNELS[op], REFERENCES[op]
+    if op == "write_kv_cache":  # in place: each writes its own copy of the cache
+        key, value, cache, slots = args
+        ref_cache = cache.clone()
+        kernel(*args)
+        reference(key, value, ref_cache, slots)
+        out, ref = cache, ref_cache
+    else:
+        out, ref = kernel(*args, **kwargs), reference(*args)
+    err = max(rel_error(o, r) for o, r in zip(_as_tuple(out), _as_tuple(ref), strict=True))
+    kernel_ms = median_ms(lambda: kernel(*args, **kwargs))
+    ref_ms = median_ms(lambda: reference(*args))
+    floor_ms = max(cost[0] / floors["copy_gbps"] / 1e6, cost[1] / floors["bf16_tflops"] / 1e9)
+    return dict(case=name, op=op, rel_err=err, kernel_ms=kernel_ms, ref_ms=ref_ms,
+                floor_ms=floor_ms, bytes=cost[0], flops=cost[1])
+
+
+def _guarded(name: str, op: str, args: tuple, kwargs: dict, cost: tuple[float, float],
+             floors: dict[str, float]) -> list[dict]:
+    """One case's row, or none (with the error printed) so that one failure keeps the table."""
+    try:
+        return [run_case(name, op, args, kwargs, cost, floors)]
+    except Exception as e:  # noqa: BLE001 - a benchmark reports every case it can
+        print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
+        return []
+
+
+def _as_tuple(x: object) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=None, help="write results as JSON to this file")
+    cli = parser.parse_args()
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    floors = measure_floors(device)
+    print(f"{torch.cuda.get_device_name(device)}: copy {floors['copy_gbps']:.0f} GB/s, "
+          f"bf16 matmul {floors['bf16_tflops']:.0f} TFLOP/s", flush=True)
+    rows = []
+    for op, args, num_bytes, flops in elementwise_cases(device):
+        rows.extend(_guarded(op, op, args, {}, (num_bytes, flops), floors))
+    for name, lens in ATTENTION_CASES.items():
+        batch = paged_batch(lens, device)
+        hints = dict(max_query_len=max(q for q, _ in lens), max_seq_len=max(s for _, s in lens))
+        rows.extend(_guarded(
+            name, "paged_attention", tuple(batch.values()), hints, attention_cost(lens), floors
+        ))
+    print(f"{'case':<22}{'rel_err':>9}{'kernel ms':>11}{'ref ms':>10}{'floor ms':>10}"
+          f"{'floor/kern':>11}{'speedup':>9}")
+    for r in rows:
+        print(f"{r['case']:<22}{r['rel_err']:>9.1e}{r['kernel_ms']:>11.4f}{r['ref_ms']:>10.4f}"
+              f"{r['floor_ms']:>10.4f}{r['floor_ms'] / r['kernel_ms']:>11.2f}"
+              f"{r['ref_ms'] / r['kernel_ms']:>9.1f}")
+    if cli.out:
+        with open(cli.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(device), floors=floors, rows=rows), f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
