@@ -246,17 +246,14 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         self.total_num_heads = total_num_heads
         self.total_num_kv_heads = total_num_kv_heads
         self.num_heads = divide(total_num_heads, ws, "total_num_heads")
-        if ws >= total_num_kv_heads:
-            if ws % total_num_kv_heads != 0:
-                raise ValueError(
-                    f"total_num_kv_heads={total_num_kv_heads} is invalid at world size {ws}: "
-                    "one of them must divide the other"
-                )
-            self.num_kv_heads = 1
-            self.num_kv_head_replicas = ws // total_num_kv_heads
-        else:
-            self.num_kv_heads = divide(total_num_kv_heads, ws, "total_num_kv_heads")
-            self.num_kv_head_replicas = 1
+        if ws % total_num_kv_heads != 0 and total_num_kv_heads % ws != 0:
+            raise ValueError(
+                f"total_num_kv_heads={total_num_kv_heads} is invalid at world size {ws}: "
+                "one of them must divide the other"
+            )
+        # Fewer kv heads than ranks: one kv head per rank, each held by several ranks.
+        self.num_kv_heads = max(1, total_num_kv_heads // ws)
+        self.num_kv_head_replicas = max(1, ws // total_num_kv_heads)
         # Full (checkpoint) widths; the kv parts are replicated up to world size where needed.
         q_size, kv_size = total_num_heads * head_size, total_num_kv_heads * head_size
         self.checkpoint_sizes = {"q": q_size, "k": kv_size, "v": kv_size}

@@ -1,6 +1,6 @@
 """Tensor parallelism over torch.distributed: `ParallelInfo`, process-group set-up and collectives.
 
-Invariant: no module-level mutable state; callers pass a `ParallelInfo` to everything that communicates.
+Invariant: no module-level mutable state; callers pass a `ParallelInfo` to everything that talks.
 """
 
 from __future__ import annotations

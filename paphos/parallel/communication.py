@@ -25,10 +25,10 @@ def all_reduce(x: torch.Tensor, parallel: ParallelInfo) -> torch.Tensor:
 
 def all_gather(x: torch.Tensor, parallel: ParallelInfo, dim: int = -1) -> torch.Tensor:
     """Concatenation of every rank's `x` along `dim`, in rank order."""
-    if parallel.world_size == 1:
-        return x
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim={dim} is invalid for a tensor of {x.dim()} dimensions")
+    if parallel.world_size == 1:
+        return x
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(parallel.world_size)]  # world_size x [*x.shape]
     dist.all_gather(parts, x, group=parallel.group)

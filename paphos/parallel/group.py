@@ -1,7 +1,7 @@
-"""Process groups for tensor parallelism: `ParallelInfo` says which rank of how many this process is.
+"""Process groups for tensor parallelism: `ParallelInfo` says which rank of how many a process is.
 
-Invariant: a `ParallelInfo` is frozen and travels as an argument (layers get it when built); this module
-keeps no state of its own. torch.distributed's default group is set up once per process at start-up.
+Invariant: a `ParallelInfo` is frozen and travels as an argument (layers get it when built); this
+module keeps no state of its own. torch.distributed's default group is set up once per process.
 """
 
 from __future__ import annotations
