@@ -188,12 +188,14 @@ CHECKS: dict[str, Callable[[ParallelInfo], None]] = {
 }
 
 
-def _run_rank(rank: int, world_size: int, init_file: str, results: mp.Queue) -> None:
-    """One rank: join the gloo group, run every check (seeded alike on all ranks), report."""
+def _run_rank(rank: int, world_size: int, backend: str, init_file: str, results: mp.Queue) -> None:
+    """One rank: join the group, run every check (seeded alike on all ranks), report."""
     outcome: dict[str, str | None] = {}
     try:
         torch.set_num_threads(1)
-        parallel = init_distributed(rank, world_size, "gloo", f"file://{init_file}")
+        parallel = init_distributed(rank, world_size, backend, f"file://{init_file}")
+        if backend == "nccl":
+            torch.set_default_device(f"cuda:{torch.cuda.current_device()}")
         for name, check in CHECKS.items():
             torch.manual_seed(1234)
             try:
@@ -208,15 +210,14 @@ def _run_rank(rank: int, world_size: int, init_file: str, results: mp.Queue) -> 
         results.put((rank, outcome))
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda ws: f"world_size={ws}")
-def rank_outcomes(request, tmp_path_factory) -> dict[str, list[str | None]]:
+def _spawn_group(world_size: int, backend: str, init_file: str) -> dict[str, list[str | None]]:
     """check name -> the failure (traceback) or None of each rank, from one spawned group."""
-    world_size = request.param
-    init_file = str(tmp_path_factory.mktemp(f"gloo{world_size}") / "init")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_run_rank, args=(r, world_size, init_file, results), daemon=True)
+        ctx.Process(
+            target=_run_rank, args=(r, world_size, backend, init_file, results), daemon=True
+        )
         for r in range(world_size)
     ]
     outcomes: dict[int, dict[str, str | None]] = {}
@@ -242,6 +243,13 @@ def rank_outcomes(request, tmp_path_factory) -> dict[str, list[str | None]]:
         for name, failure in outcomes[rank].items():
             by_check.setdefault(name, []).append(failure)
     return by_check
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda ws: f"world_size={ws}")
+def rank_outcomes(request, tmp_path_factory) -> dict[str, list[str | None]]:
+    world_size = request.param
+    init_file = tmp_path_factory.mktemp(f"gloo{world_size}") / "init"
+    return _spawn_group(world_size, "gloo", str(init_file))
 
 
 def _assert_passed_on_every_rank(outcomes: dict[str, list[str | None]], name: str) -> None:
@@ -284,3 +292,13 @@ def test_lm_head_logits_are_gathered_float32_with_padding_cut(rank_outcomes):
 
 def test_tied_lm_head_uses_embedding_weight(rank_outcomes):
     _assert_passed_on_every_rank(rank_outcomes, "tied_lm_head")
+
+
+@pytest.mark.gpu
+def test_every_layer_over_nccl_equals_the_reference(tmp_path):
+    num_gpus = torch.cuda.device_count()
+    if num_gpus < 2:
+        pytest.skip(f"needs 2 GPUs for NCCL tensor parallelism, found {num_gpus}")
+    outcomes = _spawn_group(min(num_gpus, 4), "nccl", str(tmp_path / "init"))
+    for name in CHECKS:
+        _assert_passed_on_every_rank(outcomes, name)
