@@ -104,9 +104,11 @@ def apply_dry(
     lengths = dry_match_lengths(history, breakers, dry_range)  # [rows, max_len - 1]
     penalized = lengths >= allowed_length.unsqueeze(1)
     next_ids = torch.where(penalized, history[:, 1:], vocab)  # [rows, max_len - 1]
-    longest = torch.zeros(rows, vocab + 1, dtype=torch.long, device=logits.device)  # [rows, V+1]
-    longest.scatter_reduce_(1, next_ids, lengths, reduce="amax")
-    longest = longest[:, :vocab]
-    exponent = (longest - allowed_length.unsqueeze(1)).to(logits.dtype)
-    penalty = multiplier.unsqueeze(1) * base.unsqueeze(1).pow(exponent)  # [rows, vocab]
-    return logits - torch.where(longest > 0, penalty, torch.zeros_like(penalty))
+    exponent = (lengths - allowed_length.unsqueeze(1)).to(logits.dtype)
+    # Penalties grow with the match length (base > 1): the largest per token is its longest match.
+    per_position = torch.where(
+        penalized, multiplier.unsqueeze(1) * base.unsqueeze(1).pow(exponent), 0.0
+    )  # [rows, max_len - 1]
+    penalty = torch.zeros(rows, vocab + 1, dtype=logits.dtype, device=logits.device)  # [rows, V+1]
+    penalty.scatter_reduce_(1, next_ids, per_position, reduce="amax")
+    return logits - penalty[:, :vocab]
