@@ -1,5 +1,5 @@
 """SamplingParams: defaults turn every sampler off, each field is validated with a ValueError
-naming it, sampler_priority takes names and Kobold ints, resolved ids survive dataclasses.replace."""
+naming it, sampler_priority takes names and Kobold ints, resolved ids survive replace()."""
 
 from __future__ import annotations
 
