@@ -8,6 +8,7 @@ flushed), and the kernel's bandwidth/compute floor. Prints a table; writes JSON 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from collections.abc import Callable
 
@@ -15,6 +16,15 @@ import torch
 import triton
 
 from paphos.kernels import CUDA_KERNELS
+from paphos.kernels.decode_attention import (
+    DecodeTiles,
+    decode_attention,
+    default_decode_tiles,
+    num_decode_splits,
+)
+from paphos.kernels.paged_attention import num_sms
+from paphos.kernels.prefill_attention import PrefillTiles, default_prefill_tiles, prefill_attention
+from paphos.ops.paged_attention import paged_attention as ref_paged_attention
 from paphos.ops.registry import REFERENCES
 
 DTYPE = torch.bfloat16
@@ -147,9 +157,83 @@ def _as_tuple(x: object) -> tuple:
     return x if isinstance(x, tuple) else (x,)
 
 
+PREFILL_CASES = ("prefill 4x2048", "chunk 4x512 ctx4096")
+DECODE_CASES = ("decode b64 L2048", "decode b4 L32768", "decode b256 L512")
+
+
+def prefill_variants() -> list[PrefillTiles]:
+    grid = itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
+    return [PrefillTiles(rows=r, block_n=n, num_warps=w, num_stages=s) for r, n, w, s in grid]
+
+
+def decode_variants() -> list[tuple[DecodeTiles, int | None]]:
+    grid = itertools.product((32, 64, 128), (4, 8), (2, 3, 4))
+    tiles = [DecodeTiles(block_n=n, num_warps=w, num_stages=s) for n, w, s in grid]
+    return [(t, None) for t in tiles] + [(default_decode_tiles(128), s) for s in (1, 2, 4, 8, 16)]
+
+
+def time_prefill(batch: dict, lens: list, tiles: PrefillTiles, ref: torch.Tensor) -> dict:
+    out = torch.full_like(batch["query"], float("nan"))  # [tokens, heads, head_size], poisoned
+    max_q = max(q for q, _ in lens)
+
+    def launch() -> None:
+        prefill_attention(**batch, out=out, max_query_len=max_q, tiles=tiles)
+
+    launch()
+    return dict(config=repr(tiles), rel_err=rel_error(out, ref), ms=median_ms(launch))
+
+
+def time_decode(batch: dict, lens: list, tiles: DecodeTiles, splits: int | None,
+                ref: torch.Tensor) -> dict:
+    out = torch.full_like(batch["query"], float("nan"))  # [num_seqs, heads, head_size], poisoned
+    if splits is None:
+        splits = num_decode_splits(len(lens), batch["kv_cache"].shape[3],
+                                   max(s for _, s in lens), num_sms(out.device))
+
+    def launch() -> None:
+        decode_attention(**batch, out=out, num_splits=splits, tiles=tiles)
+
+    launch()
+    return dict(config=f"{tiles!r} splits={splits}", rel_err=rel_error(out, ref),
+                ms=median_ms(launch))
+
+
+def sweep(name: str, variants: list, timer) -> list[dict]:
+    lens = ATTENTION_CASES[name]
+    batch = paged_batch(lens, torch.device("cuda"))
+    ref = ref_paged_attention(**batch)
+    rows = []
+    for variant in variants:
+        try:
+            rows.append(dict(case=name, **timer(batch, lens, *variant, ref)))
+        except Exception as e:  # noqa: BLE001 - a config may not fit; report and go on
+            rows.append(dict(case=name, config=repr(variant), error=f"{type(e).__name__}"))
+    return rows
+
+
+def run_sweep() -> list[dict]:
+    """Tile-shape sweep of the attention kernels; the default is timed first and last (noise)."""
+    rows = []
+    default_p = default_prefill_tiles(128)
+    for name in PREFILL_CASES:
+        variants = [(default_p,)] + [(t,) for t in prefill_variants()] + [(default_p,)]
+        rows += sweep(name, variants, time_prefill)
+    default_d = (default_decode_tiles(128), None)
+    for name in DECODE_CASES:
+        rows += sweep(name, [default_d] + decode_variants() + [default_d], time_decode)
+    for name in PREFILL_CASES + DECODE_CASES:
+        ok = [r for r in rows if r["case"] == name and "ms" in r and r["rel_err"] < 2e-2]
+        print(f"== {name}: {len(ok)} ok of {sum(r['case'] == name for r in rows)}")
+        first = [r for r in rows if r["case"] == name and "ms" in r][:1]
+        for r in first + sorted(ok, key=lambda r: r["ms"])[:5]:
+            print(f"  {r['ms']:.4f} ms  err {r['rel_err']:.1e}  {r['config']}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None, help="write results as JSON to this file")
+    parser.add_argument("--sweep", action="store_true", help="also sweep attention tile shapes")
     cli = parser.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -171,10 +255,11 @@ def main() -> None:
         print(f"{r['case']:<22}{r['rel_err']:>9.1e}{r['kernel_ms']:>11.4f}{r['ref_ms']:>10.4f}"
               f"{r['floor_ms']:>10.4f}{r['floor_ms'] / r['kernel_ms']:>11.2f}"
               f"{r['ref_ms'] / r['kernel_ms']:>9.1f}")
+    sweep_rows = run_sweep() if cli.sweep else []
     if cli.out:
         with open(cli.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(device), floors=floors, rows=rows), f,
-                      indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(device), floors=floors, rows=rows,
+                           sweep=sweep_rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ shapes and the host-side split count, never on data: a captured CUDA graph stays
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -93,9 +95,18 @@ def _merge_splits_kernel(
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_SIZE)
 
 
-def decode_block_n(head_size: int) -> int:
-    """Keys per tile: 64 keeps a K and a V tile of head size 256 in 64 KiB of shared memory."""
-    return 64 if head_size <= 128 else 32
+@dataclass(frozen=True)
+class DecodeTiles:
+    """Keys per loop step and the launch shape of the decode kernel."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_decode_tiles(head_size: int) -> DecodeTiles:
+    """64 keys per step (32 for head size 256: a K and a V tile then fit 32 KiB each)."""
+    return DecodeTiles(block_n=64 if head_size <= 128 else 32, num_warps=4, num_stages=2)
 
 
 def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -108,6 +119,7 @@ def decode_attention(
     query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, out: torch.Tensor,
     num_splits: int,
+    tiles: DecodeTiles | None = None,
 ) -> None:
     """Write `out` rows of the sequences with one query token; other rows are left untouched."""
     num_seqs = seq_lens.shape[0]
@@ -115,6 +127,7 @@ def decode_attention(
     page_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
     head_pad = max(triton.next_power_of_2(head_size), 16)
+    tiles = tiles or default_decode_tiles(head_size)
     split = num_splits > 1
     # partial outputs [num_seqs, num_heads, num_splits, head_pad]; m, l [num_seqs, heads, splits]
     part_out = torch.empty(
@@ -130,8 +143,9 @@ def decode_attention(
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), scale * 1.4426950408889634, num_heads, num_splits,
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16), HEAD_SIZE=head_size,
-        HEAD_PAD=head_pad, PAGE_SIZE=page_size, BLOCK_N=decode_block_n(head_size),
-        SPLIT=split, IEEE=query.dtype == torch.float32, num_warps=4, num_stages=2,
+        HEAD_PAD=head_pad, PAGE_SIZE=page_size, BLOCK_N=tiles.block_n,
+        SPLIT=split, IEEE=query.dtype == torch.float32,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if split:
         _merge_splits_kernel[(num_seqs, num_heads)](

@@ -53,7 +53,7 @@ def _check(
             raise ValueError(f"{name} has dtype {t.dtype}; expected int32 or int64")
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return DEFAULT_NUM_SMS
@@ -92,7 +92,7 @@ def paged_attention(
             f"max_query_len={max_query_len} and max_seq_len={max_seq_len} must be >= 1"
         )
     num_splits = num_decode_splits(
-        num_seqs, kv_cache.shape[3], max_seq_len, _num_sms(query.device)
+        num_seqs, kv_cache.shape[3], max_seq_len, num_sms(query.device)
     )
     decode_attention(
         query, kv_cache, query_start_loc, seq_lens, block_tables, scale, out, num_splits

@@ -7,6 +7,8 @@ block's first position are attended without a mask, the rest with the causal mas
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -68,26 +70,38 @@ def _prefill_kernel(
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-def prefill_tiles(head_size: int, group: int) -> tuple[int, int, int]:
-    """(BLOCK_Q, GROUP_PAD, BLOCK_N): about 64 (head 256) or 128 query rows per program."""
-    group_pad = triton.next_power_of_2(group)
-    rows = 128 if head_size <= 128 else 64
-    block_q = max(rows // group_pad, 1)
-    block_n = 64 if head_size <= 128 else 32
-    return block_q, group_pad, block_n
+@dataclass(frozen=True)
+class PrefillTiles:
+    """Rows (query tokens x GQA group) and keys per program, and the launch shape."""
+
+    rows: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_prefill_tiles(head_size: int) -> PrefillTiles:
+    """128 rows x 64 keys (64 x 32 for head size 256, to fit registers and shared memory)."""
+    if head_size <= 128:
+        warps = 8 if head_size > 64 else 4
+        return PrefillTiles(rows=128, block_n=64, num_warps=warps, num_stages=2)
+    return PrefillTiles(rows=64, block_n=32, num_warps=8, num_stages=2)
 
 
 def prefill_attention(
     query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, out: torch.Tensor,
     max_query_len: int,
+    tiles: PrefillTiles | None = None,
 ) -> None:
     """Write `out` rows of sequences with more than one query token; others stay untouched."""
     num_seqs = seq_lens.shape[0]
     _, num_heads, head_size = query.shape
     page_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
-    block_q, group_pad, block_n = prefill_tiles(head_size, group)
+    tiles = tiles or default_prefill_tiles(head_size)
+    group_pad = triton.next_power_of_2(group)
+    block_q = max(tiles.rows // group_pad, 1)
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _prefill_kernel[grid](
         query, kv_cache, query_start_loc, seq_lens, block_tables, out,
@@ -96,6 +110,6 @@ def prefill_attention(
         block_tables.stride(0), scale * 1.4426950408889634,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_SIZE=head_size,
         HEAD_PAD=max(triton.next_power_of_2(head_size), 16), PAGE_SIZE=page_size,
-        BLOCK_N=block_n, IEEE=query.dtype == torch.float32,
-        num_warps=8 if head_size > 64 else 4, num_stages=2,
+        BLOCK_N=tiles.block_n, IEEE=query.dtype == torch.float32,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
