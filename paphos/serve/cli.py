@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from paphos.config import PART_CLASSES, EngineConfig
+from paphos.serve.server_config import ServerConfig
 
 logger = logging.getLogger("paphos.serve")
 
@@ -58,8 +59,6 @@ def add_dataclass_flags(group: Any, cls: type, skip: Sequence[str] = ()) -> list
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     """The parser and, per config part ('model', ..., 'server'), the dests of its flags."""
-    from paphos.serve.app import ServerConfig
-
     parser = argparse.ArgumentParser(prog="paphos", description="paphos: serve open-weight LLMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
@@ -82,10 +81,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
 
 def configs_from_args(
     args: argparse.Namespace, dests: dict[str, list[str]]
-) -> tuple[dict[str, Any], Any]:
+) -> tuple[dict[str, Any], ServerConfig]:
     """Flat engine kwargs (for `EngineConfig.from_kwargs`) and the `ServerConfig`."""
-    from paphos.serve.app import ServerConfig
-
     if args.model_path and args.model and args.model_path != args.model:
         raise ValueError(f"two models given: {args.model_path!r} and --model {args.model!r}")
     engine_kwargs = {
@@ -107,7 +104,7 @@ def _load_plugins() -> None:
         load()
 
 
-def log_startup(config: EngineConfig, engine: Any, server_config: Any) -> None:
+def log_startup(config: EngineConfig, engine: Any, server_config: ServerConfig) -> None:
     logger.info("paphos engine config:")
     for key, value in config.to_dict().items():
         logger.info("  %-28s %s", key, value)
@@ -124,7 +121,7 @@ def log_startup(config: EngineConfig, engine: Any, server_config: Any) -> None:
     logger.info("serving on http://%s:%d/v1", host, server_config.port)
 
 
-def run_server(engine_kwargs: dict[str, Any], server_config: Any) -> None:
+def run_server(engine_kwargs: dict[str, Any], server_config: ServerConfig) -> None:
     """Build the engine, log what was resolved, and serve until interrupted."""
     import uvicorn
 
