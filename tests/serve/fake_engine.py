@@ -1,5 +1,6 @@
 """A small synchronous engine with the `Engine` API of docs/contracts.md, for unit tests of the
-async layer: deterministic tokens, cumulative outputs, stop strings, n, logprobs and block accounting.
+async layer: deterministic tokens, cumulative outputs, stop strings, n, logprobs, block
+accounting.
 Invariant: free blocks + blocks held by unfinished requests == num_kv_blocks."""
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def serve_engine(engine: Any, **server_kwargs: Any) -> Iterator[RunningServer]:
 
 
 class ServerProcess:
-    """`python -m paphos.serve.cli run ARGS` on a free port; `stop()` terminates it (kill if stuck)."""
+    """`python -m paphos.serve.cli run ARGS` on a free port; `stop()` ends it (kill if stuck)."""
 
     def __init__(self, args: list[str], log_path: str, startup_timeout: float = 180.0) -> None:
         import subprocess

@@ -1,5 +1,5 @@
-"""Bad input never crashes or hangs the real server: each case gets its 4xx with an OpenAI-style error
-body naming the problem, and the server answers a good request right after."""
+"""Bad input never crashes or hangs the real server: each case gets its 4xx with an OpenAI-style
+error body naming the problem, and the server answers a good request right after."""
 
 from __future__ import annotations
 

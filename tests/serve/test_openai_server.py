@@ -161,3 +161,10 @@ def metric(body: str, name: str) -> float:
         if line.startswith(name + "{") or line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in the metrics")
+
+
+def test_startup_log_names_the_config_kv_cache_and_url(tiny_server: ServerProcess) -> None:
+    log = tiny_server.log()
+    assert "max_num_seqs" in log and "block_size" in log  # the resolved config
+    assert "KV cache:" in log and "sequences of max_model_len fit at once" in log
+    assert f"serving on http://127.0.0.1:{tiny_server.port}/v1" in log

@@ -1,0 +1,50 @@
+"""`paphos run` with no model serves the packaged SmolLM2-135M-Instruct (GGUF): its chat template
+answers a chat request, and the streamed reply equals the non-streamed one (greedy)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from server_utils import ServerProcess
+
+from paphos.config import default_model_path
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    try:
+        default_model_path()
+    except ValueError as e:
+        pytest.skip(f"the default model is not installed: {e}")
+    log: Path = tmp_path_factory.mktemp("smollm2") / "server.log"
+    args = ["--kv-cache-space", "0.05", "--max-model-len", "512", "--uvicorn-log-level", "warning"]
+    server = ServerProcess(args, str(log), startup_timeout=240)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_default_model_answers_chat_streamed_and_not(smollm2_server: ServerProcess) -> None:
+    client = openai.OpenAI(base_url=smollm2_server.base_url + "/v1", api_key="x", max_retries=0)
+    model = client.models.list().data[0].id
+    assert model == "SmolLM2-135M-Instruct"
+    kwargs = {
+        "model": model,
+        "max_tokens": 12,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    }
+    reply = client.chat.completions.create(**kwargs)
+    text = reply.choices[0].message.content
+    assert text and reply.usage.prompt_tokens > 10
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**kwargs, stream=True)
+        if c.choices
+    )
+    assert streamed == text
+    assert "Paris" in text
