@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from paphos.config import CacheConfig
@@ -32,9 +33,20 @@ class KVCacheSpec:
 
 
 def allocate_kv_caches(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> list[torch.Tensor]:
-    shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
-    # one [2, num_blocks, block_size, num_kv_heads, head_size] tensor per layer
-    return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+    """One [2, num_blocks, block_size, num_kv_heads, head_size] zeroed tensor per layer.
+
+    On CPU the zeros come from calloc (numpy), so the OS hands out zero pages lazily: start-up does not
+    pay for touching gigabytes of cache that short workloads never use. Zeros (not garbage) matter:
+    attention masks padded positions in the scores, and 0 * NaN would still poison the output.
+    """
+    shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
+    if device.type == "cpu":
+        num_bytes = spec.bytes_per_block * num_blocks
+        raw = torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8))  # [num_bytes], lazily zeroed
+        caches = raw.view(spec.dtype).view(shape)
+    else:
+        caches = torch.zeros(shape, dtype=spec.dtype, device=device)
+    return list(caches.unbind(0))
 
 
 def num_blocks_for_device(

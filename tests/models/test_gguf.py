@@ -26,7 +26,7 @@ from paphos.gguf_file import (
 from paphos.models.loader import iterate_weights
 from paphos.tokenizer import apply_chat_template, eos_token_ids, get_tokenizer
 
-WORKLOAD = "/work/shared/bench/workload_w.json"
+WORKLOAD = os.path.join(os.path.dirname(__file__), os.pardir, "data", "workload_w.json")
 _VOLATILE_CONFIG_KEYS = {"architectures", "transformers_version", "_name_or_path"}
 
 
