@@ -168,9 +168,8 @@ class Engine:
             changes["stop_token_ids"] = list(params.stop_token_ids) + extra_stops
         if changes:
             params = dataclasses.replace(params, **changes)
-        resolve = getattr(params, "resolve_token_ids", None)
-        if resolve is not None and self.tokenizer is not None:
-            resolve(self.tokenizer)
+        params.resolve_token_ids(self.tokenizer)
+        params.verify_token_ids(self.vocab_size)
         return params
 
     def _detokenizer(self, prompt_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:

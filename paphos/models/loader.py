@@ -117,10 +117,20 @@ def load_model_weights(model: nn.Module, model_config: ModelConfig, seed: int = 
     """Fill every parameter from the checkpoint (or dummy values); return the names loaded."""
     if model_config.load_format == "dummy":
         initialize_dummy_weights(model, seed)
-        return {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    loaded = set(model.load_weights(iterate_weights(model_config)))
-    check_all_loaded(model, loaded)
+        loaded = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    else:
+        loaded = set(model.load_weights(iterate_weights(model_config)))
+        check_all_loaded(model, loaded)
+    process_weights_after_loading(model)
     return loaded
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let each layer's linear method repack its weights (a no-op for unquantized weights)."""
+    for module in model.modules():
+        method = getattr(module, "linear_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
 
 
 def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:

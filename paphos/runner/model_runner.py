@@ -15,7 +15,7 @@ from paphos.config import EngineConfig
 from paphos.core.step_data import RunnerOutput, SchedulerOutput, TokenLogprobs
 from paphos.layers.sampler import LogprobsTensors, RequestSamplingState, SamplingMetadata
 from paphos.layers.sampler import compute_prompt_logprobs
-from paphos.models.loader import initialize_dummy_weights, load_model_weights
+from paphos.models.loader import load_model_weights
 from paphos.models.registry import ModelRegistry
 from paphos.parallel import ParallelInfo
 from paphos.runner.inputs import RunnerRequestState, StepInputs, build_step_inputs
@@ -71,10 +71,7 @@ class ModelRunner:
                 model = model_cls(self.config.model, None, self.parallel)
         finally:
             torch.set_default_dtype(previous_dtype)
-        if self.config.model.load_format == "dummy":
-            initialize_dummy_weights(model, self.config.runtime.seed)
-        else:
-            load_model_weights(model, self.config.model)
+        load_model_weights(model, self.config.model, self.config.runtime.seed)
         return model.eval()
 
     # ---- KV cache -------------------------------------------------------------------------------
