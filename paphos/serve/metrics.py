@@ -102,9 +102,12 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    async def track(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        """Pass a delta stream through, timing its first token and its end."""
-        start = time.monotonic()
+    async def track(
+        self, stream: AsyncIterator[RequestOutput], arrival: float | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Pass a delta stream through, timing its first token and its end from `arrival`
+        (a `time.monotonic()` value; default: now)."""
+        start = time.monotonic() if arrival is None else arrival
         first: float | None = None
         num_tokens = 0
         async for output in stream:

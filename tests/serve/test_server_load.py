@@ -74,3 +74,21 @@ def test_client_disconnecting_mid_stream_frees_its_blocks(tiny_server: ServerPro
         # Leaving the block closes the connection with the request unfinished.
     after = metric(engine_idle(tiny_server.base_url), GENERATED)
     assert after - before < 240, "the request ran to its end instead of being aborted"
+
+
+def test_non_streaming_client_that_gives_up_frees_its_blocks(tiny_server: ServerProcess) -> None:
+    before = metric(httpx2.get(tiny_server.base_url + "/metrics").text, GENERATED)
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 240, "ignore_eos": True}
+    requests = [
+        {**body, "prompt": f"{body['prompt']} {i}"} for i in range(8)  # enough work to outlast
+    ]
+
+    async def give_up() -> None:
+        async with httpx2.AsyncClient(timeout=0.3) as http:
+            sends = [http.post(tiny_server.base_url + "/v1/completions", json=r) for r in requests]
+            results = await asyncio.gather(*sends, return_exceptions=True)
+        assert all(isinstance(r, httpx2.TimeoutException) for r in results), results
+
+    asyncio.run(give_up())
+    after = metric(engine_idle(tiny_server.base_url), GENERATED)
+    assert after - before < 8 * 240, "the requests ran to their end instead of being aborted"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -133,11 +134,12 @@ async def start_requests(
     ctx: ServingContext, prompts: list[dict[str, Any]], params: SamplingParams, base_id: str
 ) -> list[AsyncIterator[RequestOutput]]:
     """Add one engine request per prompt; if any is refused, abort the ones already added."""
+    arrival = time.monotonic()
     streams = []
     try:
         for i, prompt in enumerate(prompts):
-            stream = await ctx.engine.add_request(f"{base_id}-{i}", prompt, params)
-            streams.append(ctx.metrics.track(ctx.engine.iterate(stream)))
+            stream = await ctx.engine.add_request(f"{base_id}-{i}", prompt, params, arrival)
+            streams.append(ctx.metrics.track(ctx.engine.iterate(stream), arrival))
     except ValueError as e:
         for i in range(len(streams)):
             ctx.engine.abort(f"{base_id}-{i}")
