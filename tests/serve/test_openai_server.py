@@ -63,7 +63,11 @@ def test_n2_returns_two_choices_with_their_own_indices(client: openai.OpenAI) ->
     assert sorted(c.index for c in out.choices) == [0, 1]
     assert out.usage.completion_tokens == 12
     chat = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=2, max_tokens=4, seed=1,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        n=2,
+        max_tokens=4,
+        seed=1,
         extra_body=FULL,
     )
     assert sorted(c.index for c in chat.choices) == [0, 1]
@@ -94,8 +98,13 @@ def test_completion_logprobs_list_the_sampled_and_top_tokens(client: openai.Open
 
 def test_chat_logprobs_give_top_logprobs_per_token(client: openai.OpenAI) -> None:
     out = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
-        logprobs=True, top_logprobs=3, extra_body=FULL,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body=FULL,
     )
     content = out.choices[0].logprobs.content
     assert len(content) == 4
@@ -111,8 +120,14 @@ def test_usage_counts_prompt_tokens_and_streams_it_last(
     assert whole.usage.prompt_tokens == count["count"]
     assert whole.usage.total_tokens == count["count"] + 7
     chunks = list(
-        complete(client, prompt=PROMPT, max_tokens=7, temperature=0, stream=True,
-                 stream_options={"include_usage": True})
+        complete(
+            client,
+            prompt=PROMPT,
+            max_tokens=7,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
     )
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
@@ -124,6 +139,14 @@ def test_echo_and_token_id_prompts(client: openai.OpenAI, tiny_server: ServerPro
     assert by_ids.choices[0].text == by_text.choices[0].text
     echoed = complete(client, prompt=PROMPT, max_tokens=5, temperature=0, echo=True)
     assert echoed.choices[0].text == PROMPT + by_text.choices[0].text
+    with_logprobs = (
+        complete(client, prompt=PROMPT, max_tokens=5, temperature=0, echo=True, logprobs=1)
+        .choices[0]
+        .logprobs
+    )
+    assert len(with_logprobs.tokens) == len(ids["tokens"]) + 5
+    assert with_logprobs.token_logprobs[0] is None  # the first prompt token has no logprob
+    assert all(lp is not None for lp in with_logprobs.token_logprobs[1:])
     several = complete(client, prompt=[PROMPT, "Hello"], max_tokens=3, temperature=0, n=2)
     assert sorted(c.index for c in several.choices) == [0, 1, 2, 3]
 
@@ -145,10 +168,15 @@ def test_health_version_and_metrics(client: openai.OpenAI, tiny_server: ServerPr
     assert httpx2.get(tiny_server.base_url + "/version").json()["version"]
     body = httpx2.get(tiny_server.base_url + "/metrics").text
     for name in (
-        "paphos:num_requests_running", "paphos:num_requests_waiting", "paphos:kv_cache_usage_perc",
-        "paphos:prompt_tokens_total", "paphos:generation_tokens_total",
-        "paphos:time_to_first_token_seconds_bucket", "paphos:time_per_output_token_seconds_bucket",
-        "paphos:e2e_request_latency_seconds_bucket", "paphos:prefix_cache_hit_rate",
+        "paphos:num_requests_running",
+        "paphos:num_requests_waiting",
+        "paphos:kv_cache_usage_perc",
+        "paphos:prompt_tokens_total",
+        "paphos:generation_tokens_total",
+        "paphos:time_to_first_token_seconds_bucket",
+        "paphos:time_per_output_token_seconds_bucket",
+        "paphos:e2e_request_latency_seconds_bucket",
+        "paphos:prefix_cache_hit_rate",
     ):
         assert name in body, name
     assert metric(body, "paphos:generation_tokens_total") >= 3

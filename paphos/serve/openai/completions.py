@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from paphos.outputs import CompletionOutput, LogprobsDict, RequestOutput
+from paphos.sampling_params import SamplingParams
 from paphos.serve.openai import serving
 from paphos.serve.openai.errors import OpenAIError
 from paphos.serve.openai.protocol import (
@@ -39,13 +40,7 @@ async def create_completion(
     prompts = _prompts(ctx, body.prompt)
     for _, token_ids in prompts:
         ctx.check_prompt(token_ids, body.max_tokens, "prompt")
-    kwargs = body.common_sampling_kwargs()
-    kwargs["max_tokens"] = body.max_tokens
-    if body.logprobs is not None:
-        kwargs["logprobs"] = body.logprobs
-        if body.echo:
-            kwargs["prompt_logprobs"] = body.logprobs
-    params = serving.make_sampling_params(kwargs)
+    params = _sampling_params(body)
     request_id = serving.random_id("cmpl")
     engine_prompts = [
         {"prompt_token_ids": token_ids} if text is None else
@@ -58,18 +53,39 @@ async def create_completion(
         events = _stream(builder, streams, request_id, model, params.n)
         return StreamingResponse(events, media_type="text/event-stream")
     results = await serving.collect(request, streams)
+    return _response(builder, results, request_id, model, params.n)
+
+
+def _response(
+    builder: _ChoiceBuilder,
+    results: list[list[RequestOutput]],
+    request_id: str,
+    model: str,
+    n: int,
+) -> CompletionResponse:
+    """The whole response from each prompt's stream of deltas."""
     choices: list[CompletionChoice] = []
     num_prompt = num_output = 0
     for prompt_index, deltas in enumerate(results):
         num_prompt += len(deltas[0].prompt_token_ids)
         for completion in join_deltas(deltas):
             num_output += len(completion.token_ids)
-            index = prompt_index * params.n + completion.index
+            index = prompt_index * n + completion.index
             choices.append(builder.choice(index, prompt_index, deltas[0], completion, first=True))
     usage = Usage(
         prompt_tokens=num_prompt, completion_tokens=num_output, total_tokens=num_prompt + num_output
     )
     return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
+
+
+def _sampling_params(body: CompletionRequest) -> SamplingParams:
+    kwargs = body.common_sampling_kwargs()
+    kwargs["max_tokens"] = body.max_tokens
+    if body.logprobs is not None:
+        kwargs["logprobs"] = body.logprobs
+        if body.echo:
+            kwargs["prompt_logprobs"] = body.logprobs
+    return serving.make_sampling_params(kwargs)
 
 
 def _prompts(ctx: ServingContext, prompt: Any) -> list[tuple[str | None, list[int]]]:
