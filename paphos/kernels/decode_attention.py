@@ -105,14 +105,17 @@ class DecodeTiles:
 
 
 def default_decode_tiles(head_size: int) -> DecodeTiles:
-    """64 keys per step (32 for head size 256: a K and a V tile then fit 32 KiB each)."""
-    return DecodeTiles(block_n=64 if head_size <= 128 else 32, num_warps=4, num_stages=2)
+    """64 keys per step (32 for head size 256), 3 stages: best of the H100 sweep (notes/cuda.md)."""
+    return DecodeTiles(block_n=64 if head_size <= 128 else 32, num_warps=4, num_stages=3)
 
 
 def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
-    """Enough programs to fill the chip twice, but no split shorter than 256 keys, at most 32."""
-    wanted = triton.cdiv(2 * num_sms, max(num_seqs * num_kv_heads, 1))
-    return max(1, min(wanted, triton.cdiv(max_seq_len, 256), 32))
+    """Split only when (seq, kv head) programs fill the chip less than twice; then aim at four
+    programs per SM, no split shorter than 256 keys, at most 32 (H100 sweep: notes/cuda.md)."""
+    programs = max(num_seqs * num_kv_heads, 1)
+    if programs >= 2 * num_sms:
+        return 1
+    return max(1, min(triton.cdiv(4 * num_sms, programs), triton.cdiv(max_seq_len, 256), 32))
 
 
 def decode_attention(

@@ -81,10 +81,10 @@ class PrefillTiles:
 
 
 def default_prefill_tiles(head_size: int) -> PrefillTiles:
-    """128 rows x 64 keys (64 x 32 for head size 256, to fit registers and shared memory)."""
+    """128 rows x 32 keys, 4 warps, 3 stages: best of the H100 sweep for head size 128
+    (notes/cuda.md); 64 rows with 8 warps for head size 256 (registers), not yet swept."""
     if head_size <= 128:
-        warps = 8 if head_size > 64 else 4
-        return PrefillTiles(rows=128, block_n=64, num_warps=warps, num_stages=2)
+        return PrefillTiles(rows=128, block_n=32, num_warps=4, num_stages=3)
     return PrefillTiles(rows=64, block_n=32, num_warps=8, num_stages=2)
 
 

@@ -115,3 +115,12 @@ def test_decode_cuda_graph_replays_with_new_lengths(device):
     graph.replay()
     torch.cuda.synchronize()
     assert rel_error(out, float32_reference(static)) < ATTN_TOLERANCE[torch.bfloat16]
+
+
+def test_decode_split_count_follows_occupancy_and_context(device):
+    from paphos.kernels.decode_attention import num_decode_splits
+
+    assert num_decode_splits(64, 8, 2048, 132) == 1  # 512 programs already fill 132 SMs
+    assert num_decode_splits(4, 8, 32768, 132) == 17  # 32 programs: about 4 per SM after splitting
+    assert num_decode_splits(1, 1, 300, 132) == 2  # no split shorter than 256 keys
+    assert num_decode_splits(1, 1, 10**6, 132) == 32  # capped
