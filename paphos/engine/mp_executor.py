@@ -129,6 +129,7 @@ class MultiprocExecutor:
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         """Send the step to every worker (no reply awaited: the forward's collectives keep the
         ranks in step) and return rank 0's output, identical to every rank's."""
+        self._raise_if_unusable()
         self._raise_reported_errors()
         self._send(worker.EXECUTE, scheduler_output)
         return self._run_locally(lambda runner: runner.execute(scheduler_output))
