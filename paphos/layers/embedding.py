@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paphos.layers.weight_utils import copy_checked
+from paphos.ops import dense
 from paphos.parallel import SINGLE_PROCESS, ParallelInfo, all_reduce, round_up
 from paphos.quant import set_weight_attrs
 
@@ -120,3 +121,8 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("ParallelLMHead is applied by LogitsProcessor, not called directly")
+
+    def process_weights_after_loading(self) -> None:
+        """Keep an fp32 copy for large batches where half-precision GEMMs are slow (see ops.dense)."""
+        if dense.wants_fp32_copy(self.weight):
+            self.register_buffer("weight_fp32", self.weight.float(), persistent=False)

@@ -6,10 +6,10 @@ Invariant: the result is float32 [num_tokens, vocab_size] on every rank, padding
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from paphos.layers.embedding import ParallelLMHead
+from paphos.ops import dense
 from paphos.parallel import SINGLE_PROCESS, ParallelInfo, all_gather
 
 
@@ -29,7 +29,9 @@ class LogitsProcessor(nn.Module):
                 f"vocab_size={self.vocab_size} exceeds the LM head's "
                 f"{lm_head.num_embeddings_padded} rows"
             )
-        logits = F.linear(hidden_states, lm_head.weight, lm_head.bias)  # [num, rows_per_rank]
+        weight_fp32 = getattr(lm_head, "weight_fp32", None)
+        # [num, rows_per_rank]
+        logits = dense.linear(hidden_states, lm_head.weight, lm_head.bias, weight_fp32)
         logits = all_gather(logits, self.parallel, dim=-1)  # [num, num_embeddings_padded]
         return logits[..., : self.vocab_size].float()  # [num, vocab_size]
 

@@ -126,11 +126,13 @@ def load_model_weights(model: nn.Module, model_config: ModelConfig, seed: int = 
 
 
 def process_weights_after_loading(model: nn.Module) -> None:
-    """Let each layer's linear method repack its weights (a no-op for unquantized weights)."""
+    """Let each layer (or its linear method) repack its weights once they are loaded."""
     for module in model.modules():
         method = getattr(module, "linear_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
+        elif hasattr(module, "process_weights_after_loading"):
+            module.process_weights_after_loading()
 
 
 def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:

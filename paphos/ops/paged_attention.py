@@ -22,7 +22,10 @@ def paged_attention(
 ) -> torch.Tensor:
     """query: [num_tokens, num_heads, head_size]; kv_cache: [2, num_blocks, block_size, num_kv_heads,
     head_size]; query_start_loc: [num_seqs + 1]; seq_lens: [num_seqs]; block_tables: [num_seqs,
-    max_blocks]. Returns [num_tokens, num_heads, head_size]."""
+    max_blocks]. Returns [num_tokens, num_heads, head_size].
+
+    Computed in float32 whatever the cache dtype (CPUs without native bf16 run fp32 products faster,
+    and the reference doubles as the test oracle)."""
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
@@ -57,15 +60,15 @@ def _prefill_attention(
 ) -> torch.Tensor:
     q_len = query.shape[0]
     k, v = gather_context(kv_cache, block_table, seq_len)
-    q = query.transpose(0, 1)  # [num_heads, q_len, head_size]
-    k, v = k.transpose(0, 1), v.transpose(0, 1)  # [num_kv_heads, seq_len, head_size]
+    q = query.float().transpose(0, 1)  # [num_heads, q_len, head_size]
+    k, v = k.float().transpose(0, 1), v.float().transpose(0, 1)  # [num_kv_heads, seq_len, head_size]
     if q_len == seq_len:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
         positions = torch.arange(seq_len - q_len, seq_len, device=query.device)  # [q_len]
         mask = torch.arange(seq_len, device=query.device)[None, :] <= positions[:, None]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    return o.transpose(0, 1)  # [q_len, num_heads, head_size]
+    return o.transpose(0, 1).to(query.dtype)  # [q_len, num_heads, head_size]
 
 
 def _decode_attention(
@@ -82,12 +85,13 @@ def _decode_attention(
     max_len = int(seq_lens.max())
     num_blocks = -(-max_len // block_size)
     blocks = block_tables[:, :num_blocks]  # [num_seqs, num_blocks]
-    k = kv_cache[0, blocks].flatten(1, 2)  # [num_seqs, num_blocks * block_size, num_kv_heads, head_size]
-    v = kv_cache[1, blocks].flatten(1, 2)
-    q = query.view(num_seqs, num_kv_heads, group, head_size)
-    scores = torch.matmul(q, k.permute(0, 2, 3, 1)).float() * scale  # [num_seqs, kv_heads, group, len]
+    # [num_seqs, num_blocks * block_size, num_kv_heads, head_size]
+    k = kv_cache[0, blocks].flatten(1, 2).float()
+    v = kv_cache[1, blocks].flatten(1, 2).float()
+    q = query.float().view(num_seqs, num_kv_heads, group, head_size)
+    scores = torch.matmul(q, k.permute(0, 2, 3, 1)) * scale  # [num_seqs, kv_heads, group, len]
     padded = torch.arange(k.shape[1], device=query.device)[None, :] >= seq_lens[:, None]
     scores.masked_fill_(padded[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1).to(v.dtype)
+    probs = scores.softmax(dim=-1)
     o = torch.matmul(probs, v.transpose(1, 2))  # [num_seqs, num_kv_heads, group, head_size]
-    return o.reshape(num_seqs, num_heads, head_size)
+    return o.reshape(num_seqs, num_heads, head_size).to(query.dtype)

@@ -6,9 +6,9 @@ Invariant: the weight keeps the checkpoint layout (rows = output features); load
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from paphos.ops import dense
 from paphos.quant.base import set_weight_attrs
 
 
@@ -36,7 +36,10 @@ class UnquantizedLinearMethod:
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)  # [..., output_size_per_partition]
+        weight_fp32 = getattr(layer, "weight_fp32", None)
+        return dense.linear(x, layer.weight, bias, weight_fp32)  # [..., output_size_per_partition]
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        """Nothing to repack: `apply` uses the checkpoint layout as loaded."""
+        """Keep an fp32 copy for large batches where half-precision GEMMs are slow (see ops.dense)."""
+        if dense.wants_fp32_copy(layer.weight):
+            layer.register_buffer("weight_fp32", layer.weight.float(), persistent=False)
