@@ -1,6 +1,8 @@
 """Tensor parallelism over local processes: rank 0 runs in the engine process, ranks 1..N-1 are
 spawned workers (`paphos.runner.worker`) fed one pickled `SchedulerOutput` per step over a pipe.
 
+A pipe beats `broadcast_object_list` over a gloo group here: about 0.5 ms against 2-3 ms per step
+(1.5-8 KB messages, 2-core CPU), and it also carries the workers' error reports back.
 Invariant: every worker this executor started is gone once `shutdown()` returns (it also runs at
 interpreter exit); a worker's failure surfaces here as a `WorkerError`, never as a hang.
 """
