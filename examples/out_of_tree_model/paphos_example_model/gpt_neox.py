@@ -10,8 +10,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
-
 from paphos.attention import Attention, AttentionMetadata
 from paphos.config import ModelConfig
 from paphos.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -22,6 +20,7 @@ from paphos.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from paphos.layers.weight_utils import default_weight_loader
 from paphos.parallel import ParallelInfo, all_reduce
 from paphos.quant.base import LinearMethod
+from torch import nn
 
 # hidden_act -> GELU approximation (HF's "gelu" is exact, "gelu_new"/"gelu_fast" are tanh)
 _GELU_APPROXIMATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_fast": "tanh"}
