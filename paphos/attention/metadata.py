@@ -14,6 +14,8 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [num_seqs]: context length after this step (cached + new tokens)
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32/int64: blocks of each sequence
     logits_indices: torch.Tensor  # [num_logits] int64: flat token rows whose logits are needed
+    # Host-side upper bounds of this step (never read back from the device). A captured decode
+    # graph keeps max_query_len == 1 and a fixed max_seq_len (the longest sequence it serves).
     max_query_len: int
     max_seq_len: int
 

@@ -1,8 +1,9 @@
 """The runner's copy of each running request, and the flat model inputs built from it every step.
 
 A step lays out the scheduled requests in `SchedulerOutput.num_scheduled_tokens` order; request i's
-tokens are `token_ids[num_computed : num_computed + num_scheduled]`. Host-side work is numpy, vectorized
-over tokens; the only per-request Python work is list slicing.
+tokens are `token_ids[num_computed : num_computed + num_scheduled]`. `InputBuffers` keeps a numpy
+mirror of every request's tokens and blocks in a row of its own, and persistent (pinned host and
+device) buffers: a step is a few vectorized gathers and two host-to-device copies, no token loop.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class RunnerRequestState:
     num_computed_tokens: int
     sampling: RequestSamplingState
     wants_prompt_logprobs: bool = False
+    row: int | None = None  # this request's row in InputBuffers' mirrors (None: not mirrored yet)
 
 
 @dataclass
@@ -34,8 +36,239 @@ class StepInputs:
     attn_metadata: AttentionMetadata
     # Requests that sample this step, in the order of the first rows of `logits_indices`.
     sampling_request_ids: list[str]
-    # (request_id, first logits row, target prompt token ids) for prompt logprobs, after the sampled rows.
+    # (request_id, first logits row, target prompt token ids) for prompt logprobs, after the
+    # sampled rows.
     prompt_logprob_rows: list[tuple[str, int, list[int]]] = field(default_factory=list)
+    # The graph batch size the step was padded to (pure decode only), or None: not padded.
+    padded_to: int | None = None
+
+
+class InputBuffers:
+    """Per-request mirrors (one row each) and persistent step buffers of fixed addresses.
+
+    The device buffers keep their addresses for the runner's lifetime: captured CUDA graphs read
+    them. Small per-step arrays share one int64 buffer (one copy per step); the block table is
+    `[max_rows, max_blocks_per_seq]` and a step copies only the `[num_seqs, widest]` corner of it
+    (entries past a sequence's length are never read, so stale ones there are harmless).
+    """
+
+    def __init__(
+        self, max_num_seqs: int, max_num_tokens: int, max_model_len: int, block_size: int,
+        device: torch.device,
+    ) -> None:
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_tokens", max_num_tokens),
+                            ("max_model_len", max_model_len), ("block_size", block_size)):
+            if value < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_num_tokens = max_num_tokens
+        self.max_blocks = -(-max_model_len // block_size)
+        self.device = device
+        # Mirrors: np.zeros is calloc, so untouched rows of a long max_model_len cost no memory.
+        self.token_table = np.zeros((max_num_seqs, max_model_len), dtype=np.int64)  # [rows, len]
+        self.block_table = np.zeros((max_num_seqs, self.max_blocks), dtype=np.int64)  # [rows, blk]
+        self.num_blocks = np.zeros(max_num_seqs, dtype=np.int64)  # [rows]
+        self.free_rows = list(range(max_num_seqs - 1, -1, -1))
+        t, s = max_num_tokens, max_num_seqs
+        # Offsets of the small arrays in one flat buffer: ids, positions, slots, logits rows,
+        # seq_lens, query_start_loc.
+        sizes = (t, t, t, t + s, s, s + 1)
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        self._on_host = device.type == "cpu"
+        total = self._offsets[-1]
+        pin = device.type == "cuda"
+        self._host_small = torch.zeros(total, dtype=torch.int64, pin_memory=pin)  # [total]
+        self._host_blocks = torch.zeros(s * self.max_blocks, dtype=torch.int64, pin_memory=pin)
+        self._small_np = self._host_small.numpy()
+        self._blocks_np = self._host_blocks.numpy()
+        # On the CPU the host buffers are the model's inputs; elsewhere they are staged copies.
+        self.small = self._host_small
+        self.blocks = self._host_blocks.view(s, self.max_blocks)  # [rows, max_blocks]
+        self._copied: torch.cuda.Event | None = None
+        if not self._on_host:
+            self.small = torch.zeros(total, dtype=torch.int64, device=device)  # [total]
+            self.blocks = torch.zeros((s, self.max_blocks), dtype=torch.int64, device=device)
+
+    # ---- mirrors --------------------------------------------------------------------------------
+
+    def add(self, state: RunnerRequestState) -> None:
+        """Give the request a row and mirror its tokens and blocks there."""
+        if not self.free_rows:
+            raise ValueError(f"more than max_num_seqs={self.max_num_seqs} requests are running")
+        state.row = self.free_rows.pop()
+        self.num_blocks[state.row] = 0
+        self.append(state, state.token_ids, 0, state.block_ids)
+
+    def append(
+        self, state: RunnerRequestState, new_token_ids: list[int] | tuple[int, ...],
+        first_position: int, new_block_ids: list[int] | tuple[int, ...],
+    ) -> None:
+        row = state.row
+        assert row is not None, "request was never added to the input buffers"
+        end = first_position + len(new_token_ids)
+        if end > self.max_model_len:
+            raise ValueError(
+                f"request {state.request_id!r} has {end} tokens; max_model_len={self.max_model_len}"
+            )
+        self.token_table[row, first_position:end] = new_token_ids
+        first_block = int(self.num_blocks[row])
+        last_block = first_block + len(new_block_ids)
+        if last_block > self.max_blocks:
+            raise ValueError(f"request {state.request_id!r} holds {last_block} blocks; "
+                             f"at most {self.max_blocks} fit max_model_len={self.max_model_len}")
+        self.block_table[row, first_block:last_block] = new_block_ids
+        self.num_blocks[row] = last_block
+
+    def remove(self, state: RunnerRequestState) -> None:
+        if state.row is not None:
+            self.free_rows.append(state.row)
+            state.row = None
+
+    def decode_views(
+        self, batch_size: int, max_seq_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """(input_ids, positions, metadata) over the device buffers for a decode batch of
+        batch_size rows: the exact tensors a padded `prepare` fills, for CUDA graph capture."""
+        o, bs = self._offsets, batch_size
+        metadata = AttentionMetadata(
+            slot_mapping=self.small[o[2] : o[2] + bs],
+            query_start_loc=self.small[o[5] : o[5] + bs + 1],
+            seq_lens=self.small[o[4] : o[4] + bs],
+            block_tables=self.blocks[:bs],
+            logits_indices=self.small[o[3] : o[3] + bs],
+            max_query_len=1,
+            max_seq_len=max_seq_len,
+        )
+        return self.small[o[0] : o[0] + bs], self.small[o[1] : o[1] + bs], metadata
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def prepare(
+        self, states: list[RunnerRequestState], num_scheduled: list[int],
+        pad_to: int | None = None, pad_max_seq_len: int | None = None,
+    ) -> StepInputs:
+        """Model inputs of one step. `pad_to` (a graph's batch size) pads the batch only when it
+        is pure decode (every request computes one token and samples it) with no sequence longer
+        than pad_max_seq_len; padded rows hold token 0 at position 0, slot -1, seq_len 1."""
+        if self._copied is not None:
+            self._copied.synchronize()  # the last step's copies have read the pinned buffers
+        num_seqs = len(states)
+        rows = np.fromiter((s.row for s in states), dtype=np.int64, count=num_seqs)  # [num_seqs]
+        starts = np.fromiter(
+            (s.num_computed_tokens for s in states), dtype=np.int64, count=num_seqs
+        )  # [num_seqs]
+        lengths = np.fromiter((len(s.token_ids) for s in states), dtype=np.int64, count=num_seqs)
+        counts = np.asarray(num_scheduled, dtype=np.int64)  # [num_seqs]
+        ends = starts + counts  # [num_seqs]
+        samples = np.flatnonzero(ends == lengths)  # [num_sampling]
+        pure_decode = len(samples) == num_seqs and bool((counts == 1).all())
+        if not pure_decode or (pad_max_seq_len is not None and ends.max() > pad_max_seq_len):
+            pad_to = None
+        padded = max(pad_to or num_seqs, num_seqs)
+        num_tokens = int(ends.sum() - starts.sum()) + padded - num_seqs
+        if padded > self.max_num_seqs or num_tokens > self.max_num_tokens:
+            raise ValueError(
+                f"a step of {padded} requests and {num_tokens} tokens does not fit the buffers "
+                f"({self.max_num_seqs} requests, {self.max_num_tokens} tokens)"
+            )
+        qsl = self._fill_tokens(rows, starts, counts, padded, num_tokens)
+        o = self._offsets
+        seq_lens = self._small_np[o[4] : o[4] + padded]  # [padded]
+        seq_lens[:num_seqs] = ends
+        seq_lens[num_seqs:] = 1
+        sampling_ids, prompt_lp, logits_rows = self._logits_rows(
+            states, samples, starts, counts, qsl, num_tokens if pad_to else None
+        )
+        self._small_np[o[3] : o[3] + len(logits_rows)] = logits_rows
+        width = int(self.num_blocks[rows].max())
+        inputs = self._upload(padded, num_tokens, len(logits_rows), width, rows, counts, seq_lens)
+        inputs.sampling_request_ids, inputs.prompt_logprob_rows = sampling_ids, prompt_lp
+        inputs.padded_to = pad_to
+        return inputs
+
+    def _fill_tokens(
+        self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray, padded: int,
+        num_tokens: int,
+    ) -> np.ndarray:
+        """Write query_start_loc, positions, input ids and slots into the host buffer (padded
+        rows: one token each, id 0, position 0, slot -1). Returns query_start_loc [padded + 1]."""
+        num_seqs, o, bs = len(rows), self._offsets, self.block_size
+        qsl = self._small_np[o[5] : o[5] + padded + 1]  # [padded + 1]
+        qsl[0] = 0
+        np.cumsum(counts, out=qsl[1 : num_seqs + 1])
+        qsl[num_seqs + 1 :] = qsl[num_seqs] + np.arange(1, padded - num_seqs + 1)
+        real = int(qsl[num_seqs])
+        seq_index = np.repeat(np.arange(num_seqs), counts)  # [real]
+        positions = self._small_np[o[1] : o[1] + num_tokens]  # [num_tokens]
+        positions[:real] = starts[seq_index] + (np.arange(real) - qsl[seq_index])
+        positions[real:] = 0
+        token_rows = rows[seq_index]  # [real]
+        ids = self._small_np[o[0] : o[0] + num_tokens]  # [num_tokens]
+        ids[:real] = self.token_table[token_rows, positions[:real]]
+        ids[real:] = 0
+        slots = self._small_np[o[2] : o[2] + num_tokens]  # [num_tokens]
+        slots[:real] = self.block_table[token_rows, positions[:real] // bs] * bs
+        slots[:real] += positions[:real] % bs
+        slots[real:] = -1
+        return qsl
+
+    def _upload(
+        self, padded: int, num_tokens: int, num_logits: int, width: int, rows: np.ndarray,
+        counts: np.ndarray, seq_lens: np.ndarray,
+    ) -> StepInputs:
+        """Copy the host buffers to the device (one copy each) and view them as model inputs."""
+        o = self._offsets
+        num_seqs = len(rows)
+        host_blocks = self._blocks_np[: num_seqs * width].reshape(num_seqs, width)  # [seqs, w]
+        np.take(self.block_table[:, :width], rows, axis=0, out=host_blocks)
+        staged = self._host_blocks[: num_seqs * width].view(num_seqs, width)  # [seqs, w]
+        if self._on_host:
+            block_tables = staged
+        else:
+            self.small.copy_(self._host_small, non_blocking=True)
+            self.blocks[:num_seqs, :width].copy_(staged, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+            block_tables = self.blocks[:padded]  # [padded, max_blocks]
+        small = self.small
+        metadata = AttentionMetadata(
+            slot_mapping=small[o[2] : o[2] + num_tokens],
+            query_start_loc=small[o[5] : o[5] + padded + 1],
+            seq_lens=small[o[4] : o[4] + padded],
+            block_tables=block_tables,
+            logits_indices=small[o[3] : o[3] + num_logits],
+            max_query_len=int(counts.max()) if len(counts) else 1,
+            max_seq_len=int(seq_lens.max()),
+        )
+        return StepInputs(
+            small[o[0] : o[0] + num_tokens], small[o[1] : o[1] + num_tokens], metadata, []
+        )
+
+    def _logits_rows(
+        self, states: list[RunnerRequestState], samples: np.ndarray, starts: np.ndarray,
+        counts: np.ndarray, qsl: np.ndarray, pad_rows: int | None,
+    ) -> tuple[list[str], list[tuple[str, int, list[int]]], np.ndarray]:
+        """Rows whose logits are needed: the last token of each request that samples, then the
+        prompt positions of requests that asked for prompt logprobs (position p predicts prompt
+        token p + 1). A padded (graph) step asks for every row, padded ones included."""
+        sampling_ids = [states[i].request_id for i in samples.tolist()]
+        sample_rows = qsl[1:][samples] - 1  # [num_sampling]
+        if pad_rows is not None:
+            return sampling_ids, [], np.arange(pad_rows)  # [padded]
+        prompt_rows: list[np.ndarray] = []
+        prompt_lp: list[tuple[str, int, list[int]]] = []
+        first_row = len(sample_rows)
+        for i in (i for i, s in enumerate(states) if s.wants_prompt_logprobs):
+            s, start = states[i], int(starts[i])
+            if start >= s.num_prompt_tokens - 1:
+                continue
+            last = min(start + int(counts[i]), s.num_prompt_tokens - 1)
+            prompt_rows.append(np.arange(qsl[i], qsl[i] + last - start))  # [last - start]
+            prompt_lp.append((s.request_id, first_row, s.token_ids[start + 1 : last + 1]))
+            first_row += last - start
+        return sampling_ids, prompt_lp, np.concatenate([sample_rows, *prompt_rows])
 
 
 def build_step_inputs(
@@ -44,70 +277,21 @@ def build_step_inputs(
     block_size: int,
     device: torch.device,
 ) -> StepInputs:
-    """Flatten the scheduled requests (in batch order) into model inputs and attention metadata."""
-    starts = np.array([s.num_computed_tokens for s in states], dtype=np.int64)  # [num_seqs]
-    counts = np.array(num_scheduled, dtype=np.int64)  # [num_seqs]
-    query_start_loc = np.zeros(len(states) + 1, dtype=np.int64)  # [num_seqs + 1]
-    np.cumsum(counts, out=query_start_loc[1:])
-    num_tokens = int(query_start_loc[-1])
-    seq_index = np.repeat(np.arange(len(states)), counts)  # [num_tokens]
-    positions = starts[seq_index] + (np.arange(num_tokens) - query_start_loc[seq_index])
-    input_ids = np.fromiter(
-        (t for s, a, n in zip(states, starts, counts) for t in s.token_ids[a : a + n]),
-        dtype=np.int64,
-        count=num_tokens,
-    )  # [num_tokens]
-    seq_lens = starts + counts  # [num_seqs]
-    max_blocks = max(len(s.block_ids) for s in states)
-    block_tables = np.zeros((len(states), max_blocks), dtype=np.int64)  # [num_seqs, max_blocks]
-    for i, s in enumerate(states):
-        block_tables[i, : len(s.block_ids)] = s.block_ids
-    slot_mapping = (
-        block_tables[seq_index, positions // block_size] * block_size + positions % block_size
-    )  # [num_tokens]
-    sampling_ids, sample_rows, prompt_rows, prompt_lp = _logits_rows(
-        states, starts, counts, query_start_loc
+    """One-off inputs for a batch (tests, the profiling step): buffers sized to exactly this batch.
+
+    The states are mirrored into a fresh `InputBuffers` without changing their `row`."""
+    longest = max(max(len(s.token_ids), s.num_computed_tokens + n)
+                  for s, n in zip(states, num_scheduled))
+    num_blocks = max(len(s.block_ids) for s in states)
+    buffers = InputBuffers(
+        len(states), max(sum(num_scheduled), 1), max(longest, num_blocks * block_size),
+        block_size, device,
     )
-    logits_indices = np.array(sample_rows + prompt_rows, dtype=np.int64)  # [num_logits]
-
-    def to_dev(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).to(device, non_blocking=True)
-
-    metadata = AttentionMetadata(
-        slot_mapping=to_dev(slot_mapping),
-        query_start_loc=to_dev(query_start_loc),
-        seq_lens=to_dev(seq_lens),
-        block_tables=to_dev(block_tables),
-        logits_indices=to_dev(logits_indices),
-        max_query_len=int(counts.max()),
-        max_seq_len=int(seq_lens.max()),
-    )
-    return StepInputs(to_dev(input_ids), to_dev(positions), metadata, sampling_ids, prompt_lp)
-
-
-def _logits_rows(
-    states: list[RunnerRequestState],
-    starts: np.ndarray,
-    counts: np.ndarray,
-    query_start_loc: np.ndarray,
-) -> tuple[list[str], list[int], list[int], list[tuple[str, int, list[int]]]]:
-    """Rows whose logits are needed: the last token of each request that samples, then the prompt
-    positions of requests that asked for prompt logprobs (position p predicts prompt token p + 1)."""
-    sampling_ids: list[str] = []
-    sample_rows: list[int] = []
-    prompt_rows: list[int] = []
-    prompt_lp: list[tuple[str, int, list[int]]] = []
-    num_sampled = sum(
-        1 for s, a, n in zip(states, starts, counts) if a + n == len(s.token_ids)
-    )
-    for i, s in enumerate(states):
-        start, end = int(starts[i]), int(starts[i] + counts[i])
-        if end == len(s.token_ids):
-            sampling_ids.append(s.request_id)
-            sample_rows.append(int(query_start_loc[i + 1]) - 1)
-        if s.wants_prompt_logprobs and start < s.num_prompt_tokens - 1:
-            last = min(end, s.num_prompt_tokens - 1)  # positions start..last-1 predict prompt tokens
-            first_row = num_sampled + len(prompt_rows)
-            prompt_rows.extend(range(int(query_start_loc[i]), int(query_start_loc[i]) + last - start))
-            prompt_lp.append((s.request_id, first_row, s.token_ids[start + 1 : last + 1]))
-    return sampling_ids, sample_rows, prompt_rows, prompt_lp
+    rows = [s.row for s in states]
+    try:
+        for s in states:
+            buffers.add(s)
+        return buffers.prepare(states, list(num_scheduled))
+    finally:
+        for s, row in zip(states, rows):
+            s.row = row

@@ -1,24 +1,33 @@
-"""One rank's model runner: builds and loads the model, sizes and allocates the KV cache, runs steps.
+"""One rank's model runner: builds and loads the model, sizes and allocates the KV cache, runs.
 
 It keeps a copy of every running request (tokens, blocks, sampling state), updated from each
-`SchedulerOutput`, so that a step's message only carries what changed.
+`SchedulerOutput`, so that a step's message only carries what changed. On CUDA, pure-decode steps
+replay a captured graph (unless enforce_eager); every step makes one device-to-host copy (sampled
+tokens), and the host time from `execute` to the launch is accumulated in `host_stats`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from dataclasses import dataclass
 
 import torch
 
 from paphos.config import EngineConfig
 from paphos.core.step_data import RunnerOutput, SchedulerOutput, TokenLogprobs
-from paphos.layers.sampler import LogprobsTensors, RequestSamplingState, SamplingMetadata
-from paphos.layers.sampler import compute_prompt_logprobs
+from paphos.layers.sampler import (
+    LogprobsTensors,
+    RequestSamplingState,
+    SamplingMetadata,
+    compute_prompt_logprobs,
+)
 from paphos.models.loader import load_model_weights
 from paphos.models.registry import ModelRegistry
 from paphos.parallel import ParallelInfo
-from paphos.runner.inputs import RunnerRequestState, StepInputs, build_step_inputs
+from paphos.runner.cuda_graph import MAX_SEQ_LEN_TO_CAPTURE, DecodeGraphs, batch_size_buckets
+from paphos.runner.inputs import InputBuffers, RunnerRequestState, StepInputs, build_step_inputs
 from paphos.runner.kv_cache import KVCacheSpec, allocate_kv_caches, num_blocks_for_device
 
 logger = logging.getLogger(__name__)
@@ -48,6 +57,19 @@ def resolve_dtype(requested: str, hf_config: object, device: torch.device) -> to
     return found
 
 
+@dataclass
+class HostStats:
+    """Host-side time per step, from `execute` entry to the launch of the model (or graph)."""
+
+    num_steps: int = 0
+    num_graph_steps: int = 0
+    prepare_s: float = 0.0
+
+    @property
+    def mean_prepare_ms(self) -> float:
+        return 1e3 * self.prepare_s / max(self.num_steps, 1)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, parallel: ParallelInfo | None = None) -> None:
         self.config = config
@@ -61,6 +83,9 @@ class ModelRunner:
         self.vocab_size = config.model.hf_config.vocab_size
         self.kv_caches: list[torch.Tensor] = []
         self.requests: dict[str, RunnerRequestState] = {}
+        self.buffers: InputBuffers | None = None
+        self.graphs: DecodeGraphs | None = None
+        self.host_stats = HostStats()
 
     def _load_model(self) -> torch.nn.Module:
         model_cls = ModelRegistry.resolve(self.config.model.architecture)
@@ -90,7 +115,9 @@ class ModelRunner:
     def determine_num_blocks(self) -> int:
         if self.config.cache.num_blocks_override is not None:
             return self.config.cache.num_blocks_override
-        return num_blocks_for_device(self.kv_cache_spec(), self.config.cache, self.device, self._profile)
+        return num_blocks_for_device(
+            self.kv_cache_spec(), self.config.cache, self.device, self._profile
+        )
 
     def _profile(self) -> None:
         """One dummy step of max_num_batched_tokens, so the peak activation memory is measured."""
@@ -113,7 +140,29 @@ class ModelRunner:
         del caches
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the cache and the step buffers; on CUDA capture the decode graphs."""
         self.kv_caches = allocate_kv_caches(self.kv_cache_spec(), num_blocks, self.device)
+        sched = self.config.scheduler
+        buckets = batch_size_buckets(sched.max_num_seqs)
+        max_model_len = self._max_model_len(num_blocks)
+        self.buffers = InputBuffers(
+            max(sched.max_num_seqs, buckets[-1]),
+            max(sched.max_num_batched_tokens, buckets[-1]),
+            max_model_len, self.block_size, self.device,
+        )
+        if self.device.type == "cuda" and not self.config.runtime.enforce_eager:
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_caches, self.buffers, buckets,
+                min(max_model_len, MAX_SEQ_LEN_TO_CAPTURE), self.vocab_size,
+            )
+            with torch.inference_mode():
+                self.graphs.capture()
+
+    def _max_model_len(self, num_blocks: int) -> int:
+        """The longest sequence the engine can schedule: the model's (or the configured) length,
+        capped by what the cache holds (the engine applies the same rule)."""
+        requested = self.config.model.max_model_len or self.config.model.model_max_len
+        return max(1, min(requested, num_blocks * self.block_size))
 
     # ---- steps ----------------------------------------------------------------------------------
 
@@ -122,22 +171,47 @@ class ModelRunner:
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
             return RunnerOutput.empty()
+        start = time.perf_counter()
         states = [self.requests[rid] for rid in scheduler_output.num_scheduled_tokens]
         num_scheduled = list(scheduler_output.num_scheduled_tokens.values())
-        inputs = build_step_inputs(states, num_scheduled, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata)
-        logits = self.model.compute_logits(hidden, inputs.attn_metadata)  # [num_logits, vocab]
+        logits, inputs = self._run_model(states, num_scheduled, start)
         output = self._sample(logits, inputs)
         for state, n in zip(states, num_scheduled):
             state.num_computed_tokens += n
         return output
 
+    def _run_model(
+        self, states: list[RunnerRequestState], num_scheduled: list[int], start: float
+    ) -> tuple[torch.Tensor, StepInputs]:
+        """Prepare the inputs and run the model: a graph replay for a pure-decode batch that fits
+        a bucket, eager otherwise. Returns logits [num_logits (or padded rows), vocab]."""
+        assert self.buffers is not None, "initialize_kv_cache was not called"
+        graphs, bucket, limit = self.graphs, None, None
+        if graphs is not None and len(num_scheduled) == sum(num_scheduled):
+            bucket, limit = graphs.bucket_for(len(states)), graphs.max_seq_len
+        inputs = self.buffers.prepare(states, num_scheduled, bucket, limit)
+        md = inputs.attn_metadata
+        stats = self.host_stats
+        stats.num_steps += 1
+        if graphs is not None and inputs.padded_to is not None:
+            stats.num_graph_steps += 1
+            stats.prepare_s += time.perf_counter() - start
+            return graphs.replay(inputs.padded_to), inputs  # [bucket, vocab]
+        stats.prepare_s += time.perf_counter() - start
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, md)
+        return self.model.compute_logits(hidden, md), inputs  # [num_logits, vocab]
+
     def _update_states(self, out: SchedulerOutput) -> None:
+        assert self.buffers is not None, "initialize_kv_cache was not called"
         for rid in out.finished_request_ids:
-            self.requests.pop(rid, None)
+            gone = self.requests.pop(rid, None)
+            if gone is not None:
+                self.buffers.remove(gone)
         for new in out.new_requests:
             params = new.sampling_params
-            self.requests[new.request_id] = RunnerRequestState(
+            if new.request_id in self.requests:  # resent without a forget: drop the old copy
+                self.buffers.remove(self.requests[new.request_id])
+            state = RunnerRequestState(
                 request_id=new.request_id,
                 token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
                 num_prompt_tokens=len(new.prompt_token_ids),
@@ -149,8 +223,13 @@ class ModelRunner:
                 ),
                 wants_prompt_logprobs=params.prompt_logprobs is not None,
             )
+            self.requests[new.request_id] = state
+            self.buffers.add(state)
         for cached in out.cached_requests:
             state = self.requests[cached.request_id]
+            self.buffers.append(
+                state, cached.new_token_ids, len(state.token_ids), cached.new_block_ids
+            )
             state.token_ids.extend(cached.new_token_ids)
             for token in cached.new_token_ids:
                 state.sampling.append_output_token(token)
@@ -162,17 +241,21 @@ class ModelRunner:
         return eos[0] if isinstance(eos, list) and eos else eos
 
     def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> RunnerOutput:
-        num_sampled = len(inputs.sampling_request_ids)
+        """Sample on the device; the sampled token ids come back in one device-to-host copy."""
+        ids = inputs.sampling_request_ids
         sampled: dict[str, int] = {}
         logprobs: dict[str, TokenLogprobs] = {}
-        if num_sampled:
-            states = [self.requests[rid].sampling for rid in inputs.sampling_request_ids]
-            metadata = SamplingMetadata.build(states, self.vocab_size, self.device)
-            result = self.model.sample(logits[:num_sampled], metadata)
-            token_ids = result.sampled_token_ids.tolist()
-            sampled = dict(zip(inputs.sampling_request_ids, token_ids))
-            if result.logprobs is not None:
-                logprobs = _split_logprobs(result.logprobs, inputs.sampling_request_ids, self.requests)
+        if ids:
+            states = [self.requests[rid].sampling for rid in ids]
+            rows = logits[: len(ids)]  # [num_sampled, vocab]
+            if all(_is_plain_greedy(s) for s in states):
+                sampled = dict(zip(ids, rows.argmax(dim=-1).tolist()))
+            else:
+                metadata = SamplingMetadata.build(states, self.vocab_size, self.device)
+                result = self.model.sample(rows, metadata)
+                sampled = dict(zip(ids, result.sampled_token_ids.tolist()))
+                if result.logprobs is not None:
+                    logprobs = _split_logprobs(result.logprobs, ids, self.requests)
         prompt_logprobs = self._prompt_logprobs(logits, inputs)
         return RunnerOutput(sampled, logprobs, prompt_logprobs)
 
@@ -190,6 +273,8 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         self.requests.clear()
+        self.graphs = None
+        self.buffers = None
         self.kv_caches = []
 
 
@@ -197,6 +282,21 @@ def _profile_params():  # noqa: ANN202 - SamplingParams, imported lazily to keep
     from paphos.sampling_params import SamplingParams
 
     return SamplingParams(temperature=0)
+
+
+def _is_plain_greedy(state: RequestSamplingState) -> bool:
+    """Greedy with nothing that could move the argmax and no logprobs: the sampled token is the
+    argmax of the raw logits, so the shared Sampler (and its per-step metadata) can be skipped."""
+    p = state.params
+    return (
+        state.is_greedy
+        and not state.samplers
+        and not state.step_bans()
+        and not state.bad_words
+        and not p.logit_bias
+        and p.allowed_token_ids is None
+        and p.logprobs is None
+    )
 
 
 def _split_logprobs(
@@ -208,6 +308,8 @@ def _split_logprobs(
 
 
 def _rows_to_token_logprobs(tensors: LogprobsTensors, num_top: list[int]):  # noqa: ANN202
-    ids, values, ranks = tensors.token_ids.tolist(), tensors.logprobs.tolist(), tensors.ranks.tolist()
+    ids, values = tensors.token_ids.tolist(), tensors.logprobs.tolist()
+    ranks = tensors.ranks.tolist()
     for i, n in enumerate(num_top):
-        yield TokenLogprobs(tuple(ids[i][: n + 1]), tuple(values[i][: n + 1]), tuple(ranks[i][: n + 1]))
+        k = n + 1
+        yield TokenLogprobs(tuple(ids[i][:k]), tuple(values[i][:k]), tuple(ranks[i][:k]))

@@ -1,0 +1,189 @@
+"""The device benchmark, one table: paphos vs HF transformers `generate` on the same random weights,
+beside the physical floor (bytes of weights + KV read per decode step / measured copy bandwidth).
+
+    python benchmarks/gpu.py --shapes 1b,8b --out $OUT/gpu_bench.json
+
+Per shape (Llama-3.2-1B / Llama-3-8B configs, bf16): HF's model is built with random weights on the
+GPU, and paphos (`--load-format dummy`) loads the same tensors through `load_weights`. Batch 1 and
+64: decode ms per step (paphos: median pure-decode step, graph replay GPU time, host time; HF: total
+/ new tokens); throughput at batch 64 and 256 (output tokens / wall s, prompts of 128, 128 new).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency import measure_decode, random_prompts  # noqa: E402
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=8192, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=14336, tie_word_embeddings=False),
+}
+# Given in the issue (H100, HF static cache + torch.compile, batch 1): not rerun by default.
+HF_COMPILED_GIVEN = {"1b": 84.7, "8b": 62.5}
+PROMPT_LEN, NEW_TOKENS = 128, 128
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy (median of 10)."""
+    src = torch.randn(1 << 28, device="cuda")  # [2^28] float32 = 1 GiB
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * (1 << 30) / sorted(times[2:])[len(times[2:]) // 2]
+
+
+def make_models(shape: str, workdir: Path):  # noqa: ANN201 - (hf model, LlamaConfig)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                         bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
+                         dtype="bfloat16", **SHAPES[shape])
+    config.save_pretrained(workdir)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            hf = LlamaForCausalLM(config).eval()  # random weights, made on the GPU
+    finally:
+        torch.set_default_dtype(previous)
+    return hf, config
+
+
+def floor_ms(hf, config, batch: int, context: int, bandwidth: float) -> float:  # noqa: ANN001
+    """Weights read once per step (the input embedding only when it is the tied LM head) plus the
+    K and V of every sequence's context."""
+    weights = sum(p.numel() * p.element_size() for p in hf.parameters())
+    if not config.tie_word_embeddings:
+        weights -= hf.model.embed_tokens.weight.numel() * 2
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv = batch * context * config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 2
+    return 1e3 * (weights + kv) / bandwidth
+
+
+@torch.inference_mode()
+def hf_generate(hf, batch: int, vocab: int) -> dict:  # noqa: ANN001
+    ids = torch.tensor(random_prompts(batch, PROMPT_LEN, vocab, 1), device="cuda")  # [b, len]
+    kwargs = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                  pad_token_id=0, eos_token_id=None)
+    hf.generate(ids[:1, :8], **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return {"tok_s": out[:, PROMPT_LEN:].numel() / elapsed, "ms_per_step": 1e3 * elapsed / NEW_TOKENS}
+
+
+def paphos_throughput(llm, batch: int, vocab: int) -> float:  # noqa: ANN001
+    from paphos import SamplingParams
+
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(batch, PROMPT_LEN, vocab, 2)]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
+
+
+def run_shape(shape: str, bandwidth: float, args: argparse.Namespace) -> dict:
+    from paphos import LLM
+
+    workdir = Path(tempfile.mkdtemp(prefix=f"paphos_{shape}_"))
+    hf, config = make_models(shape, workdir)
+    start = time.perf_counter()
+    llm = LLM(model=str(workdir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
+              max_model_len=2048, max_num_seqs=256, gpu_memory_utilization=0.9)
+    startup = time.perf_counter() - start
+    runner = llm.engine.executor.runner
+    loaded = runner.model.load_weights((n, p.detach()) for n, p in hf.state_dict().items())
+    vocab = config.vocab_size
+    row = {"shape": shape, "startup_s": startup, "loaded_tensors": len(loaded)}
+    measure_decode(llm, 1, 16, 4)  # warm-up
+    for batch in (1, 64):
+        lat = measure_decode(llm, batch, PROMPT_LEN, NEW_TOKENS)
+        row[f"b{batch}"] = {**lat, "floor_ms": floor_ms(hf, config, batch, PROMPT_LEN + NEW_TOKENS // 2,
+                                                          bandwidth)}
+    for batch in (64, 256):
+        row[f"tput{batch}"] = paphos_throughput(llm, batch, vocab)
+    row["host"] = {"steps": runner.host_stats.num_steps,
+                   "graph_steps": runner.host_stats.num_graph_steps,
+                   "mean_prepare_ms": runner.host_stats.mean_prepare_ms}
+    llm.close()
+    del llm, runner
+    torch.cuda.empty_cache()
+    if not args.skip_hf:
+        hf_batches = (1, 64, 256) if shape == "1b" else (1, 64)
+        row["hf"] = {b: hf_generate(hf, b, vocab) for b in hf_batches}
+    del hf
+    torch.cuda.empty_cache()
+    return row
+
+
+def print_table(rows: list[dict], bandwidth: float) -> None:
+    print(f"\n{torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
+          f"prompts {PROMPT_LEN}, {NEW_TOKENS} new tokens, greedy, bf16")
+    head = (f"{'shape':5} {'metric':28} {'paphos':>9} {'GPU(replay)':>11} {'host':>6} "
+            f"{'floor':>7} {'x floor':>7} {'HF':>8} {'vs HF':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        hf = r.get("hf", {})
+        for b in (1, 64):
+            lat = r[f"b{b}"]
+            host = lat["schedule_ms"] + lat["prepare_ms"]
+            theirs = hf.get(b, {}).get("ms_per_step", float("nan"))
+            print(f"{r['shape']:5} {f'decode step ms, batch {b}':28} {lat['decode_step_ms']:9.3f} "
+                  f"{lat['replay_ms']:11.3f} {host:6.3f} {lat['floor_ms']:7.3f} "
+                  f"{lat['decode_step_ms'] / lat['floor_ms']:7.2f} {theirs:8.2f} "
+                  f"{theirs / lat['decode_step_ms']:6.1f}x")
+        for b in (64, 256):
+            theirs = hf.get(b, {}).get("tok_s", float("nan"))
+            print(f"{r['shape']:5} {f'output tok/s, batch {b}':28} {r[f'tput{b}']:9.0f} "
+                  f"{'':>11} {'':>6} {'':>7} {'':>7} {theirs:8.0f} {r[f'tput{b}'] / theirs:6.1f}x")
+        b1 = 1e3 / r["b1"]["decode_step_ms"]
+        theirs = hf.get(1, {}).get("tok_s", float("nan"))
+        print(f"{r['shape']:5} {'tok/s batch 1':28} {b1:9.1f} {'':>11} {'':>6} {'':>7} {'':>7} "
+              f"{theirs:8.1f} {b1 / theirs:6.1f}x")
+        given = HF_COMPILED_GIVEN[r["shape"]]
+        print(f"{r['shape']:5} {'HF static+compile b1 (given)':28} {'':>9} {'':>11} {'':>6} "
+              f"{'':>7} {'':>7} {given:8.1f} {b1 / given:6.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--shapes", default="1b,8b")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="write every number as JSON here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu.py needs a CUDA device")
+    bandwidth = copy_bandwidth()
+    rows = []
+    for shape in args.shapes.split(","):
+        rows.append(run_shape(shape, bandwidth, args))
+        if args.out:
+            args.out.write_text(json.dumps({"bandwidth": bandwidth, "rows": rows}, indent=1))
+    print_table(rows, bandwidth)
+
+
+if __name__ == "__main__":
+    main()

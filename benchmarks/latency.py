@@ -1,0 +1,113 @@
+"""Decode latency of paphos: per-step wall time of pure-decode steps, host time per step, and the GPU
+time of one decode graph replay, at a few batch sizes (random prompts, greedy, EOS ignored).
+
+    python benchmarks/latency.py --model DIR --load-format dummy --dtype bfloat16 --batch-sizes 1,64
+
+Host time per step = `Scheduler.schedule` + the runner's preparation (from `execute` entry to the
+graph/model launch). The GPU time of a step is measured by replaying the captured graph of that batch
+size over the last step's inputs (CUDA events, median of 20).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+
+
+def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab_size - 10, (num, length), generator=gen).tolist()  # [num, len]
+
+
+def measure_decode(llm: Any, batch_size: int, prompt_len: int, new_tokens: int) -> dict:
+    """Run batch_size requests to completion through `Engine.step`, timing every step."""
+    from paphos import SamplingParams
+
+    engine = llm.engine
+    runner = engine.executor.runner
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for i, p in enumerate(random_prompts(batch_size, prompt_len, engine.vocab_size, batch_size)):
+        engine.add_request(f"lat-{batch_size}-{i}", {"prompt_token_ids": p}, params)
+    schedule_s: list[float] = []
+    original = engine.scheduler.schedule
+
+    def timed_schedule():  # noqa: ANN202 - the scheduler's own return type
+        start = time.perf_counter()
+        out = original()
+        schedule_s.append(time.perf_counter() - start)
+        return out
+
+    engine.scheduler.schedule = timed_schedule
+    decode_steps, prepare_s = [], []
+    try:
+        while engine.has_unfinished_requests():
+            before = (runner.host_stats.num_graph_steps, runner.host_stats.prepare_s)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            engine.step()
+            elapsed = time.perf_counter() - start
+            if runner.host_stats.num_graph_steps > before[0]:
+                decode_steps.append(elapsed)
+                prepare_s.append(runner.host_stats.prepare_s - before[1])
+    finally:
+        engine.scheduler.schedule = original
+    step_ms = 1e3 * statistics.median(decode_steps) if decode_steps else float("nan")
+    return {
+        "batch_size": batch_size,
+        "decode_step_ms": step_ms,
+        "decode_steps": len(decode_steps),
+        "replay_ms": replay_ms(runner, batch_size),
+        "schedule_ms": 1e3 * statistics.median(schedule_s),
+        "prepare_ms": 1e3 * statistics.median(prepare_s) if prepare_s else float("nan"),
+    }
+
+
+def replay_ms(runner: Any, batch_size: int, repeats: int = 20) -> float:
+    """GPU time of one decode graph replay of this batch size (over the last step's inputs)."""
+    graphs = runner.graphs
+    if graphs is None or graphs.bucket_for(batch_size) is None:
+        return float("nan")
+    bucket = graphs.bucket_for(batch_size)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graphs.replay(bucket)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", required=True, help="HF model directory")
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch-sizes", default="1,64")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--enforce-eager", action="store_true")
+    args = parser.parse_args()
+    from paphos import LLM
+
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype,
+              skip_tokenizer_init=True, max_model_len=args.max_model_len,
+              max_num_seqs=max(sizes), enforce_eager=args.enforce_eager)
+    measure_decode(llm, 1, 16, 4)  # warm-up
+    print(f"{'batch':>5} {'step ms':>8} {'replay ms':>9} {'schedule ms':>11} {'prepare ms':>10}")
+    for bs in sizes:
+        r = measure_decode(llm, bs, args.prompt_len, args.new_tokens)
+        print(f"{bs:5d} {r['decode_step_ms']:8.3f} {r['replay_ms']:9.3f} "
+              f"{r['schedule_ms']:11.3f} {r['prepare_ms']:10.3f}")
+    llm.close()
+
+
+if __name__ == "__main__":
+    main()
