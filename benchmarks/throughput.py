@@ -37,12 +37,21 @@ def run_paphos(model: str, dtype: str, prompts, max_tokens: int, latency_index: 
     from paphos import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(model=model, dtype=dtype, load_format=args.load_format, device=args.device,
-              tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=max(len(prompts), 1))
+    llm = LLM(
+        model=model,
+        dtype=dtype,
+        load_format=args.load_format,
+        device=args.device,
+        tensor_parallel_size=args.tensor_parallel_size,
+        max_num_seqs=max(len(prompts), 1),
+    )
     startup = time.perf_counter() - start
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(temperature=0, max_tokens=4),
-                 use_tqdm=False)  # warm-up
+    llm.generate(
+        [{"prompt_token_ids": prompts[0]}],
+        SamplingParams(temperature=0, max_tokens=4),
+        use_tqdm=False,
+    )  # warm-up
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -53,8 +62,11 @@ def run_paphos(model: str, dtype: str, prompts, max_tokens: int, latency_index: 
     tpot = (m.last_token_time - m.first_token_time) / max(len(lat.outputs[0].token_ids) - 1, 1)
     llm.close()
     return {
-        "tok_s": num_out / elapsed, "ttft_ms": ttft * 1e3, "tpot_ms": tpot * 1e3,
-        "startup_s": startup, "outputs": [o.outputs[0].token_ids for o in outs],
+        "tok_s": num_out / elapsed,
+        "ttft_ms": ttft * 1e3,
+        "tpot_ms": tpot * 1e3,
+        "startup_s": startup,
+        "outputs": [o.outputs[0].token_ids for o in outs],
     }
 
 
@@ -62,15 +74,24 @@ def run_paphos(model: str, dtype: str, prompts, max_tokens: int, latency_index: 
 
 
 def load_hf(model: str, dtype: str):
-    from transformers import AutoModelForCausalLM
+    """transformers' own model; a GGUF is read with transformers' GGUF loader (dequantized)."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     torch_dtype = getattr(torch, dtype)
     path = Path(model)
-    if path.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch_dtype
-        ).eval()
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).eval()
+    if path.suffix != ".gguf":
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).eval()
+    from paphos.gguf_file import hf_config_from_gguf
+
+    config = hf_config_from_gguf(str(path))
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(config)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
+    hf = LlamaForCausalLM(config)
+    hf.load_state_dict(tensors["tensors"], strict=False)
+    hf.tie_weights()
+    return hf.to(torch_dtype).eval()
 
 
 @torch.inference_mode()
@@ -78,11 +99,20 @@ def run_hf(model: str, dtype: str, prompts, max_tokens: int, latency_index: int)
     hf = load_hf(model, dtype)
     pad = 0
     longest = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])  # left-padded [batch, len]
+    ids = torch.tensor(
+        [[pad] * (longest - len(p)) + p for p in prompts]
+    )  # left-padded [batch, len]
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-    kwargs = dict(do_sample=False, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                  pad_token_id=pad, eos_token_id=None)
-    hf.generate(ids[:1], attention_mask=mask[:1], **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
+    kwargs = dict(
+        do_sample=False,
+        max_new_tokens=max_tokens,
+        min_new_tokens=max_tokens,
+        pad_token_id=pad,
+        eos_token_id=None,
+    )
+    hf.generate(
+        ids[:1], attention_mask=mask[:1], **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2}
+    )
     start = time.perf_counter()
     out = hf.generate(ids, attention_mask=mask, **kwargs)
     elapsed = time.perf_counter() - start
@@ -96,14 +126,17 @@ def run_hf(model: str, dtype: str, prompts, max_tokens: int, latency_index: int)
     del hf
     gc.collect()
     return {
-        "tok_s": out[:, longest:].numel() / elapsed, "ttft_ms": ttft * 1e3,
+        "tok_s": out[:, longest:].numel() / elapsed,
+        "ttft_ms": ttft * 1e3,
         "tpot_ms": (total - ttft) / (max_tokens - 1) * 1e3,
         "outputs": out[:, longest:].tolist(),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--model", default="", help="HF dir or .gguf (default: packaged SmolLM2)")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--num-prompts", type=int, default=64)
@@ -135,20 +168,28 @@ def _check_reference(path: Path, dtype: str, outputs) -> str:
 
 
 def _print_table(rows, num_prompts: int, max_tokens: int) -> None:
-    print(f"\nworkload W: {num_prompts} prompts x {max_tokens} new tokens, greedy; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    header = (f"{'dtype':9} {'engine':8} {'tok/s':>8} {'ratio':>6} {'TTFT ms':>8} "
-              f"{'ms/tok':>7} {'ratio':>6} {'start s':>7}  fp32 reference")
+    print(
+        f"\nworkload W: {num_prompts} prompts x {max_tokens} new tokens, greedy; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    header = (
+        f"{'dtype':9} {'engine':8} {'tok/s':>8} {'ratio':>6} {'TTFT ms':>8} "
+        f"{'ms/tok':>7} {'ratio':>6} {'start s':>7}  fp32 reference"
+    )
     print(header)
     print("-" * len(header))
     for dtype, ours, peer, ref in rows:
         tp_ratio = f"{ours['tok_s'] / peer['tok_s']:.2f}x" if peer else "-"
         lat_ratio = f"{ours['tpot_ms'] / peer['tpot_ms']:.2f}x" if peer else "-"
-        print(f"{dtype:9} {'paphos':8} {ours['tok_s']:8.1f} {tp_ratio:>6} {ours['ttft_ms']:8.1f} "
-              f"{ours['tpot_ms']:7.2f} {lat_ratio:>6} {ours['startup_s']:7.1f}  {ref}")
+        print(
+            f"{dtype:9} {'paphos':8} {ours['tok_s']:8.1f} {tp_ratio:>6} {ours['ttft_ms']:8.1f} "
+            f"{ours['tpot_ms']:7.2f} {lat_ratio:>6} {ours['startup_s']:7.1f}  {ref}"
+        )
         if peer:
-            print(f"{dtype:9} {'HF':8} {peer['tok_s']:8.1f} {'1.00x':>6} {peer['ttft_ms']:8.1f} "
-                  f"{peer['tpot_ms']:7.2f} {'1.00x':>6} {'':>7}")
+            print(
+                f"{dtype:9} {'HF':8} {peer['tok_s']:8.1f} {'1.00x':>6} {peer['ttft_ms']:8.1f} "
+                f"{peer['tpot_ms']:7.2f} {'1.00x':>6} {'':>7}"
+            )
 
 
 if __name__ == "__main__":

@@ -37,21 +37,27 @@ class ModelConfig:
     )
     max_model_len: int | None = field(
         default=None,
-        metadata=_help("Longest sequence (prompt + output). Default: the model's, capped by the KV cache."),
+        metadata=_help(
+            "Longest sequence (prompt + output). Default: the model's, capped by the KV cache."
+        ),
     )
     load_format: str = field(
         default="auto", metadata=_help("Weight format to load.", choices=LOAD_FORMATS)
     )
     served_model_name: str | None = field(
-        default=None, metadata=_help("Model name the API answers to (default: the model path).")
+        default=None,
+        metadata=_help("Model name the API answers to (default: the model's short name)."),
     )
     chat_template: str | None = field(
-        default=None, metadata=_help("Jinja chat template, or a path to one (default: the model's).")
+        default=None,
+        metadata=_help("Jinja chat template, or a path to one (default: the model's)."),
     )
     skip_tokenizer_init: bool = field(
         default=False, metadata=_help("Token ids in, token ids out; no tokenizer is loaded.")
     )
-    revision: str | None = field(default=None, metadata=_help("Unused offline; kept for CLI parity."))
+    revision: str | None = field(
+        default=None, metadata=_help("Unused offline; kept for CLI parity.")
+    )
     # Filled by `resolve_model_config`, not by users.
     hf_config: Any = field(default=None, repr=False, compare=False, metadata={"cli": False})
     gguf_file: str | None = field(default=None, metadata={"cli": False})
@@ -77,9 +83,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = field(default=16, metadata=_help("Tokens per KV cache block."))
-    kv_cache_space: float = field(
-        default=4.0, metadata=_help("CPU: KV cache size in GiB.")
-    )
+    kv_cache_space: float = field(default=4.0, metadata=_help("CPU: KV cache size in GiB."))
     gpu_memory_utilization: float = field(
         default=0.9,
         metadata=_help("CUDA: fraction of GPU memory for weights, activations and KV cache."),
@@ -110,7 +114,9 @@ class ParallelConfig:
     )
     distributed_executor_backend: str | None = field(
         default=None,
-        metadata=_help("How ranks run: uni (1 process), mp (local processes), ray.", choices=EXECUTOR_BACKENDS),
+        metadata=_help(
+            "How ranks run: uni (1 process), mp (local processes), ray.", choices=EXECUTOR_BACKENDS
+        ),
     )
 
     @property
@@ -122,9 +128,7 @@ class ParallelConfig:
 class RuntimeConfig:
     device: str = field(default="auto", metadata=_help("Device to run on.", choices=DEVICES))
     seed: int = field(default=0, metadata=_help("Seed for dummy weights and unseeded sampling."))
-    enforce_eager: bool = field(
-        default=False, metadata=_help("CUDA: never capture CUDA graphs.")
-    )
+    enforce_eager: bool = field(default=False, metadata=_help("CUDA: never capture CUDA graphs."))
     num_threads: int | None = field(
         default=None, metadata=_help("CPU: torch threads (default: all cores).")
     )
@@ -162,13 +166,30 @@ class EngineConfig:
     def validate(self) -> None:
         m, c, s, p, r = self.model, self.cache, self.scheduler, self.parallel, self.runtime
         _check(m.dtype in DTYPES, "dtype", m.dtype, f"one of {DTYPES}")
-        _check(m.load_format in LOAD_FORMATS, "load_format", m.load_format, f"one of {LOAD_FORMATS}")
+        _check(
+            m.load_format in LOAD_FORMATS, "load_format", m.load_format, f"one of {LOAD_FORMATS}"
+        )
         _check(r.device in DEVICES, "device", r.device, f"one of {DEVICES}")
-        _check(c.block_size > 0 and c.block_size % 8 == 0, "block_size", c.block_size, "a multiple of 8")
+        _check(
+            c.block_size > 0 and c.block_size % 8 == 0,
+            "block_size",
+            c.block_size,
+            "a multiple of 8",
+        )
         _check(c.kv_cache_space > 0, "kv_cache_space", c.kv_cache_space, "> 0 GiB")
-        _check(0 < c.gpu_memory_utilization <= 1, "gpu_memory_utilization", c.gpu_memory_utilization, "in (0, 1]")
+        _check(
+            0 < c.gpu_memory_utilization <= 1,
+            "gpu_memory_utilization",
+            c.gpu_memory_utilization,
+            "in (0, 1]",
+        )
         _check(s.max_num_seqs >= 1, "max_num_seqs", s.max_num_seqs, ">= 1")
-        _check(s.max_num_batched_tokens >= 1, "max_num_batched_tokens", s.max_num_batched_tokens, ">= 1")
+        _check(
+            s.max_num_batched_tokens >= 1,
+            "max_num_batched_tokens",
+            s.max_num_batched_tokens,
+            ">= 1",
+        )
         _check(p.tensor_parallel_size >= 1, "tensor_parallel_size", p.tensor_parallel_size, ">= 1")
         if m.max_model_len is not None:
             _check(m.max_model_len >= 1, "max_model_len", m.max_model_len, ">= 1")
@@ -250,7 +271,9 @@ def resolve_model_config(config: ModelConfig) -> ModelConfig:
 def _load_hf_config(model_dir: str) -> Any:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
-        raise ValueError(f"{model_dir!r} has no config.json (expected an HF model directory or a .gguf file)")
+        raise ValueError(
+            f"{model_dir!r} has no config.json (expected an HF model directory or a .gguf file)"
+        )
     from transformers import AutoConfig
 
     try:

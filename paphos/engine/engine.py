@@ -72,8 +72,10 @@ class Engine:
         self.num_generation_tokens_total = 0
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens); max_model_len %d",
-            self.num_kv_blocks, config.cache.block_size,
-            self.num_kv_blocks * config.cache.block_size, self.max_model_len,
+            self.num_kv_blocks,
+            config.cache.block_size,
+            self.num_kv_blocks * config.cache.block_size,
+            self.max_model_len,
         )
 
     def _effective_max_model_len(self, num_blocks: int) -> int:
@@ -125,7 +127,13 @@ class Engine:
             self.child_to_parent[seq.request_id] = (parent, seq)
             sub_params = child_params(params, seq.index, num_children)
             self.scheduler.add_request(
-                Request(seq.request_id, list(token_ids), sub_params, self.eos_token_id, metrics.arrival_time)
+                Request(
+                    seq.request_id,
+                    list(token_ids),
+                    sub_params,
+                    self.eos_token_id,
+                    metrics.arrival_time,
+                )
             )
         self.num_prompt_tokens_total += len(token_ids) * num_children
 
@@ -137,11 +145,13 @@ class Engine:
         elif isinstance(prompt, dict) and "prompt" in prompt:
             text, token_ids = prompt["prompt"], None
         else:
-            raise ValueError("prompt must be a string, {'prompt': str} or {'prompt_token_ids': [...]}")
+            raise ValueError(
+                "prompt must be a string, {'prompt': str} or {'prompt_token_ids': [...]}"
+            )
         if token_ids is None:
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer: pass prompt_token_ids instead")
-            token_ids = self.tokenizer.encode(text, add_special_tokens=False)
+            token_ids = self.tokenizer.encode(text)  # with BOS etc., as the server does
         if not token_ids:
             raise ValueError("the prompt is empty")
         if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in token_ids):
@@ -172,12 +182,18 @@ class Engine:
         params.verify_token_ids(self.vocab_size)
         return params
 
-    def _detokenizer(self, prompt_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+    def _detokenizer(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> IncrementalDetokenizer | None:
         if self.tokenizer is None:
             return None
         return IncrementalDetokenizer(
-            self.tokenizer, prompt_ids, params.skip_special_tokens,
-            params.spaces_between_special_tokens, list(params.stop), params.include_stop_str_in_output,
+            self.tokenizer,
+            prompt_ids,
+            params.skip_special_tokens,
+            params.spaces_between_special_tokens,
+            list(params.stop),
+            params.include_stop_str_in_output,
         )
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
@@ -211,7 +227,9 @@ class Engine:
             touched[parent.request_id] = parent
         return [self._emit(parent) for parent in touched.values() if self._should_emit(parent)]
 
-    def _apply_update(self, parent: ParentRequest, seq: Sequence, update: Any, step_time: float) -> None:
+    def _apply_update(
+        self, parent: ParentRequest, seq: Sequence, update: Any, step_time: float
+    ) -> None:
         request = update.request
         metrics = parent.metrics
         if metrics.first_scheduled_time is None:
@@ -231,7 +249,9 @@ class Engine:
             metrics.finished_time = step_time
             self._forget(parent)
 
-    def _append_tokens(self, seq: Sequence, update: Any, step_time: float, metrics: RequestMetrics) -> None:
+    def _append_tokens(
+        self, seq: Sequence, update: Any, step_time: float, metrics: RequestMetrics
+    ) -> None:
         new_ids = list(update.new_token_ids)
         seq.token_ids.extend(new_ids)
         self.num_generation_tokens_total += len(new_ids)

@@ -60,10 +60,12 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init=True was given)")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [
-            apply_chat_template(self.tokenizer, conv, add_generation_prompt, chat_template)
-            for conv in conversations
-        ]
+        prompts = []
+        for conv in conversations:
+            text = apply_chat_template(self.tokenizer, conv, add_generation_prompt, chat_template)
+            # the template already holds the special tokens: encode without adding more
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

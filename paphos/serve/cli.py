@@ -133,14 +133,17 @@ def run_server(engine_kwargs: dict[str, Any], server_config: ServerConfig) -> No
     config = EngineConfig.from_kwargs(**engine_kwargs)
     engine = Engine(config)
     log_startup(config, engine, server_config)
-    app = build_app(AsyncEngine(engine), server_config)
-    uvicorn.run(
-        app,
-        host=server_config.host,
-        port=server_config.port,
-        log_level=server_config.uvicorn_log_level,
-        timeout_graceful_shutdown=5,
-    )
+    try:
+        app = build_app(AsyncEngine(engine), server_config)
+        uvicorn.run(
+            app,
+            host=server_config.host,
+            port=server_config.port,
+            log_level=server_config.uvicorn_log_level,
+            timeout_graceful_shutdown=5,
+        )
+    finally:
+        engine.shutdown()  # stops tensor-parallel workers too
 
 
 def main(argv: Sequence[str] | None = None) -> int:
