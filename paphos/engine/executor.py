@@ -49,7 +49,9 @@ def make_executor(config: EngineConfig) -> Executor:
         backend = "uni" if config.parallel.world_size == 1 else "mp"
     if backend == "uni":
         if config.parallel.world_size != 1:
-            raise ValueError("distributed_executor_backend='uni' runs one rank: use 'mp' for TP > 1")
+            raise ValueError(
+                "distributed_executor_backend='uni' runs one rank: use 'mp' for TP > 1"
+            )
         return UniprocExecutor(config)
     if backend == "mp":
         from paphos.engine.mp_executor import MultiprocExecutor

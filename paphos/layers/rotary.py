@@ -35,7 +35,9 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._op(positions, query, key, self.cos_sin_cache, self.head_size, self.is_neox_style)
+        return self._op(
+            positions, query, key, self.cos_sin_cache, self.head_size, self.is_neox_style
+        )
 
 
 def get_rope(

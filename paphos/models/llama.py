@@ -61,11 +61,20 @@ class LlamaAttention(nn.Module):
         head_dim = getattr(hf_config, "head_dim", None) or hidden // total_heads
         bias = getattr(hf_config, "attention_bias", False)
         self.qkv_proj = QKVParallelLinear(
-            hidden, head_dim, total_heads, total_kv_heads, bias=bias,
-            linear_method=linear_method, parallel=parallel,
+            hidden,
+            head_dim,
+            total_heads,
+            total_kv_heads,
+            bias=bias,
+            linear_method=linear_method,
+            parallel=parallel,
         )
         self.o_proj = RowParallelLinear(
-            total_heads * head_dim, hidden, bias=bias, linear_method=linear_method, parallel=parallel
+            total_heads * head_dim,
+            hidden,
+            bias=bias,
+            linear_method=linear_method,
+            parallel=parallel,
         )
         num_heads, num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
@@ -166,7 +175,9 @@ class LlamaForCausalLM(nn.Module):
         hf_config = config.hf_config
         self.hf_config = hf_config
         self.model = LlamaModel(hf_config, linear_method, parallel)
-        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, parallel=parallel)
+        self.lm_head = ParallelLMHead(
+            hf_config.vocab_size, hf_config.hidden_size, parallel=parallel
+        )
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.tie_weights(self.model.embed_tokens)
@@ -202,7 +213,9 @@ class LlamaForCausalLM(nn.Module):
             target, shard_id = _map_name(name, self.stacked_params)
             param = params.get(target)
             if param is None:
-                raise ValueError(f"checkpoint weight {name!r} has no parameter in {type(self).__name__}")
+                raise ValueError(
+                    f"checkpoint weight {name!r} has no parameter in {type(self).__name__}"
+                )
             loader = getattr(param, "weight_loader", default_weight_loader)
             if shard_id is None:
                 loader(param, tensor)

@@ -56,12 +56,19 @@ def gather_context(
 
 
 def _prefill_attention(
-    query: torch.Tensor, kv_cache: torch.Tensor, seq_len: int, block_table: torch.Tensor, scale: float
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    seq_len: int,
+    block_table: torch.Tensor,
+    scale: float,
 ) -> torch.Tensor:
     q_len = query.shape[0]
     k, v = gather_context(kv_cache, block_table, seq_len)
     q = query.float().transpose(0, 1)  # [num_heads, q_len, head_size]
-    k, v = k.float().transpose(0, 1), v.float().transpose(0, 1)  # [num_kv_heads, seq_len, head_size]
+    k, v = (
+        k.float().transpose(0, 1),
+        v.float().transpose(0, 1),
+    )  # [num_kv_heads, seq_len, head_size]
     if q_len == seq_len:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:

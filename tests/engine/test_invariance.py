@@ -21,9 +21,15 @@ SHARED_PREFIX = list(range(10, 50))  # 40 tokens = 2.5 blocks of 16, shared by h
 def peaked_llama(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("peaked_llama")
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).float()
@@ -53,7 +59,9 @@ def _generate(path: Path, prompts, order=None, one_by_one=False, **engine_kwargs
         for i in order:
             results[i] = llm.generate({"prompt_token_ids": prompts[i]}, params, use_tqdm=False)[0]
     else:
-        outs = llm.generate([{"prompt_token_ids": prompts[i]} for i in order], params, use_tqdm=False)
+        outs = llm.generate(
+            [{"prompt_token_ids": prompts[i]} for i in order], params, use_tqdm=False
+        )
         results = dict(zip(order, outs))
     engine = llm.engine
     engine.scheduler.check_invariants()
@@ -83,7 +91,9 @@ def test_batched_equals_one_at_a_time(peaked_llama, baseline):
 
 
 def test_arrival_order_does_not_change_outputs(peaked_llama, baseline):
-    outs, _ = _generate(peaked_llama, _prompts(), order=[5, 3, 1, 0, 2, 4], enable_prefix_caching=False)
+    outs, _ = _generate(
+        peaked_llama, _prompts(), order=[5, 3, 1, 0, 2, 4], enable_prefix_caching=False
+    )
     _assert_same(baseline, outs)
 
 
@@ -104,7 +114,10 @@ def test_chunked_prefill_with_small_budget_does_not_change_outputs(peaked_llama,
 
 def test_chunked_prefill_off_does_not_change_outputs(peaked_llama, baseline):
     outs, _ = _generate(
-        peaked_llama, _prompts(), enable_chunked_prefill=False, max_num_batched_tokens=512,
+        peaked_llama,
+        _prompts(),
+        enable_chunked_prefill=False,
+        max_num_batched_tokens=512,
         enable_prefix_caching=False,
     )
     _assert_same(baseline, outs)
@@ -117,7 +130,9 @@ def test_prefix_caching_hits_and_does_not_change_outputs(peaked_llama, baseline)
 
 
 def test_aborted_requests_free_every_block(peaked_llama):
-    llm = LLM(model=str(peaked_llama), dtype="float32", skip_tokenizer_init=True, kv_cache_space=0.02)
+    llm = LLM(
+        model=str(peaked_llama), dtype="float32", skip_tokenizer_init=True, kv_cache_space=0.02
+    )
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
     for i, prompt in enumerate(_prompts()):

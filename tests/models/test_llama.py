@@ -25,8 +25,11 @@ VARIANTS = {
         num_key_value_heads=1,
         tie_word_embeddings=False,
         rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
         },
     ),
 }
@@ -34,9 +37,16 @@ VARIANTS = {
 
 def make_tiny_llama(path: Path, variant: str, num_layers: int = 3) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
-        max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
-        bos_token_id=1, eos_token_id=2, **VARIANTS[variant],
+        vocab_size=211,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=num_layers,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **VARIANTS[variant],
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).float().eval()
@@ -49,8 +59,12 @@ def models(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     hf = make_tiny_llama(path, request.param)
     config = EngineConfig.from_kwargs(
-        model=str(path), dtype="float32", skip_tokenizer_init=True, block_size=BLOCK_SIZE,
-        num_blocks_override=64, device="cpu",
+        model=str(path),
+        dtype="float32",
+        skip_tokenizer_init=True,
+        block_size=BLOCK_SIZE,
+        num_blocks_override=64,
+        device="cpu",
     )
     runner = ModelRunner(config)
     runner.initialize_kv_cache(64)
@@ -60,7 +74,9 @@ def models(request, tmp_path_factory):
 def _state(runner: ModelRunner, rid: str, tokens: list[int], blocks: list[int], computed: int):
     from paphos.sampling_params import SamplingParams as SP
 
-    sampling = RequestSamplingState(SP(temperature=0), tokens, [], None, runner.vocab_size, runner.device)
+    sampling = RequestSamplingState(
+        SP(temperature=0), tokens, [], None, runner.vocab_size, runner.device
+    )
     return RunnerRequestState(rid, list(tokens), len(tokens), blocks, computed, sampling)
 
 
@@ -104,9 +120,14 @@ def test_mixed_batch_of_chunk_with_context_and_decodes_matches_transformers(mode
     a = torch.randint(0, 211, (30,), generator=gen).tolist()
     b = torch.randint(0, 211, (20,), generator=gen).tolist()
     c = torch.randint(0, 211, (45,), generator=gen).tolist()
-    sa, sb, sc = (_state(runner, "a", a, [20, 21], 0), _state(runner, "b", b, [22, 23], 0),
-                  _state(runner, "c", c, [24, 25, 26], 0))
-    _all_logits(runner, [sa, sb, sc], [29, 19, 17])  # a and b up to their last token; c a first chunk
+    sa, sb, sc = (
+        _state(runner, "a", a, [20, 21], 0),
+        _state(runner, "b", b, [22, 23], 0),
+        _state(runner, "c", c, [24, 25, 26], 0),
+    )
+    _all_logits(
+        runner, [sa, sb, sc], [29, 19, 17]
+    )  # a and b up to their last token; c a first chunk
     for s, n in ((sa, 29), (sb, 19), (sc, 17)):
         s.num_computed_tokens = n
     ours = _all_logits(runner, [sa, sc, sb], [1, 28, 1])  # decode, rest of c's prompt, decode
@@ -125,7 +146,12 @@ def test_greedy_tokens_equal_hf_generate(tmp_path, variant):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+            ref = hf.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=24,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
         assert out.outputs[0].token_ids == ref
         assert out.outputs[0].finish_reason == "length"

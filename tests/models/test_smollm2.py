@@ -5,7 +5,6 @@ agreed on), and stay equal under preemption, chunked prefill, prefix caching and
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -50,12 +49,19 @@ def test_chat_continuations_equal_live_transformers():
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
     outs = llm.chat(chats, params, use_tqdm=False)
     for chat, out in zip(chats, outs):
-        prompt_ids = llm.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        prompt_ids = llm.tokenizer.apply_chat_template(
+            chat, add_generation_prompt=True, tokenize=True
+        )
         prompt_ids = list(getattr(prompt_ids, "input_ids", prompt_ids))
         assert out.prompt_token_ids == prompt_ids
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=NUM_TOKENS, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)[0, len(prompt_ids):].tolist()
+            ref = hf.generate(
+                torch.tensor([prompt_ids]),
+                max_new_tokens=NUM_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt_ids) :].tolist()
         assert out.outputs[0].token_ids == ref
 
 

@@ -9,9 +9,17 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "paphos"
 RANKS = {
-    "core": 1, "parallel": 1,
-    "kernels": 2, "ops": 2, "attention": 2,
-    "quant": 3, "layers": 4, "models": 5, "runner": 6, "engine": 7, "serve": 8,
+    "core": 1,
+    "parallel": 1,
+    "kernels": 2,
+    "ops": 2,
+    "attention": 2,
+    "quant": 3,
+    "layers": 4,
+    "models": 5,
+    "runner": 6,
+    "engine": 7,
+    "serve": 8,
 }  # top-level modules (config, sampling_params, request, outputs, gguf_file, tokenizer) are data: 0
 
 
