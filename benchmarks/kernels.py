@@ -71,15 +71,23 @@ def elementwise_cases(device: torch.device) -> list[tuple[str, tuple, float, flo
         ("rms_norm", (x, w, 1e-6), 2 * e, 4 * n * hidden),
         ("fused_add_rms_norm", (x, r, w, 1e-6), 4 * e, 5 * n * hidden),
         ("silu_and_mul", (gate_up,), 3 * n * inter * 2, 6 * n * inter),
-        ("rotary_embedding", (positions, q, k, cos_sin, 128, True),
-         2 * n * 40 * 128 * 2 + n * 128 * 4, 6 * n * 40 * 64),
+        (
+            "rotary_embedding",
+            (positions, q, k, cos_sin, 128, True),
+            2 * n * 40 * 128 * 2 + n * 128 * 4,
+            6 * n * 40 * 64,
+        ),
         ("write_kv_cache", (kv, kv, cache, slots), 4 * n * 8 * 128 * 2, 0),
     ]
 
 
 def paged_batch(
-    lens: list[tuple[int, int]], device: torch.device, heads: int = 32, kv_heads: int = 8,
-    head_size: int = 128, block: int = 16,
+    lens: list[tuple[int, int]],
+    device: torch.device,
+    heads: int = 32,
+    kv_heads: int = 8,
+    head_size: int = 128,
+    block: int = 16,
 ) -> dict:
     """A paged batch of sequences given as (q_len, seq_len), each on shuffled blocks."""
     per_seq = [-(-s // block) for _, s in lens]
@@ -96,8 +104,9 @@ def paged_batch(
         # [num_tokens, heads, head_size]
         query=torch.randn(int(q_lens.sum()), heads, head_size, device=device, dtype=DTYPE),
         # [2, num_blocks, block, kv_heads, head_size]
-        kv_cache=torch.randn(2, sum(per_seq), block, kv_heads, head_size, device=device,
-                             dtype=DTYPE),
+        kv_cache=torch.randn(
+            2, sum(per_seq), block, kv_heads, head_size, device=device, dtype=DTYPE
+        ),
         query_start_loc=starts.to(device),
         seq_lens=torch.tensor([s for _, s in lens], device=device, dtype=torch.int32),
         block_tables=tables,
@@ -105,8 +114,9 @@ def paged_batch(
     )
 
 
-def attention_cost(lens: list[tuple[int, int]], heads: int = 32, kv_heads: int = 8,
-                   head_size: int = 128) -> tuple[float, float]:
+def attention_cost(
+    lens: list[tuple[int, int]], heads: int = 32, kv_heads: int = 8, head_size: int = 128
+) -> tuple[float, float]:
     """(bytes, flops): each sequence's K and V read once; causal QK^T and PV counted."""
     kv_bytes = sum(s for _, s in lens) * kv_heads * head_size * 2 * 2
     q_bytes = 2 * sum(q for q, _ in lens) * heads * head_size * 2
@@ -124,8 +134,14 @@ ATTENTION_CASES = {
 }
 
 
-def run_case(name: str, op: str, args: tuple, kwargs: dict, cost: tuple[float, float],
-             floors: dict[str, float]) -> dict:
+def run_case(
+    name: str,
+    op: str,
+    args: tuple,
+    kwargs: dict,
+    cost: tuple[float, float],
+    floors: dict[str, float],
+) -> dict:
     kernel, reference = CUDA_KERNELS[op], REFERENCES[op]
     if op == "write_kv_cache":  # in place: each writes its own copy of the cache
         key, value, cache, slots = args
@@ -139,12 +155,26 @@ def run_case(name: str, op: str, args: tuple, kwargs: dict, cost: tuple[float, f
     kernel_ms = median_ms(lambda: kernel(*args, **kwargs))
     ref_ms = median_ms(lambda: reference(*args))
     floor_ms = max(cost[0] / floors["copy_gbps"] / 1e6, cost[1] / floors["bf16_tflops"] / 1e9)
-    return dict(case=name, op=op, rel_err=err, kernel_ms=kernel_ms, ref_ms=ref_ms,
-                floor_ms=floor_ms, bytes=cost[0], flops=cost[1])
+    return dict(
+        case=name,
+        op=op,
+        rel_err=err,
+        kernel_ms=kernel_ms,
+        ref_ms=ref_ms,
+        floor_ms=floor_ms,
+        bytes=cost[0],
+        flops=cost[1],
+    )
 
 
-def _guarded(name: str, op: str, args: tuple, kwargs: dict, cost: tuple[float, float],
-             floors: dict[str, float]) -> list[dict]:
+def _guarded(
+    name: str,
+    op: str,
+    args: tuple,
+    kwargs: dict,
+    cost: tuple[float, float],
+    floors: dict[str, float],
+) -> list[dict]:
     """One case's row, or none (with the error printed) so that one failure keeps the table."""
     try:
         return [run_case(name, op, args, kwargs, cost, floors)]
@@ -183,19 +213,22 @@ def time_prefill(batch: dict, lens: list, tiles: PrefillTiles, ref: torch.Tensor
     return dict(config=repr(tiles), rel_err=rel_error(out, ref), ms=median_ms(launch))
 
 
-def time_decode(batch: dict, lens: list, tiles: DecodeTiles, splits: int | None,
-                ref: torch.Tensor) -> dict:
+def time_decode(
+    batch: dict, lens: list, tiles: DecodeTiles, splits: int | None, ref: torch.Tensor
+) -> dict:
     out = torch.full_like(batch["query"], float("nan"))  # [num_seqs, heads, head_size], poisoned
     if splits is None:
-        splits = num_decode_splits(len(lens), batch["kv_cache"].shape[3],
-                                   max(s for _, s in lens), num_sms(out.device))
+        splits = num_decode_splits(
+            len(lens), batch["kv_cache"].shape[3], max(s for _, s in lens), num_sms(out.device)
+        )
 
     def launch() -> None:
         decode_attention(**batch, out=out, num_splits=splits, tiles=tiles)
 
     launch()
-    return dict(config=f"{tiles!r} splits={splits}", rel_err=rel_error(out, ref),
-                ms=median_ms(launch))
+    return dict(
+        config=f"{tiles!r} splits={splits}", rel_err=rel_error(out, ref), ms=median_ms(launch)
+    )
 
 
 def sweep(name: str, variants: list, timer) -> list[dict]:
@@ -238,28 +271,45 @@ def main() -> None:
     device = torch.device("cuda")
     torch.manual_seed(0)
     floors = measure_floors(device)
-    print(f"{torch.cuda.get_device_name(device)}: copy {floors['copy_gbps']:.0f} GB/s, "
-          f"bf16 matmul {floors['bf16_tflops']:.0f} TFLOP/s", flush=True)
+    print(
+        f"{torch.cuda.get_device_name(device)}: copy {floors['copy_gbps']:.0f} GB/s, "
+        f"bf16 matmul {floors['bf16_tflops']:.0f} TFLOP/s",
+        flush=True,
+    )
     rows = []
     for op, args, num_bytes, flops in elementwise_cases(device):
         rows.extend(_guarded(op, op, args, {}, (num_bytes, flops), floors))
     for name, lens in ATTENTION_CASES.items():
         batch = paged_batch(lens, device)
         hints = dict(max_query_len=max(q for q, _ in lens), max_seq_len=max(s for _, s in lens))
-        rows.extend(_guarded(
-            name, "paged_attention", tuple(batch.values()), hints, attention_cost(lens), floors
-        ))
-    print(f"{'case':<22}{'rel_err':>9}{'kernel ms':>11}{'ref ms':>10}{'floor ms':>10}"
-          f"{'floor/kern':>11}{'speedup':>9}")
+        rows.extend(
+            _guarded(
+                name, "paged_attention", tuple(batch.values()), hints, attention_cost(lens), floors
+            )
+        )
+    print(
+        f"{'case':<22}{'rel_err':>9}{'kernel ms':>11}{'ref ms':>10}{'floor ms':>10}"
+        f"{'floor/kern':>11}{'speedup':>9}"
+    )
     for r in rows:
-        print(f"{r['case']:<22}{r['rel_err']:>9.1e}{r['kernel_ms']:>11.4f}{r['ref_ms']:>10.4f}"
-              f"{r['floor_ms']:>10.4f}{r['floor_ms'] / r['kernel_ms']:>11.2f}"
-              f"{r['ref_ms'] / r['kernel_ms']:>9.1f}")
+        print(
+            f"{r['case']:<22}{r['rel_err']:>9.1e}{r['kernel_ms']:>11.4f}{r['ref_ms']:>10.4f}"
+            f"{r['floor_ms']:>10.4f}{r['floor_ms'] / r['kernel_ms']:>11.2f}"
+            f"{r['ref_ms'] / r['kernel_ms']:>9.1f}"
+        )
     sweep_rows = run_sweep() if cli.sweep else []
     if cli.out:
         with open(cli.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(device), floors=floors, rows=rows,
-                           sweep=sweep_rows), f, indent=1)
+            json.dump(
+                dict(
+                    device=torch.cuda.get_device_name(device),
+                    floors=floors,
+                    rows=rows,
+                    sweep=sweep_rows,
+                ),
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -13,21 +13,48 @@ from paphos.layers.sampler import RequestSamplingState, Sampler, SamplingMetadat
 from paphos.sampling_params import SamplingParams
 
 ALL_ON = dict(
-    temperature=0.9, dynatemp_min=0.5, dynatemp_max=1.5, top_p=0.95, top_k=200, top_a=0.01,
-    min_p=0.02, tfs=0.98, eta_cutoff=2.0, epsilon_cutoff=2.0, typical_p=0.98,
-    smoothing_factor=0.2, xtc_probability=0.5, nsigma=2.5, skew=0.2, presence_penalty=0.2,
-    frequency_penalty=0.2, repetition_penalty=1.1, no_repeat_ngram_size=4, dry_multiplier=0.8,
-    dry_sequence_breakers=[], dry_sequence_breaker_ids=[0, 1], mirostat_mode=2, mirostat_tau=5.0,
-    mirostat_eta=0.1, logprobs=5,
+    temperature=0.9,
+    dynatemp_min=0.5,
+    dynatemp_max=1.5,
+    top_p=0.95,
+    top_k=200,
+    top_a=0.01,
+    min_p=0.02,
+    tfs=0.98,
+    eta_cutoff=2.0,
+    epsilon_cutoff=2.0,
+    typical_p=0.98,
+    smoothing_factor=0.2,
+    xtc_probability=0.5,
+    nsigma=2.5,
+    skew=0.2,
+    presence_penalty=0.2,
+    frequency_penalty=0.2,
+    repetition_penalty=1.1,
+    no_repeat_ngram_size=4,
+    dry_multiplier=0.8,
+    dry_sequence_breakers=[],
+    dry_sequence_breaker_ids=[0, 1],
+    mirostat_mode=2,
+    mirostat_tau=5.0,
+    mirostat_eta=0.1,
+    logprobs=5,
 )
 
 
-def _states(params: SamplingParams, batch: int, vocab: int, history: int,
-            device: torch.device) -> list[RequestSamplingState]:
+def _states(
+    params: SamplingParams, batch: int, vocab: int, history: int, device: torch.device
+) -> list[RequestSamplingState]:
     rng = random.Random(0)
     return [
-        RequestSamplingState(params, [rng.randrange(vocab) for _ in range(history)],
-                             [rng.randrange(vocab) for _ in range(16)], 2, vocab, device)
+        RequestSamplingState(
+            params,
+            [rng.randrange(vocab) for _ in range(history)],
+            [rng.randrange(vocab) for _ in range(16)],
+            2,
+            vocab,
+            device,
+        )
         for _ in range(batch)
     ]
 
@@ -56,9 +83,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    cases = {"greedy": SamplingParams(temperature=0),
-             "all samplers, unseeded": SamplingParams(**ALL_ON),
-             "all samplers, seeded": SamplingParams(seed=1, **ALL_ON)}
+    cases = {
+        "greedy": SamplingParams(temperature=0),
+        "all samplers, unseeded": SamplingParams(**ALL_ON),
+        "all samplers, seeded": SamplingParams(seed=1, **ALL_ON),
+    }
     print(f"batch={args.batch} vocab={args.vocab} history={args.history + 16} tokens/row")
     for device in devices:
         for name, params in cases.items():
