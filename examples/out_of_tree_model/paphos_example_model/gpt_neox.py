@@ -43,13 +43,22 @@ class GPTNeoXAttention(nn.Module):
         # HF fuses q, k, v per head; QKVParallelLinear keeps all q, then all k, then all v, so that
         # each rank's shard is contiguous (load_weights below reorders the checkpoint).
         self.query_key_value = QKVParallelLinear(
-            hidden, self.head_size, total_heads, total_heads, bias=bias,
-            linear_method=linear_method, parallel=parallel,
+            hidden,
+            self.head_size,
+            total_heads,
+            total_heads,
+            bias=bias,
+            linear_method=linear_method,
+            parallel=parallel,
         )
         # The caller all-reduces (once for attention + MLP when the residual is parallel).
         self.dense = RowParallelLinear(
-            hidden, hidden, bias=bias, reduce_results=False,
-            linear_method=linear_method, parallel=parallel,
+            hidden,
+            hidden,
+            bias=bias,
+            reduce_results=False,
+            linear_method=linear_method,
+            parallel=parallel,
         )
         self.num_heads = self.query_key_value.num_heads
         self.q_size = self.num_heads * self.head_size
@@ -85,8 +94,12 @@ class GPTNeoXMLP(nn.Module):
             hidden, inter, bias=True, linear_method=linear_method, parallel=parallel
         )
         self.dense_4h_to_h = RowParallelLinear(
-            inter, hidden, bias=True, reduce_results=False,
-            linear_method=linear_method, parallel=parallel,
+            inter,
+            hidden,
+            bias=True,
+            reduce_results=False,
+            linear_method=linear_method,
+            parallel=parallel,
         )
         self.act = nn.GELU(approximate=_GELU_APPROXIMATIONS[act])
 
