@@ -21,11 +21,27 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def attend_tile(
-    q, acc, m, l_sum,
-    cache_ptr, block_table_ptr, kv_head, start, kv_end, q_pos, scale_log2,
-    stride_kv, stride_blk, stride_tok, stride_head,
-    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    q,
+    acc,
+    m,
+    l_sum,
+    cache_ptr,
+    block_table_ptr,
+    kv_head,
+    start,
+    kv_end,
+    q_pos,
+    scale_log2,
+    stride_kv,
+    stride_blk,
+    stride_tok,
+    stride_head,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """q: [M, HEAD_PAD]; acc: [M, HEAD_PAD] f32; m, l_sum: [M] f32; keys start..start+BLOCK_N-1."""
     toks = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]

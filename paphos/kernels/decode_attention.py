@@ -18,14 +18,35 @@ from paphos.kernels.attention_tile import attend_tile
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, cache_ptr, query_start_ptr, seq_lens_ptr, block_tables_ptr,
-    out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kv, stride_blk, stride_tok, stride_head, stride_bt,
-    scale_log2, num_heads, num_splits,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
-    HEAD_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    q_ptr,
+    cache_ptr,
+    query_start_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kv,
+    stride_blk,
+    stride_tok,
+    stride_head,
+    stride_bt,
+    scale_log2,
+    num_heads,
+    num_splits,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -45,7 +66,8 @@ def _decode_kernel(
     io_mask = (g < GROUP)[:, None] & (dims < HEAD_SIZE)[None, :]
     q = tl.load(
         q_ptr + q_start * stride_qt + heads[:, None] * stride_qh + dims[None, :],
-        mask=io_mask, other=0.0,
+        mask=io_mask,
+        other=0.0,
     )  # [GROUP_PAD, HEAD_PAD]
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_sum = tl.zeros([GROUP_PAD], tl.float32)
@@ -53,9 +75,27 @@ def _decode_kernel(
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for tile in range(tile_start, tile_end):
         acc, m, l_sum = attend_tile(
-            q, acc, m, l_sum, cache_ptr, bt_row, kv_head, tile * BLOCK_N, seq_len, m, scale_log2,
-            stride_kv, stride_blk, stride_tok, stride_head,
-            HEAD_SIZE, HEAD_PAD, PAGE_SIZE, BLOCK_N, False, IEEE,
+            q,
+            acc,
+            m,
+            l_sum,
+            cache_ptr,
+            bt_row,
+            kv_head,
+            tile * BLOCK_N,
+            seq_len,
+            m,
+            scale_log2,
+            stride_kv,
+            stride_blk,
+            stride_tok,
+            stride_head,
+            HEAD_SIZE,
+            HEAD_PAD,
+            PAGE_SIZE,
+            BLOCK_N,
+            False,
+            IEEE,
         )
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # [GROUP_PAD, HEAD_PAD]
     if SPLIT:
@@ -70,9 +110,18 @@ def _decode_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    query_start_ptr, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
-    stride_ot, stride_oh, num_heads, num_splits,
-    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    query_start_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    stride_ot,
+    stride_oh,
+    num_heads,
+    num_splits,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -119,8 +168,13 @@ def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 
 
 def decode_attention(
-    query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, out: torch.Tensor,
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
     num_splits: int,
     tiles: DecodeTiles | None = None,
 ) -> None:
@@ -135,25 +189,61 @@ def decode_attention(
     # partial outputs [num_seqs, num_heads, num_splits, head_pad]; m, l [num_seqs, heads, splits]
     part_out = torch.empty(
         (num_seqs, num_heads, num_splits, head_pad) if split else (1,),
-        dtype=torch.float32, device=query.device,
+        dtype=torch.float32,
+        device=query.device,
     )
-    part_m = torch.empty((num_seqs, num_heads, num_splits) if split else (1,),
-                         dtype=torch.float32, device=query.device)  # [num_seqs, heads, splits]
+    part_m = torch.empty(
+        (num_seqs, num_heads, num_splits) if split else (1,),
+        dtype=torch.float32,
+        device=query.device,
+    )  # [num_seqs, heads, splits]
     part_l = torch.empty_like(part_m)  # [num_seqs, num_heads, num_splits]
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, kv_cache, query_start_loc, seq_lens, block_tables, out, part_out, part_m, part_l,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        block_tables.stride(0), scale * 1.4426950408889634, num_heads, num_splits,
-        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16), HEAD_SIZE=head_size,
-        HEAD_PAD=head_pad, PAGE_SIZE=page_size, BLOCK_N=tiles.block_n,
-        SPLIT=split, IEEE=query.dtype == torch.float32,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        query,
+        kv_cache,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        out,
+        part_out,
+        part_m,
+        part_l,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        block_tables.stride(0),
+        scale * 1.4426950408889634,
+        num_heads,
+        num_splits,
+        GROUP=group,
+        GROUP_PAD=max(triton.next_power_of_2(group), 16),
+        HEAD_SIZE=head_size,
+        HEAD_PAD=head_pad,
+        PAGE_SIZE=page_size,
+        BLOCK_N=tiles.block_n,
+        SPLIT=split,
+        IEEE=query.dtype == torch.float32,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
     if split:
         _merge_splits_kernel[(num_seqs, num_heads)](
-            query_start_loc, out, part_out, part_m, part_l,
-            out.stride(0), out.stride(1), num_heads, num_splits,
-            HEAD_SIZE=head_size, HEAD_PAD=head_pad,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+            query_start_loc,
+            out,
+            part_out,
+            part_m,
+            part_l,
+            out.stride(0),
+            out.stride(1),
+            num_heads,
+            num_splits,
+            HEAD_SIZE=head_size,
+            HEAD_PAD=head_pad,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4,
         )

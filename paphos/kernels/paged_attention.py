@@ -17,8 +17,11 @@ DEFAULT_NUM_SMS = 132  # an H100 SXM; used when the device reports none (Triton'
 
 
 def _check(
-    query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor, block_tables: torch.Tensor,
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
 ) -> None:
     check_dim("query", query, 3)
     check_dim("kv_cache", kv_cache, 5)
@@ -28,8 +31,11 @@ def _check(
     check_float_dtype("query", query)
     check_float_dtype("kv_cache", kv_cache)
     check_same_device(
-        query=query, kv_cache=kv_cache, query_start_loc=query_start_loc,
-        seq_lens=seq_lens, block_tables=block_tables,
+        query=query,
+        kv_cache=kv_cache,
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        block_tables=block_tables,
     )
     num_seqs = seq_lens.shape[0]
     if query_start_loc.shape[0] != num_seqs + 1 or block_tables.shape[0] != num_seqs:
@@ -47,8 +53,11 @@ def _check(
         raise ValueError(
             f"num_heads={query.shape[1]} is not a multiple of num_kv_heads={kv_cache.shape[3]}"
         )
-    for name, t in (("query_start_loc", query_start_loc), ("seq_lens", seq_lens),
-                    ("block_tables", block_tables)):
+    for name, t in (
+        ("query_start_loc", query_start_loc),
+        ("seq_lens", seq_lens),
+        ("block_tables", block_tables),
+    ):
         if t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} has dtype {t.dtype}; expected int32 or int64")
 
@@ -91,15 +100,19 @@ def paged_attention(
         raise ValueError(
             f"max_query_len={max_query_len} and max_seq_len={max_seq_len} must be >= 1"
         )
-    num_splits = num_decode_splits(
-        num_seqs, kv_cache.shape[3], max_seq_len, num_sms(query.device)
-    )
+    num_splits = num_decode_splits(num_seqs, kv_cache.shape[3], max_seq_len, num_sms(query.device))
     decode_attention(
         query, kv_cache, query_start_loc, seq_lens, block_tables, scale, out, num_splits
     )
     if max_query_len > 1:
         prefill_attention(
-            query, kv_cache, query_start_loc, seq_lens, block_tables, scale, out,
+            query,
+            kv_cache,
+            query_start_loc,
+            seq_lens,
+            block_tables,
+            scale,
+            out,
             min(max_query_len, num_tokens),
         )
     return out

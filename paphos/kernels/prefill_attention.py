@@ -18,12 +18,30 @@ from paphos.kernels.attention_tile import attend_tile
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, cache_ptr, query_start_ptr, seq_lens_ptr, block_tables_ptr, out_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kv, stride_blk, stride_tok, stride_head, stride_bt, scale_log2,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
-    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    q_ptr,
+    cache_ptr,
+    query_start_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    out_ptr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kv,
+    stride_blk,
+    stride_tok,
+    stride_head,
+    stride_bt,
+    scale_log2,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_block = tl.program_id(1)
@@ -43,7 +61,8 @@ def _prefill_kernel(
     token = (q_start + q_idx).to(tl.int64)
     q = tl.load(
         q_ptr + token[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
-        mask=io_mask, other=0.0,
+        mask=io_mask,
+        other=0.0,
     )  # [M, HEAD_PAD]
     q_pos = context_len + q_idx  # [M]
     m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
@@ -55,15 +74,51 @@ def _prefill_kernel(
     unmasked_end = (first_pos // BLOCK_N) * BLOCK_N
     for start in range(0, unmasked_end, BLOCK_N):
         acc, m, l_sum = attend_tile(
-            q, acc, m, l_sum, cache_ptr, bt_row, kv_head, start, kv_end, q_pos, scale_log2,
-            stride_kv, stride_blk, stride_tok, stride_head,
-            HEAD_SIZE, HEAD_PAD, PAGE_SIZE, BLOCK_N, False, IEEE,
+            q,
+            acc,
+            m,
+            l_sum,
+            cache_ptr,
+            bt_row,
+            kv_head,
+            start,
+            kv_end,
+            q_pos,
+            scale_log2,
+            stride_kv,
+            stride_blk,
+            stride_tok,
+            stride_head,
+            HEAD_SIZE,
+            HEAD_PAD,
+            PAGE_SIZE,
+            BLOCK_N,
+            False,
+            IEEE,
         )
     for start in range(unmasked_end, kv_end, BLOCK_N):
         acc, m, l_sum = attend_tile(
-            q, acc, m, l_sum, cache_ptr, bt_row, kv_head, start, kv_end, q_pos, scale_log2,
-            stride_kv, stride_blk, stride_tok, stride_head,
-            HEAD_SIZE, HEAD_PAD, PAGE_SIZE, BLOCK_N, True, IEEE,
+            q,
+            acc,
+            m,
+            l_sum,
+            cache_ptr,
+            bt_row,
+            kv_head,
+            start,
+            kv_end,
+            q_pos,
+            scale_log2,
+            stride_kv,
+            stride_blk,
+            stride_tok,
+            stride_head,
+            HEAD_SIZE,
+            HEAD_PAD,
+            PAGE_SIZE,
+            BLOCK_N,
+            True,
+            IEEE,
         )
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # [M, HEAD_PAD]
     dst = out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
@@ -89,8 +144,13 @@ def default_prefill_tiles(head_size: int) -> PrefillTiles:
 
 
 def prefill_attention(
-    query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, out: torch.Tensor,
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
     max_query_len: int,
     tiles: PrefillTiles | None = None,
 ) -> None:
@@ -104,12 +164,30 @@ def prefill_attention(
     block_q = max(tiles.rows // group_pad, 1)
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _prefill_kernel[grid](
-        query, kv_cache, query_start_loc, seq_lens, block_tables, out,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        block_tables.stride(0), scale * 1.4426950408889634,
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_SIZE=head_size,
-        HEAD_PAD=max(triton.next_power_of_2(head_size), 16), PAGE_SIZE=page_size,
-        BLOCK_N=tiles.block_n, IEEE=query.dtype == torch.float32,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        query,
+        kv_cache,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        out,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        block_tables.stride(0),
+        scale * 1.4426950408889634,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_Q=block_q,
+        HEAD_SIZE=head_size,
+        HEAD_PAD=max(triton.next_power_of_2(head_size), 16),
+        PAGE_SIZE=page_size,
+        BLOCK_N=tiles.block_n,
+        IEEE=query.dtype == torch.float32,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )

@@ -15,10 +15,19 @@ from paphos.kernels._checks import check_dim, check_float_dtype, check_same_devi
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr,
-    stride_x, stride_r, stride_out, stride_sum,
-    hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    out_ptr,
+    summed_ptr,
+    stride_x,
+    stride_r,
+    stride_out,
+    stride_sum,
+    hidden,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)  # [BLOCK]
@@ -59,12 +68,19 @@ def _launch(
     if x2.shape[0] > 0:
         block = triton.next_power_of_2(hidden)
         _rms_norm_kernel[(x2.shape[0],)](
-            x2, r2 if r2 is not None else x2, weight.contiguous(), out,
+            x2,
+            r2 if r2 is not None else x2,
+            weight.contiguous(),
+            out,
             summed if summed is not None else out,
-            x2.stride(0), r2.stride(0) if r2 is not None else 0, out.stride(0),
+            x2.stride(0),
+            r2.stride(0) if r2 is not None else 0,
+            out.stride(0),
             summed.stride(0) if summed is not None else 0,
-            hidden, float(eps),
-            HAS_RESIDUAL=residual is not None, BLOCK=block,
+            hidden,
+            float(eps),
+            HAS_RESIDUAL=residual is not None,
+            BLOCK=block,
             num_warps=min(max(block // 256, 1), 16),
         )
     out = out.view(x.shape)  # [..., hidden]

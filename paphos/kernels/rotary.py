@@ -15,9 +15,20 @@ from paphos.kernels._checks import check_dim, check_float_dtype, check_same_devi
 
 @triton.jit
 def _rotate_heads(
-    x_ptr, out_ptr, stride_x, stride_out, token, num_heads, cos, sin,
-    HEAD_SIZE: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    x_ptr,
+    out_ptr,
+    stride_x,
+    stride_out,
+    token,
+    num_heads,
+    cos,
+    sin,
+    HEAD_SIZE: tl.constexpr,
+    HALF: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
 ):
     heads = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
     pairs = tl.arange(0, BLOCK_HALF)[None, :]  # [1, BLOCK_HALF]
@@ -43,11 +54,25 @@ def _rotate_heads(
 
 @triton.jit
 def _rotary_kernel(
-    positions_ptr, q_ptr, k_ptr, cache_ptr, q_out_ptr, k_out_ptr,
-    stride_q, stride_k, stride_q_out, stride_k_out, stride_cache,
-    num_q_heads, num_k_heads,
-    HEAD_SIZE: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.constexpr,
-    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    positions_ptr,
+    q_ptr,
+    k_ptr,
+    cache_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    stride_q,
+    stride_k,
+    stride_q_out,
+    stride_k_out,
+    stride_cache,
+    num_q_heads,
+    num_k_heads,
+    HEAD_SIZE: tl.constexpr,
+    HALF: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    BLOCK_QH: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
@@ -57,12 +82,36 @@ def _rotary_kernel(
     sin = tl.load(cache_ptr + pos * stride_cache + HALF + pairs, mask=pairs < HALF, other=0.0)
     cos, sin = cos.to(tl.float32), sin.to(tl.float32)
     _rotate_heads(
-        q_ptr, q_out_ptr, stride_q, stride_q_out, token, num_q_heads, cos, sin,
-        HEAD_SIZE, HALF, IS_NEOX, BLOCK_QH, BLOCK_HALF, BLOCK_PASS,
+        q_ptr,
+        q_out_ptr,
+        stride_q,
+        stride_q_out,
+        token,
+        num_q_heads,
+        cos,
+        sin,
+        HEAD_SIZE,
+        HALF,
+        IS_NEOX,
+        BLOCK_QH,
+        BLOCK_HALF,
+        BLOCK_PASS,
     )
     _rotate_heads(
-        k_ptr, k_out_ptr, stride_k, stride_k_out, token, num_k_heads, cos, sin,
-        HEAD_SIZE, HALF, IS_NEOX, BLOCK_KH, BLOCK_HALF, BLOCK_PASS,
+        k_ptr,
+        k_out_ptr,
+        stride_k,
+        stride_k_out,
+        token,
+        num_k_heads,
+        cos,
+        sin,
+        HEAD_SIZE,
+        HALF,
+        IS_NEOX,
+        BLOCK_KH,
+        BLOCK_HALF,
+        BLOCK_PASS,
     )
 
 
@@ -120,10 +169,22 @@ def rotary_embedding(
     num_pass = head_size - 2 * half
     if positions.shape[0] > 0:
         _rotary_kernel[(positions.shape[0],)](
-            positions, q, k, cache, q_out, k_out,
-            q.stride(0), k.stride(0), q_out.stride(0), k_out.stride(0), cache.stride(0),
-            num_q_heads, num_k_heads,
-            HEAD_SIZE=head_size, HALF=half, IS_NEOX=is_neox,
+            positions,
+            q,
+            k,
+            cache,
+            q_out,
+            k_out,
+            q.stride(0),
+            k.stride(0),
+            q_out.stride(0),
+            k_out.stride(0),
+            cache.stride(0),
+            num_q_heads,
+            num_k_heads,
+            HEAD_SIZE=head_size,
+            HALF=half,
+            IS_NEOX=is_neox,
             BLOCK_QH=triton.next_power_of_2(num_q_heads),
             BLOCK_KH=triton.next_power_of_2(num_k_heads),
             BLOCK_HALF=triton.next_power_of_2(half),
