@@ -1,6 +1,6 @@
 """paphos: an LLM inference and serving engine.
 
-    from paphos import LLM, SamplingParams
+>>> from paphos import LLM, SamplingParams
 """
 
 from __future__ import annotations

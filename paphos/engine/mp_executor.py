@@ -78,8 +78,10 @@ class MultiprocExecutor:
             )
             parent_conn, child_conn = context.Pipe()
             process = context.Process(
-                target=worker.worker_main, args=(spec, child_conn),
-                name=f"paphos-tp-rank-{rank}", daemon=True,
+                target=worker.worker_main,
+                args=(spec, child_conn),
+                name=f"paphos-tp-rank-{rank}",
+                daemon=True,
             )
             process.start()
             child_conn.close()  # so that the worker's death reads as EOF here

@@ -67,9 +67,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
         description="Serve MODEL (an HF model directory or a .gguf file; default: the packaged "
         "SmolLM2-135M-Instruct) over an OpenAI-compatible HTTP API.",
     )
-    run.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
-                     help="HF model directory or .gguf file (same as --model; default: the "
-                     "packaged SmolLM2-135M-Instruct).")
+    run.add_argument(
+        "model_path",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="HF model directory or .gguf file (same as --model; default: the "
+        "packaged SmolLM2-135M-Instruct).",
+    )
     dests: dict[str, list[str]] = {}
     server_group = run.add_argument_group("server")
     dests["server"] = add_dataclass_flags(server_group, ServerConfig)
@@ -86,7 +91,9 @@ def configs_from_args(
     if args.model_path and args.model and args.model_path != args.model:
         raise ValueError(f"two models given: {args.model_path!r} and --model {args.model!r}")
     engine_kwargs = {
-        name: getattr(args, name) for part, names in dests.items() if part != "server"
+        name: getattr(args, name)
+        for part, names in dests.items()
+        if part != "server"
         for name in names
     }
     engine_kwargs["model"] = args.model_path or args.model or ""
@@ -115,7 +122,11 @@ def log_startup(config: EngineConfig, engine: Any, server_config: ServerConfig) 
     logger.info(
         "KV cache: %d blocks of %d tokens (%d tokens); max_model_len %d; "
         "%d sequences of max_model_len fit at once",
-        stats.num_kv_blocks, block_size, stats.num_kv_blocks * block_size, max_len, concurrent,
+        stats.num_kv_blocks,
+        block_size,
+        stats.num_kv_blocks * block_size,
+        max_len,
+        concurrent,
     )
     host = f"[{server_config.host}]" if ":" in server_config.host else server_config.host
     logger.info("serving on http://%s:%d/v1", host, server_config.port)

@@ -21,8 +21,11 @@ class ServerConfig:
     port: int = field(default=2242, metadata=_help("Port to listen on."))
     api_keys: tuple[str, ...] = field(
         default=(),
-        metadata=_help("Accepted API keys (Authorization: Bearer KEY or x-api-key: KEY); "
-                       "none: no authentication.", nargs="+"),
+        metadata=_help(
+            "Accepted API keys (Authorization: Bearer KEY or x-api-key: KEY); "
+            "none: no authentication.",
+            nargs="+",
+        ),
     )
     uvicorn_log_level: str = field(
         default="info", metadata=_help("uvicorn's log level.", choices=LOG_LEVELS)

@@ -43,8 +43,9 @@ async def create_completion(
     params = _sampling_params(body)
     request_id = serving.random_id("cmpl")
     engine_prompts = [
-        {"prompt_token_ids": token_ids} if text is None else
-        {"prompt_token_ids": token_ids, "prompt": text}
+        {"prompt_token_ids": token_ids}
+        if text is None
+        else {"prompt_token_ids": token_ids, "prompt": text}
         for text, token_ids in prompts
     ]
     streams = await serving.start_requests(ctx, engine_prompts, params, request_id)
