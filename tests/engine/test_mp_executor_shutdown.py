@@ -27,7 +27,10 @@ from paphos.parallel import ParallelInfo
 
 HANG_LIMIT_S = 90  # a hang kills the test run (with tracebacks) instead of stalling CI
 ENGINE_KWARGS = dict(
-    tensor_parallel_size=2, device="cpu", dtype="float32", kv_cache_space=0.002,
+    tensor_parallel_size=2,
+    device="cpu",
+    dtype="float32",
+    kv_cache_space=0.002,
     skip_tokenizer_init=True,
 )
 PROMPT = {"prompt_token_ids": [5, 6, 7, 8, 9]}
@@ -73,7 +76,8 @@ def _workers(llm: LLM) -> list[psutil.Process]:
 
 def _children() -> list[psutil.Process]:
     return [
-        c for c in psutil.Process().children(recursive=True)
+        c
+        for c in psutil.Process().children(recursive=True)
         if "resource_tracker" not in " ".join(c.cmdline())
     ]
 
@@ -117,9 +121,7 @@ def test_an_exception_in_the_with_block_still_stops_the_workers(tiny_llama_dir):
     assert not any(w.is_running() for w in workers)
 
 
-def test_a_worker_failing_mid_step_raises_worker_error_with_its_traceback(
-    tiny_llama_dir, tmp_path
-):
+def test_a_worker_failing_mid_step_raises_worker_error_with_its_traceback(tiny_llama_dir, tmp_path):
     model = _model_dir_for(FailOnRank1AtStepTwo, tiny_llama_dir, tmp_path)
     with LLM(model, **ENGINE_KWARGS) as llm:
         with pytest.raises(WorkerError, match="injected failure on rank 1"):
@@ -160,7 +162,10 @@ def _engine_process(model_dir: Path):
     script = ENGINE_SCRIPT.format(kwargs=ENGINE_KWARGS)
     proc = subprocess.Popen(
         [sys.executable, "-c", script, str(model_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
     )
     pids: list[int] = []
     try:

@@ -31,8 +31,13 @@ ENGINE_KWARGS = dict(device="cpu", dtype="float32", kv_cache_space=0.002, skip_t
 
 def _runner_config(model_dir: Path) -> EngineConfig:
     return EngineConfig.from_kwargs(
-        model=str(model_dir), dtype="float32", skip_tokenizer_init=True, block_size=BLOCK_SIZE,
-        num_blocks_override=NUM_BLOCKS, device="cpu", num_threads=1,
+        model=str(model_dir),
+        dtype="float32",
+        skip_tokenizer_init=True,
+        block_size=BLOCK_SIZE,
+        num_blocks_override=NUM_BLOCKS,
+        device="cpu",
+        num_threads=1,
     )
 
 
@@ -114,7 +119,8 @@ def _run_two_ranks(model_dir: Path) -> dict[int, list[torch.Tensor]]:
 def no_process_left_behind():
     yield
     left = [
-        c for c in psutil.Process().children(recursive=True)
+        c
+        for c in psutil.Process().children(recursive=True)
         if "resource_tracker" not in " ".join(c.cmdline())
     ]
     for child in left:

@@ -21,8 +21,9 @@ CPU = torch.device("cpu")
 CHI2_CRIT_001 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}  # p = 0.001
 
 
-def _state(params: SamplingParams, output: list[int] | None = None,
-           eos: int | None = None) -> RequestSamplingState:
+def _state(
+    params: SamplingParams, output: list[int] | None = None, eos: int | None = None
+) -> RequestSamplingState:
     return RequestSamplingState(params, [1, 2, 3], output or [], eos, VOCAB, CPU)
 
 
@@ -35,8 +36,10 @@ def test_greedy_takes_argmax_after_penalties() -> None:
     logits = torch.zeros(2, VOCAB)
     logits[:, 5] = 3.0
     logits[:, 6] = 2.9
-    states = [_state(SamplingParams(temperature=0)),
-              _state(SamplingParams(temperature=0, repetition_penalty=2.0), output=[5])]
+    states = [
+        _state(SamplingParams(temperature=0)),
+        _state(SamplingParams(temperature=0, repetition_penalty=2.0), output=[5]),
+    ]
     out = _sample(states, logits)
     assert out.sampled_token_ids.tolist() == [5, 6]
     assert out.logprobs is None
@@ -47,16 +50,21 @@ def test_min_tokens_bans_eos_and_stop_tokens_until_reached() -> None:
     logits[:, 7] = 50.0  # EOS
     logits[:, 8] = 40.0  # stop token
     params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[8])
-    states = [_state(params, [], eos=7), _state(params, [4, 4], eos=7),
-              _state(SamplingParams(temperature=0, min_tokens=2, ignore_eos=True), [], eos=7)]
+    states = [
+        _state(params, [], eos=7),
+        _state(params, [4, 4], eos=7),
+        _state(SamplingParams(temperature=0, min_tokens=2, ignore_eos=True), [], eos=7),
+    ]
     assert _sample(states, logits).sampled_token_ids.tolist() == [0, 7, 7]
 
 
 def test_logit_bias_allowed_tokens_and_custom_bans() -> None:
     logits = torch.zeros(3, VOCAB)
-    states = [_state(SamplingParams(temperature=0, logit_bias={9: 5.0})),
-              _state(SamplingParams(temperature=0, allowed_token_ids=[3, 4], logit_bias={4: 1})),
-              _state(SamplingParams(temperature=0, custom_token_bans=list(range(0, 20))))]
+    states = [
+        _state(SamplingParams(temperature=0, logit_bias={9: 5.0})),
+        _state(SamplingParams(temperature=0, allowed_token_ids=[3, 4], logit_bias={4: 1})),
+        _state(SamplingParams(temperature=0, custom_token_bans=list(range(0, 20)))),
+    ]
     assert _sample(states, logits).sampled_token_ids.tolist() == [9, 4, 20]
 
 
@@ -92,8 +100,11 @@ def test_string_fields_without_tokenizer_raise() -> None:
 def test_logprobs_report_the_raw_distribution_with_ranks() -> None:
     torch.manual_seed(0)
     logits = torch.randn(3, VOCAB)
-    states = [_state(SamplingParams(temperature=0.3, top_k=2, logprobs=2)),
-              _state(SamplingParams(logprobs=4)), _state(SamplingParams(temperature=0))]
+    states = [
+        _state(SamplingParams(temperature=0.3, top_k=2, logprobs=2)),
+        _state(SamplingParams(logprobs=4)),
+        _state(SamplingParams(temperature=0)),
+    ]
     out = _sample(states, logits)
     raw = logits.log_softmax(dim=-1)
     lp = out.logprobs
@@ -117,8 +128,9 @@ def test_prompt_logprobs_of_targets() -> None:
     assert torch.equal(lp.token_ids[:, 1:], raw.topk(2, dim=-1).indices)
 
 
-def _run_steps(params: SamplingParams, companions: list[SamplingParams], position: int,
-               steps: int = 6) -> list[int]:
+def _run_steps(
+    params: SamplingParams, companions: list[SamplingParams], position: int, steps: int = 6
+) -> list[int]:
     """Sample `steps` tokens for one request placed at `position` among companions."""
     gen = torch.Generator().manual_seed(123)
     logits_per_step = [torch.randn(1, VOCAB, generator=gen) * 2 for _ in range(steps)]
@@ -136,13 +148,22 @@ def _run_steps(params: SamplingParams, companions: list[SamplingParams], positio
     return out_tokens
 
 
-@pytest.mark.parametrize("extra", [{}, {"xtc_probability": 0.5, "xtc_threshold": 0.05},
-                                   {"mirostat_mode": 2, "mirostat_tau": 3.0, "mirostat_eta": 0.1}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"xtc_probability": 0.5, "xtc_threshold": 0.05},
+        {"mirostat_mode": 2, "mirostat_tau": 3.0, "mirostat_eta": 0.1},
+    ],
+)
 def test_seeded_request_is_independent_of_batch_composition(extra: dict) -> None:
     params = SamplingParams(seed=42, temperature=1.5, **extra)
     alone = _run_steps(params, [], 0)
-    crowded = _run_steps(params, [SamplingParams(seed=7), SamplingParams(top_p=0.5),
-                                  SamplingParams(temperature=0)], 2)
+    crowded = _run_steps(
+        params,
+        [SamplingParams(seed=7), SamplingParams(top_p=0.5), SamplingParams(temperature=0)],
+        2,
+    )
     assert alone == crowded
     assert _run_steps(SamplingParams(seed=43, temperature=1.5, **extra), [], 0) != alone
 
@@ -197,8 +218,9 @@ def test_mirostat_updates_mu_from_the_sampled_surprisal() -> None:
 
 
 def test_unused_samplers_are_skipped() -> None:
-    md = SamplingMetadata.build([_state(SamplingParams()), _state(SamplingParams(top_k=3))],
-                                VOCAB, CPU)
+    md = SamplingMetadata.build(
+        [_state(SamplingParams()), _state(SamplingParams(top_k=3))], VOCAB, CPU
+    )
     ((order, rows_for),) = [g for g in md.groups if g[1]]
     assert list(rows_for) == ["top_k"] and rows_for["top_k"].tolist() == [1]
     assert md.history is None and md.bans is None and md.logit_bias is None

@@ -81,6 +81,7 @@ def epsilon_cutoff(x: np.ndarray, eps: float) -> np.ndarray:
 def typical_p(x: np.ndarray, tau: float) -> np.ndarray:
     probs = softmax(x)
     entropy = _entropy(probs)
+
     def deviation(i: int) -> float:
         return abs(-math.log(probs[i]) - entropy) if probs[i] > 0 else math.inf
 
@@ -132,8 +133,13 @@ def xtc(x: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def penalties(
-    x: np.ndarray, prompt: list[int], output: list[int], presence: float, frequency: float,
-    repetition: float, rep_range: int,
+    x: np.ndarray,
+    prompt: list[int],
+    output: list[int],
+    presence: float,
+    frequency: float,
+    repetition: float,
+    rep_range: int,
 ) -> np.ndarray:
     out = x.copy()
     sequence = prompt + output
@@ -156,8 +162,13 @@ def no_repeat_ngram(x: np.ndarray, sequence: list[int], n: int) -> np.ndarray:
 
 
 def dry(
-    x: np.ndarray, sequence: list[int], multiplier: float, base: float, allowed: int,
-    breakers: set[int], dry_range: int,
+    x: np.ndarray,
+    sequence: list[int],
+    multiplier: float,
+    base: float,
+    allowed: int,
+    breakers: set[int],
+    dry_range: int,
 ) -> np.ndarray:
     """ooba's definition: for each earlier occurrence of the last token, extend the match
     backwards (stopping at a breaker on the current side) and penalize the token that followed."""

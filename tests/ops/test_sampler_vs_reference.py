@@ -19,10 +19,13 @@ VOCAB = 48
 CPU = torch.device("cpu")
 
 
-def _processed(params: list[SamplingParams], histories: list[tuple[list[int], list[int]]],
-               logits: torch.Tensor) -> tuple[np.ndarray, list[RequestSamplingState]]:
-    states = [RequestSamplingState(p, pr, out, None, VOCAB, CPU)
-              for p, (pr, out) in zip(params, histories, strict=True)]
+def _processed(
+    params: list[SamplingParams], histories: list[tuple[list[int], list[int]]], logits: torch.Tensor
+) -> tuple[np.ndarray, list[RequestSamplingState]]:
+    states = [
+        RequestSamplingState(p, pr, out, None, VOCAB, CPU)
+        for p, (pr, out) in zip(params, histories, strict=True)
+    ]
     md = SamplingMetadata.build(states, VOCAB, CPU)
     return Sampler().process_logits(logits, md).double().numpy(), states
 
@@ -52,26 +55,43 @@ SIMPLE = {
     "top_a": (lambda r: {"top_a": r.uniform(0.05, 0.9)}, lambda x, p: ref.top_a(x, p.top_a)),
     "min_p": (lambda r: {"min_p": r.uniform(0.01, 0.5)}, lambda x, p: ref.min_p(x, p.min_p)),
     "tfs": (lambda r: {"tfs": r.uniform(0.3, 0.99)}, lambda x, p: ref.tfs(x, p.tfs)),
-    "eta": (lambda r: {"eta_cutoff": r.uniform(1, 500)},
-            lambda x, p: ref.eta_cutoff(x, p.eta_cutoff)),
-    "epsilon": (lambda r: {"epsilon_cutoff": r.uniform(1, 500)},
-                lambda x, p: ref.epsilon_cutoff(x, p.epsilon_cutoff)),
-    "typical": (lambda r: {"typical_p": r.uniform(0.2, 0.95)},
-                lambda x, p: ref.typical_p(x, p.typical_p)),
+    "eta": (
+        lambda r: {"eta_cutoff": r.uniform(1, 500)},
+        lambda x, p: ref.eta_cutoff(x, p.eta_cutoff),
+    ),
+    "epsilon": (
+        lambda r: {"epsilon_cutoff": r.uniform(1, 500)},
+        lambda x, p: ref.epsilon_cutoff(x, p.epsilon_cutoff),
+    ),
+    "typical": (
+        lambda r: {"typical_p": r.uniform(0.2, 0.95)},
+        lambda x, p: ref.typical_p(x, p.typical_p),
+    ),
     "nsigma": (lambda r: {"nsigma": r.uniform(0.3, 3)}, lambda x, p: ref.top_nsigma(x, p.nsigma)),
-    "temperature": (lambda r: {"temperature": r.uniform(0.1, 3)},
-                    lambda x, p: ref.temperature(x, p.temperature, 0, 0, 1)),
+    "temperature": (
+        lambda r: {"temperature": r.uniform(0.1, 3)},
+        lambda x, p: ref.temperature(x, p.temperature, 0, 0, 1),
+    ),
     "dynatemp": (
-        lambda r: {"dynatemp_min": r.uniform(0.1, 1), "dynatemp_max": r.uniform(1, 3),
-                   "dynatemp_exponent": r.uniform(0.5, 2)},
-        lambda x, p: ref.temperature(x, 1, p.dynatemp_min, p.dynatemp_max, p.dynatemp_exponent)),
+        lambda r: {
+            "dynatemp_min": r.uniform(0.1, 1),
+            "dynatemp_max": r.uniform(1, 3),
+            "dynatemp_exponent": r.uniform(0.5, 2),
+        },
+        lambda x, p: ref.temperature(x, 1, p.dynatemp_min, p.dynatemp_max, p.dynatemp_exponent),
+    ),
     "quadratic": (
         lambda r: {"smoothing_factor": r.uniform(0.1, 1), "smoothing_curve": r.uniform(0.5, 3)},
-        lambda x, p: ref.quadratic(x, p.smoothing_factor, p.smoothing_curve)),
-    "xtc": (lambda r: {"xtc_probability": 1.0, "xtc_threshold": r.uniform(0.02, 0.2)},
-            lambda x, p: ref.xtc(x, p.xtc_threshold)),
-    "mirostat": (lambda r: {"mirostat_mode": 2, "mirostat_tau": r.uniform(1, 4)},
-                 lambda x, p: ref.mirostat(x, 2 * p.mirostat_tau)),
+        lambda x, p: ref.quadratic(x, p.smoothing_factor, p.smoothing_curve),
+    ),
+    "xtc": (
+        lambda r: {"xtc_probability": 1.0, "xtc_threshold": r.uniform(0.02, 0.2)},
+        lambda x, p: ref.xtc(x, p.xtc_threshold),
+    ),
+    "mirostat": (
+        lambda r: {"mirostat_mode": 2, "mirostat_tau": r.uniform(1, 4)},
+        lambda x, p: ref.mirostat(x, 2 * p.mirostat_tau),
+    ),
 }
 
 
@@ -92,16 +112,27 @@ def test_history_free_sampler_matches_reference(name: str, seed: int) -> None:
 def test_penalties_match_reference(seed: int) -> None:
     rng, logits, histories = _random_case(seed)
     params = [
-        SamplingParams(presence_penalty=rng.uniform(-2, 2), frequency_penalty=rng.uniform(-2, 2),
-                       repetition_penalty=rng.uniform(0.5, 2),
-                       repetition_penalty_range=rng.choice([0, 3, 10]))
-        if i != 2 else SamplingParams() for i in range(6)
+        SamplingParams(
+            presence_penalty=rng.uniform(-2, 2),
+            frequency_penalty=rng.uniform(-2, 2),
+            repetition_penalty=rng.uniform(0.5, 2),
+            repetition_penalty_range=rng.choice([0, 3, 10]),
+        )
+        if i != 2
+        else SamplingParams()
+        for i in range(6)
     ]
     got, _ = _processed(params, histories, logits)
     for i, p in enumerate(params):
         x = logits[i].double().numpy()
-        want = ref.penalties(x, *histories[i], p.presence_penalty, p.frequency_penalty,
-                             p.repetition_penalty, p.repetition_penalty_range)
+        want = ref.penalties(
+            x,
+            *histories[i],
+            p.presence_penalty,
+            p.frequency_penalty,
+            p.repetition_penalty,
+            p.repetition_penalty_range,
+        )
         _assert_rows_match(got[i], want)
 
 
@@ -125,16 +156,32 @@ def test_dry_matches_reference(seed: int) -> None:
     params = []
     for i in range(6):
         breakers = rng.sample(range(3), rng.choice([0, 1]))
-        params.append(SamplingParams(
-            dry_multiplier=rng.uniform(0.2, 2) if i != 3 else 0.0, dry_base=rng.uniform(1.1, 2),
-            dry_allowed_length=rng.choice([1, 2, 3]), dry_range=rng.choice([0, 8, 20]),
-            dry_sequence_breakers=[], dry_sequence_breaker_ids=breakers))
+        params.append(
+            SamplingParams(
+                dry_multiplier=rng.uniform(0.2, 2) if i != 3 else 0.0,
+                dry_base=rng.uniform(1.1, 2),
+                dry_allowed_length=rng.choice([1, 2, 3]),
+                dry_range=rng.choice([0, 8, 20]),
+                dry_sequence_breakers=[],
+                dry_sequence_breaker_ids=breakers,
+            )
+        )
     got, _ = _processed(params, histories, logits)
     for i, p in enumerate(params):
         x = logits[i].double().numpy()
-        want = x if p.dry_multiplier == 0 else ref.dry(
-            x, histories[i][0], p.dry_multiplier, p.dry_base, p.dry_allowed_length,
-            set(p.dry_sequence_breaker_ids), p.dry_range)
+        want = (
+            x
+            if p.dry_multiplier == 0
+            else ref.dry(
+                x,
+                histories[i][0],
+                p.dry_multiplier,
+                p.dry_base,
+                p.dry_allowed_length,
+                set(p.dry_sequence_breaker_ids),
+                p.dry_range,
+            )
+        )
         _assert_rows_match(got[i], want)
 
 
@@ -152,9 +199,21 @@ def test_full_default_chain_matches_references_in_order() -> None:
     """All samplers on in one row, applied in Aphrodite's default order."""
     rng, logits, histories = _random_case(7, rows=2)
     p = SamplingParams(
-        repetition_penalty=1.3, presence_penalty=0.3, temperature=0.8, top_k=30, top_p=0.95,
-        top_a=0.01, min_p=0.01, tfs=0.99, eta_cutoff=1, epsilon_cutoff=1, typical_p=0.99,
-        nsigma=3.0, smoothing_factor=0.2, dry_multiplier=0.5, dry_sequence_breakers=[],
+        repetition_penalty=1.3,
+        presence_penalty=0.3,
+        temperature=0.8,
+        top_k=30,
+        top_p=0.95,
+        top_a=0.01,
+        min_p=0.01,
+        tfs=0.99,
+        eta_cutoff=1,
+        epsilon_cutoff=1,
+        typical_p=0.99,
+        nsigma=3.0,
+        smoothing_factor=0.2,
+        dry_multiplier=0.5,
+        dry_sequence_breakers=[],
         no_repeat_ngram_size=3,
     )
     got, _ = _processed([p, SamplingParams()], histories, logits)

@@ -46,9 +46,14 @@ def neox_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> P
 
     path = tmp_path_factory.mktemp("tiny_neox")
     config = GPTNeoXConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=128, max_position_embeddings=256,
-        rotary_pct=0.5, bos_token_id=tiny_tokenizer.bos_token_id,
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=256,
+        rotary_pct=0.5,
+        bos_token_id=tiny_tokenizer.bos_token_id,
         eos_token_id=tiny_tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
@@ -77,8 +82,12 @@ def test_example_model_registered_from_outside_matches_transformers_logits(neox_
     register()
     assert ModelRegistry.is_supported(ARCHITECTURE)
     config = EngineConfig.from_kwargs(
-        model=str(neox_dir), dtype="float32", skip_tokenizer_init=True, device="cpu",
-        num_blocks_override=4, num_threads=1,
+        model=str(neox_dir),
+        dtype="float32",
+        skip_tokenizer_init=True,
+        device="cpu",
+        num_blocks_override=4,
+        num_threads=1,
     )
     runner = ModelRunner(config)
     runner.initialize_kv_cache(4)
@@ -112,8 +121,10 @@ class ExampleServer(ServerProcess):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(python_path))
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [*command, "run", *args, "--port", str(self.port)], env=env,
-            stdout=self._log, stderr=subprocess.STDOUT,
+            [*command, "run", *args, "--port", str(self.port)],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         self._wait_healthy(180.0)
 
@@ -152,8 +163,12 @@ def test_paphos_run_serves_the_example_model_to_the_openai_client(neox_dir, tmp_
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny-neox"]
         reply = client.completions.create(
-            model="tiny-neox", prompt=PROMPT_IDS, max_tokens=NUM_NEW_TOKENS, temperature=0,
-            logprobs=0, extra_body={"ignore_eos": True, "skip_special_tokens": False},
+            model="tiny-neox",
+            prompt=PROMPT_IDS,
+            max_tokens=NUM_NEW_TOKENS,
+            temperature=0,
+            logprobs=0,
+            extra_body={"ignore_eos": True, "skip_special_tokens": False},
         )
     finally:
         server.stop()

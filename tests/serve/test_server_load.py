@@ -32,7 +32,11 @@ def engine_idle(base_url: str, timeout: float = 20.0) -> str:
 def test_32_concurrent_streaming_clients_all_complete(tiny_server: ServerProcess) -> None:
     async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str | None]:
         stream = await client.completions.create(
-            model=MODEL, prompt=f"Hello {i}", max_tokens=8, stream=True, seed=i,
+            model=MODEL,
+            prompt=f"Hello {i}",
+            max_tokens=8,
+            stream=True,
+            seed=i,
             extra_body={"ignore_eos": True},
         )
         text, reason = "", None
@@ -60,7 +64,10 @@ def test_32_concurrent_streaming_clients_all_complete(tiny_server: ServerProcess
 def test_client_disconnecting_mid_stream_frees_its_blocks(tiny_server: ServerProcess) -> None:
     before = metric(httpx2.get(tiny_server.base_url + "/metrics").text, GENERATED)
     body = {
-        "model": MODEL, "prompt": "Once upon a time", "max_tokens": 240, "stream": True,
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": 240,
+        "stream": True,
         "ignore_eos": True,
     }
     with httpx2.Client(timeout=30) as http:
@@ -80,7 +87,8 @@ def test_non_streaming_client_that_gives_up_frees_its_blocks(tiny_server: Server
     before = metric(httpx2.get(tiny_server.base_url + "/metrics").text, GENERATED)
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 240, "ignore_eos": True}
     requests = [
-        {**body, "prompt": f"{body['prompt']} {i}"} for i in range(8)  # enough work to outlast
+        {**body, "prompt": f"{body['prompt']} {i}"}
+        for i in range(8)  # enough work to outlast
     ]
 
     async def give_up() -> None:
