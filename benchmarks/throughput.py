@@ -1,5 +1,6 @@
-"""Workload W (64 chat prompts, greedy, exactly 128 new tokens, EOS ignored) through paphos and through
-HF transformers `generate`, in the same run on the same model; prints one table with the ratios.
+"""Workload W (64 chat prompts, greedy, exactly 128 new tokens, EOS ignored) through paphos and
+through HF transformers `generate`, in the same run on the same model; prints one table with the
+ratios.
 
     python benchmarks/throughput.py                       # default SmolLM2 (GGUF), bf16 and fp32
     python benchmarks/throughput.py --dtypes bfloat16 --skip-hf
