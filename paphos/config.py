@@ -1,8 +1,10 @@
-"""Engine configuration: one frozen `EngineConfig` made of a few frozen parts, built once from kwargs/CLI.
+"""Engine configuration: one frozen `EngineConfig` made of a few frozen parts, built once from
+kwargs/CLI.
 
-Every user-facing field carries `metadata={"help": ...}`; the CLI generates its flags from these, so help
-text and defaults cannot drift. Facts found at run time (number of KV blocks, EOS ids, the max_model_len the
-cache can hold) are passed to the components that need them, never written back here.
+Every user-facing field carries `metadata={"help": ...}`; the CLI generates its flags from these, so
+help text and defaults cannot drift. Facts found at run time (number of KV blocks, EOS ids, the
+max_model_len the cache can hold) are passed to the components that need them, never written back
+here.
 """
 
 from __future__ import annotations
@@ -247,7 +249,8 @@ def default_model_path() -> str:
 
 
 def resolve_model_config(config: ModelConfig) -> ModelConfig:
-    """Fill in `hf_config` (from config.json or GGUF metadata) and `gguf_file`; validate the path."""
+    """Fill in `hf_config` (from config.json or GGUF metadata) and `gguf_file`; validate the
+    path."""
     model = config.model or default_model_path()
     if not os.path.exists(model):
         raise ValueError(f"model path {model!r} does not exist (paphos loads local files only)")

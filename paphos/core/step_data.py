@@ -1,10 +1,12 @@
-"""Plain data exchanged each step: Scheduler -> runner (`SchedulerOutput`) and back (`RunnerOutput`).
+"""Plain data exchanged each step: Scheduler -> runner (`SchedulerOutput`) and back
+(`RunnerOutput`).
 
-The runner keeps its own copy of each running request (token ids, block ids, sampling state) so that a
-step only carries what changed: new requests in full, and for the others the tokens sampled since they
-were last scheduled plus any newly allocated blocks. A request the runner must forget (finished, aborted,
-preempted) is named in `finished_request_ids`; a preempted request comes back later as a new request.
-These messages are cheap to pickle and identical on every tensor-parallel rank.
+The runner keeps its own copy of each running request (token ids, block ids, sampling state) so that
+a step only carries what changed: new requests in full, and for the others the tokens sampled since
+they were last scheduled plus any newly allocated blocks. A request the runner must forget
+(finished, aborted, preempted) is named in `finished_request_ids`; a preempted request comes back
+later as a new request. These messages are cheap to pickle and identical on every tensor-parallel
+rank.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class CachedRequestData:
     """A request the runner already holds."""
 
     request_id: str
-    # Tokens appended to the request since it was last scheduled (the sampled token of a decode step).
+    # Tokens appended to the request since it was last scheduled (the sampled token of a decode
+    # step).
     new_token_ids: tuple[int, ...]
     new_block_ids: tuple[int, ...]
     num_computed_tokens: int
@@ -42,8 +45,8 @@ class CachedRequestData:
 class SchedulerOutput:
     new_requests: tuple[NewRequestData, ...]
     cached_requests: tuple[CachedRequestData, ...]
-    # request_id -> tokens computed this step, for every scheduled request. Iteration order is the batch
-    # order: the runner lays out the flat token batch in this order.
+    # request_id -> tokens computed this step, for every scheduled request. Iteration order is the
+    # batch order: the runner lays out the flat token batch in this order.
     num_scheduled_tokens: dict[str, int]
     total_num_scheduled_tokens: int
     # Requests the runner must drop before running this step.
@@ -65,12 +68,12 @@ class TokenLogprobs:
 
 @dataclass(frozen=True)
 class RunnerOutput:
-    # request_id -> the token sampled this step (only requests whose computation reached their last token;
-    # a request in the middle of its prompt samples nothing).
+    # request_id -> the token sampled this step (only requests whose computation reached their last
+    # token; a request in the middle of its prompt samples nothing).
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
-    # request_id -> logprobs of prompt positions computed this step (position i: token i given tokens < i;
-    # None for the first prompt token).
+    # request_id -> logprobs of prompt positions computed this step (position i: token i given
+    # tokens < i; None for the first prompt token).
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
 
     @classmethod
