@@ -1,10 +1,10 @@
 """Incremental detokenization and stop strings, per sequence.
 
-Text grows by decoding only a short window of recent tokens (prefix_offset..): the window's text minus
-the text of its already-emitted part is the new text. A trailing U+FFFD (a multi-byte character cut in
-half) is held back until the next token completes it. While a sequence runs, the last
-(longest stop string - 1) characters are held back too, so that streamed text never shows the beginning
-of a stop string that is later cut off.
+Text grows by decoding only a short window of recent tokens (prefix_offset..): the window's text
+minus the text of its already-emitted part is the new text. A trailing U+FFFD (a multi-byte
+character cut in half) is held back until the next token completes it. While a sequence runs, the
+last (longest stop string - 1) characters are held back too, so that streamed text never shows the
+beginning of a stop string that is later cut off.
 """
 
 from __future__ import annotations

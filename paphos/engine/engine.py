@@ -1,8 +1,8 @@
 """The synchronous engine: add requests, step, read outputs. One step = schedule, execute, update.
 
 Bad input raises ValueError from `add_request` and leaves nothing behind; other requests keep going.
-The effective max_model_len (the model's, capped by what the KV cache holds) is decided here once and
-passed to the scheduler; the config is never changed.
+The effective max_model_len (the model's, capped by what the KV cache holds) is decided here once
+and passed to the scheduler; the config is never changed.
 """
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ class Engine:
         model_len = self.model_config.model_max_len
         if requested is not None and requested > capacity:
             raise ValueError(
-                f"max_model_len={requested} does not fit the KV cache, which holds {capacity} tokens "
-                f"({num_blocks} blocks): raise kv_cache_space/gpu_memory_utilization or lower max_model_len"
+                f"max_model_len={requested} does not fit the KV cache, which holds {capacity} "
+                f"tokens ({num_blocks} blocks): raise kv_cache_space/gpu_memory_utilization or "
+                "lower max_model_len"
             )
         limit = min(requested or model_len, capacity)
         if limit < self.config.cache.block_size:

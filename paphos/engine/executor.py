@@ -1,7 +1,7 @@
 """Executors run the model runner(s): in this process (one rank) or over several processes (TP).
 
-An executor takes plain-data `SchedulerOutput`s and returns `RunnerOutput`s; the engine never touches
-tensors.
+An executor takes plain-data `SchedulerOutput`s and returns `RunnerOutput`s; the engine never
+touches tensors.
 """
 
 from __future__ import annotations

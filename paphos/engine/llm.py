@@ -56,7 +56,8 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
-        """One conversation (a list of messages) or several; the model's chat template is applied."""
+        """One conversation (a list of messages) or several; the model's chat template is
+        applied."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init=True was given)")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages

@@ -1,7 +1,8 @@
-"""What the engine tracks above the scheduler: a user request (the parent) and its n sampled sequences.
+"""What the engine tracks above the scheduler: a user request (the parent) and its n sampled
+sequences.
 
-A request with n > 1 (or best_of > n) runs as independent child requests in the scheduler; the parent
-gathers their text, logprobs and finish reasons into one `RequestOutput`.
+A request with n > 1 (or best_of > n) runs as independent child requests in the scheduler; the
+parent gathers their text, logprobs and finish reasons into one `RequestOutput`.
 """
 
 from __future__ import annotations
