@@ -123,6 +123,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         raise RuntimeError("ParallelLMHead is applied by LogitsProcessor, not called directly")
 
     def process_weights_after_loading(self) -> None:
-        """Keep an fp32 copy for large batches where half-precision GEMMs are slow (see ops.dense)."""
+        """Keep an fp32 copy for large batches where half-precision GEMMs are slow (see
+        ops.dense)."""
         if dense.wants_fp32_copy(self.weight):
             self.register_buffer("weight_fp32", self.weight.float(), persistent=False)

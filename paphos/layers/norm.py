@@ -1,4 +1,5 @@
-"""RMSNorm layer; with a residual it fuses the add that precedes it (returns the new residual too)."""
+"""RMSNorm layer; with a residual it fuses the add that precedes it (returns the new residual
+too)."""
 
 from __future__ import annotations
 

@@ -76,7 +76,8 @@ def _inv_freq(base: float, rotary_dim: int, rope_scaling: dict[str, Any] | None)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
-    """Llama 3.1: long wavelengths scaled down by `factor`, short ones kept, a smooth blend between."""
+    """Llama 3.1: long wavelengths scaled down by `factor`, short ones kept, a smooth blend
+    between."""
     factor = float(scaling["factor"])
     low_freq_factor = float(scaling["low_freq_factor"])
     high_freq_factor = float(scaling["high_freq_factor"])

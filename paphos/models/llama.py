@@ -1,6 +1,8 @@
-"""Llama (2, 3, 3.1+ rope scaling; GQA; tied embeddings; optional qkv/mlp bias), from HF's definition.
+"""Llama (2, 3, 3.1+ rope scaling; GQA; tied embeddings; optional qkv/mlp bias), from HF's
+definition.
 
-Tokens of every scheduled request arrive flattened into one batch; attention goes through the paged cache.
+Tokens of every scheduled request arrive flattened into one batch; attention goes through the paged
+cache.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from paphos.quant.base import LinearMethod
 
 
 def rope_settings(hf_config: Any) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope_scaling) from either transformers 5 `rope_parameters` or older attributes."""
+    """(rope_theta, rope_scaling) from either transformers 5 `rope_parameters` or older
+    attributes."""
     params = getattr(hf_config, "rope_parameters", None) or {}
     theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
     scaling = params if params.get("rope_type", "default") != "default" else None

@@ -40,6 +40,7 @@ class UnquantizedLinearMethod:
         return dense.linear(x, layer.weight, bias, weight_fp32)  # [..., output_size_per_partition]
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        """Keep an fp32 copy for large batches where half-precision GEMMs are slow (see ops.dense)."""
+        """Keep an fp32 copy for large batches where half-precision GEMMs are slow (see
+        ops.dense)."""
         if dense.wants_fp32_copy(layer.weight):
             layer.register_buffer("weight_fp32", layer.weight.float(), persistent=False)
