@@ -1,10 +1,10 @@
 """Dense products on CPUs without native bf16/fp16 matrix units (no AVX512-BF16/AMX).
 
 There, torch's bf16 GEMM is several times slower than its fp32 GEMM (measured on this project's AVX2
-machine: 6x for a 64-row batch), while a bf16 matrix-vector product is as fast as fp32 (it is bound by
-memory, and bf16 halves the bytes). So a layer with half-precision weights keeps an fp32 copy for
-batches of more than SMALL_BATCH_ROWS rows and uses its own weights for small batches.
-Results are the fp32 product rounded to the activation dtype: at least as accurate as the bf16 one.
+machine: 6x for a 64-row batch), while a bf16 matrix-vector product is as fast as fp32 (it is bound
+by memory, and bf16 halves the bytes). So a layer with half-precision weights keeps an fp32 copy for
+batches of more than SMALL_BATCH_ROWS rows and uses its own weights for small batches. Results are
+the fp32 product rounded to the activation dtype: at least as accurate as the bf16 one.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Attention over the paged KV cache for a mixed batch: prefill chunks (with cached context) and decodes.
+"""Attention over the paged KV cache for a mixed batch: prefill chunks (with cached context) and
+decodes.
 
-Sequence b owns query tokens query_start_loc[b]:query_start_loc[b+1]; its context (cached tokens plus this
-step's, already written to the cache) is seq_lens[b] tokens long, stored in the blocks block_tables[b].
-Query token i of a sequence with q_len query tokens sits at position seq_len - q_len + i and attends
-causally to context positions <= its own.
+Sequence b owns query tokens query_start_loc[b]:query_start_loc[b+1]; its context (cached tokens
+plus this step's, already written to the cache) is seq_lens[b] tokens long, stored in the blocks
+block_tables[b]. Query token i of a sequence with q_len query tokens sits at position
+seq_len - q_len + i and attends causally to context positions <= its own.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ def paged_attention(
     block_tables: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """query: [num_tokens, num_heads, head_size]; kv_cache: [2, num_blocks, block_size, num_kv_heads,
-    head_size]; query_start_loc: [num_seqs + 1]; seq_lens: [num_seqs]; block_tables: [num_seqs,
-    max_blocks]. Returns [num_tokens, num_heads, head_size].
+    """query: [num_tokens, num_heads, head_size]; kv_cache: [2, num_blocks, block_size,
+    num_kv_heads, head_size]; query_start_loc: [num_seqs + 1]; seq_lens: [num_seqs]; block_tables:
+    [num_seqs, max_blocks]. Returns [num_tokens, num_heads, head_size].
 
     Computed in float32 whatever the cache dtype (CPUs without native bf16 run fp32 products faster,
     and the reference doubles as the test oracle)."""
@@ -46,7 +47,8 @@ def paged_attention(
 def gather_context(
     kv_cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of one sequence's first num_tokens positions: [num_tokens, num_kv_heads, head_size]."""
+    """Keys and values of one sequence's first num_tokens positions: [num_tokens, num_kv_heads,
+    head_size]."""
     block_size = kv_cache.shape[2]
     num_blocks = -(-num_tokens // block_size)
     blocks = block_table[:num_blocks]

@@ -1,4 +1,5 @@
-"""Choosing each op's implementation once, at start-up: the Triton kernel on CUDA, the reference elsewhere."""
+"""Choosing each op's implementation once, at start-up: the Triton kernel on CUDA, the reference
+elsewhere."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Rotary position embedding applied in place of a table lookup: cos/sin come from a precomputed cache."""
+"""Rotary position embedding applied in place of a table lookup: cos/sin come from a precomputed
+cache."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def rotary_embedding(
     """Rotate the first `rot_dim` dims of every head of query and key.
 
     positions: [num_tokens]; query: [num_tokens, num_heads * head_size];
-    key: [num_tokens, num_kv_heads * head_size]; cos_sin_cache: [max_position, rot_dim] (cos | sin halves).
+    key: [num_tokens, num_kv_heads * head_size];
+    cos_sin_cache: [max_position, rot_dim] (cos | sin halves).
     is_neox: rotate halves (GPT-NeoX/Llama style); else interleaved pairs (GPT-J style).
     """
     cos_sin = cos_sin_cache.index_select(0, positions)  # [num_tokens, rot_dim]
