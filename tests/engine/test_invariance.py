@@ -1,7 +1,8 @@
-"""Outputs do not depend on how the engine batches: batch composition, arrival order, preemption under a
-tiny KV budget, chunked prefill, prefix caching. Checked on a tiny random Llama whose output layer is
-scaled up so that its distributions are peaked (no near-ties to flip a greedy token), comparing tokens
-exactly and logprobs within tolerance; and the block pool is whole again afterwards."""
+"""Outputs do not depend on how the engine batches: batch composition, arrival order, preemption
+under a tiny KV budget, chunked prefill, prefix caching. Checked on a tiny random Llama whose output
+layer is scaled up so that its distributions are peaked (no near-ties to flip a greedy token),
+comparing tokens exactly and logprobs within tolerance; and the block pool is whole again
+afterwards."""
 
 from __future__ import annotations
 

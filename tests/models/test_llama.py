@@ -1,5 +1,6 @@
-"""Our Llama equals transformers' Llama: logits of a prefill, step-by-step decode through the paged cache,
-a mixed batch (prefill chunk with cached context + decodes), and greedy tokens of HF `generate`."""
+"""Our Llama equals transformers' Llama: logits of a prefill, step-by-step decode through the paged
+cache, a mixed batch (prefill chunk with cached context + decodes), and greedy tokens of HF
+`generate`."""
 
 from __future__ import annotations
 

