@@ -89,7 +89,8 @@ def hf_generate(hf, batch: int, vocab: int) -> dict:  # noqa: ANN001
     out = hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return {"tok_s": out[:, PROMPT_LEN:].numel() / elapsed, "ms_per_step": 1e3 * elapsed / NEW_TOKENS}
+    tok_s = out[:, PROMPT_LEN:].numel() / elapsed
+    return {"tok_s": tok_s, "ms_per_step": 1e3 * elapsed / NEW_TOKENS}
 
 
 def paphos_throughput(llm, batch: int, vocab: int) -> float:  # noqa: ANN001
@@ -118,10 +119,12 @@ def run_shape(shape: str, bandwidth: float, args: argparse.Namespace) -> dict:
     vocab = config.vocab_size
     row = {"shape": shape, "startup_s": startup, "loaded_tensors": len(loaded)}
     measure_decode(llm, 1, 16, 4)  # warm-up
+    context = PROMPT_LEN + NEW_TOKENS // 2  # mean context of the decode steps
     for batch in (1, 64):
         lat = measure_decode(llm, batch, PROMPT_LEN, NEW_TOKENS)
-        row[f"b{batch}"] = {**lat, "floor_ms": floor_ms(hf, config, batch, PROMPT_LEN + NEW_TOKENS // 2,
-                                                          bandwidth)}
+        floor = floor_ms(hf, config, batch, context, bandwidth)
+        row[f"b{batch}"] = {**lat, "floor_ms": floor}
+        row[f"kernels_b{batch}"] = kernel_profile(runner, batch, args.out_dir, shape)
     for batch in (64, 256):
         row[f"tput{batch}"] = paphos_throughput(llm, batch, vocab)
     row["host"] = {"steps": runner.host_stats.num_steps,
@@ -136,6 +139,37 @@ def run_shape(shape: str, bandwidth: float, args: argparse.Namespace) -> dict:
     del hf
     torch.cuda.empty_cache()
     return row
+
+
+KERNEL_GROUPS = (
+    ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk")),
+    ("attention", ("attention", "attn", "decode", "merge")),
+    ("norm/rope/act/kv", ("rms", "rotary", "silu", "kv_kernel", "write_kv")),
+)
+
+
+def kernel_profile(runner, batch: int, out_dir: Path | None, shape: str) -> dict:  # noqa: ANN001
+    """GPU time per kernel group over 10 replays of the decode graph of this batch size (the
+    profiler sees the kernels inside the graph); the full kernel table goes to out_dir."""
+    from torch.profiler import ProfilerActivity, profile
+
+    bucket = runner.graphs.bucket_for(batch) if runner.graphs is not None else None
+    if bucket is None:
+        return {}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            runner.graphs.replay(bucket)
+        torch.cuda.synchronize()
+    groups: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", 0.0) or getattr(event, "cuda_time_total", 0.0)
+        name = event.key.lower()
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + us / 10 / 1e3  # ms per replay
+    if out_dir is not None:
+        table = prof.key_averages().table(sort_by="device_time_total", row_limit=25)
+        (out_dir / f"kernels_{shape}_b{batch}.txt").write_text(table)
+    return groups
 
 
 def print_table(rows: list[dict], bandwidth: float) -> None:
@@ -163,17 +197,27 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
         theirs = hf.get(1, {}).get("tok_s", float("nan"))
         print(f"{r['shape']:5} {'tok/s batch 1':28} {b1:9.1f} {'':>11} {'':>6} {'':>7} {'':>7} "
               f"{theirs:8.1f} {b1 / theirs:6.1f}x")
+        for b in (1, 64):
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r[f"kernels_b{b}"].items()))
+            lat = r[f"b{b}"]
+            print(f"{r['shape']:5}   batch {b}: GPU ms per replay by kernel group: {parts}; "
+                  f"host ms: schedule {lat['schedule_ms']:.3f}, "
+                  f"runner prepare {lat['prepare_ms']:.3f}, "
+                  f"engine update+outputs {lat['engine_rest_ms']:.3f}")
         given = HF_COMPILED_GIVEN[r["shape"]]
         print(f"{r['shape']:5} {'HF static+compile b1 (given)':28} {'':>9} {'':>11} {'':>6} "
               f"{'':>7} {'':>7} {given:8.1f} {b1 / given:6.1f}x")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--shapes", default="1b,8b")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="write every number as JSON here")
     args = parser.parse_args()
+    args.out_dir = args.out.parent if args.out else None
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA device")
     bandwidth = copy_bandwidth()
@@ -182,7 +226,7 @@ def main() -> None:
         rows.append(run_shape(shape, bandwidth, args))
         if args.out:
             args.out.write_text(json.dumps({"bandwidth": bandwidth, "rows": rows}, indent=1))
-    print_table(rows, bandwidth)
+        print_table(rows, bandwidth)
 
 
 if __name__ == "__main__":

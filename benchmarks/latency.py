@@ -1,11 +1,11 @@
-"""Decode latency of paphos: per-step wall time of pure-decode steps, host time per step, and the GPU
-time of one decode graph replay, at a few batch sizes (random prompts, greedy, EOS ignored).
+"""Decode latency of paphos: wall time of pure-decode steps, host time per step, and the GPU time
+of one decode graph replay, at a few batch sizes (random prompts, greedy, EOS ignored).
 
     python benchmarks/latency.py --model DIR --load-format dummy --dtype bfloat16 --batch-sizes 1,64
 
 Host time per step = `Scheduler.schedule` + the runner's preparation (from `execute` entry to the
-graph/model launch). The GPU time of a step is measured by replaying the captured graph of that batch
-size over the last step's inputs (CUDA events, median of 20).
+graph/model launch); the engine's own update/output work is reported beside it. The GPU time of a
+step: replays of the captured graph of that batch size over the last step's inputs (CUDA events).
 """
 
 from __future__ import annotations
@@ -33,16 +33,10 @@ def measure_decode(llm: Any, batch_size: int, prompt_len: int, new_tokens: int) 
     for i, p in enumerate(random_prompts(batch_size, prompt_len, engine.vocab_size, batch_size)):
         engine.add_request(f"lat-{batch_size}-{i}", {"prompt_token_ids": p}, params)
     schedule_s: list[float] = []
-    original = engine.scheduler.schedule
-
-    def timed_schedule():  # noqa: ANN202 - the scheduler's own return type
-        start = time.perf_counter()
-        out = original()
-        schedule_s.append(time.perf_counter() - start)
-        return out
-
-    engine.scheduler.schedule = timed_schedule
-    decode_steps, prepare_s = [], []
+    execute_s: list[float] = []
+    restore = [_timed(engine.scheduler, "schedule", schedule_s),
+               _timed(engine.executor, "execute", execute_s)]
+    decode = {"step": [], "prepare": [], "schedule": [], "execute": []}
     try:
         while engine.has_unfinished_requests():
             before = (runner.host_stats.num_graph_steps, runner.host_stats.prepare_s)
@@ -51,19 +45,38 @@ def measure_decode(llm: Any, batch_size: int, prompt_len: int, new_tokens: int) 
             engine.step()
             elapsed = time.perf_counter() - start
             if runner.host_stats.num_graph_steps > before[0]:
-                decode_steps.append(elapsed)
-                prepare_s.append(runner.host_stats.prepare_s - before[1])
+                decode["step"].append(elapsed)
+                decode["prepare"].append(runner.host_stats.prepare_s - before[1])
+                decode["schedule"].append(schedule_s[-1])
+                decode["execute"].append(execute_s[-1])
     finally:
-        engine.scheduler.schedule = original
-    step_ms = 1e3 * statistics.median(decode_steps) if decode_steps else float("nan")
+        for undo in restore:
+            undo()
+    ms = {k: 1e3 * statistics.median(v) if v else float("nan") for k, v in decode.items()}
     return {
         "batch_size": batch_size,
-        "decode_step_ms": step_ms,
-        "decode_steps": len(decode_steps),
+        "decode_step_ms": ms["step"],
+        "decode_steps": len(decode["step"]),
         "replay_ms": replay_ms(runner, batch_size),
-        "schedule_ms": 1e3 * statistics.median(schedule_s),
-        "prepare_ms": 1e3 * statistics.median(prepare_s) if prepare_s else float("nan"),
+        "schedule_ms": ms["schedule"],
+        "prepare_ms": ms["prepare"],  # runner: state update + inputs, up to the graph launch
+        "execute_ms": ms["execute"],  # runner: prepare + GPU + sampling + the one D2H copy
+        "engine_rest_ms": ms["step"] - ms["schedule"] - ms["execute"],  # update + outputs
     }
+
+
+def _timed(owner: Any, name: str, sink: list[float]):  # noqa: ANN202 - the undo callable
+    """Wrap owner.name to append each call's wall seconds to sink; returns the undo."""
+    original = getattr(owner, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        sink.append(time.perf_counter() - start)
+        return out
+
+    setattr(owner, name, timed)
+    return lambda: setattr(owner, name, original)
 
 
 def replay_ms(runner: Any, batch_size: int, repeats: int = 20) -> float:
@@ -84,7 +97,9 @@ def replay_ms(runner: Any, batch_size: int, repeats: int = 20) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="HF model directory")
     parser.add_argument("--load-format", default="auto")
     parser.add_argument("--dtype", default="bfloat16")
@@ -101,11 +116,13 @@ def main() -> None:
               skip_tokenizer_init=True, max_model_len=args.max_model_len,
               max_num_seqs=max(sizes), enforce_eager=args.enforce_eager)
     measure_decode(llm, 1, 16, 4)  # warm-up
-    print(f"{'batch':>5} {'step ms':>8} {'replay ms':>9} {'schedule ms':>11} {'prepare ms':>10}")
+    print(f"{'batch':>5} {'step ms':>8} {'replay ms':>9} {'schedule ms':>11} {'prepare ms':>10} "
+          f"{'execute ms':>10} {'engine rest ms':>14}")
     for bs in sizes:
         r = measure_decode(llm, bs, args.prompt_len, args.new_tokens)
         print(f"{bs:5d} {r['decode_step_ms']:8.3f} {r['replay_ms']:9.3f} "
-              f"{r['schedule_ms']:11.3f} {r['prepare_ms']:10.3f}")
+              f"{r['schedule_ms']:11.3f} {r['prepare_ms']:10.3f} {r['execute_ms']:10.3f} "
+              f"{r['engine_rest_ms']:14.3f}")
     llm.close()
 
 

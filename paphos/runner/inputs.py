@@ -16,6 +16,9 @@ import torch
 from paphos.attention import AttentionMetadata
 from paphos.layers.sampler import RequestSamplingState
 
+# Up to this many block-table entries per step, whole rows are copied (contiguous, one memcpy).
+FULL_ROW_COPY_ENTRIES = 1 << 16
+
 
 @dataclass
 class RunnerRequestState:
@@ -107,19 +110,24 @@ class InputBuffers:
     ) -> None:
         row = state.row
         assert row is not None, "request was never added to the input buffers"
-        end = first_position + len(new_token_ids)
-        if end > self.max_model_len:
-            raise ValueError(
-                f"request {state.request_id!r} has {end} tokens; max_model_len={self.max_model_len}"
-            )
-        self.token_table[row, first_position:end] = new_token_ids
-        first_block = int(self.num_blocks[row])
-        last_block = first_block + len(new_block_ids)
-        if last_block > self.max_blocks:
-            raise ValueError(f"request {state.request_id!r} holds {last_block} blocks; "
-                             f"at most {self.max_blocks} fit max_model_len={self.max_model_len}")
-        self.block_table[row, first_block:last_block] = new_block_ids
-        self.num_blocks[row] = last_block
+        num_new = len(new_token_ids)
+        if first_position + num_new > self.max_model_len:
+            raise ValueError(f"request {state.request_id!r} has {first_position + num_new} "
+                             f"tokens; max_model_len={self.max_model_len}")
+        if num_new == 1:  # a decode step's sampled token: one scalar store
+            self.token_table[row, first_position] = new_token_ids[0]
+        elif num_new:
+            self.token_table[row, first_position : first_position + num_new] = new_token_ids
+        if new_block_ids:
+            first_block = int(self.num_blocks[row])
+            last_block = first_block + len(new_block_ids)
+            if last_block > self.max_blocks:
+                raise ValueError(
+                    f"request {state.request_id!r} holds {last_block} blocks; at most "
+                    f"{self.max_blocks} fit max_model_len={self.max_model_len}"
+                )
+            self.block_table[row, first_block:last_block] = new_block_ids
+            self.num_blocks[row] = last_block
 
     def remove(self, state: RunnerRequestState) -> None:
         if state.row is not None:
@@ -155,11 +163,10 @@ class InputBuffers:
         if self._copied is not None:
             self._copied.synchronize()  # the last step's copies have read the pinned buffers
         num_seqs = len(states)
-        rows = np.fromiter((s.row for s in states), dtype=np.int64, count=num_seqs)  # [num_seqs]
-        starts = np.fromiter(
-            (s.num_computed_tokens for s in states), dtype=np.int64, count=num_seqs
-        )  # [num_seqs]
-        lengths = np.fromiter((len(s.token_ids) for s in states), dtype=np.int64, count=num_seqs)
+        facts = np.array(
+            [(s.row, s.num_computed_tokens, len(s.token_ids)) for s in states], dtype=np.int64
+        )  # [num_seqs, 3]: one pass over the requests
+        rows, starts, lengths = facts[:, 0], facts[:, 1], facts[:, 2]  # [num_seqs] each
         counts = np.asarray(num_scheduled, dtype=np.int64)  # [num_seqs]
         ends = starts + counts  # [num_seqs]
         samples = np.flatnonzero(ends == lengths)  # [num_sampling]
@@ -200,11 +207,15 @@ class InputBuffers:
         np.cumsum(counts, out=qsl[1 : num_seqs + 1])
         qsl[num_seqs + 1 :] = qsl[num_seqs] + np.arange(1, padded - num_seqs + 1)
         real = int(qsl[num_seqs])
-        seq_index = np.repeat(np.arange(num_seqs), counts)  # [real]
         positions = self._small_np[o[1] : o[1] + num_tokens]  # [num_tokens]
-        positions[:real] = starts[seq_index] + (np.arange(real) - qsl[seq_index])
+        if real == num_seqs:  # one token per request (decode): no expansion over tokens
+            positions[:real] = starts
+            token_rows = rows  # [real]
+        else:
+            seq_index = np.repeat(np.arange(num_seqs), counts)  # [real]
+            positions[:real] = starts[seq_index] + (np.arange(real) - qsl[seq_index])
+            token_rows = rows[seq_index]  # [real]
         positions[real:] = 0
-        token_rows = rows[seq_index]  # [real]
         ids = self._small_np[o[0] : o[0] + num_tokens]  # [num_tokens]
         ids[:real] = self.token_table[token_rows, positions[:real]]
         ids[real:] = 0
@@ -221,6 +232,8 @@ class InputBuffers:
         """Copy the host buffers to the device (one copy each) and view them as model inputs."""
         o = self._offsets
         num_seqs = len(rows)
+        if not self._on_host and num_seqs * self.max_blocks <= FULL_ROW_COPY_ENTRIES:
+            width = self.max_blocks  # whole rows: one contiguous copy beats a strided one
         host_blocks = self._blocks_np[: num_seqs * width].reshape(num_seqs, width)  # [seqs, w]
         np.take(self.block_table[:, :width], rows, axis=0, out=host_blocks)
         staged = self._host_blocks[: num_seqs * width].view(num_seqs, width)  # [seqs, w]
@@ -229,7 +242,8 @@ class InputBuffers:
         else:
             self.small.copy_(self._host_small, non_blocking=True)
             self.blocks[:num_seqs, :width].copy_(staged, non_blocking=True)
-            self._copied = torch.cuda.Event()
+            if self._copied is None:
+                self._copied = torch.cuda.Event()
             self._copied.record()
             block_tables = self.blocks[:padded]  # [padded, max_blocks]
         small = self.small

@@ -32,12 +32,15 @@ class KVCacheSpec:
         return per_layer * self.num_layers
 
 
-def allocate_kv_caches(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> list[torch.Tensor]:
+def allocate_kv_caches(
+    spec: KVCacheSpec, num_blocks: int, device: torch.device
+) -> list[torch.Tensor]:
     """One [2, num_blocks, block_size, num_kv_heads, head_size] zeroed tensor per layer.
 
-    On CPU the zeros come from calloc (numpy), so the OS hands out zero pages lazily: start-up does not
-    pay for touching gigabytes of cache that short workloads never use. Zeros (not garbage) matter:
-    attention masks padded positions in the scores, and 0 * NaN would still poison the output.
+    On CPU the zeros come from calloc (numpy), so the OS hands out zero pages lazily: start-up does
+    not pay for touching gigabytes of cache that short workloads never use. Zeros (not garbage)
+    matter: attention masks padded positions in the scores, and 0 * NaN would still poison the
+    output.
     """
     shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
     if device.type == "cpu":
@@ -66,7 +69,8 @@ def num_blocks_for_device(
     torch.cuda.empty_cache()
     if budget < spec.bytes_per_block:
         raise ValueError(
-            f"no GPU memory left for the KV cache: weights + activations peak at {peak / GiB:.2f} GiB "
+            f"no GPU memory left for the KV cache: weights + activations peak at "
+            f"{peak / GiB:.2f} GiB "
             f"of {total / GiB:.2f} GiB x gpu_memory_utilization={cache.gpu_memory_utilization}; "
             "raise --gpu-memory-utilization or lower --max-num-batched-tokens"
         )

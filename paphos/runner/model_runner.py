@@ -168,10 +168,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        start = time.perf_counter()
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
             return RunnerOutput.empty()
-        start = time.perf_counter()
         states = [self.requests[rid] for rid in scheduler_output.num_scheduled_tokens]
         num_scheduled = list(scheduler_output.num_scheduled_tokens.values())
         logits, inputs = self._run_model(states, num_scheduled, start)
@@ -248,7 +248,7 @@ class ModelRunner:
         if ids:
             states = [self.requests[rid].sampling for rid in ids]
             rows = logits[: len(ids)]  # [num_sampled, vocab]
-            if all(_is_plain_greedy(s) for s in states):
+            if all(_is_plain_greedy(s) for s in states):  # argmax: no per-step sampler metadata
                 sampled = dict(zip(ids, rows.argmax(dim=-1).tolist()))
             else:
                 metadata = SamplingMetadata.build(states, self.vocab_size, self.device)
@@ -288,10 +288,12 @@ def _is_plain_greedy(state: RequestSamplingState) -> bool:
     """Greedy with nothing that could move the argmax and no logprobs: the sampled token is the
     argmax of the raw logits, so the shared Sampler (and its per-step metadata) can be skipped."""
     p = state.params
+    if len(state.output_token_ids) < p.min_tokens and state.min_tokens_bans:
+        return False
     return (
         state.is_greedy
         and not state.samplers
-        and not state.step_bans()
+        and not state.custom_bans
         and not state.bad_words
         and not p.logit_bias
         and p.allowed_token_ids is None
