@@ -66,7 +66,7 @@ class ModelConfig:
 
     @property
     def architecture(self) -> str:
-        archs = getattr(self.hf_config, "architectures", None) or []
+        archs: list[str] = getattr(self.hf_config, "architectures", None) or []
         if not archs:
             raise ValueError(f"model config of {self.model!r} names no architecture")
         return archs[0]

@@ -223,7 +223,8 @@ def _mapped_config_fields(contents: GGUFContents, model_type: str) -> dict[str, 
 def _causal_lm_class(model_type: str) -> str:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    class_name: str = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    return class_name
 
 
 def _fill_head_dim(contents: GGUFContents, config: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # One position's logprobs: token id -> Logprob (the sampled token first, then the top-N).
 LogprobsDict = dict[int, "Logprob"]
@@ -48,4 +49,4 @@ class RequestOutput:
     prompt_logprobs: list[LogprobsDict | None] | None = None
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
