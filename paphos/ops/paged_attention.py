@@ -27,6 +27,8 @@ def paged_attention(
 
     Computed in float32 whatever the cache dtype (CPUs without native bf16 run fp32 products faster,
     and the reference doubles as the test oracle)."""
+    if query.shape[0] == seq_lens.shape[0]:  # one query token per sequence: a pure decode step
+        return _decode_attention(query, kv_cache, seq_lens, block_tables, scale)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
@@ -89,11 +91,9 @@ def _decode_attention(
 ) -> torch.Tensor:
     """One query token per sequence, batched: pad every context to the longest and mask the rest."""
     num_seqs, num_heads, head_size = query.shape
-    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
-    max_len = int(seq_lens.max())
-    num_blocks = -(-max_len // block_size)
-    blocks = block_tables[:, :num_blocks]  # [num_seqs, num_blocks]
+    blocks = block_tables  # [num_seqs, max_blocks]: columns past a sequence's end are masked
     # [num_seqs, num_blocks * block_size, num_kv_heads, head_size]
     k = kv_cache[0, blocks].flatten(1, 2).float()
     v = kv_cache[1, blocks].flatten(1, 2).float()

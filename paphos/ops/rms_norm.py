@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [num_tokens, hidden]; weight: [hidden]. Computed in float32, returned in x's dtype."""
-    x32 = x.float()
-    variance = x32.pow(2).mean(dim=-1, keepdim=True)  # [num_tokens, 1]
-    return (x32 * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+    # x * rsqrt(mean(x^2) + eps) in float32 (torch's fused op), rounded, then scaled: HF's order.
+    normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps)  # [num_tokens, hidden]
+    return normed.to(x.dtype) * weight
 
 
 def fused_add_rms_norm(

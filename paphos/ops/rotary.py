@@ -21,28 +21,22 @@ def rotary_embedding(
     cos_sin_cache: [max_position, rot_dim] (cos | sin halves).
     is_neox: rotate halves (GPT-NeoX/Llama style); else interleaved pairs (GPT-J style).
     """
+    num_tokens = positions.shape[0]
+    num_q_heads = query.shape[-1] // head_size
     cos_sin = cos_sin_cache.index_select(0, positions)  # [num_tokens, rot_dim]
-    cos, sin = cos_sin.chunk(2, dim=-1)  # [num_tokens, rot_dim // 2] each
-    return _rotate(query, cos, sin, head_size, is_neox), _rotate(key, cos, sin, head_size, is_neox)
-
-
-def _rotate(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_size: int, is_neox: bool
-) -> torch.Tensor:
-    num_tokens = x.shape[0]
-    x = x.view(num_tokens, -1, head_size)  # [num_tokens, heads, head_size]
+    cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)  # [num_tokens, 1, rot_dim // 2] each
+    # query and key heads rotated together: [num_tokens, num_heads + num_kv_heads, head_size]
+    qk = torch.cat((query.view(num_tokens, -1, head_size), key.view(num_tokens, -1, head_size)), 1)
     rot_dim = cos.shape[-1] * 2
-    x_rot, x_pass = x[..., :rot_dim].float(), x[..., rot_dim:]
-    cos, sin = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()  # [num_tokens, 1, rot_dim // 2]
+    x = qk[..., :rot_dim].float()
     if is_neox:
-        x1, x2 = x_rot.chunk(2, dim=-1)
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     else:
-        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
-    o1 = x1 * cos - x2 * sin
-    o2 = x2 * cos + x1 * sin
-    if is_neox:
-        rotated = torch.cat((o1, o2), dim=-1)
-    else:
-        rotated = torch.stack((o1, o2), dim=-1).flatten(-2)
-    out = torch.cat((rotated.to(x.dtype), x_pass), dim=-1)  # [num_tokens, heads, head_size]
-    return out.reshape(num_tokens, -1)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    if rot_dim < head_size:
+        rotated = torch.cat((rotated.to(qk.dtype), qk[..., rot_dim:]), dim=-1)
+    out = rotated.to(qk.dtype)  # [num_tokens, num_heads + num_kv_heads, head_size]
+    q_out, k_out = out.split([num_q_heads, out.shape[1] - num_q_heads], dim=1)
+    return q_out.reshape(num_tokens, -1), k_out.reshape(num_tokens, -1)
