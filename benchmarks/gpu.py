@@ -125,6 +125,8 @@ def run_shape(shape: str, bandwidth: float, args: argparse.Namespace) -> dict:
         floor = floor_ms(hf, config, batch, context, bandwidth)
         row[f"b{batch}"] = {**lat, "floor_ms": floor}
         row[f"kernels_b{batch}"] = kernel_profile(runner, batch, args.out_dir, shape)
+    if args.out_dir is not None:
+        host_profile(llm, args.out_dir / f"host_profile_{shape}_b64.txt")
     for batch in (64, 256):
         row[f"tput{batch}"] = paphos_throughput(llm, batch, vocab)
     row["host"] = {"steps": runner.host_stats.num_steps,
@@ -139,6 +141,21 @@ def run_shape(shape: str, bandwidth: float, args: argparse.Namespace) -> dict:
     del hf
     torch.cuda.empty_cache()
     return row
+
+
+def host_profile(llm, path: Path) -> None:  # noqa: ANN001
+    """cProfile of 32 decode steps at batch 64 (host functions by own time), written to path."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    measure_decode(llm, 64, PROMPT_LEN, 32)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+    path.write_text(text.getvalue())
 
 
 KERNEL_GROUPS = (
@@ -168,7 +185,8 @@ def kernel_profile(runner, batch: int, out_dir: Path | None, shape: str) -> dict
         groups[group] = groups.get(group, 0.0) + us / 10 / 1e3  # ms per replay
     if out_dir is not None:
         table = prof.key_averages().table(sort_by="device_time_total", row_limit=25)
-        (out_dir / f"kernels_{shape}_b{batch}.txt").write_text(table)
+        with open(out_dir / f"kernels_{shape}.txt", "a") as f:  # one file per shape (b1, b64)
+            f.write(f"\n## {shape}, batch {batch}, 10 replays\n{table}\n")
     return groups
 
 

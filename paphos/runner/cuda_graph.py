@@ -1,9 +1,9 @@
 """CUDA graphs of the decode step: one per batch-size bucket, captured once the KV cache exists.
 
-A graph replays model forward + compute_logits over the runner's persistent input buffers and leaves
-float32 logits in one persistent buffer. It is replayed only for pure-decode batches (every request
-computes one token and samples it) of at most the largest bucket and at most `max_seq_len` tokens
-per sequence; the captured region has no host sync (the kernels get host-side bounds as ints).
+A graph replays model forward + compute_logits (+ argmax) over the runner's persistent input buffers
+and leaves float32 logits and their row-wise argmax in persistent buffers. It is replayed only for
+pure-decode batches (every request computes one token and samples it) of at most the largest bucket
+and at most `max_seq_len` tokens per sequence; the captured region has no host sync.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ class DecodeGraphs:
         self.logits = torch.empty(
             (max(batch_sizes), vocab_size), dtype=torch.float32, device=device
         )  # [max_bs, vocab]
+        # The argmax of each row, computed in the graph: a greedy step needs no launch after it.
+        self.argmax = torch.zeros(max(batch_sizes), dtype=torch.int64, device=device)  # [max_bs]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def bucket_for(self, num_seqs: int) -> int | None:
@@ -87,16 +89,19 @@ class DecodeGraphs:
             time.perf_counter() - start,
         )
 
-    def replay(self, bs: int) -> torch.Tensor:
-        """Run the captured step of batch size bs over the current buffers; logits [bs, vocab]."""
+    def replay(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the captured step of batch size bs over the current buffers.
+        Returns (logits [bs, vocab], argmax token ids [bs])."""
         self.graphs[bs].replay()
-        return self.logits[:bs]
+        return self.logits[:bs], self.argmax[:bs]
 
     def _forward(
         self, bs: int, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> None:
         hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [bs, hidden]
-        self.logits[:bs].copy_(self.model.compute_logits(hidden, metadata))  # [bs, vocab]
+        logits = self.model.compute_logits(hidden, metadata)  # [bs, vocab]
+        self.logits[:bs].copy_(logits)
+        torch.argmax(logits, dim=-1, out=self.argmax[:bs])  # [bs]
 
     def _dummy_decode(
         self, bs: int

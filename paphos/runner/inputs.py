@@ -9,6 +9,7 @@ device) buffers: a step is a few vectorized gathers and two host-to-device copie
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,6 +91,7 @@ class InputBuffers:
         self.small = self._host_small
         self.blocks = self._host_blocks.view(s, self.max_blocks)  # [rows, max_blocks]
         self._copied: torch.cuda.Event | None = None
+        self._graph_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, Any]] = {}
         if not self._on_host:
             self.small = torch.zeros(total, dtype=torch.int64, device=device)  # [total]
             self.blocks = torch.zeros((s, self.max_blocks), dtype=torch.int64, device=device)
@@ -190,7 +192,10 @@ class InputBuffers:
         )
         self._small_np[o[3] : o[3] + len(logits_rows)] = logits_rows
         width = int(self.num_blocks[rows].max())
-        inputs = self._upload(padded, num_tokens, len(logits_rows), width, rows, counts, seq_lens)
+        inputs = self._upload(
+            padded, num_tokens, len(logits_rows), width, rows, counts, seq_lens,
+            graph_seq_len=pad_max_seq_len if pad_to else None,
+        )
         inputs.sampling_request_ids, inputs.prompt_logprob_rows = sampling_ids, prompt_lp
         inputs.padded_to = pad_to
         return inputs
@@ -227,9 +232,10 @@ class InputBuffers:
 
     def _upload(
         self, padded: int, num_tokens: int, num_logits: int, width: int, rows: np.ndarray,
-        counts: np.ndarray, seq_lens: np.ndarray,
+        counts: np.ndarray, seq_lens: np.ndarray, graph_seq_len: int | None = None,
     ) -> StepInputs:
-        """Copy the host buffers to the device (one copy each) and view them as model inputs."""
+        """Copy the host buffers to the device (one copy each) and view them as model inputs
+        (a padded graph step reuses its cached views: the graph reads the buffers, not them)."""
         o = self._offsets
         num_seqs = len(rows)
         if not self._on_host and num_seqs * self.max_blocks <= FULL_ROW_COPY_ENTRIES:
@@ -246,6 +252,12 @@ class InputBuffers:
                 self._copied = torch.cuda.Event()
             self._copied.record()
             block_tables = self.blocks[:padded]  # [padded, max_blocks]
+        if graph_seq_len is not None:
+            key = (padded, graph_seq_len)
+            if key not in self._graph_views:
+                self._graph_views[key] = self.decode_views(padded, graph_seq_len)
+            input_ids, positions, graph_metadata = self._graph_views[key]
+            return StepInputs(input_ids, positions, graph_metadata, [])
         small = self.small
         metadata = AttentionMetadata(
             slot_mapping=small[o[2] : o[2] + num_tokens],

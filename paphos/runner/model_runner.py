@@ -174,17 +174,18 @@ class ModelRunner:
             return RunnerOutput.empty()
         states = [self.requests[rid] for rid in scheduler_output.num_scheduled_tokens]
         num_scheduled = list(scheduler_output.num_scheduled_tokens.values())
-        logits, inputs = self._run_model(states, num_scheduled, start)
-        output = self._sample(logits, inputs)
+        logits, argmax, inputs = self._run_model(states, num_scheduled, start)
+        output = self._sample(logits, argmax, inputs)
         for state, n in zip(states, num_scheduled):
             state.num_computed_tokens += n
         return output
 
     def _run_model(
         self, states: list[RunnerRequestState], num_scheduled: list[int], start: float
-    ) -> tuple[torch.Tensor, StepInputs]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, StepInputs]:
         """Prepare the inputs and run the model: a graph replay for a pure-decode batch that fits
-        a bucket, eager otherwise. Returns logits [num_logits (or padded rows), vocab]."""
+        a bucket, eager otherwise. Returns logits [num_logits (or padded rows), vocab] and, from a
+        graph, their argmax [padded rows]."""
         assert self.buffers is not None, "initialize_kv_cache was not called"
         graphs, bucket, limit = self.graphs, None, None
         if graphs is not None and len(num_scheduled) == sum(num_scheduled):
@@ -196,10 +197,11 @@ class ModelRunner:
         if graphs is not None and inputs.padded_to is not None:
             stats.num_graph_steps += 1
             stats.prepare_s += time.perf_counter() - start
-            return graphs.replay(inputs.padded_to), inputs  # [bucket, vocab]
+            logits, argmax = graphs.replay(inputs.padded_to)  # [bucket, vocab], [bucket]
+            return logits, argmax, inputs
         stats.prepare_s += time.perf_counter() - start
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, md)
-        return self.model.compute_logits(hidden, md), inputs  # [num_logits, vocab]
+        return self.model.compute_logits(hidden, md), None, inputs  # [num_logits, vocab]
 
     def _update_states(self, out: SchedulerOutput) -> None:
         assert self.buffers is not None, "initialize_kv_cache was not called"
@@ -240,7 +242,9 @@ class ModelRunner:
         eos = getattr(self.config.model.hf_config, "eos_token_id", None)
         return eos[0] if isinstance(eos, list) and eos else eos
 
-    def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> RunnerOutput:
+    def _sample(
+        self, logits: torch.Tensor, argmax: torch.Tensor | None, inputs: StepInputs
+    ) -> RunnerOutput:
         """Sample on the device; the sampled token ids come back in one device-to-host copy."""
         ids = inputs.sampling_request_ids
         sampled: dict[str, int] = {}
@@ -249,7 +253,8 @@ class ModelRunner:
             states = [self.requests[rid].sampling for rid in ids]
             rows = logits[: len(ids)]  # [num_sampled, vocab]
             if all(_is_plain_greedy(s) for s in states):  # argmax: no per-step sampler metadata
-                sampled = dict(zip(ids, rows.argmax(dim=-1).tolist()))
+                top = argmax[: len(ids)] if argmax is not None else rows.argmax(dim=-1)  # [n]
+                sampled = dict(zip(ids, top.tolist()))
             else:
                 metadata = SamplingMetadata.build(states, self.vocab_size, self.device)
                 result = self.model.sample(rows, metadata)

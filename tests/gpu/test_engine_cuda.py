@@ -55,7 +55,7 @@ def _prompts() -> list[list[int]]:
     return prompts
 
 
-def _generate(path: Path, one_by_one: bool = False, **engine_kwargs):
+def _generate(path: Path, one_by_one: bool = False, logprobs: int | None = 2, **engine_kwargs):
     """Greedy outputs (different lengths, so the decode batch shrinks through several graph
     buckets) and the runner's host stats."""
     kwargs = dict(dtype="float32", skip_tokenizer_init=True, device="cuda", max_num_seqs=8,
@@ -63,8 +63,10 @@ def _generate(path: Path, one_by_one: bool = False, **engine_kwargs):
     kwargs.update(engine_kwargs)
     llm = LLM(model=str(path), **kwargs)
     prompts = [{"prompt_token_ids": p} for p in _prompts()]
-    params = [SamplingParams(temperature=0, max_tokens=8 + 3 * i, ignore_eos=True, logprobs=2)
-              for i in range(len(prompts))]
+    params = [
+        SamplingParams(temperature=0, max_tokens=8 + 3 * i, ignore_eos=True, logprobs=logprobs)
+        for i in range(len(prompts))
+    ]
     if one_by_one:
         outs = [llm.generate(p, sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
     else:
@@ -98,6 +100,13 @@ def test_decode_steps_replay_cuda_graphs_and_equal_eager(peaked_llama, graph_run
     assert graph_stats.num_graph_steps > 0
     assert eager_stats.num_graph_steps == 0
     _assert_same(eager_outs, graph_outs, logprob_tol=1e-4)
+
+
+def test_plain_greedy_steps_take_the_argmax_computed_in_the_graph(peaked_llama, graph_run):
+    outs, stats = _generate(peaked_llama[0], logprobs=None)  # no logprobs: the argmax fast path
+    assert stats.num_graph_steps > 0
+    for expected, actual in zip(graph_run[0], outs):
+        assert actual.outputs[0].token_ids == expected.outputs[0].token_ids
 
 
 def test_triton_backend_equals_torch_reference_backend(peaked_llama, graph_run, monkeypatch):
