@@ -1,0 +1,141 @@
+"""Loader and Python entry of the AVX2 small-batch matrix-vector kernel in matvec.c.
+
+Invariant: `load_library()` builds and loads the library at most once per process; it returns None
+(after one logged warning) when the CPU, compiler or build cannot provide it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("matvec.c")
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+MAX_ROWS = 4
+WEIGHT_DTYPES = (torch.bfloat16, torch.float32)
+_ERRORS = {-1: "rows", -2: "in", -3: "out", -4: "num_threads", -5: "pointer", -6: "memory"}
+
+
+def find_compiler() -> str | None:
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def library_path(compiler: str, source: bytes) -> Path:
+    """Cache path keyed by the source, the flags and the compiler's version banner."""
+    banner = subprocess.run([compiler, "--version"], capture_output=True, check=True).stdout
+    digest = hashlib.sha256(source + banner + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    return Path.home() / ".cache" / "paphos" / "kernels" / f"matvec-{digest}.so"
+
+
+def build(compiler: str, target: Path) -> None:
+    """Compile into a temporary file beside `target`, then rename: readers never see half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *CFLAGS, "-o", tmp, str(SOURCE)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:2000]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.paphos_matvec.argtypes = [ptr, c_int, ptr, c_int, ptr, ptr, c_int, i64, i64, i64, c_int]
+    lib.paphos_matvec.restype = c_int
+    lib.paphos_cpu_supported.argtypes = []
+    lib.paphos_cpu_supported.restype = c_int
+    return lib
+
+
+@cache
+def load_library() -> ctypes.CDLL | None:
+    """The built kernel library, or None (logged once) where it cannot run here."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        logger.warning("CPU matvec kernel off: %s is not x86-64; using torch", platform.machine())
+        return None
+    compiler = find_compiler()
+    if compiler is None:
+        logger.warning("CPU matvec kernel off: no C compiler (cc/gcc) found; using torch")
+        return None
+    try:
+        target = library_path(compiler, SOURCE.read_bytes())
+        if not target.exists():
+            build(compiler, target)
+        lib = bind(ctypes.CDLL(str(target)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        logger.warning("CPU matvec kernel off: build or load failed (%s); using torch", exc)
+        return None
+    if not lib.paphos_cpu_supported():
+        logger.warning("CPU matvec kernel off: this CPU lacks AVX2/FMA; using torch")
+        return None
+    return lib
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `matvec` handles these operands (the caller falls back to torch otherwise)."""
+    return (
+        x.dim() == 2
+        and 1 <= x.shape[0] <= MAX_ROWS
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and weight.dim() == 2
+        and weight.dtype in WEIGHT_DTYPES
+        and weight.is_contiguous()
+        and x.shape[1] == weight.shape[1]
+    )
+
+
+def matvec(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    num_threads: int = 1,
+) -> torch.Tensor:
+    """x [rows <= 4, in] @ weight[out, in].T (+ bias) -> [rows, out] in x's dtype (fp32 sums)."""
+    if not supports(x, weight):
+        raise ValueError(
+            f"matvec cannot take x {tuple(x.shape)} {x.dtype} with weight {tuple(weight.shape)} "
+            f"{weight.dtype} (contiguous={weight.is_contiguous()}): needs rows 1..{MAX_ROWS}, "
+            f"matching in, a contiguous CPU weight in {WEIGHT_DTYPES}"
+        )
+    rows, out = x.shape[0], weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (out,):
+        raise ValueError(f"bias shape {tuple(bias.shape)} should be ({out},)")
+    x_is_bf16 = x.dtype == torch.bfloat16
+    x_in = x.contiguous() if x.dtype in WEIGHT_DTYPES else x.float().contiguous()  # [rows, in]
+    y = torch.empty(rows, out, dtype=x_in.dtype)  # [rows, out]
+    bias_fp32 = None if bias is None else bias.float().contiguous()  # [out]
+    code = lib.paphos_matvec(
+        x_in.data_ptr(),
+        x_is_bf16,
+        weight.data_ptr(),
+        weight.dtype == torch.bfloat16,
+        None if bias_fp32 is None else bias_fp32.data_ptr(),
+        y.data_ptr(),
+        x_is_bf16,
+        rows,
+        x.shape[1],
+        out,
+        num_threads,
+    )
+    if code != 0:
+        raise ValueError(f"paphos_matvec rejected its {_ERRORS.get(code, code)} argument")
+    return y if y.dtype == x.dtype else y.to(x.dtype)
