@@ -24,10 +24,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import measure_decode, random_prompts  # noqa: E402
 
 SHAPES = {
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, intermediate_size=8192, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, intermediate_size=14336, tie_word_embeddings=False),
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        tie_word_embeddings=False,
+    ),
 }
 # Given in the issue (H100, HF static cache + torch.compile, batch 1): not rerun by default.
 HF_COMPILED_GIVEN = {"1b": 84.7, "8b": 62.5}
@@ -53,9 +65,16 @@ def copy_bandwidth() -> float:
 def make_models(shape: str, workdir: Path):  # noqa: ANN201 - (hf model, LlamaConfig)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                         bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
-                         dtype="bfloat16", **SHAPES[shape])
+    config = LlamaConfig(
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=["LlamaForCausalLM"],
+        dtype="bfloat16",
+        **SHAPES[shape],
+    )
     config.save_pretrained(workdir)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -81,8 +100,13 @@ def floor_ms(hf, config, batch: int, context: int, bandwidth: float) -> float:  
 @torch.inference_mode()
 def hf_generate(hf, batch: int, vocab: int) -> dict:  # noqa: ANN001
     ids = torch.tensor(random_prompts(batch, PROMPT_LEN, vocab, 1), device="cuda")  # [b, len]
-    kwargs = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                  pad_token_id=0, eos_token_id=None)
+    kwargs = dict(
+        do_sample=False,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     hf.generate(ids[:1, :8], **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -111,8 +135,15 @@ def run_shape(shape: str, bandwidth: float, args: argparse.Namespace) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix=f"paphos_{shape}_"))
     hf, config = make_models(shape, workdir)
     start = time.perf_counter()
-    llm = LLM(model=str(workdir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
-              max_model_len=2048, max_num_seqs=256, gpu_memory_utilization=0.9)
+    llm = LLM(
+        model=str(workdir),
+        load_format="dummy",
+        dtype="bfloat16",
+        skip_tokenizer_init=True,
+        max_model_len=2048,
+        max_num_seqs=256,
+        gpu_memory_utilization=0.9,
+    )
     startup = time.perf_counter() - start
     runner = llm.engine.executor.runner
     loaded = runner.model.load_weights((n, p.detach()) for n, p in hf.state_dict().items())
@@ -129,9 +160,11 @@ def run_shape(shape: str, bandwidth: float, args: argparse.Namespace) -> dict:
         host_profile(llm, args.out_dir / f"host_profile_{shape}_b64.txt")
     for batch in (64, 256):
         row[f"tput{batch}"] = paphos_throughput(llm, batch, vocab)
-    row["host"] = {"steps": runner.host_stats.num_steps,
-                   "graph_steps": runner.host_stats.num_graph_steps,
-                   "mean_prepare_ms": runner.host_stats.mean_prepare_ms}
+    row["host"] = {
+        "steps": runner.host_stats.num_steps,
+        "graph_steps": runner.host_stats.num_graph_steps,
+        "mean_prepare_ms": runner.host_stats.mean_prepare_ms,
+    }
     llm.close()
     del llm, runner
     torch.cuda.empty_cache()
@@ -191,10 +224,14 @@ def kernel_profile(runner, batch: int, out_dir: Path | None, shape: str) -> dict
 
 
 def print_table(rows: list[dict], bandwidth: float) -> None:
-    print(f"\n{torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
-          f"prompts {PROMPT_LEN}, {NEW_TOKENS} new tokens, greedy, bf16")
-    head = (f"{'shape':5} {'metric':28} {'paphos':>9} {'GPU(replay)':>11} {'host':>6} "
-            f"{'floor':>7} {'x floor':>7} {'HF':>8} {'vs HF':>7}")
+    print(
+        f"\n{torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
+        f"prompts {PROMPT_LEN}, {NEW_TOKENS} new tokens, greedy, bf16"
+    )
+    head = (
+        f"{'shape':5} {'metric':28} {'paphos':>9} {'GPU(replay)':>11} {'host':>6} "
+        f"{'floor':>7} {'x floor':>7} {'HF':>8} {'vs HF':>7}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -203,28 +240,38 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
             lat = r[f"b{b}"]
             host = lat["schedule_ms"] + lat["prepare_ms"]
             theirs = hf.get(b, {}).get("ms_per_step", float("nan"))
-            print(f"{r['shape']:5} {f'decode step ms, batch {b}':28} {lat['decode_step_ms']:9.3f} "
-                  f"{lat['replay_ms']:11.3f} {host:6.3f} {lat['floor_ms']:7.3f} "
-                  f"{lat['decode_step_ms'] / lat['floor_ms']:7.2f} {theirs:8.2f} "
-                  f"{theirs / lat['decode_step_ms']:6.1f}x")
+            print(
+                f"{r['shape']:5} {f'decode step ms, batch {b}':28} {lat['decode_step_ms']:9.3f} "
+                f"{lat['replay_ms']:11.3f} {host:6.3f} {lat['floor_ms']:7.3f} "
+                f"{lat['decode_step_ms'] / lat['floor_ms']:7.2f} {theirs:8.2f} "
+                f"{theirs / lat['decode_step_ms']:6.1f}x"
+            )
         for b in (64, 256):
             theirs = hf.get(b, {}).get("tok_s", float("nan"))
-            print(f"{r['shape']:5} {f'output tok/s, batch {b}':28} {r[f'tput{b}']:9.0f} "
-                  f"{'':>11} {'':>6} {'':>7} {'':>7} {theirs:8.0f} {r[f'tput{b}'] / theirs:6.1f}x")
+            print(
+                f"{r['shape']:5} {f'output tok/s, batch {b}':28} {r[f'tput{b}']:9.0f} "
+                f"{'':>11} {'':>6} {'':>7} {'':>7} {theirs:8.0f} {r[f'tput{b}'] / theirs:6.1f}x"
+            )
         b1 = 1e3 / r["b1"]["decode_step_ms"]
         theirs = hf.get(1, {}).get("tok_s", float("nan"))
-        print(f"{r['shape']:5} {'tok/s batch 1':28} {b1:9.1f} {'':>11} {'':>6} {'':>7} {'':>7} "
-              f"{theirs:8.1f} {b1 / theirs:6.1f}x")
+        print(
+            f"{r['shape']:5} {'tok/s batch 1':28} {b1:9.1f} {'':>11} {'':>6} {'':>7} {'':>7} "
+            f"{theirs:8.1f} {b1 / theirs:6.1f}x"
+        )
         for b in (1, 64):
             parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r[f"kernels_b{b}"].items()))
             lat = r[f"b{b}"]
-            print(f"{r['shape']:5}   batch {b}: GPU ms per replay by kernel group: {parts}; "
-                  f"host ms: schedule {lat['schedule_ms']:.3f}, "
-                  f"runner prepare {lat['prepare_ms']:.3f}, "
-                  f"engine update+outputs {lat['engine_rest_ms']:.3f}")
+            print(
+                f"{r['shape']:5}   batch {b}: GPU ms per replay by kernel group: {parts}; "
+                f"host ms: schedule {lat['schedule_ms']:.3f}, "
+                f"runner prepare {lat['prepare_ms']:.3f}, "
+                f"engine update+outputs {lat['engine_rest_ms']:.3f}"
+            )
         given = HF_COMPILED_GIVEN[r["shape"]]
-        print(f"{r['shape']:5} {'HF static+compile b1 (given)':28} {'':>9} {'':>11} {'':>6} "
-              f"{'':>7} {'':>7} {given:8.1f} {b1 / given:6.1f}x")
+        print(
+            f"{r['shape']:5} {'HF static+compile b1 (given)':28} {'':>9} {'':>11} {'':>6} "
+            f"{'':>7} {'':>7} {given:8.1f} {b1 / given:6.1f}x"
+        )
 
 
 def main() -> None:

@@ -34,8 +34,10 @@ def measure_decode(llm: Any, batch_size: int, prompt_len: int, new_tokens: int) 
         engine.add_request(f"lat-{batch_size}-{i}", {"prompt_token_ids": p}, params)
     schedule_s: list[float] = []
     execute_s: list[float] = []
-    restore = [_timed(engine.scheduler, "schedule", schedule_s),
-               _timed(engine.executor, "execute", execute_s)]
+    restore = [
+        _timed(engine.scheduler, "schedule", schedule_s),
+        _timed(engine.executor, "execute", execute_s),
+    ]
     decode = {"step": [], "prepare": [], "schedule": [], "execute": []}
     try:
         while engine.has_unfinished_requests():
@@ -112,17 +114,27 @@ def main() -> None:
     from paphos import LLM
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype,
-              skip_tokenizer_init=True, max_model_len=args.max_model_len,
-              max_num_seqs=max(sizes), enforce_eager=args.enforce_eager)
+    llm = LLM(
+        model=args.model,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        skip_tokenizer_init=True,
+        max_model_len=args.max_model_len,
+        max_num_seqs=max(sizes),
+        enforce_eager=args.enforce_eager,
+    )
     measure_decode(llm, 1, 16, 4)  # warm-up
-    print(f"{'batch':>5} {'step ms':>8} {'replay ms':>9} {'schedule ms':>11} {'prepare ms':>10} "
-          f"{'execute ms':>10} {'engine rest ms':>14}")
+    print(
+        f"{'batch':>5} {'step ms':>8} {'replay ms':>9} {'schedule ms':>11} {'prepare ms':>10} "
+        f"{'execute ms':>10} {'engine rest ms':>14}"
+    )
     for bs in sizes:
         r = measure_decode(llm, bs, args.prompt_len, args.new_tokens)
-        print(f"{bs:5d} {r['decode_step_ms']:8.3f} {r['replay_ms']:9.3f} "
-              f"{r['schedule_ms']:11.3f} {r['prepare_ms']:10.3f} {r['execute_ms']:10.3f} "
-              f"{r['engine_rest_ms']:14.3f}")
+        print(
+            f"{bs:5d} {r['decode_step_ms']:8.3f} {r['replay_ms']:9.3f} "
+            f"{r['schedule_ms']:11.3f} {r['prepare_ms']:10.3f} {r['execute_ms']:10.3f} "
+            f"{r['engine_rest_ms']:14.3f}"
+        )
     llm.close()
 
 

@@ -85,7 +85,9 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         logger.info(
             "captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s",
-            len(self.graphs), self.batch_sizes[0], self.batch_sizes[-1],
+            len(self.graphs),
+            self.batch_sizes[0],
+            self.batch_sizes[-1],
             time.perf_counter() - start,
         )
 
@@ -103,9 +105,7 @@ class DecodeGraphs:
         self.logits[:bs].copy_(logits)
         torch.argmax(logits, dim=-1, out=self.argmax[:bs])  # [bs]
 
-    def _dummy_decode(
-        self, bs: int
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _dummy_decode(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """The buffers' decode views of batch size bs, holding harmless rows: token 0 at position
         0, slot -1 (nothing written), seq_len 1 over block 0."""
         input_ids, positions, metadata = self.buffers.decode_views(bs, self.max_seq_len)

@@ -57,11 +57,19 @@ class InputBuffers:
     """
 
     def __init__(
-        self, max_num_seqs: int, max_num_tokens: int, max_model_len: int, block_size: int,
+        self,
+        max_num_seqs: int,
+        max_num_tokens: int,
+        max_model_len: int,
+        block_size: int,
         device: torch.device,
     ) -> None:
-        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_tokens", max_num_tokens),
-                            ("max_model_len", max_model_len), ("block_size", block_size)):
+        for name, value in (
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_tokens", max_num_tokens),
+            ("max_model_len", max_model_len),
+            ("block_size", block_size),
+        ):
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
         self.block_size = block_size
@@ -107,15 +115,20 @@ class InputBuffers:
         self.append(state, state.token_ids, 0, state.block_ids)
 
     def append(
-        self, state: RunnerRequestState, new_token_ids: list[int] | tuple[int, ...],
-        first_position: int, new_block_ids: list[int] | tuple[int, ...],
+        self,
+        state: RunnerRequestState,
+        new_token_ids: list[int] | tuple[int, ...],
+        first_position: int,
+        new_block_ids: list[int] | tuple[int, ...],
     ) -> None:
         row = state.row
         assert row is not None, "request was never added to the input buffers"
         num_new = len(new_token_ids)
         if first_position + num_new > self.max_model_len:
-            raise ValueError(f"request {state.request_id!r} has {first_position + num_new} "
-                             f"tokens; max_model_len={self.max_model_len}")
+            raise ValueError(
+                f"request {state.request_id!r} has {first_position + num_new} "
+                f"tokens; max_model_len={self.max_model_len}"
+            )
         if num_new == 1:  # a decode step's sampled token: one scalar store
             self.token_table[row, first_position] = new_token_ids[0]
         elif num_new:
@@ -156,8 +169,11 @@ class InputBuffers:
     # ---- one step -------------------------------------------------------------------------------
 
     def prepare(
-        self, states: list[RunnerRequestState], num_scheduled: list[int],
-        pad_to: int | None = None, pad_max_seq_len: int | None = None,
+        self,
+        states: list[RunnerRequestState],
+        num_scheduled: list[int],
+        pad_to: int | None = None,
+        pad_max_seq_len: int | None = None,
     ) -> StepInputs:
         """Model inputs of one step. `pad_to` (a graph's batch size) pads the batch only when it
         is pure decode (every request computes one token and samples it) with no sequence longer
@@ -193,7 +209,13 @@ class InputBuffers:
         self._small_np[o[3] : o[3] + len(logits_rows)] = logits_rows
         width = int(self.num_blocks[rows].max())
         inputs = self._upload(
-            padded, num_tokens, len(logits_rows), width, rows, counts, seq_lens,
+            padded,
+            num_tokens,
+            len(logits_rows),
+            width,
+            rows,
+            counts,
+            seq_lens,
             graph_seq_len=pad_max_seq_len if pad_to else None,
         )
         inputs.sampling_request_ids, inputs.prompt_logprob_rows = sampling_ids, prompt_lp
@@ -201,7 +223,11 @@ class InputBuffers:
         return inputs
 
     def _fill_tokens(
-        self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray, padded: int,
+        self,
+        rows: np.ndarray,
+        starts: np.ndarray,
+        counts: np.ndarray,
+        padded: int,
         num_tokens: int,
     ) -> np.ndarray:
         """Write query_start_loc, positions, input ids and slots into the host buffer (padded
@@ -231,8 +257,15 @@ class InputBuffers:
         return qsl
 
     def _upload(
-        self, padded: int, num_tokens: int, num_logits: int, width: int, rows: np.ndarray,
-        counts: np.ndarray, seq_lens: np.ndarray, graph_seq_len: int | None = None,
+        self,
+        padded: int,
+        num_tokens: int,
+        num_logits: int,
+        width: int,
+        rows: np.ndarray,
+        counts: np.ndarray,
+        seq_lens: np.ndarray,
+        graph_seq_len: int | None = None,
     ) -> StepInputs:
         """Copy the host buffers to the device (one copy each) and view them as model inputs
         (a padded graph step reuses its cached views: the graph reads the buffers, not them)."""
@@ -273,8 +306,13 @@ class InputBuffers:
         )
 
     def _logits_rows(
-        self, states: list[RunnerRequestState], samples: np.ndarray, starts: np.ndarray,
-        counts: np.ndarray, qsl: np.ndarray, pad_rows: int | None,
+        self,
+        states: list[RunnerRequestState],
+        samples: np.ndarray,
+        starts: np.ndarray,
+        counts: np.ndarray,
+        qsl: np.ndarray,
+        pad_rows: int | None,
     ) -> tuple[list[str], list[tuple[str, int, list[int]]], np.ndarray]:
         """Rows whose logits are needed: the last token of each request that samples, then the
         prompt positions of requests that asked for prompt logprobs (position p predicts prompt
@@ -306,12 +344,16 @@ def build_step_inputs(
     """One-off inputs for a batch (tests, the profiling step): buffers sized to exactly this batch.
 
     The states are mirrored into a fresh `InputBuffers` without changing their `row`."""
-    longest = max(max(len(s.token_ids), s.num_computed_tokens + n)
-                  for s, n in zip(states, num_scheduled))
+    longest = max(
+        max(len(s.token_ids), s.num_computed_tokens + n) for s, n in zip(states, num_scheduled)
+    )
     num_blocks = max(len(s.block_ids) for s in states)
     buffers = InputBuffers(
-        len(states), max(sum(num_scheduled), 1), max(longest, num_blocks * block_size),
-        block_size, device,
+        len(states),
+        max(sum(num_scheduled), 1),
+        max(longest, num_blocks * block_size),
+        block_size,
+        device,
     )
     rows = [s.row for s in states]
     try:

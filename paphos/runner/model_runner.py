@@ -148,12 +148,18 @@ class ModelRunner:
         self.buffers = InputBuffers(
             max(sched.max_num_seqs, buckets[-1]),
             max(sched.max_num_batched_tokens, buckets[-1]),
-            max_model_len, self.block_size, self.device,
+            max_model_len,
+            self.block_size,
+            self.device,
         )
         if self.device.type == "cuda" and not self.config.runtime.enforce_eager:
             self.graphs = DecodeGraphs(
-                self.model, self.kv_caches, self.buffers, buckets,
-                min(max_model_len, MAX_SEQ_LEN_TO_CAPTURE), self.vocab_size,
+                self.model,
+                self.kv_caches,
+                self.buffers,
+                buckets,
+                min(max_model_len, MAX_SEQ_LEN_TO_CAPTURE),
+                self.vocab_size,
             )
             with torch.inference_mode():
                 self.graphs.capture()
@@ -220,8 +226,12 @@ class ModelRunner:
                 block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
                 sampling=RequestSamplingState(
-                    params, new.prompt_token_ids, new.output_token_ids,
-                    self._eos_token_id(), self.vocab_size, self.device,
+                    params,
+                    new.prompt_token_ids,
+                    new.output_token_ids,
+                    self._eos_token_id(),
+                    self.vocab_size,
+                    self.device,
                 ),
                 wants_prompt_logprobs=params.prompt_logprobs is not None,
             )

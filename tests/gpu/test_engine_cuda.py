@@ -34,9 +34,15 @@ def peaked_llama(tmp_path_factory) -> tuple[Path, LlamaForCausalLM]:
     tokens sit far from ties and kernels of different rounding agree on them."""
     path = tmp_path_factory.mktemp("peaked_llama_cuda")
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).float()
@@ -58,8 +64,14 @@ def _prompts() -> list[list[int]]:
 def _generate(path: Path, one_by_one: bool = False, logprobs: int | None = 2, **engine_kwargs):
     """Greedy outputs (different lengths, so the decode batch shrinks through several graph
     buckets) and the runner's host stats."""
-    kwargs = dict(dtype="float32", skip_tokenizer_init=True, device="cuda", max_num_seqs=8,
-                  num_blocks_override=128, enable_prefix_caching=False)
+    kwargs = dict(
+        dtype="float32",
+        skip_tokenizer_init=True,
+        device="cuda",
+        max_num_seqs=8,
+        num_blocks_override=128,
+        enable_prefix_caching=False,
+    )
     kwargs.update(engine_kwargs)
     llm = LLM(model=str(path), **kwargs)
     prompts = [{"prompt_token_ids": p} for p in _prompts()]
@@ -122,7 +134,9 @@ def test_one_at_a_time_equals_batched_on_cuda(peaked_llama, graph_run):
 
 def test_preemption_chunking_and_prefix_caching_do_not_change_outputs(peaked_llama, graph_run):
     outs, _ = _generate(
-        peaked_llama[0], num_blocks_override=12, max_num_batched_tokens=32,
+        peaked_llama[0],
+        num_blocks_override=12,
+        max_num_batched_tokens=32,
         enable_prefix_caching=True,
     )
     _assert_same(graph_run[0], outs, logprob_tol=1e-4)
@@ -134,8 +148,11 @@ def test_greedy_tokens_equal_hf_generate_on_cuda(peaked_llama, graph_run):
         n = len(out.outputs[0].token_ids)
         with torch.no_grad():
             ref = hf.generate(
-                torch.tensor([prompt], device="cuda"), max_new_tokens=n, do_sample=False,
-                eos_token_id=None, pad_token_id=0,
+                torch.tensor([prompt], device="cuda"),
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
             )[0, len(prompt) :].tolist()
         assert out.outputs[0].token_ids == ref
     hf.to("cpu")
@@ -143,8 +160,12 @@ def test_greedy_tokens_equal_hf_generate_on_cuda(peaked_llama, graph_run):
 
 def _runner(path: Path, **kwargs) -> ModelRunner:
     config = EngineConfig.from_kwargs(
-        model=str(path), dtype="float32", skip_tokenizer_init=True, block_size=BLOCK_SIZE,
-        device="cuda", **kwargs,
+        model=str(path),
+        dtype="float32",
+        skip_tokenizer_init=True,
+        block_size=BLOCK_SIZE,
+        device="cuda",
+        **kwargs,
     )
     return ModelRunner(config)
 
