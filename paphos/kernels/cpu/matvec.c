@@ -13,10 +13,10 @@
 #define MAX_ROWS 4
 #define MAX_BLOCK 4 /* output rows computed together: they share each load of x */
 #define STEP 16     /* elements per step: one 32-byte load of bf16 weights */
-/* Prefetch the weights this many blocks ahead: rows are short (~1 KiB), and the out-of-order
- * window alone keeps too few cache lines in flight to reach the core's memory bandwidth. */
-#ifndef PREFETCH_BLOCKS
-#define PREFETCH_BLOCKS 2
+/* Prefetch the weights about this many bytes ahead (whole blocks): the out-of-order window alone
+ * keeps too few cache lines in flight to reach the core's memory bandwidth. */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 16384
 #endif
 /* Below this many weight bytes per thread, waking another thread costs more than it saves. */
 #define MIN_BYTES_PER_THREAD (64 * 1024)
@@ -25,7 +25,8 @@ typedef struct {
     const void *weight; /* [out, in], bf16 bits or fp32 */
     int weight_is_bf16;
     int64_t in;
-    int64_t in_steps; /* in rounded down to a multiple of STEP */
+    int64_t in_steps;        /* in rounded down to a multiple of STEP */
+    int64_t prefetch_blocks; /* how many blocks ahead to prefetch */
 } Matrix;
 
 static inline float bf16_to_float(uint16_t bits) {
@@ -86,7 +87,7 @@ static inline __attribute__((always_inline)) void dot_block(
     __m256 acc[MAX_BLOCK][MAX_ROWS];
     for (int r = 0; r < height; r++)
         for (int b = 0; b < rows; b++) acc[r][b] = _mm256_setzero_ps();
-    int64_t ahead = (int64_t)PREFETCH_BLOCKS * height;
+    int64_t ahead = m->prefetch_blocks * height; /* rows */
     for (int64_t i = 0; i < m->in_steps; i += STEP) {
         __m256 x_lo[MAX_ROWS], x_hi[MAX_ROWS];
         for (int b = 0; b < rows; b++) {
@@ -192,12 +193,13 @@ int paphos_matvec(const void *x, int x_is_bf16, const void *weight, int weight_i
     if (out < 1) return -3;
     if (num_threads < 1) return -4;
     if (!x || !weight || !y) return -5;
-    Matrix m = {weight, weight_is_bf16, in, in - in % STEP};
+    int height = block_height((int)rows);
+    int64_t block_bytes = height * in * (weight_is_bf16 ? 2 : 4);
+    Matrix m = {weight, weight_is_bf16, in, in - in % STEP, 1 + PREFETCH_BYTES / block_bytes};
     float *x_fp32 = (float *)malloc((size_t)(rows * in) * sizeof(float)); /* [rows, in] */
     if (!x_fp32) return -6;
     permute_inputs(x, x_is_bf16, &m, rows, x_fp32);
     int threads = threads_for(out * in * (weight_is_bf16 ? 2 : 4), num_threads);
-    int height = block_height((int)rows);
     int64_t num_blocks = (out + height - 1) / height;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
