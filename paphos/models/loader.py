@@ -16,7 +16,6 @@ from safetensors import safe_open
 from torch import nn
 
 from paphos.config import ModelConfig
-from paphos.gguf_file import read_gguf_tensors
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _PT_INDEX = "pytorch_model.bin.index.json"
@@ -31,6 +30,9 @@ def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tens
     load_format = resolve_load_format(model_config)
     if load_format == "gguf":
         assert model_config.gguf_file is not None
+        # imported here: the gguf package is needed only for .gguf files (GPU hosts may lack it)
+        from paphos.gguf_file import read_gguf_tensors
+
         return read_gguf_tensors(model_config.gguf_file)
     if load_format == "safetensors":
         return _iterate_safetensors(_checkpoint_files(model_config.model, "*.safetensors"))

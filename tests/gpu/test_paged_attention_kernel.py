@@ -19,8 +19,14 @@ MIXED_BATCH = [(1, 1), (7, 7), (1, 33), (5, 32), (1, 200), (40, 40), (17, 64), (
 
 
 def make_batch(
-    lens: list[tuple[int, int]], num_heads: int, num_kv_heads: int, head_size: int,
-    block_size: int, dtype: torch.dtype, device: torch.device, spare_blocks: int = 0,
+    lens: list[tuple[int, int]],
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    spare_blocks: int = 0,
 ) -> dict:
     """Random query and paged cache for sequences given as (q_len, seq_len); blocks shuffled."""
     q_lens = torch.tensor([q for q, _ in lens])
@@ -40,8 +46,12 @@ def make_batch(
     starts = torch.zeros(len(lens) + 1, dtype=torch.int32)  # [num_seqs + 1]
     starts[1:] = torch.cumsum(q_lens, 0)
     return dict(
-        query=query.to(dtype), kv_cache=kv_cache.to(dtype), query_start_loc=starts.to(device),
-        seq_lens=seq_lens, block_tables=block_tables, scale=head_size**-0.5,
+        query=query.to(dtype),
+        kv_cache=kv_cache.to(dtype),
+        query_start_loc=starts.to(device),
+        seq_lens=seq_lens,
+        block_tables=block_tables,
+        scale=head_size**-0.5,
     )
 
 
