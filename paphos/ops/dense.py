@@ -55,8 +55,8 @@ def linear(
     Batches of at most SMALL_BATCH_ROWS rows use the CPU kernel when it loaded (decided once per
     process by `matvec.load_library`) and takes these operands; all else is `reference_linear`.
     """
-    if x.dim() == 2 and x.shape[0] <= SMALL_BATCH_ROWS and matvec.supports(x, weight):
+    if matvec.supports(x, weight):
         lib = matvec.load_library()
         if lib is not None:
-            return matvec.matvec(lib, x, weight, bias, torch.get_num_threads())
+            return matvec.launch(lib, x, weight, bias, torch.get_num_threads())
     return reference_linear(x, weight, bias, weight_fp32)

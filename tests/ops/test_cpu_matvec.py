@@ -115,7 +115,7 @@ def test_dense_linear_falls_back_to_torch_when_library_is_unavailable(monkeypatc
         raise AssertionError("kernel called although the library is unavailable")
 
     monkeypatch.setattr(matvec, "load_library", lambda: None)
-    monkeypatch.setattr(matvec, "matvec", must_not_run)
+    monkeypatch.setattr(matvec, "launch", must_not_run)
     gen = torch.Generator().manual_seed(5)
     weight = torch.randn(20, 24, generator=gen)  # [out, in]
     bias = torch.randn(20, generator=gen)  # [out]
