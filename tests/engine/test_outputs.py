@@ -1,0 +1,84 @@
+"""What `LLM.generate` hands back: text that equals decoding the tokens, stop strings (cut or
+kept), stop token ids, max_tokens/min_tokens, n and best_of, logprobs, metrics, and clear errors
+for bad input that leave the engine serving."""
+
+from __future__ import annotations
+
+import pytest
+
+from paphos import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return LLM(model=str(tiny_llama_dir), dtype="float32", kv_cache_space=0.02, seed=0)
+
+
+def _greedy(llm: LLM, prompt: str, **kwargs):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, **kwargs)
+    return llm.generate(prompt, params, use_tqdm=False)[0]
+
+
+def test_text_equals_decoding_the_output_tokens(llm):
+    out = _greedy(llm, "Hello world").outputs[0]
+    assert len(out.token_ids) == 24 and out.finish_reason == "length"
+    assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_stop_string_cuts_the_text_or_keeps_it_when_asked(llm):
+    full = _greedy(llm, "Hello world").outputs[0].text
+    stop = full[5:8]
+    assert stop and stop not in full[:5]
+    cut = _greedy(llm, "Hello world", stop=[stop]).outputs[0]
+    assert cut.text == full[: full.index(stop)]
+    assert (cut.finish_reason, cut.stop_reason) == ("stop", stop)
+    kept = _greedy(llm, "Hello world", stop=[stop], include_stop_str_in_output=True).outputs[0]
+    assert kept.text == full[: full.index(stop) + len(stop)]
+
+
+def test_stop_token_id_ends_the_sequence_and_min_tokens_delays_it(llm):
+    tokens = _greedy(llm, "Hello world").outputs[0].token_ids
+    stop_id = tokens[3]
+    first = tokens.index(stop_id)
+    out = _greedy(llm, "Hello world", stop_token_ids=[stop_id]).outputs[0]
+    assert out.token_ids == tokens[: first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop_id)
+    later = _greedy(llm, "Hello world", stop_token_ids=[stop_id], min_tokens=first + 2).outputs[0]
+    assert len(later.token_ids) >= first + 2
+
+
+def test_n_and_best_of_return_distinct_ranked_samples(llm):
+    params = SamplingParams(temperature=1.0, n=3, max_tokens=12, seed=7, ignore_eos=True)
+    outs = llm.generate("Once upon a time", params, use_tqdm=False)[0].outputs
+    assert [o.index for o in outs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in outs}) == 3
+    best = SamplingParams(temperature=1.0, n=2, best_of=4, max_tokens=12, seed=7, ignore_eos=True)
+    ranked = llm.generate("Once upon a time", best, use_tqdm=False)[0].outputs
+    assert len(ranked) == 2 and all(o.logprobs is None for o in ranked)
+
+
+def test_logprobs_and_metrics_are_reported(llm):
+    out = _greedy(llm, "Hello world", logprobs=3)
+    completion = out.outputs[0]
+    assert len(completion.logprobs) == 24
+    for token_id, position in zip(completion.token_ids, completion.logprobs):
+        assert token_id in position and len(position) >= 3
+        assert position[token_id].rank == 1  # greedy picks the most likely token
+    m = out.metrics
+    assert m.arrival_time <= m.first_token_time <= m.last_token_time <= m.finished_time
+
+
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ("", SamplingParams(), "empty"),
+        ({"prompt_token_ids": [10**9]}, SamplingParams(), "token ids"),
+        ("hi", SamplingParams(max_tokens=10**6), "max_tokens"),
+        ({"nonsense": 1}, SamplingParams(), "prompt must be"),
+    ],
+)
+def test_bad_input_raises_and_the_engine_keeps_serving(llm, prompt, params, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate(prompt, params, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert _greedy(llm, "Hello world").outputs[0].finish_reason == "length"
