@@ -47,7 +47,7 @@ def resolve_dtype(requested: str, hf_config: object, device: torch.device) -> to
     """'auto': the checkpoint's dtype, except float16 on CPU (slow there) becomes bfloat16."""
     if requested != "auto":
         return _DTYPES[requested]
-    found = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    found = getattr(hf_config, "dtype", None)  # transformers 5 name (torch_dtype is deprecated)
     if isinstance(found, str):
         found = _DTYPES.get(found)
     if found not in (torch.float32, torch.bfloat16, torch.float16):
