@@ -90,6 +90,7 @@ def test_non_contiguous_input_is_accepted() -> None:
         ((1, 7), torch.zeros(3, 8), None, "matching in"),
         ((1, 8), torch.zeros(3, 8, dtype=torch.float16), None, "float16"),
         ((1, 8), torch.zeros(8, 3).t(), None, "contiguous=False"),
+        ((1, 0), torch.zeros(3, 0), None, "non-empty"),
         ((1, 8), torch.zeros(3, 8), (4,), r"bias shape \(4,\)"),
     ],
 )

@@ -95,6 +95,7 @@ static inline __attribute__((always_inline)) void dot_block(
             x_hi[b] = _mm256_loadu_ps(x + b * m->in + i + 8);
         }
         for (int r = 0; r < height; r++) {
+            /* Past the last row this names memory we never read: prefetches do not fault. */
             _mm_prefetch(weight_address(m, row0 + r + ahead, i), _MM_HINT_T0);
             __m256 w_lo, w_hi;
             load_weights16(m, row0 + r, i, &w_lo, &w_hi);

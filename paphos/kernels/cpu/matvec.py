@@ -100,6 +100,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype in WEIGHT_DTYPES
         and weight.dim() == 2
         and x.shape[1] == weight.shape[1]
+        and weight.numel() > 0
         and weight.is_contiguous()
     )
 
@@ -116,7 +117,7 @@ def matvec(
         raise ValueError(
             f"matvec cannot take x {tuple(x.shape)} {x.dtype} with weight {tuple(weight.shape)} "
             f"{weight.dtype} (contiguous={weight.is_contiguous()}): needs rows 1..{MAX_ROWS}, "
-            f"matching in, a contiguous CPU weight in {WEIGHT_DTYPES}"
+            f"matching in, a non-empty contiguous CPU weight in {WEIGHT_DTYPES}"
         )
     return launch(lib, x, weight, bias, num_threads)
 
