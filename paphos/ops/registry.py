@@ -1,11 +1,12 @@
-"""Choosing each op's implementation once, at start-up: the Triton kernel on CUDA, the reference
-elsewhere."""
+"""Choosing each op's implementation once, at start-up: the Triton kernel on CUDA, the C kernel on
+CPUs where it could be built (paged attention), the reference elsewhere."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+from paphos.kernels.cpu import attention as cpu_attention
 from paphos.ops import activation, kv_cache, paged_attention, rms_norm, rotary
 
 REFERENCES: dict[str, Callable[..., Any]] = {
@@ -24,6 +25,10 @@ def pick(name: str, device_type: str) -> Callable[..., Any]:
         fast = _cuda_kernels().get(name)
         if fast is not None:
             return fast
+    if device_type == "cpu":
+        fast = _cpu_kernels().get(name)
+        if fast is not None:
+            return fast
     return REFERENCES[name]
 
 
@@ -33,3 +38,10 @@ def _cuda_kernels() -> dict[str, Callable[..., Any]]:
     except ImportError:
         return {}
     return CUDA_KERNELS
+
+
+def _cpu_kernels() -> dict[str, Callable[..., Any]]:
+    """C kernels that built and loaded here (each decided once per process by its loader)."""
+    if cpu_attention.load_library() is None:
+        return {}
+    return {"paged_attention": cpu_attention.paged_attention}

@@ -7,85 +7,37 @@ Invariant: `load_library()` builds and loads the library at most once per proces
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from paphos.kernels.cpu import native
 
 SOURCE = Path(__file__).with_name("matvec.c")
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+CFLAGS = native.CFLAGS
 MAX_ROWS = 4
 WEIGHT_DTYPES = (torch.bfloat16, torch.float32)
 _ERRORS = {-1: "rows", -2: "in", -3: "out", -4: "num_threads", -5: "pointer", -6: "memory"}
 
-
-def find_compiler() -> str | None:
-    return shutil.which("cc") or shutil.which("gcc")
+find_compiler = native.find_compiler  # module attributes, so tests can replace them
 
 
 def library_path(compiler: str, source: bytes) -> Path:
-    """Cache path keyed by the source, the flags and the compiler's version banner."""
-    banner = subprocess.run([compiler, "--version"], capture_output=True, check=True).stdout
-    digest = hashlib.sha256(source + banner + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    return Path.home() / ".cache" / "paphos" / "kernels" / f"matvec-{digest}.so"
-
-
-def build(compiler: str, target: Path) -> None:
-    """Compile into a temporary file beside `target`, then rename: readers never see half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        cmd = [compiler, *CFLAGS, "-o", tmp, str(SOURCE)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:2000]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return native.library_path("matvec", compiler, source)
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.paphos_matvec.argtypes = [ptr, c_int, ptr, c_int, ptr, ptr, c_int, i64, i64, i64, c_int]
     lib.paphos_matvec.restype = c_int
-    lib.paphos_cpu_supported.argtypes = []
-    lib.paphos_cpu_supported.restype = c_int
     return lib
 
 
 @cache
 def load_library() -> ctypes.CDLL | None:
     """The built kernel library, or None (logged once) where it cannot run here."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        logger.warning("CPU matvec kernel off: %s is not x86-64; using torch", platform.machine())
-        return None
-    compiler = find_compiler()
-    if compiler is None:
-        logger.warning("CPU matvec kernel off: no C compiler (cc/gcc) found; using torch")
-        return None
-    try:
-        target = library_path(compiler, SOURCE.read_bytes())
-        if not target.exists():
-            build(compiler, target)
-        lib = bind(ctypes.CDLL(str(target)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        logger.warning("CPU matvec kernel off: build or load failed (%s); using torch", exc)
-        return None
-    if not lib.paphos_cpu_supported():
-        logger.warning("CPU matvec kernel off: this CPU lacks AVX2/FMA; using torch")
-        return None
-    return lib
+    return native.load_library("matvec", SOURCE, find_compiler(), library_path, bind)
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:

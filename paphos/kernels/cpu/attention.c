@@ -1,0 +1,403 @@
+/* Paged attention for x86-64 CPUs with AVX2 + FMA, reading K/V in place from the paged cache.
+ *
+ * Semantics of paphos/ops/paged_attention.py: query token i of sequence b (q_len tokens, context
+ * seq_len) sits at position seq_len - q_len + i and attends to context positions <= its own;
+ * query head h reads kv head h / (num_heads / num_kv_heads). One pass over the keys with an online
+ * softmax in fp32. Invariant: each output row is computed by one thread in one fixed order over its
+ * keys, so results do not depend on the rest of the batch or on the thread count.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TILE 32      /* keys per softmax step at most; a tile never crosses a cache block */
+#define ROWS 8       /* query rows of one prefill sequence per work item */
+#define CHUNK 64     /* head dims accumulated in registers at once (8 ymm) */
+#define MAX_HEAD 512 /* largest head_size accepted */
+/* Below this many (query head, key) pairs per thread, waking another thread costs more than it
+ * saves. */
+#ifndef MIN_WORK_PER_THREAD
+#define MIN_WORK_PER_THREAD 4096
+#endif
+#define LOG2E 1.44269504088896341f
+#define LN2 0.693147180559945309f
+
+typedef struct {
+    const char *base; /* K half of [2, num_blocks, block_size, num_kv_heads, head_size] */
+    int bf16;
+    int64_t elem;         /* bytes per element */
+    int64_t key_stride;   /* bytes between consecutive positions: num_kv_heads * head_size */
+    int64_t block_bytes;  /* block_size * key_stride */
+    int64_t value_offset; /* bytes from a key to its value: num_blocks * block_bytes */
+    int64_t num_blocks, block_size, head_size;
+    const int64_t *block_tables; /* [num_seqs, table_stride] */
+    int64_t table_stride;
+} Cache;
+
+typedef struct {
+    const char *query; /* [num_tokens, num_heads, head_size], tokens token_stride elements apart */
+    char *out;         /* [num_tokens, num_heads, head_size] contiguous, the query's dtype */
+    int bf16;
+    int64_t token_stride, num_heads, group;
+    float scale_log2; /* softmax scale times log2(e): scores live in base 2 */
+} Queries;
+
+typedef struct {
+    int64_t seq, token0, num_rows, first_pos, kv_head;
+} Item; /* num_rows query rows of one sequence (positions first_pos...) against one kv head */
+
+typedef struct {
+    float *q, *acc, *scores, *m, *l; /* [n, head], [n, head], [n, TILE], [n], [n]; n = ROWS*group */
+} Scratch;
+
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t wide = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &wide, sizeof(value));
+    return value;
+}
+
+/* Round to nearest even, as torch's float -> bfloat16 conversion; NaN stays a quiet NaN. */
+static inline uint16_t float_to_bf16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof(bits));
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x0040u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* 16 cache elements widened to fp32. bf16 widens with one load and two unpacks, which yields
+ * elements {0-3, 8-11} and {4-7, 12-15}: queries and accumulators of a bf16 cache are kept in that
+ * order (see swap_quads); fp32 comes in order. */
+static inline __attribute__((always_inline)) void load16(const char *at, int bf16, __m256 *lo,
+                                                         __m256 *hi) {
+    if (bf16) {
+        __m256i bits = _mm256_loadu_si256((const __m256i *)at);
+        __m256i zero = _mm256_setzero_si256();
+        *lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits));
+        *hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits));
+    } else {
+        *lo = _mm256_loadu_ps((const float *)at);
+        *hi = _mm256_loadu_ps((const float *)at + 8);
+    }
+}
+
+/* Swap elements 4-7 and 8-11 of every 16: maps natural order to load16's bf16 order and back. */
+static void swap_quads(float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        float tmp[4];
+        memcpy(tmp, x + i + 4, sizeof(tmp));
+        memcpy(x + i + 4, x + i + 8, sizeof(tmp));
+        memcpy(x + i + 8, tmp, sizeof(tmp));
+    }
+}
+
+static inline float horizontal_sum(__m256 v) {
+    __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
+    __m128 sum1 = _mm_add_ss(sum2, _mm_movehdup_ps(sum2));
+    return _mm_cvtss_f32(sum1);
+}
+
+/* [sum(a[0]), ..., sum(a[7])]: the eight horizontal sums in one vector. */
+static inline __m256 sum8(const __m256 a[8]) {
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    /* u0: [a0..a3 over lanes 0-3 | a0..a3 over lanes 4-7], u1 the same for a4..a7 */
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* 2^x for x <= 0, exactly 0 below -126 (and for -inf). Taylor series of e^f to f^7/7! with
+ * |f| <= ln2/2: relative error below 1e-8 before the final roundings. */
+static inline __m256 exp2_nonpositive(__m256 x) {
+    __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_GE_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-126.0f));
+    __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 f = _mm256_mul_ps(_mm256_sub_ps(x, n), _mm256_set1_ps(LN2));
+    static const float inverse_factorials[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24,
+                                                1.0f / 6,    0.5f,       1.0f,       1.0f};
+    __m256 p = _mm256_set1_ps(inverse_factorials[0]);
+    for (int k = 1; k < 8; k++) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(inverse_factorials[k]));
+    __m256i exponent = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23));
+    return _mm256_and_ps(_mm256_mul_ps(p, two_n), keep);
+}
+
+/* scores[t] = q . key t for n keys from `keys` (key_stride bytes apart), eight keys at a time. */
+static inline __attribute__((always_inline)) void dot_keys(const float *q, const char *keys,
+                                                           int64_t key_stride, int64_t n,
+                                                           int64_t head, int bf16, float *scores) {
+    int64_t elem = bf16 ? 2 : 4, t = 0;
+    for (; t + 8 <= n; t += 8) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < head; d += 16) {
+            __m256 q_lo = _mm256_loadu_ps(q + d), q_hi = _mm256_loadu_ps(q + d + 8);
+            for (int j = 0; j < 8; j++) {
+                __m256 k_lo, k_hi;
+                load16(keys + (t + j) * key_stride + d * elem, bf16, &k_lo, &k_hi);
+                acc[j] = _mm256_fmadd_ps(k_lo, q_lo, acc[j]);
+                acc[j] = _mm256_fmadd_ps(k_hi, q_hi, acc[j]);
+            }
+        }
+        _mm256_storeu_ps(scores + t, sum8(acc));
+    }
+    for (; t < n; t++) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t d = 0; d < head; d += 16) {
+            __m256 k_lo, k_hi;
+            load16(keys + t * key_stride + d * elem, bf16, &k_lo, &k_hi);
+            acc = _mm256_fmadd_ps(k_lo, _mm256_loadu_ps(q + d), acc);
+            acc = _mm256_fmadd_ps(k_hi, _mm256_loadu_ps(q + d + 8), acc);
+        }
+        scores[t] = horizontal_sum(acc);
+    }
+}
+
+/* Online softmax over one tile of n valid scores (base 2): turns scores[0..n) into weights
+ * 2^(s - m), updates the running max *m and sum *l, and rescales acc [head] to the new max. */
+static void softmax_step(float *scores, int64_t n, float *m, float *l, float *acc, int64_t head) {
+    int64_t padded = (n + 7) & ~(int64_t)7;
+    for (int64_t t = n; t < padded; t++) scores[t] = -INFINITY;
+    float tile_max = scores[0];
+    for (int64_t t = 1; t < n; t++) tile_max = scores[t] > tile_max ? scores[t] : tile_max;
+    float new_max = tile_max > *m ? tile_max : *m;
+    __m256 shift = _mm256_set1_ps(new_max), total = _mm256_setzero_ps();
+    for (int64_t t = 0; t < padded; t += 8) {
+        __m256 p = exp2_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + t), shift));
+        _mm256_storeu_ps(scores + t, p);
+        total = _mm256_add_ps(total, p);
+    }
+    float correction = exp2f(*m - new_max); /* 0 on the first tile (*m is -inf) */
+    if (correction != 1.0f) {
+        __m256 c = _mm256_set1_ps(correction);
+        for (int64_t d = 0; d < head; d += 8)
+            _mm256_storeu_ps(acc + d, _mm256_mul_ps(_mm256_loadu_ps(acc + d), c));
+    }
+    *l = *l * correction + horizontal_sum(total);
+    *m = new_max;
+}
+
+/* acc[0 .. 16*groups) += sum_t p[t] * value t, with the accumulators held in registers. */
+static inline __attribute__((always_inline)) void add_values_chunk(float *acc, const float *p,
+                                                                   const char *values,
+                                                                   int64_t stride, int64_t n,
+                                                                   int groups, int bf16) {
+    __m256 a[CHUNK / 8];
+    for (int j = 0; j < 2 * groups; j++) a[j] = _mm256_loadu_ps(acc + 8 * j);
+    for (int64_t t = 0; t < n; t++) {
+        __m256 weight = _mm256_set1_ps(p[t]);
+        for (int j = 0; j < groups; j++) {
+            __m256 v_lo, v_hi;
+            load16(values + t * stride + j * 16 * (bf16 ? 2 : 4), bf16, &v_lo, &v_hi);
+            a[2 * j] = _mm256_fmadd_ps(weight, v_lo, a[2 * j]);
+            a[2 * j + 1] = _mm256_fmadd_ps(weight, v_hi, a[2 * j + 1]);
+        }
+    }
+    for (int j = 0; j < 2 * groups; j++) _mm256_storeu_ps(acc + 8 * j, a[j]);
+}
+
+static void add_values(float *acc, const float *p, const char *values, int64_t stride, int64_t n,
+                       int64_t head, int bf16) {
+    int64_t elem = bf16 ? 2 : 4;
+    for (int64_t d = 0; d < head; d += CHUNK) {
+        int groups = (int)((head - d < CHUNK ? head - d : CHUNK) / 16);
+        const char *at = values + d * elem;
+#define CASE(G, B) \
+    if (groups == G && bf16 == B) add_values_chunk(acc + d, p, at, stride, n, G, B);
+        CASE(4, 1) CASE(4, 0) CASE(3, 1) CASE(3, 0) CASE(2, 1) CASE(2, 0) CASE(1, 1) CASE(1, 0)
+#undef CASE
+    }
+}
+
+static void dot_keys_dispatch(const float *q, const char *keys, const Cache *c, int64_t n,
+                              float *scores) {
+    if (c->bf16) dot_keys(q, keys, c->key_stride, n, c->head_size, 1, scores);
+    else dot_keys(q, keys, c->key_stride, n, c->head_size, 0, scores);
+}
+
+/* The item's queries as fp32, scaled to base-2 scores, in the cache's element order. */
+static void load_queries(const Queries *qs, const Item *it, int64_t head, int cache_bf16,
+                         Scratch *s) {
+    for (int64_t r = 0; r < it->num_rows; r++) {
+        for (int64_t g = 0; g < qs->group; g++) {
+            int64_t at = (it->token0 + r) * qs->token_stride +
+                         (it->kv_head * qs->group + g) * head;
+            float *q = s->q + (r * qs->group + g) * head;
+            for (int64_t d = 0; d < head; d++) {
+                float x = qs->bf16 ? bf16_to_float(((const uint16_t *)qs->query)[at + d])
+                                   : ((const float *)qs->query)[at + d];
+                q[d] = x * qs->scale_log2;
+            }
+            if (cache_bf16) swap_quads(q, head);
+        }
+    }
+}
+
+static void store_outputs(const Queries *qs, const Item *it, int64_t head, int cache_bf16,
+                          Scratch *s) {
+    for (int64_t r = 0; r < it->num_rows; r++) {
+        for (int64_t g = 0; g < qs->group; g++) {
+            int64_t i = r * qs->group + g;
+            float *acc = s->acc + i * head, inverse = 1.0f / s->l[i];
+            if (cache_bf16) swap_quads(acc, head);
+            int64_t at = ((it->token0 + r) * qs->num_heads + it->kv_head * qs->group + g) * head;
+            for (int64_t d = 0; d < head; d++) {
+                float value = acc[d] * inverse;
+                if (qs->bf16) ((uint16_t *)qs->out)[at + d] = float_to_bf16(value);
+                else ((float *)qs->out)[at + d] = value;
+            }
+        }
+    }
+}
+
+/* One work item: every query head of the group, every row, one pass over positions
+ * 0..last row's position in tiles that stay inside one cache block. */
+static void run_item(const Cache *c, const Queries *qs, const Item *it, Scratch *s) {
+    int64_t head = c->head_size, n_queries = it->num_rows * qs->group;
+    load_queries(qs, it, head, c->bf16, s);
+    memset(s->acc, 0, (size_t)(n_queries * head) * sizeof(float));
+    for (int64_t i = 0; i < n_queries; i++) s->m[i] = -INFINITY, s->l[i] = 0.0f;
+    int64_t end = it->first_pos + it->num_rows; /* positions [0, end) */
+    const int64_t *table = c->block_tables + it->seq * c->table_stride;
+    for (int64_t pos = 0, n; pos < end; pos += n) {
+        int64_t offset = pos % c->block_size;
+        n = c->block_size - offset;
+        n = n < TILE ? n : TILE;
+        n = n < end - pos ? n : end - pos;
+        const char *keys = c->base + table[pos / c->block_size] * c->block_bytes +
+                           offset * c->key_stride + it->kv_head * head * c->elem;
+        for (int64_t r = 0; r < it->num_rows; r++) {
+            int64_t valid = it->first_pos + r + 1 - pos; /* keys this row may see */
+            if (valid <= 0) continue;
+            valid = valid < n ? valid : n;
+            for (int64_t g = 0; g < qs->group; g++) {
+                int64_t i = r * qs->group + g;
+                float *scores = s->scores + i * TILE, *acc = s->acc + i * head;
+                dot_keys_dispatch(s->q + i * head, keys, c, valid, scores);
+                softmax_step(scores, valid, s->m + i, s->l + i, acc, head);
+                add_values(acc, scores, keys + c->value_offset, c->key_stride, valid, head,
+                           c->bf16);
+            }
+        }
+    }
+    store_outputs(qs, it, head, c->bf16, s);
+}
+
+/* Checks sequence b's bounds and blocks; returns 0 or the error code (see paphos_paged_attention).
+ */
+static int check_sequence(const Cache *c, const int64_t *query_start_loc, const int64_t *seq_lens,
+                          int64_t b, int64_t num_tokens, int64_t max_blocks) {
+    int64_t start = query_start_loc[b], q_len = query_start_loc[b + 1] - start;
+    if (start < 0 || q_len < 0 || query_start_loc[b + 1] > num_tokens) return -5;
+    if (q_len > seq_lens[b]) return -6;
+    int64_t used = (seq_lens[b] + c->block_size - 1) / c->block_size;
+    if (used > max_blocks) return -7;
+    for (int64_t j = 0; j < used; j++) {
+        int64_t block = c->block_tables[b * c->table_stride + j];
+        if (block < 0 || block >= c->num_blocks) return -8;
+    }
+    return 0;
+}
+
+/* Appends sequence b's items (its row chunks, last chunk first: the costliest go out first). */
+static int64_t add_items(Item *items, int64_t count, int64_t b, int64_t start, int64_t q_len,
+                         int64_t seq_len, int64_t num_kv_heads) {
+    for (int64_t r0 = (q_len - 1) / ROWS * ROWS; r0 >= 0 && q_len > 0; r0 -= ROWS) {
+        int64_t rows = q_len - r0 < ROWS ? q_len - r0 : ROWS;
+        for (int64_t h = 0; h < num_kv_heads; h++)
+            items[count++] = (Item){b, start + r0, rows, seq_len - q_len + r0, h};
+    }
+    return count;
+}
+
+int paphos_cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+static int run_items(const Cache *c, const Queries *qs, const Item *items, int64_t num_items,
+                     int threads) {
+    int64_t n = ROWS * qs->group, per_thread = 2 * n * c->head_size + n * TILE + 2 * n;
+    float *pool = (float *)malloc((size_t)(per_thread * threads) * sizeof(float));
+    if (!pool) return -4;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float *base = pool + per_thread * omp_get_thread_num();
+        Scratch s = {base, base + n * c->head_size, base + 2 * n * c->head_size,
+                     base + 2 * n * c->head_size + n * TILE,
+                     base + 2 * n * c->head_size + n * TILE + n};
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < num_items; i++) run_item(c, qs, &items[i], &s);
+    }
+    free(pool);
+    return 0;
+}
+
+/* Work items of the whole batch, prefill sequences first; *work gets the (query head, key) pairs.
+ * Returns the item count, or an error code with *bad_seq naming the sequence. */
+static int64_t build_items(const Cache *c, const Queries *qs, const int64_t *query_start_loc,
+                           const int64_t *seq_lens, int64_t num_seqs, int64_t num_tokens,
+                           int64_t max_blocks, Item *items, int64_t *work, int64_t *bad_seq) {
+    int64_t count = 0, num_kv_heads = qs->num_heads / qs->group;
+    *work = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int64_t b = 0; b < num_seqs; b++) {
+            int64_t q_len = query_start_loc[b + 1] - query_start_loc[b];
+            if (pass == 0) {
+                int code = check_sequence(c, query_start_loc, seq_lens, b, num_tokens, max_blocks);
+                if (code != 0) {
+                    *bad_seq = b;
+                    return code;
+                }
+                *work += qs->num_heads * q_len * (seq_lens[b] - (q_len - 1) / 2);
+            }
+            if ((q_len > 1) == (pass == 0))
+                count = add_items(items, count, b, query_start_loc[b], q_len, seq_lens[b],
+                                  num_kv_heads);
+        }
+    }
+    return count;
+}
+
+/* out = attention of query over the paged cache (see the file comment). Returns 0 on success, a
+ * negative code naming the first bad argument otherwise: -1 a size (head_size must be a multiple
+ * of 16 up to MAX_HEAD, num_heads a multiple of num_kv_heads), -2 num_threads, -3 a null pointer,
+ * -4 out of memory, -5 query_start_loc, -6 a query longer than its context, -7 a context longer
+ * than its block table, -8 a block id outside the cache; for -5..-8 *bad_seq is the sequence. */
+int paphos_paged_attention(const void *query, int query_bf16, int64_t query_token_stride,
+                           void *out, const void *kv_cache, int cache_bf16, int64_t num_blocks,
+                           int64_t block_size, int64_t num_kv_heads, int64_t head_size,
+                           int64_t num_heads, int64_t num_tokens, const int64_t *query_start_loc,
+                           const int64_t *seq_lens, int64_t num_seqs, const int64_t *block_tables,
+                           int64_t table_stride, int64_t max_blocks, float scale, int num_threads,
+                           int64_t *bad_seq) {
+    if (head_size < 16 || head_size % 16 || head_size > MAX_HEAD || num_kv_heads < 1 ||
+        num_heads % num_kv_heads || block_size < 1 || num_blocks < 0 || num_seqs < 0)
+        return -1;
+    if (num_threads < 1) return -2;
+    if (!query || !out || !kv_cache || !query_start_loc || !seq_lens || !block_tables || !bad_seq)
+        return -3;
+    int64_t elem = cache_bf16 ? 2 : 4, key_stride = num_kv_heads * head_size * elem;
+    Cache c = {(const char *)kv_cache, cache_bf16, elem, key_stride, block_size * key_stride,
+               num_blocks * block_size * key_stride, num_blocks, block_size, head_size,
+               block_tables, table_stride};
+    Queries qs = {(const char *)query, (char *)out, query_bf16, query_token_stride, num_heads,
+                  num_heads / num_kv_heads, scale * LOG2E};
+    int64_t capacity = num_kv_heads * (num_tokens / ROWS + num_seqs + 1), work;
+    Item *items = (Item *)malloc((size_t)capacity * sizeof(Item));
+    if (!items) return -4;
+    int64_t count = build_items(&c, &qs, query_start_loc, seq_lens, num_seqs, num_tokens,
+                                max_blocks, items, &work, bad_seq);
+    int code = count < 0 ? (int)count : 0;
+    if (code == 0 && count > 0) {
+        int64_t useful = work / MIN_WORK_PER_THREAD + 1;
+        useful = useful < count ? useful : count;
+        code = run_items(&c, &qs, items, count, useful < num_threads ? (int)useful : num_threads);
+    }
+    free(items);
+    return code;
+}

@@ -1,0 +1,83 @@
+"""Building and loading the C kernels of this package: compile at first use with the system
+compiler into ~/.cache/paphos/kernels, load with ctypes.
+
+Invariant: a library file under the cache is complete (built beside it, then renamed), and its name
+is keyed by the source, the flags and the compiler's version, so a stale build is never loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+
+
+def find_compiler() -> str | None:
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def library_path(name: str, compiler: str, source: bytes) -> Path:
+    """Cache path of kernel `name`, keyed by the source, the flags and the compiler's banner."""
+    banner = subprocess.run([compiler, "--version"], capture_output=True, check=True).stdout
+    digest = hashlib.sha256(source + banner + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    return Path.home() / ".cache" / "paphos" / "kernels" / f"{name}-{digest}.so"
+
+
+def build(compiler: str, source: Path, target: Path) -> None:
+    """Compile into a temporary file beside `target`, then rename: readers never see half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *CFLAGS, "-o", tmp, str(source)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:2000]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_library(
+    name: str,
+    source: Path,
+    compiler: str | None,
+    target_for: Callable[[str, bytes], Path],
+    bind: Callable[[ctypes.CDLL], ctypes.CDLL],
+) -> ctypes.CDLL | None:
+    """Kernel `name` built from `source` (at `target_for(compiler, source bytes)`) and bound, or
+    None with one logged warning where it cannot run here. The library must export
+    `int paphos_cpu_supported(void)` (nonzero when the CPU has AVX2 and FMA)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        logger.warning("CPU %s kernel off: %s is not x86-64; using torch", name, platform.machine())
+        return None
+    if compiler is None:
+        logger.warning("CPU %s kernel off: no C compiler (cc/gcc) found; using torch", name)
+        return None
+    try:
+        target = target_for(compiler, source.read_bytes())
+        if not target.exists():
+            build(compiler, source, target)
+        lib = ctypes.CDLL(str(target))
+        lib.paphos_cpu_supported.argtypes = []
+        lib.paphos_cpu_supported.restype = ctypes.c_int
+        lib = bind(lib)
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
+        logger.warning("CPU %s kernel off: build or load failed (%s); using torch", name, exc)
+        return None
+    if not lib.paphos_cpu_supported():
+        logger.warning("CPU %s kernel off: this CPU lacks AVX2/FMA; using torch", name)
+        return None
+    return lib
