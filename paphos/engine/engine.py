@@ -106,7 +106,10 @@ class Engine:
         prompt: Prompt,
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        final_only: bool = False,
     ) -> None:
+        """Queue a request. `final_only`: `step()` returns its output only once it has finished
+        (offline generation needs no intermediate outputs, and building them costs host time)."""
         params = params or SamplingParams()
         if request_id in self.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -114,7 +117,9 @@ class Engine:
         params = self._resolve_params(params, len(token_ids))
         num_children = params.best_of or params.n
         metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else now())
-        parent = ParentRequest(request_id, text, token_ids, params, [], metrics)
+        parent = ParentRequest(
+            request_id, text, token_ids, params, [], metrics, final_only=final_only
+        )
         for index in range(num_children):
             child_id = request_id if num_children == 1 else f"{request_id}#{index}"
             sub_params = child_params(params, index, num_children)
@@ -271,7 +276,9 @@ class Engine:
 
     def _should_emit(self, parent: ParentRequest) -> bool:
         # best_of picks its n winners only at the end
-        return parent.finished or len(parent.sequences) == parent.params.n
+        if parent.final_only or len(parent.sequences) != parent.params.n:
+            return parent.finished
+        return True
 
     def _emit(self, parent: ParentRequest) -> RequestOutput:
         return parent.to_output(self.tokenizer)

@@ -41,7 +41,7 @@ class LLM:
         try:
             for prompt, params in zip(prompts, params_list):
                 request_id = f"llm-{next(self._ids)}"
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, final_only=True)
                 ids.append(request_id)
         except ValueError:
             self.engine.abort_request(ids)

@@ -52,6 +52,7 @@ class ParentRequest:
     metrics: RequestMetrics
     prompt_logprobs: list[LogprobsDict | None] | None = None
     num_cached_tokens: int = 0
+    final_only: bool = False  # emit one output, when finished
 
     @property
     def finished(self) -> bool:
