@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define TILE 32      /* keys per softmax step at most; a tile never crosses a cache block */
+#define SPAN 256     /* keys per online-softmax step at most (a multiple of 8) */
 #define ROWS 8       /* query rows of one prefill sequence per work item */
 #define CHUNK 64     /* head dims accumulated in registers at once (8 ymm) */
 #define MAX_HEAD 512 /* largest head_size accepted */
@@ -50,7 +50,7 @@ typedef struct {
 } Item; /* num_rows query rows of one sequence (positions first_pos...) against one kv head */
 
 typedef struct {
-    float *q, *acc, *scores, *m, *l; /* [n, head], [n, head], [n, TILE], [n], [n]; n = ROWS*group */
+    float *q, *acc, *scores, *m, *l; /* [n, head], [n, head], [n, SPAN], [n], [n]; n = ROWS*group */
 } Scratch;
 
 static inline float bf16_to_float(uint16_t bits) {
@@ -102,6 +102,12 @@ static inline float horizontal_sum(__m256 v) {
     return _mm_cvtss_f32(sum1);
 }
 
+static inline float horizontal_max(__m256 v) {
+    __m128 max4 = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 max2 = _mm_max_ps(max4, _mm_movehl_ps(max4, max4));
+    return _mm_cvtss_f32(_mm_max_ss(max2, _mm_movehdup_ps(max2)));
+}
+
 /* [sum(a[0]), ..., sum(a[7])]: the eight horizontal sums in one vector. */
 static inline __m256 sum8(const __m256 a[8]) {
     __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -124,6 +130,20 @@ static inline __m256 exp2_nonpositive(__m256 x) {
     __m256i exponent = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
     __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23));
     return _mm256_and_ps(_mm256_mul_ps(p, two_n), keep);
+}
+
+/* Where position pos of a sequence (block table `table`) keeps its key for kv head `kv_head`; its
+ * value is value_offset bytes further. */
+static inline const char *key_address(const Cache *c, const int64_t *table, int64_t pos,
+                                      int64_t kv_head) {
+    return c->base + table[pos / c->block_size] * c->block_bytes +
+           (pos % c->block_size) * c->key_stride + kv_head * c->head_size * c->elem;
+}
+
+/* Keys left in pos's block, capped at n. */
+static inline int64_t run_in_block(const Cache *c, int64_t pos, int64_t n) {
+    int64_t left = c->block_size - pos % c->block_size;
+    return left < n ? left : n;
 }
 
 /* scores[t] = q . key t for n keys from `keys` (key_stride bytes apart), eight keys at a time. */
@@ -157,66 +177,77 @@ static inline __attribute__((always_inline)) void dot_keys(const float *q, const
     }
 }
 
-/* Online softmax over one tile of n valid scores (base 2): turns scores[0..n) into weights
- * 2^(s - m), updates the running max *m and sum *l, and rescales acc [head] to the new max. */
+/* scores[t] = q . key (pos + t) for t < n, block by block. */
+static void score_span(const Cache *c, const int64_t *table, int64_t kv_head, const float *q,
+                       int64_t pos, int64_t n, float *scores) {
+    for (int64_t t = 0, m; t < n; t += m) {
+        m = run_in_block(c, pos + t, n - t);
+        const char *keys = key_address(c, table, pos + t, kv_head);
+        if (c->bf16) dot_keys(q, keys, c->key_stride, m, c->head_size, 1, scores + t);
+        else dot_keys(q, keys, c->key_stride, m, c->head_size, 0, scores + t);
+    }
+}
+
+/* Online softmax over one span of n scores (base 2): turns scores[0..n) into weights
+ * 2^(s - max), updates the running max *m and sum *l, and rescales acc [head] to the new max. */
 static void softmax_step(float *scores, int64_t n, float *m, float *l, float *acc, int64_t head) {
     int64_t padded = (n + 7) & ~(int64_t)7;
     for (int64_t t = n; t < padded; t++) scores[t] = -INFINITY;
-    float tile_max = scores[0];
-    for (int64_t t = 1; t < n; t++) tile_max = scores[t] > tile_max ? scores[t] : tile_max;
-    float new_max = tile_max > *m ? tile_max : *m;
-    __m256 shift = _mm256_set1_ps(new_max), total = _mm256_setzero_ps();
+    __m256 highest = _mm256_set1_ps(-INFINITY), total = _mm256_setzero_ps();
+    for (int64_t t = 0; t < padded; t += 8)
+        highest = _mm256_max_ps(highest, _mm256_loadu_ps(scores + t));
+    float span_max = horizontal_max(highest), new_max = span_max > *m ? span_max : *m;
+    __m256 shift = _mm256_set1_ps(new_max);
     for (int64_t t = 0; t < padded; t += 8) {
         __m256 p = exp2_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + t), shift));
         _mm256_storeu_ps(scores + t, p);
         total = _mm256_add_ps(total, p);
     }
-    float correction = exp2f(*m - new_max); /* 0 on the first tile (*m is -inf) */
+    float correction = exp2f(*m - new_max); /* 0 on the first span (*m is -inf) */
     if (correction != 1.0f) {
-        __m256 c = _mm256_set1_ps(correction);
+        __m256 factor = _mm256_set1_ps(correction);
         for (int64_t d = 0; d < head; d += 8)
-            _mm256_storeu_ps(acc + d, _mm256_mul_ps(_mm256_loadu_ps(acc + d), c));
+            _mm256_storeu_ps(acc + d, _mm256_mul_ps(_mm256_loadu_ps(acc + d), factor));
     }
     *l = *l * correction + horizontal_sum(total);
     *m = new_max;
 }
 
-/* acc[0 .. 16*groups) += sum_t p[t] * value t, with the accumulators held in registers. */
-static inline __attribute__((always_inline)) void add_values_chunk(float *acc, const float *p,
-                                                                   const char *values,
-                                                                   int64_t stride, int64_t n,
-                                                                   int groups, int bf16) {
+/* acc[d0 .. d0 + 16*groups) += sum_t p[t] * value (pos + t)[same dims], for t < n: the
+ * accumulators stay in registers over the whole span. */
+static inline __attribute__((always_inline)) void add_values_chunk(
+    float *acc, const float *p, const Cache *c, const int64_t *table, int64_t kv_head,
+    int64_t pos, int64_t n, int64_t d0, int groups, int bf16) {
+    int64_t elem = bf16 ? 2 : 4, stride = c->key_stride;
     __m256 a[CHUNK / 8];
-    for (int j = 0; j < 2 * groups; j++) a[j] = _mm256_loadu_ps(acc + 8 * j);
-    for (int64_t t = 0; t < n; t++) {
-        __m256 weight = _mm256_set1_ps(p[t]);
-        for (int j = 0; j < groups; j++) {
-            __m256 v_lo, v_hi;
-            load16(values + t * stride + j * 16 * (bf16 ? 2 : 4), bf16, &v_lo, &v_hi);
-            a[2 * j] = _mm256_fmadd_ps(weight, v_lo, a[2 * j]);
-            a[2 * j + 1] = _mm256_fmadd_ps(weight, v_hi, a[2 * j + 1]);
+    for (int j = 0; j < 2 * groups; j++) a[j] = _mm256_loadu_ps(acc + d0 + 8 * j);
+    for (int64_t t = 0, m; t < n; t += m) {
+        m = run_in_block(c, pos + t, n - t);
+        const char *values = key_address(c, table, pos + t, kv_head) + c->value_offset + d0 * elem;
+        for (int64_t u = 0; u < m; u++) {
+            __m256 weight = _mm256_set1_ps(p[t + u]);
+            for (int j = 0; j < groups; j++) {
+                __m256 v_lo, v_hi;
+                load16(values + u * stride + j * 16 * elem, bf16, &v_lo, &v_hi);
+                a[2 * j] = _mm256_fmadd_ps(weight, v_lo, a[2 * j]);
+                a[2 * j + 1] = _mm256_fmadd_ps(weight, v_hi, a[2 * j + 1]);
+            }
         }
     }
-    for (int j = 0; j < 2 * groups; j++) _mm256_storeu_ps(acc + 8 * j, a[j]);
+    for (int j = 0; j < 2 * groups; j++) _mm256_storeu_ps(acc + d0 + 8 * j, a[j]);
 }
 
-static void add_values(float *acc, const float *p, const char *values, int64_t stride, int64_t n,
-                       int64_t head, int bf16) {
-    int64_t elem = bf16 ? 2 : 4;
-    for (int64_t d = 0; d < head; d += CHUNK) {
-        int groups = (int)((head - d < CHUNK ? head - d : CHUNK) / 16);
-        const char *at = values + d * elem;
+/* acc [head] += sum_t p[t] * value (pos + t), CHUNK dims at a time. */
+static void add_values(float *acc, const float *p, const Cache *c, const int64_t *table,
+                       int64_t kv_head, int64_t pos, int64_t n) {
+    for (int64_t d0 = 0; d0 < c->head_size; d0 += CHUNK) {
+        int64_t dims = c->head_size - d0 < CHUNK ? c->head_size - d0 : CHUNK;
+        int groups = (int)(dims / 16), bf16 = c->bf16;
 #define CASE(G, B) \
-    if (groups == G && bf16 == B) add_values_chunk(acc + d, p, at, stride, n, G, B);
+    if (groups == G && bf16 == B) add_values_chunk(acc, p, c, table, kv_head, pos, n, d0, G, B);
         CASE(4, 1) CASE(4, 0) CASE(3, 1) CASE(3, 0) CASE(2, 1) CASE(2, 0) CASE(1, 1) CASE(1, 0)
 #undef CASE
     }
-}
-
-static void dot_keys_dispatch(const float *q, const char *keys, const Cache *c, int64_t n,
-                              float *scores) {
-    if (c->bf16) dot_keys(q, keys, c->key_stride, n, c->head_size, 1, scores);
-    else dot_keys(q, keys, c->key_stride, n, c->head_size, 0, scores);
 }
 
 /* The item's queries as fp32, scaled to base-2 scores, in the cache's element order. */
@@ -255,32 +286,24 @@ static void store_outputs(const Queries *qs, const Item *it, int64_t head, int c
 }
 
 /* One work item: every query head of the group, every row, one pass over positions
- * 0..last row's position in tiles that stay inside one cache block. */
+ * 0..last row's position in spans of up to SPAN keys (each row stops at its own position). */
 static void run_item(const Cache *c, const Queries *qs, const Item *it, Scratch *s) {
     int64_t head = c->head_size, n_queries = it->num_rows * qs->group;
     load_queries(qs, it, head, c->bf16, s);
     memset(s->acc, 0, (size_t)(n_queries * head) * sizeof(float));
     for (int64_t i = 0; i < n_queries; i++) s->m[i] = -INFINITY, s->l[i] = 0.0f;
-    int64_t end = it->first_pos + it->num_rows; /* positions [0, end) */
     const int64_t *table = c->block_tables + it->seq * c->table_stride;
-    for (int64_t pos = 0, n; pos < end; pos += n) {
-        int64_t offset = pos % c->block_size;
-        n = c->block_size - offset;
-        n = n < TILE ? n : TILE;
-        n = n < end - pos ? n : end - pos;
-        const char *keys = c->base + table[pos / c->block_size] * c->block_bytes +
-                           offset * c->key_stride + it->kv_head * head * c->elem;
+    for (int64_t pos = 0; pos < it->first_pos + it->num_rows; pos += SPAN) {
         for (int64_t r = 0; r < it->num_rows; r++) {
-            int64_t valid = it->first_pos + r + 1 - pos; /* keys this row may see */
-            if (valid <= 0) continue;
-            valid = valid < n ? valid : n;
+            int64_t n = it->first_pos + r + 1 - pos; /* keys this row sees from pos on */
+            if (n <= 0) continue;
+            n = n < SPAN ? n : SPAN;
             for (int64_t g = 0; g < qs->group; g++) {
                 int64_t i = r * qs->group + g;
-                float *scores = s->scores + i * TILE, *acc = s->acc + i * head;
-                dot_keys_dispatch(s->q + i * head, keys, c, valid, scores);
-                softmax_step(scores, valid, s->m + i, s->l + i, acc, head);
-                add_values(acc, scores, keys + c->value_offset, c->key_stride, valid, head,
-                           c->bf16);
+                float *scores = s->scores + i * SPAN, *acc = s->acc + i * head;
+                score_span(c, table, it->kv_head, s->q + i * head, pos, n, scores);
+                softmax_step(scores, n, s->m + i, s->l + i, acc, head);
+                add_values(acc, scores, c, table, it->kv_head, pos, n);
             }
         }
     }
@@ -321,15 +344,15 @@ int paphos_cpu_supported(void) {
 
 static int run_items(const Cache *c, const Queries *qs, const Item *items, int64_t num_items,
                      int threads) {
-    int64_t n = ROWS * qs->group, per_thread = 2 * n * c->head_size + n * TILE + 2 * n;
+    int64_t n = ROWS * qs->group, per_thread = 2 * n * c->head_size + n * SPAN + 2 * n;
     float *pool = (float *)malloc((size_t)(per_thread * threads) * sizeof(float));
     if (!pool) return -4;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         float *base = pool + per_thread * omp_get_thread_num();
         Scratch s = {base, base + n * c->head_size, base + 2 * n * c->head_size,
-                     base + 2 * n * c->head_size + n * TILE,
-                     base + 2 * n * c->head_size + n * TILE + n};
+                     base + 2 * n * c->head_size + n * SPAN,
+                     base + 2 * n * c->head_size + n * SPAN + n};
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < num_items; i++) run_item(c, qs, &items[i], &s);
     }
