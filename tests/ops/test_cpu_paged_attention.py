@@ -114,6 +114,18 @@ def test_mixed_batch_of_decodes_chunks_and_prompts_matches_reference(
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_contexts_spanning_several_softmax_steps_match_reference(dtype: torch.dtype) -> None:
+    """The kernel folds keys into its running softmax 256 at a time: rows whose context crosses
+    one or more of those steps, and a prefill chunk whose rows straddle a step's edge."""
+    specs = [(1, 600), (20, 530), (1, 257), (300, 300)]
+    batch = make_batch(
+        specs, num_kv_heads=3, group=3, head_size=64, block_size=16, dtype=dtype, seed=12
+    )
+    assert_matches_reference(*run_both(batch, 2))
+
+
+@needs_kernel
 def test_fp32_queries_over_a_bf16_cache_keep_the_query_dtype() -> None:
     query, kv_cache, starts, lens, tables = make_batch(
         [(1, 50), (7, 30)], num_kv_heads=3, group=3, head_size=64, block_size=16,
