@@ -152,6 +152,24 @@ def test_rows_are_bitwise_independent_of_thread_count_and_batch() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_decode_batches_match_reference_and_each_row_alone(dtype: torch.dtype) -> None:
+    """From 4 decodes per thread one work item takes all kv heads of a sequence: same numbers."""
+    specs = [(1, 3 + 11 * b) for b in range(20)] + [(6, 40)]
+    query, kv_cache, starts, lens, tables = make_batch(
+        specs, num_kv_heads=2, group=4, head_size=64, block_size=16, dtype=dtype, seed=13
+    )
+    out = attention.launch(LIB, query, kv_cache, starts, lens, tables, 0.125, 2)
+    assert_matches_reference(out, reference(query, kv_cache, starts, lens, tables, 0.125))
+    for b in (0, 7, 19):
+        alone = attention.launch(
+            LIB, query[b : b + 1], kv_cache, torch.tensor([0, 1]), lens[b : b + 1],
+            tables[b : b + 1], 0.125, 1,
+        )  # fmt: skip
+        assert torch.equal(alone, out[b : b + 1])
+
+
+@needs_kernel
 def test_strided_query_and_int32_indices_match_reference() -> None:
     query, kv_cache, starts, lens, tables = make_batch(
         [(3, 20), (1, 33)], num_kv_heads=2, group=2, head_size=64, block_size=16,

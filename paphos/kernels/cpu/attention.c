@@ -22,6 +22,7 @@
 #ifndef MIN_WORK_PER_THREAD
 #define MIN_WORK_PER_THREAD 4096
 #endif
+#define DECODES_PER_THREAD 4 /* decodes per thread from which one item takes all kv heads */
 #define LOG2E 1.44269504088896341f
 #define LN2 0.693147180559945309f
 
@@ -46,11 +47,12 @@ typedef struct {
 } Queries;
 
 typedef struct {
-    int64_t seq, token0, num_rows, first_pos, kv_head;
-} Item; /* num_rows query rows of one sequence (positions first_pos...) against one kv head */
+    int64_t seq, token0, num_rows, first_pos, kv_head, num_kv;
+} Item; /* num_rows query rows of one sequence (positions first_pos...) against num_kv kv heads
+         * from kv_head; its queries are indexed row * (num_kv * group) + head - kv_head * group */
 
 typedef struct {
-    float *q, *acc, *scores, *m, *l; /* [n, head], [n, head], [n, SPAN], [n], [n]; n = ROWS*group */
+    float *q, *acc, *scores, *m, *l; /* [n, head], [n, head], [n, SPAN], [n], [n]; n = ROWS*heads */
 } Scratch;
 
 static inline float bf16_to_float(uint16_t bits) {
@@ -177,17 +179,6 @@ static inline __attribute__((always_inline)) void dot_keys(const float *q, const
     }
 }
 
-/* scores[t] = q . key (pos + t) for t < n, block by block. */
-static void score_span(const Cache *c, const int64_t *table, int64_t kv_head, const float *q,
-                       int64_t pos, int64_t n, float *scores) {
-    for (int64_t t = 0, m; t < n; t += m) {
-        m = run_in_block(c, pos + t, n - t);
-        const char *keys = key_address(c, table, pos + t, kv_head);
-        if (c->bf16) dot_keys(q, keys, c->key_stride, m, c->head_size, 1, scores + t);
-        else dot_keys(q, keys, c->key_stride, m, c->head_size, 0, scores + t);
-    }
-}
-
 /* Online softmax over one span of n scores (base 2): turns scores[0..n) into weights
  * 2^(s - max), updates the running max *m and sum *l, and rescales acc [head] to the new max. */
 static void softmax_step(float *scores, int64_t n, float *m, float *l, float *acc, int64_t head) {
@@ -213,38 +204,34 @@ static void softmax_step(float *scores, int64_t n, float *m, float *l, float *ac
     *m = new_max;
 }
 
-/* acc[d0 .. d0 + 16*groups) += sum_t p[t] * value (pos + t)[same dims], for t < n: the
- * accumulators stay in registers over the whole span. */
-static inline __attribute__((always_inline)) void add_values_chunk(
-    float *acc, const float *p, const Cache *c, const int64_t *table, int64_t kv_head,
-    int64_t pos, int64_t n, int64_t d0, int groups, int bf16) {
-    int64_t elem = bf16 ? 2 : 4, stride = c->key_stride;
+/* acc[0 .. 16*groups) += sum_t p[t] * value t, for n values `stride` bytes apart from `values`,
+ * with the accumulators held in registers. */
+static inline __attribute__((always_inline)) void add_values_chunk(float *acc, const float *p,
+                                                                   const char *values,
+                                                                   int64_t stride, int64_t n,
+                                                                   int groups, int bf16) {
     __m256 a[CHUNK / 8];
-    for (int j = 0; j < 2 * groups; j++) a[j] = _mm256_loadu_ps(acc + d0 + 8 * j);
-    for (int64_t t = 0, m; t < n; t += m) {
-        m = run_in_block(c, pos + t, n - t);
-        const char *values = key_address(c, table, pos + t, kv_head) + c->value_offset + d0 * elem;
-        for (int64_t u = 0; u < m; u++) {
-            __m256 weight = _mm256_set1_ps(p[t + u]);
-            for (int j = 0; j < groups; j++) {
-                __m256 v_lo, v_hi;
-                load16(values + u * stride + j * 16 * elem, bf16, &v_lo, &v_hi);
-                a[2 * j] = _mm256_fmadd_ps(weight, v_lo, a[2 * j]);
-                a[2 * j + 1] = _mm256_fmadd_ps(weight, v_hi, a[2 * j + 1]);
-            }
+    for (int j = 0; j < 2 * groups; j++) a[j] = _mm256_loadu_ps(acc + 8 * j);
+    for (int64_t t = 0; t < n; t++) {
+        __m256 weight = _mm256_set1_ps(p[t]);
+        for (int j = 0; j < groups; j++) {
+            __m256 v_lo, v_hi;
+            load16(values + t * stride + j * 16 * (bf16 ? 2 : 4), bf16, &v_lo, &v_hi);
+            a[2 * j] = _mm256_fmadd_ps(weight, v_lo, a[2 * j]);
+            a[2 * j + 1] = _mm256_fmadd_ps(weight, v_hi, a[2 * j + 1]);
         }
     }
-    for (int j = 0; j < 2 * groups; j++) _mm256_storeu_ps(acc + d0 + 8 * j, a[j]);
+    for (int j = 0; j < 2 * groups; j++) _mm256_storeu_ps(acc + 8 * j, a[j]);
 }
 
-/* acc [head] += sum_t p[t] * value (pos + t), CHUNK dims at a time. */
-static void add_values(float *acc, const float *p, const Cache *c, const int64_t *table,
-                       int64_t kv_head, int64_t pos, int64_t n) {
-    for (int64_t d0 = 0; d0 < c->head_size; d0 += CHUNK) {
-        int64_t dims = c->head_size - d0 < CHUNK ? c->head_size - d0 : CHUNK;
-        int groups = (int)(dims / 16), bf16 = c->bf16;
+/* acc [head] += sum_t p[t] * value t, CHUNK dims at a time. */
+static void add_values(float *acc, const float *p, const char *values, int64_t stride, int64_t n,
+                       int64_t head, int bf16) {
+    for (int64_t d = 0; d < head; d += CHUNK) {
+        int groups = (int)((head - d < CHUNK ? head - d : CHUNK) / 16);
+        const char *at = values + d * (bf16 ? 2 : 4);
 #define CASE(G, B) \
-    if (groups == G && bf16 == B) add_values_chunk(acc, p, c, table, kv_head, pos, n, d0, G, B);
+    if (groups == G && bf16 == B) add_values_chunk(acc + d, p, at, stride, n, G, B);
         CASE(4, 1) CASE(4, 0) CASE(3, 1) CASE(3, 0) CASE(2, 1) CASE(2, 0) CASE(1, 1) CASE(1, 0)
 #undef CASE
     }
@@ -253,11 +240,12 @@ static void add_values(float *acc, const float *p, const Cache *c, const int64_t
 /* The item's queries as fp32, scaled to base-2 scores, in the cache's element order. */
 static void load_queries(const Queries *qs, const Item *it, int64_t head, int cache_bf16,
                          Scratch *s) {
+    int64_t heads = it->num_kv * qs->group;
     for (int64_t r = 0; r < it->num_rows; r++) {
-        for (int64_t g = 0; g < qs->group; g++) {
+        for (int64_t g = 0; g < heads; g++) {
             int64_t at = (it->token0 + r) * qs->token_stride +
                          (it->kv_head * qs->group + g) * head;
-            float *q = s->q + (r * qs->group + g) * head;
+            float *q = s->q + (r * heads + g) * head;
             for (int64_t d = 0; d < head; d++) {
                 float x = qs->bf16 ? bf16_to_float(((const uint16_t *)qs->query)[at + d])
                                    : ((const float *)qs->query)[at + d];
@@ -270,9 +258,10 @@ static void load_queries(const Queries *qs, const Item *it, int64_t head, int ca
 
 static void store_outputs(const Queries *qs, const Item *it, int64_t head, int cache_bf16,
                           Scratch *s) {
+    int64_t heads = it->num_kv * qs->group;
     for (int64_t r = 0; r < it->num_rows; r++) {
-        for (int64_t g = 0; g < qs->group; g++) {
-            int64_t i = r * qs->group + g;
+        for (int64_t g = 0; g < heads; g++) {
+            int64_t i = r * heads + g;
             float *acc = s->acc + i * head, inverse = 1.0f / s->l[i];
             if (cache_bf16) swap_quads(acc, head);
             int64_t at = ((it->token0 + r) * qs->num_heads + it->kv_head * qs->group + g) * head;
@@ -285,27 +274,72 @@ static void store_outputs(const Queries *qs, const Item *it, int64_t head, int c
     }
 }
 
-/* One work item: every query head of the group, every row, one pass over positions
- * 0..last row's position in spans of up to SPAN keys (each row stops at its own position). */
+/* Keys of row r visible among the n_max positions from pos on (0 when none). */
+static inline int64_t visible(const Item *it, int64_t r, int64_t pos, int64_t n_max) {
+    int64_t n = it->first_pos + r + 1 - pos;
+    return n <= 0 ? 0 : n < n_max ? n : n_max;
+}
+
+/* Phase 1 of a span: every query's scores, one block run of keys at a time, so that each run
+ * is read from memory once and reused from L1 by all the item's queries. */
+static void score_span(const Cache *c, const Queries *qs, const Item *it, const int64_t *table,
+                       int64_t pos, int64_t n_max, Scratch *s) {
+    int64_t heads = it->num_kv * qs->group, head_bytes = c->head_size * c->elem;
+    for (int64_t t = 0, m; t < n_max; t += m) {
+        m = run_in_block(c, pos + t, n_max - t);
+        const char *keys = key_address(c, table, pos + t, it->kv_head);
+        for (int64_t r = 0; r < it->num_rows; r++) {
+            int64_t n = visible(it, r, pos + t, m);
+            for (int64_t g = 0; g < heads && n > 0; g++) {
+                int64_t i = r * heads + g;
+                const float *q = s->q + i * c->head_size;
+                const char *at = keys + g / qs->group * head_bytes;
+                float *scores = s->scores + i * SPAN + t;
+                if (c->bf16) dot_keys(q, at, c->key_stride, n, c->head_size, 1, scores);
+                else dot_keys(q, at, c->key_stride, n, c->head_size, 0, scores);
+            }
+        }
+    }
+}
+
+/* Phase 3 of a span: every query's weighted values, one block run at a time (as phase 1). */
+static void add_span_values(const Cache *c, const Queries *qs, const Item *it,
+                            const int64_t *table, int64_t pos, int64_t n_max, Scratch *s) {
+    int64_t heads = it->num_kv * qs->group, head_bytes = c->head_size * c->elem;
+    for (int64_t t = 0, m; t < n_max; t += m) {
+        m = run_in_block(c, pos + t, n_max - t);
+        const char *values = key_address(c, table, pos + t, it->kv_head) + c->value_offset;
+        for (int64_t r = 0; r < it->num_rows; r++) {
+            int64_t n = visible(it, r, pos + t, m);
+            for (int64_t g = 0; g < heads && n > 0; g++) {
+                int64_t i = r * heads + g;
+                add_values(s->acc + i * c->head_size, s->scores + i * SPAN + t,
+                           values + g / qs->group * head_bytes, c->key_stride, n, c->head_size,
+                           c->bf16);
+            }
+        }
+    }
+}
+
+/* One work item: every query head of the group and every row, one pass over positions 0..last
+ * row's position in spans of up to SPAN keys (scores, softmax step, values); each row stops at
+ * its own position. */
 static void run_item(const Cache *c, const Queries *qs, const Item *it, Scratch *s) {
-    int64_t head = c->head_size, n_queries = it->num_rows * qs->group;
+    int64_t head = c->head_size, heads = it->num_kv * qs->group, n_queries = it->num_rows * heads;
     load_queries(qs, it, head, c->bf16, s);
     memset(s->acc, 0, (size_t)(n_queries * head) * sizeof(float));
     for (int64_t i = 0; i < n_queries; i++) s->m[i] = -INFINITY, s->l[i] = 0.0f;
     const int64_t *table = c->block_tables + it->seq * c->table_stride;
-    for (int64_t pos = 0; pos < it->first_pos + it->num_rows; pos += SPAN) {
-        for (int64_t r = 0; r < it->num_rows; r++) {
-            int64_t n = it->first_pos + r + 1 - pos; /* keys this row sees from pos on */
-            if (n <= 0) continue;
-            n = n < SPAN ? n : SPAN;
-            for (int64_t g = 0; g < qs->group; g++) {
-                int64_t i = r * qs->group + g;
-                float *scores = s->scores + i * SPAN, *acc = s->acc + i * head;
-                score_span(c, table, it->kv_head, s->q + i * head, pos, n, scores);
-                softmax_step(scores, n, s->m + i, s->l + i, acc, head);
-                add_values(acc, scores, c, table, it->kv_head, pos, n);
-            }
+    int64_t end = it->first_pos + it->num_rows; /* positions [0, end) */
+    for (int64_t pos = 0; pos < end; pos += SPAN) {
+        int64_t n_max = end - pos < SPAN ? end - pos : SPAN;
+        score_span(c, qs, it, table, pos, n_max, s);
+        for (int64_t i = 0; i < n_queries; i++) {
+            int64_t n = visible(it, i / heads, pos, n_max);
+            if (n > 0)
+                softmax_step(s->scores + i * SPAN, n, s->m + i, s->l + i, s->acc + i * head, head);
         }
+        add_span_values(c, qs, it, table, pos, n_max, s);
     }
     store_outputs(qs, it, head, c->bf16, s);
 }
@@ -326,13 +360,14 @@ static int check_sequence(const Cache *c, const int64_t *query_start_loc, const 
     return 0;
 }
 
-/* Appends sequence b's items (its row chunks, last chunk first: the costliest go out first). */
+/* Appends sequence b's items (its row chunks, last chunk first: the costliest go out first),
+ * each over num_kv of the num_kv_heads kv heads. */
 static int64_t add_items(Item *items, int64_t count, int64_t b, int64_t start, int64_t q_len,
-                         int64_t seq_len, int64_t num_kv_heads) {
+                         int64_t seq_len, int64_t num_kv_heads, int64_t num_kv) {
     for (int64_t r0 = (q_len - 1) / ROWS * ROWS; r0 >= 0 && q_len > 0; r0 -= ROWS) {
         int64_t rows = q_len - r0 < ROWS ? q_len - r0 : ROWS;
-        for (int64_t h = 0; h < num_kv_heads; h++)
-            items[count++] = (Item){b, start + r0, rows, seq_len - q_len + r0, h};
+        for (int64_t h = 0; h < num_kv_heads; h += num_kv)
+            items[count++] = (Item){b, start + r0, rows, seq_len - q_len + r0, h, num_kv};
     }
     return count;
 }
@@ -344,7 +379,7 @@ int paphos_cpu_supported(void) {
 
 static int run_items(const Cache *c, const Queries *qs, const Item *items, int64_t num_items,
                      int threads) {
-    int64_t n = ROWS * qs->group, per_thread = 2 * n * c->head_size + n * SPAN + 2 * n;
+    int64_t n = ROWS * qs->num_heads, per_thread = 2 * n * c->head_size + n * SPAN + 2 * n;
     float *pool = (float *)malloc((size_t)(per_thread * threads) * sizeof(float));
     if (!pool) return -4;
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -361,11 +396,15 @@ static int run_items(const Cache *c, const Queries *qs, const Item *items, int64
 }
 
 /* Work items of the whole batch, prefill sequences first; *work gets the (query head, key) pairs.
- * Returns the item count, or an error code with *bad_seq naming the sequence. */
+ * A prefill chunk's item covers one kv head; a decode's covers all of them when there are enough
+ * decodes to keep the threads busy (a thread then reads whole cache blocks, a stream the hardware
+ * prefetcher follows, instead of one head's rows of each). Returns the item count, or an error
+ * code with *bad_seq naming the sequence. */
 static int64_t build_items(const Cache *c, const Queries *qs, const int64_t *query_start_loc,
                            const int64_t *seq_lens, int64_t num_seqs, int64_t num_tokens,
-                           int64_t max_blocks, Item *items, int64_t *work, int64_t *bad_seq) {
-    int64_t count = 0, num_kv_heads = qs->num_heads / qs->group;
+                           int64_t max_blocks, int num_threads, Item *items, int64_t *work,
+                           int64_t *bad_seq) {
+    int64_t count = 0, num_kv_heads = qs->num_heads / qs->group, num_decodes = 0;
     *work = 0;
     for (int pass = 0; pass < 2; pass++) {
         for (int64_t b = 0; b < num_seqs; b++) {
@@ -377,10 +416,14 @@ static int64_t build_items(const Cache *c, const Queries *qs, const int64_t *que
                     return code;
                 }
                 *work += qs->num_heads * q_len * (seq_lens[b] - (q_len - 1) / 2);
+                num_decodes += q_len == 1;
             }
+            int64_t num_kv = pass == 1 && num_decodes >= DECODES_PER_THREAD * num_threads
+                                 ? num_kv_heads
+                                 : 1;
             if ((q_len > 1) == (pass == 0))
                 count = add_items(items, count, b, query_start_loc[b], q_len, seq_lens[b],
-                                  num_kv_heads);
+                                  num_kv_heads, num_kv);
         }
     }
     return count;
@@ -414,7 +457,7 @@ int paphos_paged_attention(const void *query, int query_bf16, int64_t query_toke
     Item *items = (Item *)malloc((size_t)capacity * sizeof(Item));
     if (!items) return -4;
     int64_t count = build_items(&c, &qs, query_start_loc, seq_lens, num_seqs, num_tokens,
-                                max_blocks, items, &work, bad_seq);
+                                max_blocks, num_threads, items, &work, bad_seq);
     int code = count < 0 ? (int)count : 0;
     if (code == 0 && count > 0) {
         int64_t useful = work / MIN_WORK_PER_THREAD + 1;
