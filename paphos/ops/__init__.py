@@ -1,5 +1,6 @@
-"""Ops: one file per op, each a readable torch reference (the CPU path and the test oracle).
+"""Ops: one file per op, each a readable torch reference (the test oracle and the fallback).
 
-`paphos.ops.registry.pick(name, device)` returns the fastest implementation for a device, chosen
-once at start-up by the runner; on CPU that is always the reference here.
+`paphos.ops.registry.pick(name, device_type)` returns the fastest implementation for a device, chosen
+once when a layer is built: Triton kernels on CUDA, the C kernels of `paphos.kernels.cpu` on CPU
+where they built, else the reference here.
 """
