@@ -62,6 +62,20 @@ class LinearBase(nn.Module):
             if not hasattr(param, "weight_loader"):
                 set_weight_attrs(param, {"weight_loader": self.weight_loader})
 
+    def _load_rank_slice(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, dim_attr: str
+    ) -> None:
+        """Copy this rank's slice of the full tensor along the parameter's `dim_attr` dimension
+        (the whole tensor when the parameter has none, i.e. it is replicated)."""
+        what = type(self).__name__
+        dim = getattr(param, dim_attr, None)
+        if dim is not None:
+            size = param.shape[dim]
+            start = self.parallel.rank * size
+            full = size * self.parallel.world_size
+            loaded_weight = narrow_checked(loaded_weight, dim, start, size, full, what)
+        copy_checked(param.data, loaded_weight, what)
+
     def _reject_shard_id(self, shard_id: object) -> None:
         if shard_id is not None:
             raise ValueError(f"{type(self).__name__} has no shards; got shard_id={shard_id!r}")
@@ -123,14 +137,7 @@ class ColumnParallelLinear(LinearBase):
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None
     ) -> None:
         self._reject_shard_id(shard_id)
-        what = type(self).__name__
-        dim = getattr(param, "output_dim", None)
-        if dim is not None:
-            size = param.shape[dim]
-            start = self.parallel.rank * size
-            full = size * self.parallel.world_size
-            loaded_weight = narrow_checked(loaded_weight, dim, start, size, full, what)
-        copy_checked(param.data, loaded_weight, what)
+        self._load_rank_slice(param, loaded_weight, "output_dim")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear_method.apply(self, x, self.bias)  # [num_tokens, output_per_partition]
@@ -317,14 +324,7 @@ class RowParallelLinear(LinearBase):
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None
     ) -> None:
         self._reject_shard_id(shard_id)
-        what = type(self).__name__
-        dim = getattr(param, "input_dim", None)
-        if dim is not None:
-            size = param.shape[dim]
-            start = self.parallel.rank * size
-            full = size * self.parallel.world_size
-            loaded_weight = narrow_checked(loaded_weight, dim, start, size, full, what)
-        copy_checked(param.data, loaded_weight, what)
+        self._load_rank_slice(param, loaded_weight, "input_dim")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
