@@ -1,5 +1,6 @@
 """Choosing each op's implementation once, at start-up: the Triton kernel on CUDA, the C kernel on
-CPUs where it could be built (paged attention), the reference elsewhere."""
+CPUs where it could be built (paged attention, RMSNorm,
+rotary), the reference elsewhere."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from paphos.kernels.cpu import attention as cpu_attention
+from paphos.kernels.cpu import norm_rope as cpu_norm_rope
 from paphos.ops import activation, kv_cache, paged_attention, rms_norm, rotary
 
 REFERENCES: dict[str, Callable[..., Any]] = {
@@ -42,6 +44,11 @@ def _cuda_kernels() -> dict[str, Callable[..., Any]]:
 
 def _cpu_kernels() -> dict[str, Callable[..., Any]]:
     """C kernels that built and loaded here (each decided once per process by its loader)."""
-    if cpu_attention.load_library() is None:
-        return {}
-    return {"paged_attention": cpu_attention.paged_attention}
+    kernels: dict[str, Callable[..., Any]] = {}
+    if cpu_attention.load_library() is not None:
+        kernels["paged_attention"] = cpu_attention.paged_attention
+    if cpu_norm_rope.load_library() is not None:
+        kernels["rms_norm"] = cpu_norm_rope.rms_norm
+        kernels["fused_add_rms_norm"] = cpu_norm_rope.fused_add_rms_norm
+        kernels["rotary_embedding"] = cpu_norm_rope.rotary_embedding
+    return kernels
