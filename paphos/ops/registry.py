@@ -1,6 +1,5 @@
-"""Choosing each op's implementation once, at start-up: the Triton kernel on CUDA, the C kernel on
-CPUs where it could be built (paged attention, RMSNorm,
-rotary), the reference elsewhere."""
+"""Choosing each op's implementation once, at start-up: the Triton kernel on CUDA, the C kernels on
+CPUs where they could be built (paged attention, RMSNorm, rotary), the reference elsewhere."""
 
 from __future__ import annotations
 

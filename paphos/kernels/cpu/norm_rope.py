@@ -68,7 +68,8 @@ def _norm_supported(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor
         and x.is_cpu
         and weight.is_cpu
         and weight.dtype == x.dtype
-        and tuple(weight.shape) == (x.shape[1],)
+        and weight.dim() == 1
+        and weight.shape[0] == x.shape[1]
         and all(t.is_cpu and t.dtype == x.dtype and t.shape == x.shape for t in others)
     )
 
@@ -125,7 +126,10 @@ def _rotary_supported(
         query.dtype in DTYPES
         and key.dtype == query.dtype
         and cache.dtype in DTYPES
-        and all(t.is_cpu for t in (positions, query, key, cache))
+        and positions.is_cpu
+        and query.is_cpu
+        and key.is_cpu
+        and cache.is_cpu
         and positions.dim() == 1
         and query.dim() == 2
         and key.dim() == 2
@@ -154,7 +158,9 @@ def rotary_embedding(
         args = (positions, query, key, cos_sin_cache, head_size, is_neox)
         return reference_rotary.rotary_embedding(*args)
     tokens = positions.shape[0]
-    pos = positions.to(torch.int64).contiguous()  # [num_tokens]
+    pos = positions  # [num_tokens]
+    if pos.dtype != torch.int64 or not pos.is_contiguous():
+        pos = pos.to(torch.int64).contiguous()  # [num_tokens]
     cache_in = cos_sin_cache.contiguous()  # [max_position, rot_dim]
     q_out = torch.empty(tokens, query.shape[1], dtype=query.dtype)  # [num_tokens, q width]
     k_out = torch.empty(tokens, key.shape[1], dtype=key.dtype)  # [num_tokens, k width]
