@@ -6,7 +6,6 @@
  * sum of squares may differ from torch. Rows run in parallel only when there are many of them.
  */
 #pragma GCC optimize("fp-contract=off")
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
