@@ -2,7 +2,8 @@
 definition.
 
 Tokens of every scheduled request arrive flattened into one batch; attention goes through the paged
-cache.
+cache. On the CPU, pure-decode steps of up to 4 tokens run each layer as one C call
+(paphos.layers.cpu_decode), with the same results as the layers below.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from torch import nn
 
 from paphos.attention import Attention, AttentionMetadata
 from paphos.config import ModelConfig
+from paphos.layers import cpu_decode
 from paphos.layers.activation import SiluAndMul
+from paphos.layers.cpu_decode import DecoderLayerWeights, FusedDecode
 from paphos.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from paphos.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from paphos.layers.logits import LogitsProcessor
@@ -24,6 +27,7 @@ from paphos.layers.rotary import get_rope
 from paphos.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from paphos.layers.weight_utils import default_weight_loader
 from paphos.parallel import ParallelInfo
+from paphos.quant import UnquantizedLinearMethod
 from paphos.quant.base import LinearMethod
 
 
@@ -126,6 +130,33 @@ class LlamaDecoderLayer(nn.Module):
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
+    def fused_weights(self) -> DecoderLayerWeights | None:
+        """This layer for the fused CPU decode kernel; None where its linears are quantized."""
+        attn, mlp = self.self_attn, self.mlp
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if not all(isinstance(lin.linear_method, UnquantizedLinearMethod) for lin in linears):
+            return None
+        return DecoderLayerWeights(
+            input_norm=self.input_layernorm.weight.data,
+            input_eps=self.input_layernorm.eps,
+            qkv=attn.qkv_proj.weight.data,
+            qkv_bias=_data(attn.qkv_proj.bias),
+            o=attn.o_proj.weight.data,
+            o_bias=_data(attn.o_proj.bias),
+            post_norm=self.post_attention_layernorm.weight.data,
+            post_eps=self.post_attention_layernorm.eps,
+            gate_up=mlp.gate_up_proj.weight.data,
+            gate_up_bias=_data(mlp.gate_up_proj.bias),
+            down=mlp.down_proj.weight.data,
+            down_bias=_data(mlp.down_proj.bias),
+            cos_sin_cache=attn.rotary_emb.cos_sin_cache,
+            is_neox=attn.rotary_emb.is_neox_style,
+            num_heads=attn.attn.num_heads,
+            num_kv_heads=attn.attn.num_kv_heads,
+            head_size=attn.attn.head_size,
+            scale=attn.attn.scale,
+        )
+
 
 class LlamaModel(nn.Module):
     def __init__(self, hf_config: Any, linear_method: LinearMethod | None, parallel: ParallelInfo):
@@ -138,6 +169,28 @@ class LlamaModel(nn.Module):
             for _ in range(hf_config.num_hidden_layers)
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        # Decided at start-up: single process and not switched off by PAPHOS_CPU_FUSED_DECODE.
+        self.fused_decode_allowed = parallel.world_size == 1 and cpu_decode.enabled_from_env()
+        self._fused_decode: FusedDecode | None = None
+        self._fused_decode_built = False
+
+    def fused_decode(self) -> FusedDecode | None:
+        """The fused CPU decode path, built at first use (after loading), rebuilt when the
+        weights moved; None where it does not apply (then every step runs the layers)."""
+        anchor = self.layers[0].self_attn.qkv_proj.weight
+        fused = self._fused_decode
+        if fused is not None and fused.still_valid(anchor):
+            return fused
+        if fused is None and (self._fused_decode_built or not self.fused_decode_allowed):
+            return None
+        layers = [layer.fused_weights() for layer in self.layers]
+        self._fused_decode = cpu_decode.build_fused_decode(layers, anchor)
+        self._fused_decode_built = True
+        return self._fused_decode
+
+    def reset_fused_decode(self) -> None:
+        """Forget the fused path (new weights were loaded); the next step builds it again."""
+        self._fused_decode, self._fused_decode_built = None, False
 
     def forward(
         self,
@@ -147,11 +200,17 @@ class LlamaModel(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden_states, residual = layer(
-                positions, hidden_states, residual, kv_cache, attn_metadata
+        fused = self.fused_decode() if input_ids.is_cpu else None
+        if fused is not None and fused.takes(hidden_states, kv_caches, attn_metadata):
+            hidden_states, residual = fused.forward(
+                positions, hidden_states, kv_caches, attn_metadata
             )
+        else:
+            residual = None
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                hidden_states, residual = layer(
+                    positions, hidden_states, residual, kv_cache, attn_metadata
+                )
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
@@ -206,6 +265,7 @@ class LlamaForCausalLM(nn.Module):
         return self.sampler(logits, sampling_metadata)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        self.model.reset_fused_decode()
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -226,6 +286,10 @@ class LlamaForCausalLM(nn.Module):
                 loader(param, tensor, shard_id)
             loaded.add(target)
         return loaded
+
+
+def _data(param: torch.Tensor | None) -> torch.Tensor | None:
+    return None if param is None else param.data
 
 
 def _map_name(name: str, stacked: dict[str, tuple[str, Any]]) -> tuple[str, Any]:

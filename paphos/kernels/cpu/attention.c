@@ -6,12 +6,11 @@
  * softmax in fp32. Invariant: each output row is computed by one thread in one fixed order over its
  * keys, so results do not depend on the rest of the batch or on the thread count.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
+
+#include "avx2_base.c"
 
 #define SPAN 256     /* keys per online-softmax step at most (a multiple of 8) */
 #define ROWS 8       /* query rows of one prefill sequence per work item */
@@ -55,22 +54,6 @@ typedef struct {
     float *q, *acc, *scores, *m, *l; /* [n, head], [n, head], [n, SPAN], [n], [n]; n = ROWS*heads */
 } Scratch;
 
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t wide = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &wide, sizeof(value));
-    return value;
-}
-
-/* Round to nearest even, as torch's float -> bfloat16 conversion; NaN stays a quiet NaN. */
-static inline uint16_t float_to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof(bits));
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x0040u);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
 /* 16 cache elements widened to fp32. bf16 widens with one load and two unpacks, which yields
  * elements {0-3, 8-11} and {4-7, 12-15}: queries and accumulators of a bf16 cache are kept in that
  * order (see swap_quads); fp32 comes in order. */
@@ -95,13 +78,6 @@ static void swap_quads(float *x, int64_t n) {
         memcpy(x + i + 4, x + i + 8, sizeof(tmp));
         memcpy(x + i + 8, tmp, sizeof(tmp));
     }
-}
-
-static inline float horizontal_sum(__m256 v) {
-    __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    __m128 sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
-    __m128 sum1 = _mm_add_ss(sum2, _mm_movehdup_ps(sum2));
-    return _mm_cvtss_f32(sum1);
 }
 
 static inline float horizontal_max(__m256 v) {
@@ -256,7 +232,7 @@ static void load_queries(const Queries *qs, const Item *it, int64_t head, int ca
     }
 }
 
-static void store_outputs(const Queries *qs, const Item *it, int64_t head, int cache_bf16,
+static void store_attention_outputs(const Queries *qs, const Item *it, int64_t head, int cache_bf16,
                           Scratch *s) {
     int64_t heads = it->num_kv * qs->group;
     for (int64_t r = 0; r < it->num_rows; r++) {
@@ -341,7 +317,7 @@ static void run_item(const Cache *c, const Queries *qs, const Item *it, Scratch 
         }
         add_span_values(c, qs, it, table, pos, n_max, s);
     }
-    store_outputs(qs, it, head, c->bf16, s);
+    store_attention_outputs(qs, it, head, c->bf16, s);
 }
 
 /* Checks sequence b's bounds and blocks; returns 0 or the error code (see paphos_paged_attention).
@@ -372,24 +348,37 @@ static int64_t add_items(Item *items, int64_t count, int64_t b, int64_t start, i
     return count;
 }
 
-int paphos_cpu_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+/* Scratch floats one thread needs for items of up to ROWS rows of num_heads query heads. */
+static int64_t scratch_floats(int64_t num_heads, int64_t head_size) {
+    int64_t n = ROWS * num_heads;
+    return 2 * n * head_size + n * SPAN + 2 * n;
+}
+
+/* Thread t's scratch inside `pool` (threads x scratch_floats). */
+static Scratch scratch_at(float *pool, int64_t num_heads, int64_t head_size, int t) {
+    int64_t n = ROWS * num_heads;
+    float *base = pool + scratch_floats(num_heads, head_size) * t;
+    Scratch s = {base, base + n * head_size, base + 2 * n * head_size,
+                 base + 2 * n * head_size + n * SPAN, base + 2 * n * head_size + n * SPAN + n};
+    return s;
+}
+
+/* Not inlined: it keeps this file's floating-point flags in translation units that include it. */
+static __attribute__((noinline)) void run_item_at(const Cache *c, const Queries *qs,
+                                                  const Item *it, Scratch *s) {
+    run_item(c, qs, it, s);
 }
 
 static int run_items(const Cache *c, const Queries *qs, const Item *items, int64_t num_items,
                      int threads) {
-    int64_t n = ROWS * qs->num_heads, per_thread = 2 * n * c->head_size + n * SPAN + 2 * n;
+    int64_t per_thread = scratch_floats(qs->num_heads, c->head_size);
     float *pool = (float *)malloc((size_t)(per_thread * threads) * sizeof(float));
     if (!pool) return -4;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        float *base = pool + per_thread * omp_get_thread_num();
-        Scratch s = {base, base + n * c->head_size, base + 2 * n * c->head_size,
-                     base + 2 * n * c->head_size + n * SPAN,
-                     base + 2 * n * c->head_size + n * SPAN + n};
+        Scratch s = scratch_at(pool, qs->num_heads, c->head_size, omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < num_items; i++) run_item(c, qs, &items[i], &s);
+        for (int64_t i = 0; i < num_items; i++) run_item_at(c, qs, &items[i], &s);
     }
     free(pool);
     return 0;
@@ -429,6 +418,17 @@ static int64_t build_items(const Cache *c, const Queries *qs, const int64_t *que
     return count;
 }
 
+/* The cache [2, num_blocks, block_size, num_kv_heads, head_size] read through block_tables. */
+static Cache cache_for(const void *kv_cache, int cache_bf16, int64_t num_blocks,
+                       int64_t block_size, int64_t num_kv_heads, int64_t head_size,
+                       const int64_t *block_tables, int64_t table_stride) {
+    int64_t elem = cache_bf16 ? 2 : 4, key_stride = num_kv_heads * head_size * elem;
+    Cache c = {(const char *)kv_cache, cache_bf16, elem, key_stride, block_size * key_stride,
+               num_blocks * block_size * key_stride, num_blocks, block_size, head_size,
+               block_tables, table_stride};
+    return c;
+}
+
 /* out = attention of query over the paged cache (see the file comment). Returns 0 on success, a
  * negative code naming the first bad argument otherwise: -1 a size (head_size must be a multiple
  * of 16 up to MAX_HEAD, num_heads a multiple of num_kv_heads), -2 num_threads, -3 a null pointer,
@@ -447,10 +447,8 @@ int paphos_paged_attention(const void *query, int query_bf16, int64_t query_toke
     if (num_threads < 1) return -2;
     if (!query || !out || !kv_cache || !query_start_loc || !seq_lens || !block_tables || !bad_seq)
         return -3;
-    int64_t elem = cache_bf16 ? 2 : 4, key_stride = num_kv_heads * head_size * elem;
-    Cache c = {(const char *)kv_cache, cache_bf16, elem, key_stride, block_size * key_stride,
-               num_blocks * block_size * key_stride, num_blocks, block_size, head_size,
-               block_tables, table_stride};
+    Cache c = cache_for(kv_cache, cache_bf16, num_blocks, block_size, num_kv_heads, head_size,
+                        block_tables, table_stride);
     Queries qs = {(const char *)query, (char *)out, query_bf16, query_token_stride, num_heads,
                   num_heads / num_kv_heads, scale * LOG2E};
     int64_t capacity = num_kv_heads * (num_tokens / ROWS + num_seqs + 1), work;

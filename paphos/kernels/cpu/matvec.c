@@ -4,11 +4,10 @@
  * x [rows, in] and y [rows, out] in fp32 or bf16. Invariant: every output is one 8-lane fp32
  * accumulator over `in` in the same order, so results do not depend on rows, block or thread count.
  */
-#include <immintrin.h>
 #include <omp.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
+
+#include "avx2_base.c"
 
 #define MAX_ROWS 4
 #define MAX_BLOCK 4 /* output rows computed together: they share each load of x */
@@ -28,22 +27,6 @@ typedef struct {
     int64_t in_steps;        /* in rounded down to a multiple of STEP */
     int64_t prefetch_blocks; /* how many blocks ahead to prefetch */
 } Matrix;
-
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t wide = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &wide, sizeof(value));
-    return value;
-}
-
-/* Round to nearest even, as torch's float -> bfloat16 conversion; NaN stays a quiet NaN. */
-static inline uint16_t float_to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof(bits));
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x0040u);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 static inline const char *weight_address(const Matrix *m, int64_t row, int64_t i) {
     int64_t element_bytes = m->weight_is_bf16 ? 2 : 4;
@@ -70,13 +53,6 @@ static inline void load_weights16(const Matrix *m, int64_t row, int64_t i, __m25
 static inline float load_weight1(const Matrix *m, int64_t row, int64_t i) {
     if (m->weight_is_bf16) return bf16_to_float(((const uint16_t *)m->weight)[row * m->in + i]);
     return ((const float *)m->weight)[row * m->in + i];
-}
-
-static inline float horizontal_sum(__m256 v) {
-    __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    __m128 sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
-    __m128 sum1 = _mm_add_ss(sum2, _mm_movehdup_ps(sum2));
-    return _mm_cvtss_f32(sum1);
 }
 
 /* dots[r][b] = W[row0 + r] . x[b] for r < height, b < rows; height and rows are constants after
@@ -128,8 +104,9 @@ static void dot_block_dispatch(const Matrix *m, const float *x, int64_t row0, in
 /* Accumulators (height * rows) plus x and weight vectors must fit in 16 ymm registers. */
 static inline int block_height(int rows) { return rows <= 2 ? 4 : 2; }
 
-static void store_outputs(float dots[MAX_BLOCK][MAX_ROWS], int64_t row0, int height, int rows,
-                          int64_t out, const float *bias, void *y, int y_is_bf16) {
+static void store_matvec_outputs(float dots[MAX_BLOCK][MAX_ROWS], int64_t row0, int height,
+                                 int rows, int64_t out, const float *bias, void *y,
+                                 int y_is_bf16) {
     for (int r = 0; r < height; r++) {
         for (int b = 0; b < rows; b++) {
             float value = dots[r][b] + (bias ? bias[row0 + r] : 0.0f);
@@ -148,40 +125,59 @@ static void matvec_range(const Matrix *m, const float *x, int rows, int64_t begi
     int64_t row = begin;
     for (; row + height <= end; row += height) {
         dot_block_dispatch(m, x, row, height, rows, dots);
-        store_outputs(dots, row, height, rows, out, bias, y, y_is_bf16);
+        store_matvec_outputs(dots, row, height, rows, out, bias, y, y_is_bf16);
     }
     for (; row < end; row++) {
         dot_block_dispatch(m, x, row, 1, rows, dots);
-        store_outputs(dots, row, 1, rows, out, bias, y, y_is_bf16);
+        store_matvec_outputs(dots, row, 1, rows, out, bias, y, y_is_bf16);
     }
 }
 
-/* x [rows, in] as fp32 into x_fp32 [rows, in]; for bf16 weights each whole STEP group is stored
- * as quads {0, 2, 1, 3} to match load_weights16's element order. */
+/* Elements [begin, end) of x's row b (x [rows, in]) as fp32 into x_fp32 [rows, in]; for bf16
+ * weights each whole STEP group is stored as quads {0, 2, 1, 3} to match load_weights16's element
+ * order, so a range of whole STEP groups lands within itself. */
+static void permute_range(const void *x, int x_is_bf16, const Matrix *m, int64_t b, int64_t begin,
+                          int64_t end, float *x_fp32) {
+    for (int64_t i = begin; i < end; i++) {
+        int64_t at = b * m->in + i, to = at;
+        if (m->weight_is_bf16 && i < m->in_steps) {
+            int64_t quad = (i % STEP) / 4, swapped = quad == 1 ? 2 : quad == 2 ? 1 : quad;
+            to = b * m->in + i - i % STEP + swapped * 4 + i % 4;
+        }
+        x_fp32[to] = x_is_bf16 ? bf16_to_float(((const uint16_t *)x)[at]) : ((const float *)x)[at];
+    }
+}
+
+/* x [rows, in] as fp32 into x_fp32 [rows, in], in load_weights16's order (see permute_range). */
 static void permute_inputs(const void *x, int x_is_bf16, const Matrix *m, int64_t rows,
                            float *x_fp32) {
-    for (int64_t b = 0; b < rows; b++) {
-        for (int64_t i = 0; i < m->in; i++) {
-            int64_t at = b * m->in + i, to = at;
-            if (m->weight_is_bf16 && i < m->in_steps) {
-                int64_t quad = (i % STEP) / 4, swapped = quad == 1 ? 2 : quad == 2 ? 1 : quad;
-                to = b * m->in + i - i % STEP + swapped * 4 + i % 4;
-            }
-            x_fp32[to] = x_is_bf16 ? bf16_to_float(((const uint16_t *)x)[at])
-                                   : ((const float *)x)[at];
-        }
-    }
-}
-
-int paphos_cpu_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    for (int64_t b = 0; b < rows; b++) permute_range(x, x_is_bf16, m, b, 0, m->in, x_fp32);
 }
 
 static int threads_for(int64_t weight_bytes, int num_threads) {
     int64_t useful = weight_bytes / MIN_BYTES_PER_THREAD;
     if (useful < 1) return 1;
     return useful < num_threads ? (int)useful : num_threads;
+}
+
+/* The matrix of a product with `rows` inputs: the prefetch distance depends on the block height. */
+static Matrix matrix_for(const void *weight, int weight_is_bf16, int64_t in, int rows) {
+    int64_t block_bytes = block_height(rows) * in * (weight_is_bf16 ? 2 : 4);
+    Matrix m = {weight, weight_is_bf16, in, in - in % STEP, 1 + PREFETCH_BYTES / block_bytes};
+    return m;
+}
+
+/* Thread t's share (of n) of the output rows: whole blocks, so the split never changes a result.
+ * x_fp32 comes from permute_inputs. Not inlined: it keeps this file's floating-point flags in
+ * translation units that include it. */
+static __attribute__((noinline)) void matvec_share(const Matrix *m, const float *x_fp32, int rows,
+                                                   int64_t out, const float *bias, void *y,
+                                                   int y_is_bf16, int t, int n) {
+    int height = block_height(rows);
+    int64_t num_blocks = (out + height - 1) / height;
+    int64_t begin = num_blocks * t / n * height, end = num_blocks * (t + 1) / n * height;
+    if (end > out) end = out;
+    if (begin < end) matvec_range(m, x_fp32, rows, begin, end, out, bias, y, y_is_bf16);
 }
 
 /* Returns 0 on success, a negative code naming the first bad argument otherwise:
@@ -194,21 +190,14 @@ int paphos_matvec(const void *x, int x_is_bf16, const void *weight, int weight_i
     if (out < 1) return -3;
     if (num_threads < 1) return -4;
     if (!x || !weight || !y) return -5;
-    int height = block_height((int)rows);
-    int64_t block_bytes = height * in * (weight_is_bf16 ? 2 : 4);
-    Matrix m = {weight, weight_is_bf16, in, in - in % STEP, 1 + PREFETCH_BYTES / block_bytes};
+    Matrix m = matrix_for(weight, weight_is_bf16, in, (int)rows);
     float *x_fp32 = (float *)malloc((size_t)(rows * in) * sizeof(float)); /* [rows, in] */
     if (!x_fp32) return -6;
     permute_inputs(x, x_is_bf16, &m, rows, x_fp32);
     int threads = threads_for(out * in * (weight_is_bf16 ? 2 : 4), num_threads);
-    int64_t num_blocks = (out + height - 1) / height;
 #pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-        int t = omp_get_thread_num(), n = omp_get_num_threads();
-        int64_t begin = num_blocks * t / n * height, end = num_blocks * (t + 1) / n * height;
-        if (end > out) end = out;
-        if (begin < end) matvec_range(&m, x_fp32, (int)rows, begin, end, out, bias, y, y_is_bf16);
-    }
+    matvec_share(&m, x_fp32, (int)rows, out, bias, y, y_is_bf16, omp_get_thread_num(),
+                 omp_get_num_threads());
     free(x_fp32);
     return 0;
 }

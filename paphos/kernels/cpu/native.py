@@ -2,7 +2,8 @@
 compiler into ~/.cache/paphos/kernels, load with ctypes.
 
 Invariant: a library file under the cache is complete (built beside it, then renamed), and its name
-is keyed by the source, the flags and the compiler's version, so a stale build is never loaded.
+is keyed by the source and every file it includes, the flags and the compiler's version, so a stale
+build is never loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -21,6 +23,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+_LOCAL_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
 def find_compiler() -> str | None:
@@ -32,6 +35,23 @@ def library_path(name: str, compiler: str, source: bytes) -> Path:
     banner = subprocess.run([compiler, "--version"], capture_output=True, check=True).stdout
     digest = hashlib.sha256(source + banner + " ".join(CFLAGS).encode()).hexdigest()[:16]
     return Path.home() / ".cache" / "paphos" / "kernels" / f"{name}-{digest}.so"
+
+
+def source_with_includes(source: Path) -> bytes:
+    """The bytes of `source` followed by those of every file it includes with `#include "..."`
+    (recursively, each once, in order of first inclusion): what a build of `source` reads."""
+    seen: list[Path] = []
+
+    def visit(path: Path) -> None:
+        path = path.resolve()
+        if path in seen:
+            return
+        seen.append(path)
+        for name in _LOCAL_INCLUDE.findall(path.read_bytes()):
+            visit(path.parent / name.decode())
+
+    visit(source)
+    return b"".join(path.read_bytes() for path in seen)
 
 
 def build(compiler: str, source: Path, target: Path) -> None:
@@ -57,7 +77,8 @@ def load_library(
     target_for: Callable[[str, bytes], Path],
     bind: Callable[[ctypes.CDLL], ctypes.CDLL],
 ) -> ctypes.CDLL | None:
-    """Kernel `name` built from `source` (at `target_for(compiler, source bytes)`) and bound, or
+    """Kernel `name` built from `source` (at `target_for(compiler, source_with_includes(source))`)
+    and bound, or
     None with one logged warning where it cannot run here. The library must export
     `int paphos_cpu_supported(void)` (nonzero when the CPU has AVX2 and FMA)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -67,7 +88,7 @@ def load_library(
         logger.warning("CPU %s kernel off: no C compiler (cc/gcc) found; using torch", name)
         return None
     try:
-        target = target_for(compiler, source.read_bytes())
+        target = target_for(compiler, source_with_includes(source))
         if not target.exists():
             build(compiler, source, target)
         lib = ctypes.CDLL(str(target))

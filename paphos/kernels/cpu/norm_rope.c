@@ -5,37 +5,18 @@
  * one rounding per reference rounding, no fused multiply-adds), so only the order of the
  * sum of squares may differ from torch. Rows run in parallel only when there are many of them.
  */
-#pragma GCC optimize("fp-contract=off")
 #include <math.h>
 #include <omp.h>
-#include <stdint.h>
-#include <string.h>
+
+#include "avx2_base.c"
+
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
 
 #define MAX_WIDTH 16384      /* the widest row (hidden or heads * head_size) taken */
 #define MIN_PARALLEL_ROWS 16 /* below this many rows one thread is faster than waking others */
 #define LANES 8
 #define LEVELS 4 /* cascade levels of torch's sum */
-
-int paphos_cpu_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t wide = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &wide, sizeof(value));
-    return value;
-}
-
-/* Round to nearest even, as torch's float -> bfloat16 conversion; NaN stays a quiet NaN. */
-static inline uint16_t float_to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof(bits));
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x0040u);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 static inline float load(const void *base, int is_bf16, int64_t i) {
     if (is_bf16) return bf16_to_float(((const uint16_t *)base)[i]);
@@ -98,10 +79,12 @@ static float sum_squares(const float *row, int64_t n, float *squares) {
 }
 
 /* One row: sum (x + residual rounded, when residual is given, and written to residual_out), then
- * out = round(round(x * rsqrt(mean(x^2) + eps)) * weight). `row` and `squares` are scratch. */
-static void norm_row(const void *x, const void *residual, void *residual_out, const void *weight,
-                     void *out, int is_bf16, int64_t hidden, float eps, float *row,
-                     float *squares) {
+ * out = round(round(x * rsqrt(mean(x^2) + eps)) * weight). `row` and `squares` are scratch.
+ * Not inlined (nor rope_token): they keep this file's fp-contract=off inside other files. */
+static __attribute__((noinline)) void norm_row(const void *x, const void *residual,
+                                               void *residual_out, const void *weight, void *out,
+                                               int is_bf16, int64_t hidden, float eps, float *row,
+                                               float *squares) {
     for (int64_t i = 0; i < hidden; i++) {
         float v = load(x, is_bf16, i);
         if (residual != NULL) v = store(residual_out, is_bf16, i, v + load(residual, is_bf16, i));
@@ -160,8 +143,9 @@ static void rope_head(const Rope *p, const void *in, void *out, const float *cos
 }
 
 /* One token: all heads of one tensor (query or key), row `in` (strided source), `out` contiguous. */
-static void rope_token(const Rope *p, const void *in, void *out, int64_t heads, const float *cos,
-                       const float *sin) {
+static __attribute__((noinline)) void rope_token(const Rope *p, const void *in, void *out,
+                                                 int64_t heads, const float *cos,
+                                                 const float *sin) {
     int64_t step = p->head_size * (p->is_bf16 ? 2 : 4);
     for (int64_t h = 0; h < heads; h++)
         rope_head(p, (const char *)in + h * step, (char *)out + h * step, cos, sin);
@@ -196,3 +180,5 @@ int paphos_rotary(const int64_t *positions, const void *query, int64_t q_stride,
     }
     return 0;
 }
+
+#pragma GCC pop_options

@@ -1,0 +1,104 @@
+"""Fused CPU decode of pre-norm, gated-SiLU decoder stacks (the Llama family): a pure-decode step
+of 1..MAX_TOKENS tokens runs each layer as one C call (paphos.kernels.cpu.decoder_layer).
+
+Invariant: `FusedDecode.takes` is True only for steps the fused stack computes exactly as the
+model's unfused layers do (one token per sequence, per-layer caches in the weights' dtype, weights
+where they were when it was built); the model runs every other step through its own layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+from paphos.attention import AttentionMetadata
+from paphos.kernels.cpu import decoder_layer
+from paphos.kernels.cpu.decoder_layer import DecoderLayerWeights, DecoderStack
+
+logger = logging.getLogger(__name__)
+
+ENV_SWITCH = "PAPHOS_CPU_FUSED_DECODE"
+MAX_TOKENS = decoder_layer.MAX_TOKENS
+_OFF = ("0", "false", "off", "no")
+
+__all__ = ["ENV_SWITCH", "DecoderLayerWeights", "FusedDecode", "build_fused_decode"]
+
+
+def enabled_from_env() -> bool:
+    """Read when a model is built (start-up): PAPHOS_CPU_FUSED_DECODE=0 (or false/off/no) turns
+    the fused path off; anything else, or unset, leaves it on where it applies."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in _OFF
+
+
+class FusedDecode:
+    """A model's layers as one `DecoderStack`; `num_steps` counts the steps it ran."""
+
+    def __init__(self, stack: DecoderStack, anchor: torch.Tensor) -> None:
+        self._stack = stack
+        self._anchor_address = anchor.data_ptr()
+        self.num_steps = 0
+
+    def still_valid(self, anchor: torch.Tensor) -> bool:
+        """False once the weights moved (e.g. `model.to(...)`): the stack holds their old
+        addresses. `anchor` is the tensor given at build time, looked up again."""
+        return anchor.data_ptr() == self._anchor_address
+
+    def takes(
+        self,
+        hidden_states: torch.Tensor,
+        kv_caches: Sequence[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> bool:
+        """Whether this step is pure decode of 1..MAX_TOKENS tokens the stack can run."""
+        num_tokens = hidden_states.shape[0]
+        return (
+            0 < num_tokens <= MAX_TOKENS
+            and attn_metadata.max_query_len == 1
+            and attn_metadata.seq_lens.shape[0] == num_tokens
+            and hidden_states.dtype == self._stack.dtype
+            and self._stack.check_caches(kv_caches)
+        )
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        kv_caches: Sequence[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer on the step's embeddings; (hidden, residual) [num_tokens, hidden] as the
+        last layer returns them (views valid until the next step)."""
+        self.num_steps += 1
+        md = attn_metadata
+        return self._stack.run(
+            positions,
+            hidden_states,
+            kv_caches,
+            md.slot_mapping,
+            md.query_start_loc,
+            md.seq_lens,
+            md.block_tables,
+        )
+
+
+def build_fused_decode(
+    layers: Sequence[DecoderLayerWeights | None], anchor: torch.Tensor
+) -> FusedDecode | None:
+    """The fused path for these layers, or None (logged) where it does not apply: the kernel did
+    not build, a layer is missing (None: e.g. quantized) or a layer is not supported."""
+    if any(layer is None for layer in layers) or not layers:
+        logger.info("fused CPU decode off: a layer is not an unquantized single-process layer")
+        return None
+    lib = decoder_layer.load_library()
+    if lib is None:
+        return None
+    for index, layer in enumerate(layers):
+        assert layer is not None
+        reason = decoder_layer.unsupported_reason(layer)
+        if reason is not None:
+            logger.info("fused CPU decode off: layer %d: %s", index, reason)
+            return None
+    return FusedDecode(DecoderStack(lib, layers), anchor)  # type: ignore[arg-type]
