@@ -135,6 +135,13 @@ class RuntimeConfig:
         default=None, metadata=_help("CPU: torch threads (default: all cores).")
     )
     disable_log_stats: bool = field(default=False, metadata=_help("Do not log engine stats."))
+    async_scheduling: bool | None = field(
+        default=None,
+        metadata=_help(
+            "Schedule and prepare step k+1 while step k runs on the device, hiding the host's "
+            "work (default: on for CUDA with one rank)."
+        ),
+    )
 
 
 @dataclass(frozen=True)

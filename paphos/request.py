@@ -1,8 +1,8 @@
 """A request as the scheduler tracks it: its tokens, how many have been computed, and its status.
 
-Invariant: `num_computed_tokens <= num_tokens`; a request samples its next token in the step where
-`num_computed_tokens` reaches `num_tokens`. There is no prefill/decode mode: a prompt is simply many
-tokens not yet computed.
+Invariant: `num_computed_tokens <= num_tokens + num_pending_tokens`; a request samples its next
+token in the step where `num_computed_tokens` (advanced when a step is scheduled) reaches that sum.
+There is no prefill/decode mode: a prompt is simply many tokens not yet computed.
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ class Request:
     # What the stop check found (a token id; stop strings are matched by the detokenizer).
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    # Tokens a scheduled step will sample but the scheduler has not been told yet (an overlapped
+    # step in flight): they count as tokens to compute, and a request with one cannot be admitted.
+    num_pending_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -4,6 +4,9 @@ one token budget, then applies the runner's sampled tokens and the stop rules.
 Invariant: every unfinished request is either running (holds KV blocks, known to the runner) or
 waiting (holds none); the runner's copy of a request always equals ours once it applies a
 `SchedulerOutput`. No prefill/decode modes: `num_computed_tokens` just catches up to `num_tokens`.
+`schedule()` advances `num_computed_tokens` and counts each token a step will sample as pending
+until `update()` delivers it, so the next step can be scheduled while this one still runs
+(overlapped steps: at most one in flight); a result for a request finished meanwhile is dropped.
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ class RequestUpdate:
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     finished: bool = False
+
+
+@dataclass(frozen=True)
+class _Scheduled:
+    """One request in a scheduled step: where its tokens began and whether it samples."""
+
+    request: Request
+    start: int
+    num_tokens: int
+    samples: bool
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,8 @@ class Scheduler:
         self._forget_ids: set[str] = set()  # runner must drop these at the next step
         self._num_prompt_logprobs_sent: dict[str, int] = {}  # survives preemption
         self.num_preemptions = 0
+        self._step_ids = itertools.count()
+        self._scheduled: dict[int, list[_Scheduled]] = {}  # step_id -> its requests, until update
 
     # ---- requests in and out -------------------------------------------------------------------
 
@@ -160,33 +175,57 @@ class Scheduler:
             self._schedule_waiting(plan)
         for request in plan.admitted:
             self._insert_running(request)
-        return self._build_output(plan)
+        output = self._build_output(plan, next(self._step_ids))
+        self._scheduled[output.step_id] = self._advance(plan)
+        return output
+
+    def _advance(self, plan: _StepPlan) -> list[_Scheduled]:
+        """Count the step's tokens as computed and the tokens it samples as pending."""
+        entries = []
+        for req_id, num_tokens in plan.num_scheduled_tokens.items():
+            request = self.requests[req_id]
+            start = request.num_computed_tokens
+            request.num_computed_tokens += num_tokens
+            samples = request.num_computed_tokens == request.num_tokens + request.num_pending_tokens
+            request.num_pending_tokens += samples
+            entries.append(_Scheduled(request, start, num_tokens, samples))
+        return entries
 
     def update(
         self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput
     ) -> list[RequestUpdate]:
-        """Apply a step's results: advance computed tokens, append sampled ones, check stops."""
+        """Apply a step's results: append sampled tokens, check stops. Requests that finished
+        (or were aborted) since the step was scheduled are skipped."""
+        entries = self._scheduled.pop(scheduler_output.step_id, None)
+        if entries is None:
+            raise ValueError(f"step {scheduler_output.step_id} was not scheduled or was updated")
         updates = []
-        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
-            request = self.requests.get(req_id)
-            if request is None:  # finished (aborted) after it was scheduled
+        for entry in entries:
+            if entry.request.is_finished:
                 continue
-            update = self._update_request(request, num_tokens, runner_output)
+            update = self._update_request(entry, runner_output)
             if update is not None:
                 updates.append(update)
         return updates
 
     def _update_request(
-        self, request: Request, num_tokens: int, runner_output: RunnerOutput
+        self, entry: _Scheduled, runner_output: RunnerOutput
     ) -> RequestUpdate | None:
+        request = entry.request
         req_id = request.request_id
-        start = request.num_computed_tokens
-        request.num_computed_tokens += num_tokens
         prompt_logprobs = self._fresh_prompt_logprobs(
-            req_id, start, runner_output.prompt_logprobs.get(req_id)
+            req_id, entry.start, runner_output.prompt_logprobs.get(req_id)
         )
         token_id = runner_output.sampled_token_ids.get(req_id)
-        if token_id is not None:
+        if token_id is not None and not entry.samples:
+            raise ValueError(
+                f"sampled token for request {req_id!r} is invalid: the step computed "
+                f"{entry.num_tokens} of its tokens and did not reach its last one"
+            )
+        if entry.samples:
+            if token_id is None:
+                raise ValueError(f"the runner sampled no token for request {req_id!r}")
+            request.num_pending_tokens -= 1
             self._append_token(request, token_id)
         elif prompt_logprobs is None:
             return None  # a prompt chunk with nothing to report
@@ -247,6 +286,8 @@ class Scheduler:
             if len(self.running) + len(plan.admitted) >= self.config.max_num_seqs:
                 return
             request = self.waiting[0]
+            if request.num_pending_tokens:
+                return  # preempted while a step that samples it runs: its token comes first
             computed_blocks, num_cached_tokens = kv.get_computed_blocks(request)
             num_new_tokens = request.num_tokens - num_cached_tokens
             if num_new_tokens > plan.token_budget and not self.config.enable_chunked_prefill:
@@ -264,12 +305,22 @@ class Scheduler:
             plan.add(request, num_new_tokens, new_block_ids)
 
     def _num_tokens_to_schedule(self, request: Request, token_budget: int) -> int:
-        remaining = request.num_tokens - request.num_computed_tokens
+        pending = request.num_pending_tokens
+        if pending and self._ends_with_pending(request):
+            return 0  # its pending token ends it (length): computing after it would be waste
+        remaining = request.num_tokens + pending - request.num_computed_tokens
         if remaining > token_budget and not self.config.enable_chunked_prefill:
             return 0
         return min(remaining, token_budget)
 
-    def _build_output(self, plan: _StepPlan) -> SchedulerOutput:
+    def _ends_with_pending(self, request: Request) -> bool:
+        max_tokens = request.sampling_params.max_tokens
+        num_outputs = request.num_output_tokens + request.num_pending_tokens
+        if max_tokens is not None and num_outputs >= max_tokens:
+            return True
+        return request.num_tokens + request.num_pending_tokens >= self.max_model_len
+
+    def _build_output(self, plan: _StepPlan, step_id: int) -> SchedulerOutput:
         new_requests, cached_requests = [], []
         for req_id in plan.num_scheduled_tokens:
             request = self.requests[req_id]
@@ -285,6 +336,7 @@ class Scheduler:
             num_scheduled_tokens=dict(plan.num_scheduled_tokens),
             total_num_scheduled_tokens=sum(plan.num_scheduled_tokens.values()),
             finished_request_ids=forget_ids,
+            step_id=step_id,
         )
 
     def _new_request_data(self, request: Request) -> NewRequestData:
@@ -299,9 +351,11 @@ class Scheduler:
 
     def _cached_request_data(self, request: Request, plan: _StepPlan) -> CachedRequestData:
         num_known = self._num_runner_tokens[request.request_id]
+        outputs = request.output_token_ids
+        known_outputs = num_known - request.num_prompt_tokens  # >= 0 once the prompt was sent
         return CachedRequestData(
             request_id=request.request_id,
-            new_token_ids=tuple(request.all_token_ids[num_known:]),
+            new_token_ids=tuple(outputs[known_outputs:]) if known_outputs < len(outputs) else (),
             new_block_ids=tuple(plan.new_block_ids[request.request_id]),
             num_computed_tokens=request.num_computed_tokens,
         )
@@ -336,15 +390,14 @@ class Scheduler:
             self._forget_ids.add(request_id)
 
     def _append_token(self, request: Request, token_id: int) -> None:
-        if request.num_computed_tokens != request.num_tokens:
-            raise ValueError(
-                f"sampled token for request {request.request_id!r} is invalid: it has "
-                f"{request.num_tokens - request.num_computed_tokens} tokens left to compute"
-            )
+        """A pending token arrives; it may end the request (also one preempted meanwhile)."""
         request.output_token_ids.append(token_id)
         status = check_stop(request, self.max_model_len)
         if status is not None:
-            self.running.remove(request)
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
             self._finish(request, status)
 
     def check_invariants(self) -> None:
@@ -363,7 +416,9 @@ class Scheduler:
         assert set(self._num_runner_tokens) == set(running_ids), "runner view out of sync"
         for request in self.running:
             assert request.status == RequestStatus.RUNNING, f"{request.request_id}: not RUNNING"
-            assert request.num_computed_tokens <= request.num_tokens <= self.max_model_len
+            num_scheduled = request.num_tokens + request.num_pending_tokens
+            assert request.num_computed_tokens <= num_scheduled
+            assert request.num_tokens <= self.max_model_len
             num_slots = len(kv.get_block_ids(request.request_id)) * kv.block_size
             assert num_slots >= request.num_computed_tokens, f"{request.request_id}: too few blocks"
         for request in self.waiting:

@@ -11,6 +11,7 @@ rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from paphos.sampling_params import SamplingParams
@@ -34,8 +35,9 @@ class CachedRequestData:
     """A request the runner already holds."""
 
     request_id: str
-    # Tokens appended to the request since it was last scheduled (the sampled token of a decode
-    # step).
+    # Tokens the scheduler learned since it last told the runner (the sampled token of the last
+    # step). With an overlapped step in flight, the token that step samples is not known yet: the
+    # runner reads it from its own device-side result and gets it here one step later.
     new_token_ids: tuple[int, ...]
     new_block_ids: tuple[int, ...]
     num_computed_tokens: int
@@ -51,6 +53,8 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     # Requests the runner must drop before running this step.
     finished_request_ids: frozenset[str] = field(default_factory=frozenset)
+    # Numbers the scheduler's steps, so `Scheduler.update` finds what it scheduled in this one.
+    step_id: int = 0
 
     @property
     def is_empty(self) -> bool:
@@ -79,3 +83,24 @@ class RunnerOutput:
     @classmethod
     def empty(cls) -> RunnerOutput:
         return cls(sampled_token_ids={})
+
+
+class StepHandle:
+    """A step the runner has launched: `result()` waits for its device work (the first call only)
+    and returns its `RunnerOutput`. Lets the engine schedule the next step meanwhile."""
+
+    def __init__(self, finish: Callable[[], RunnerOutput]) -> None:
+        self._finish: Callable[[], RunnerOutput] | None = finish
+        self._output: RunnerOutput | None = None
+
+    @classmethod
+    def done(cls, output: RunnerOutput) -> StepHandle:
+        handle = cls(lambda: output)
+        handle.result()
+        return handle
+
+    def result(self) -> RunnerOutput:
+        if self._output is None:
+            assert self._finish is not None
+            self._output, self._finish = self._finish(), None
+        return self._output

@@ -1,8 +1,12 @@
-"""The synchronous engine: add requests, step, read outputs. One step = schedule, execute, update.
+"""The engine: add requests, step, read outputs. One step = schedule, execute, update.
 
-Bad input raises ValueError from `add_request` and leaves nothing behind; other requests keep going.
-The effective max_model_len (the model's, capped by what the KV cache holds) is decided here once
-and passed to the scheduler; the config is never changed.
+With overlapped steps (async scheduling, CUDA by default) a call to `step()` schedules and launches
+step k, then waits for step k-1 and returns its outputs: the host's work for one step runs while
+the device computes the other. Requests whose sampling reads their earlier outputs on the host
+(penalties, seeds, ...) turn the overlap off while they run. Bad input raises ValueError from
+`add_request` and leaves nothing behind; other requests keep going. The effective max_model_len
+(the model's, capped by what the KV cache holds) is decided here once and passed to the
+scheduler; the config is never changed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 from paphos.config import EngineConfig
 from paphos.core.scheduler import Scheduler
+from paphos.core.step_data import SchedulerOutput, StepHandle
 from paphos.engine.detokenizer import IncrementalDetokenizer
 from paphos.engine.executor import make_executor
 from paphos.engine.sequences import (
@@ -24,6 +29,7 @@ from paphos.engine.sequences import (
     now,
     to_logprobs_dict,
 )
+from paphos.layers.sampler import depends_on_outputs
 from paphos.models.registry import load_plugins
 from paphos.outputs import RequestMetrics, RequestOutput
 from paphos.request import Request, RequestStatus
@@ -70,6 +76,10 @@ class Engine:
         self.child_to_parent: dict[str, tuple[ParentRequest, Sequence]] = {}
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
+        self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
+        self.num_overlapped_steps = 0  # steps launched while the one before them still ran
+        # Parents whose sampling reads earlier outputs on the host: no overlap while any runs.
+        self._output_dependent: set[str] = set()
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens); max_model_len %d",
             self.num_kv_blocks,
@@ -129,6 +139,8 @@ class Engine:
         if params.prompt_logprobs is not None:
             parent.prompt_logprobs = [None]
         self.parents[request_id] = parent
+        if depends_on_outputs(params, self.vocab_size):
+            self._output_dependent.add(request_id)
         for seq in parent.sequences:
             self.child_to_parent[seq.request_id] = (parent, seq)
             sub_params = child_params(params, seq.index, num_children)
@@ -208,21 +220,49 @@ class Engine:
             parent = self.parents.pop(request_id, None)
             if parent is None:
                 continue
+            self._output_dependent.discard(request_id)
             children = [s.request_id for s in parent.sequences]
             self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
             for child in children:
                 self.child_to_parent.pop(child, None)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.parents) or self.scheduler.has_unfinished_requests()
+        return (
+            bool(self.parents)
+            or self.scheduler.has_unfinished_requests()
+            or self._in_flight is not None
+        )
 
     # ---- steps ----------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        scheduler_output = self.scheduler.schedule()
-        runner_output = self.executor.execute(scheduler_output)
-        updates = self.scheduler.update(scheduler_output, runner_output)
+        """Run one step; returns the outputs of the requests it (or, overlapped, the step before
+        it) changed."""
         touched: dict[str, ParentRequest] = {}
+        overlap = self.executor.overlaps_steps and not self._output_dependent
+        if self._in_flight is not None and not overlap:
+            self._finish_step(*self._in_flight, touched)  # the scheduler needs its tokens now
+            self._in_flight = None
+        scheduler_output = self.scheduler.schedule()
+        handle = self.executor.execute_async(scheduler_output)
+        if self._in_flight is not None:
+            self.num_overlapped_steps += 1
+            self._finish_step(*self._in_flight, touched)
+            self._in_flight = None
+        if overlap and not scheduler_output.is_empty:
+            self._in_flight = (scheduler_output, handle)
+        else:
+            self._finish_step(scheduler_output, handle, touched)
+        return [self._emit(parent) for parent in touched.values() if self._should_emit(parent)]
+
+    def _finish_step(
+        self,
+        scheduler_output: SchedulerOutput,
+        handle: StepHandle,
+        touched: dict[str, ParentRequest],
+    ) -> None:
+        """Wait for a launched step and apply its results to the scheduler and the parents."""
+        updates = self.scheduler.update(scheduler_output, handle.result())
         step_time = now()
         for update in updates:
             entry = self.child_to_parent.get(update.request.request_id)
@@ -231,7 +271,6 @@ class Engine:
             parent, seq = entry
             self._apply_update(parent, seq, update, step_time)
             touched[parent.request_id] = parent
-        return [self._emit(parent) for parent in touched.values() if self._should_emit(parent)]
 
     def _apply_update(
         self, parent: ParentRequest, seq: Sequence, update: Any, step_time: float
@@ -285,6 +324,7 @@ class Engine:
 
     def _forget(self, parent: ParentRequest) -> None:
         self.parents.pop(parent.request_id, None)
+        self._output_dependent.discard(parent.request_id)
         for seq in parent.sequences:
             self.child_to_parent.pop(seq.request_id, None)
 

@@ -9,15 +9,21 @@ from __future__ import annotations
 from typing import Protocol
 
 from paphos.config import EngineConfig
-from paphos.core.step_data import RunnerOutput, SchedulerOutput
+from paphos.core.step_data import RunnerOutput, SchedulerOutput, StepHandle
 
 
 class Executor(Protocol):
+    # Whether `execute_async` returns before the step's device work is done, so that the engine
+    # can overlap scheduling the next step with it (config.runtime.async_scheduling resolved).
+    overlaps_steps: bool
+
     def determine_num_blocks(self) -> int: ...
 
     def initialize_kv_cache(self, num_blocks: int) -> None: ...
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
+
+    def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle: ...
 
     def shutdown(self) -> None: ...
 
@@ -29,6 +35,8 @@ class UniprocExecutor:
         from paphos.runner.model_runner import ModelRunner
 
         self.runner = ModelRunner(config)
+        wanted = config.runtime.async_scheduling
+        self.overlaps_steps = self.runner.device.type == "cuda" if wanted is None else wanted
 
     def determine_num_blocks(self) -> int:
         return self.runner.determine_num_blocks()
@@ -38,6 +46,9 @@ class UniprocExecutor:
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(scheduler_output)
+
+    def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        return self.runner.execute_async(scheduler_output)
 
     def shutdown(self) -> None:
         self.runner.shutdown()

@@ -23,7 +23,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from paphos.config import EngineConfig
-from paphos.core.step_data import RunnerOutput, SchedulerOutput
+from paphos.core.step_data import RunnerOutput, SchedulerOutput, StepHandle
 from paphos.models.registry import ModelRegistry
 from paphos.parallel import ParallelInfo, destroy_distributed, init_distributed
 from paphos.runner import worker
@@ -51,7 +51,15 @@ class _Worker:
 class MultiprocExecutor:
     """One rank per process; torch.distributed over gloo (CPU) or NCCL (CUDA)."""
 
+    # Every rank samples from its own copy of the logits; a runner reading pending tokens from its
+    # device would need the ranks' samples to agree bit for bit, so steps run one at a time here.
+    overlaps_steps = False
+
     def __init__(self, config: EngineConfig, startup_timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        if config.runtime.async_scheduling:
+            raise ValueError(
+                "async_scheduling=True needs one rank: tensor-parallel steps run one at a time"
+            )
         self.world_size = config.parallel.world_size
         self.workers: list[_Worker] = []
         self.runner: ModelRunner | None = None
@@ -137,6 +145,9 @@ class MultiprocExecutor:
         self._raise_reported_errors()
         self._send(worker.EXECUTE, scheduler_output)
         return self._run_locally(lambda runner: runner.execute(scheduler_output))
+
+    def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        return StepHandle.done(self.execute(scheduler_output))
 
     def shutdown(self) -> None:
         """Stop every worker (politely, then by force), leave the process group. Idempotent."""

@@ -41,6 +41,7 @@ __all__ = [
     "SamplerOutput",
     "SamplingMetadata",
     "compute_prompt_logprobs",
+    "depends_on_outputs",
 ]
 _MASK64 = (1 << 64) - 1
 
@@ -100,6 +101,19 @@ class RequestSamplingState:
         assert self.generator is not None and self.params.seed is not None
         self.generator.manual_seed(_mix_seed(self.params.seed, len(self.output_token_ids)))
         return self.generator
+
+
+def depends_on_outputs(params: SamplingParams, vocab_size: int) -> bool:
+    """Whether sampling this request reads its earlier outputs on the host (history penalties,
+    multi-token bad words, Mirostat's mu, a generator reseeded per output, min_tokens bans): its
+    next step cannot be prepared before the previous step's token has reached the host."""
+    samplers = used_samplers(params, vocab_size)
+    return bool(
+        samplers & (HISTORY_SAMPLERS | {"mirostat"})
+        or params.seed is not None
+        or params.min_tokens > 0
+        or any(len(w) > 1 for w in (params._bad_words_ids or []))
+    )
 
 
 @dataclass

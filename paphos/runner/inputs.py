@@ -31,6 +31,14 @@ class RunnerRequestState:
     sampling: RequestSamplingState
     wants_prompt_logprobs: bool = False
     row: int | None = None  # this request's row in InputBuffers' mirrors (None: not mirrored yet)
+    # Tokens this runner sampled that have not come back in a SchedulerOutput yet. With an
+    # overlapped step in flight, the last of them is read from the previous step's device result.
+    num_pending: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the request has, those only on the device included."""
+        return len(self.token_ids) + self.num_pending
 
 
 @dataclass
@@ -45,6 +53,9 @@ class StepInputs:
     prompt_logprob_rows: list[tuple[str, int, list[int]]] = field(default_factory=list)
     # The graph batch size the step was padded to (pure decode only), or None: not padded.
     padded_to: int | None = None
+    # (src [n], dst [n]) device indices: input_ids[dst] = previous step's sampled ids[src], for
+    # tokens the host has not received yet (overlapped steps). None: every input id is known.
+    pending_copy: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class InputBuffers:
@@ -85,8 +96,8 @@ class InputBuffers:
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         t, s = max_num_tokens, max_num_seqs
         # Offsets of the small arrays in one flat buffer: ids, positions, slots, logits rows,
-        # seq_lens, query_start_loc.
-        sizes = (t, t, t, t + s, s, s + 1)
+        # seq_lens, query_start_loc, pending-token sources and destinations.
+        sizes = (t, t, t, t + s, s, s + 1, s, s)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
         self._on_host = device.type == "cpu"
         total = self._offsets[-1]
@@ -174,17 +185,22 @@ class InputBuffers:
         num_scheduled: list[int],
         pad_to: int | None = None,
         pad_max_seq_len: int | None = None,
+        sampled_rows: dict[str, int] | None = None,
     ) -> StepInputs:
         """Model inputs of one step. `pad_to` (a graph's batch size) pads the batch only when it
         is pure decode (every request computes one token and samples it) with no sequence longer
-        than pad_max_seq_len; padded rows hold token 0 at position 0, slot -1, seq_len 1."""
+        than pad_max_seq_len; padded rows hold token 0 at position 0, slot -1, seq_len 1.
+        `sampled_rows`: request id -> its row in the previous step's sampled ids, the source of
+        a pending token this step computes."""
         if self._copied is not None:
             self._copied.synchronize()  # the last step's copies have read the pinned buffers
         num_seqs = len(states)
         facts = np.array(
-            [(s.row, s.num_computed_tokens, len(s.token_ids)) for s in states], dtype=np.int64
-        )  # [num_seqs, 3]: one pass over the requests
-        rows, starts, lengths = facts[:, 0], facts[:, 1], facts[:, 2]  # [num_seqs] each
+            [(s.row, s.num_computed_tokens, len(s.token_ids), s.num_pending) for s in states],
+            dtype=np.int64,
+        )  # [num_seqs, 4]: one pass over the requests
+        rows, starts, known = facts[:, 0], facts[:, 1], facts[:, 2]  # [num_seqs] each
+        lengths = known + facts[:, 3]  # [num_seqs]
         counts = np.asarray(num_scheduled, dtype=np.int64)  # [num_seqs]
         ends = starts + counts  # [num_seqs]
         samples = np.flatnonzero(ends == lengths)  # [num_sampling]
@@ -208,6 +224,7 @@ class InputBuffers:
         )
         self._small_np[o[3] : o[3] + len(logits_rows)] = logits_rows
         width = int(self.num_blocks[rows].max())
+        pending_copy = self._pending_copy(states, qsl, starts, ends, known, sampled_rows)
         inputs = self._upload(
             padded,
             num_tokens,
@@ -220,7 +237,38 @@ class InputBuffers:
         )
         inputs.sampling_request_ids, inputs.prompt_logprob_rows = sampling_ids, prompt_lp
         inputs.padded_to = pad_to
+        inputs.pending_copy = pending_copy
         return inputs
+
+    def _pending_copy(
+        self,
+        states: list[RunnerRequestState],
+        qsl: np.ndarray,
+        starts: np.ndarray,
+        ends: np.ndarray,
+        known: np.ndarray,
+        sampled_rows: dict[str, int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where this step's not-yet-known input tokens come from (see StepInputs.pending_copy).
+        Written into the host small buffer: call it before `_upload` copies that."""
+        waiting = np.flatnonzero(ends > known)  # [n]: requests computing a pending token
+        if len(waiting) == 0:
+            return None
+        sources = []
+        for i in waiting.tolist():
+            state = states[i]
+            source = (sampled_rows or {}).get(state.request_id)
+            if state.num_pending != 1 or source is None:
+                raise ValueError(
+                    f"request {state.request_id!r} computes a token the runner does not have "
+                    f"({state.num_pending} pending; the previous step sampled it: "
+                    f"{source is not None})"
+                )
+            sources.append(source)
+        n, o = len(waiting), self._offsets
+        self._small_np[o[6] : o[6] + n] = sources
+        self._small_np[o[7] : o[7] + n] = qsl[waiting] + (known[waiting] - starts[waiting])
+        return self.small[o[6] : o[6] + n], self.small[o[7] : o[7] + n]
 
     def _fill_tokens(
         self,

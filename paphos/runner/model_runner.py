@@ -2,8 +2,11 @@
 
 It keeps a copy of every running request (tokens, blocks, sampling state), updated from each
 `SchedulerOutput`, so that a step's message only carries what changed. On CUDA, pure-decode steps
-replay a captured graph (unless enforce_eager); every step makes one device-to-host copy (sampled
-tokens), and the host time from `execute` to the launch is accumulated in `host_stats`.
+replay a captured graph (unless enforce_eager); every step makes one asynchronous device-to-host
+copy (sampled tokens), and the host time from `execute` to the launch is accumulated in
+`host_stats`. `execute_async` returns once the step is queued on the device: the engine may
+schedule the next step meanwhile, whose decode tokens the runner then takes from this step's
+device-side result (the host learns them one step later).
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from paphos.config import EngineConfig
-from paphos.core.step_data import RunnerOutput, SchedulerOutput, TokenLogprobs
+from paphos.core.step_data import RunnerOutput, SchedulerOutput, StepHandle, TokenLogprobs
 from paphos.layers.sampler import (
     LogprobsTensors,
     RequestSamplingState,
@@ -86,6 +91,9 @@ class ModelRunner:
         self.buffers: InputBuffers | None = None
         self.graphs: DecodeGraphs | None = None
         self.host_stats = HostStats()
+        # The last step's sampled ids on the device and each sampling request's row in them.
+        self._last_sampled: torch.Tensor | None = None
+        self._last_sampled_rows: dict[str, int] = {}
 
     def _load_model(self) -> torch.nn.Module:
         model_cls = ModelRegistry.resolve(self.config.model.architecture)
@@ -172,19 +180,23 @@ class ModelRunner:
 
     # ---- steps ----------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        return self.execute_async(scheduler_output).result()
+
+    @torch.inference_mode()
+    def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Queue one step on the device; the handle's `result()` waits for it."""
         start = time.perf_counter()
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
-            return RunnerOutput.empty()
+            return StepHandle.done(RunnerOutput.empty())
         states = [self.requests[rid] for rid in scheduler_output.num_scheduled_tokens]
         num_scheduled = list(scheduler_output.num_scheduled_tokens.values())
         logits, argmax, inputs = self._run_model(states, num_scheduled, start)
-        output = self._sample(logits, argmax, inputs)
+        finish = self._sample(logits, argmax, inputs)
         for state, n in zip(states, num_scheduled):
             state.num_computed_tokens += n
-        return output
+        return StepHandle(finish)
 
     def _run_model(
         self, states: list[RunnerRequestState], num_scheduled: list[int], start: float
@@ -196,7 +208,11 @@ class ModelRunner:
         graphs, bucket, limit = self.graphs, None, None
         if graphs is not None and len(num_scheduled) == sum(num_scheduled):
             bucket, limit = graphs.bucket_for(len(states)), graphs.max_seq_len
-        inputs = self.buffers.prepare(states, num_scheduled, bucket, limit)
+        inputs = self.buffers.prepare(states, num_scheduled, bucket, limit, self._last_sampled_rows)
+        if inputs.pending_copy is not None:  # tokens sampled by the step still on the device
+            assert self._last_sampled is not None
+            sources, targets = inputs.pending_copy
+            inputs.input_ids.index_copy_(0, targets, self._last_sampled.index_select(0, sources))
         md = inputs.attn_metadata
         stats = self.host_stats
         stats.num_steps += 1
@@ -242,6 +258,11 @@ class ModelRunner:
             self.buffers.append(
                 state, cached.new_token_ids, len(state.token_ids), cached.new_block_ids
             )
+            state.num_pending -= len(cached.new_token_ids)
+            if state.num_pending < 0:
+                raise ValueError(
+                    f"request {cached.request_id!r} got tokens its runner never sampled"
+                )
             state.token_ids.extend(cached.new_token_ids)
             for token in cached.new_token_ids:
                 state.sampling.append_output_token(token)
@@ -254,36 +275,55 @@ class ModelRunner:
 
     def _sample(
         self, logits: torch.Tensor, argmax: torch.Tensor | None, inputs: StepInputs
-    ) -> RunnerOutput:
-        """Sample on the device; the sampled token ids come back in one device-to-host copy."""
+    ) -> Callable[[], RunnerOutput]:
+        """Sample on the device and start copying the results to the host (no wait). Returns the
+        function that waits for the copies and builds the step's RunnerOutput."""
         ids = inputs.sampling_request_ids
-        sampled: dict[str, int] = {}
-        logprobs: dict[str, TokenLogprobs] = {}
+        top: torch.Tensor | None = None
+        logprob_tensors: LogprobsTensors | None = None
         if ids:
             states = [self.requests[rid].sampling for rid in ids]
             rows = logits[: len(ids)]  # [num_sampled, vocab]
             if all(_is_plain_greedy(s) for s in states):  # argmax: no per-step sampler metadata
                 top = argmax[: len(ids)] if argmax is not None else rows.argmax(dim=-1)  # [n]
-                sampled = dict(zip(ids, top.tolist()))
             else:
                 metadata = SamplingMetadata.build(states, self.vocab_size, self.device)
                 result = self.model.sample(rows, metadata)
-                sampled = dict(zip(ids, result.sampled_token_ids.tolist()))
-                if result.logprobs is not None:
-                    logprobs = _split_logprobs(result.logprobs, ids, self.requests)
-        prompt_logprobs = self._prompt_logprobs(logits, inputs)
-        return RunnerOutput(sampled, logprobs, prompt_logprobs)
+                top, logprob_tensors = result.sampled_token_ids, result.logprobs  # [n]
+            self._last_sampled = top
+            self._last_sampled_rows = {rid: i for i, rid in enumerate(ids)}
+            for rid in ids:
+                self.requests[rid].num_pending += 1
+        wanted = [self.requests[rid].sampling.params.logprobs for rid in ids]
+        prompt = self._prompt_logprob_tensors(logits, inputs)
+        to_copy = [top, logprob_tensors, *(tensors for _, tensors, _ in prompt)]
+        copies, copied = _to_host(to_copy)
 
-    def _prompt_logprobs(
+        def finish() -> RunnerOutput:
+            if copied is not None:
+                copied.synchronize()
+            host_top, host_logprobs, *host_prompt = copies
+            sampled = dict(zip(ids, host_top.tolist())) if host_top is not None else {}
+            logprobs: dict[str, TokenLogprobs] = {}
+            if host_logprobs is not None:
+                logprobs = _split_logprobs(host_logprobs, ids, wanted)
+            prompt_logprobs = {
+                rid: list(_rows_to_token_logprobs(tensors, [num_top] * len(tensors.ranks)))
+                for (rid, _, num_top), tensors in zip(prompt, host_prompt)
+            }
+            return RunnerOutput(sampled, logprobs, prompt_logprobs)
+
+        return finish
+
+    def _prompt_logprob_tensors(
         self, logits: torch.Tensor, inputs: StepInputs
-    ) -> dict[str, list[TokenLogprobs | None]]:
-        out: dict[str, list[TokenLogprobs | None]] = {}
+    ) -> list[tuple[str, LogprobsTensors, int]]:
+        out = []
         for rid, first_row, targets in inputs.prompt_logprob_rows:
             num_top = self.requests[rid].sampling.params.prompt_logprobs or 0
             rows = logits[first_row : first_row + len(targets)]
             target_ids = torch.tensor(targets, device=logits.device)
-            tensors = compute_prompt_logprobs(rows, target_ids, num_top)
-            out[rid] = list(_rows_to_token_logprobs(tensors, [num_top] * len(targets)))
+            out.append((rid, compute_prompt_logprobs(rows, target_ids, num_top), num_top))
         return out
 
     def shutdown(self) -> None:
@@ -317,11 +357,43 @@ def _is_plain_greedy(state: RequestSamplingState) -> bool:
 
 
 def _split_logprobs(
-    tensors: LogprobsTensors, request_ids: list[str], requests: dict[str, RunnerRequestState]
+    tensors: LogprobsTensors, request_ids: list[str], wanted: list[int | None]
 ) -> dict[str, TokenLogprobs]:
-    wanted = [requests[rid].sampling.params.logprobs for rid in request_ids]
     rows = _rows_to_token_logprobs(tensors, [w or 0 for w in wanted])
     return {rid: row for rid, want, row in zip(request_ids, wanted, rows) if want is not None}
+
+
+def _to_host(
+    items: list[torch.Tensor | LogprobsTensors | None],
+) -> tuple[list[Any], torch.cuda.Event | None]:
+    """Start non-blocking copies of device tensors into pinned host memory; returns the host
+    copies (same structure) and an event recorded after them (None: nothing was on a GPU)."""
+    on_device = any(_device_of(item) == "cuda" for item in items)
+    if not on_device:
+        return list(items), None
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # [*t.shape]
+        return host.copy_(t, non_blocking=True)
+
+    copies: list[Any] = []
+    for item in items:
+        if isinstance(item, LogprobsTensors):
+            copies.append(
+                LogprobsTensors(copy(item.token_ids), copy(item.logprobs), copy(item.ranks))
+            )
+        else:
+            copies.append(None if item is None else copy(item))
+    event = torch.cuda.Event()
+    event.record()
+    return copies, event
+
+
+def _device_of(item: torch.Tensor | LogprobsTensors | None) -> str | None:
+    if item is None:
+        return None
+    tensor = item if isinstance(item, torch.Tensor) else item.token_ids
+    return tensor.device.type
 
 
 def _rows_to_token_logprobs(tensors: LogprobsTensors, num_top: list[int]):  # noqa: ANN202

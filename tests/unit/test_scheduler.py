@@ -119,14 +119,16 @@ def _position_logprob(position: int) -> TokenLogprobs:
     return TokenLogprobs(token_ids=(position,), logprobs=(-float(position),), ranks=(1,))
 
 
-def assert_runner_in_sync(scheduler: Scheduler, runner: FakeRunner) -> None:
-    """The runner's copy (built from messages alone) equals the scheduler's view of each request."""
+def assert_runner_in_sync(scheduler: Scheduler, runner: FakeRunner, out: SchedulerOutput) -> None:
+    """The runner's copy (built from messages alone) equals the scheduler's view of each request
+    (whose computed tokens already include the step just scheduled)."""
     assert set(runner.requests) == {r.request_id for r in scheduler.running}
     for request in scheduler.running:
         copy = runner.requests[request.request_id]
         assert copy.tokens == request.all_token_ids, request.request_id
         assert copy.block_ids == scheduler.kv_cache_manager.get_block_ids(request.request_id)
-        assert copy.num_computed_tokens == request.num_computed_tokens
+        scheduled = out.num_scheduled_tokens.get(request.request_id, 0)
+        assert copy.num_computed_tokens + scheduled == request.num_computed_tokens
 
 
 def step(scheduler: Scheduler, runner: FakeRunner) -> tuple[SchedulerOutput, list[RequestUpdate]]:
@@ -135,7 +137,7 @@ def step(scheduler: Scheduler, runner: FakeRunner) -> tuple[SchedulerOutput, lis
     assert out.total_num_scheduled_tokens <= scheduler.config.max_num_batched_tokens
     assert len(out.num_scheduled_tokens) <= scheduler.config.max_num_seqs
     runner.apply(out)
-    assert_runner_in_sync(scheduler, runner)
+    assert_runner_in_sync(scheduler, runner, out)
     scheduler.check_invariants()
     runner_output = runner.execute(out, scheduler.kv_cache_manager.block_size)
     updates = scheduler.update(out, runner_output)

@@ -1,0 +1,98 @@
+"""Overlapped steps (async scheduling) on the CPU: the engine schedules step k+1 before step k's
+tokens reach the host and the runner takes them from its own result; outputs must equal the
+one-step-at-a-time engine's, under preemption, chunked prefill, prefix caching, stop tokens, EOS,
+aborts, and with requests whose sampling needs the host's history (which pause the overlap)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from paphos import LLM, SamplingParams
+from tests.engine.test_invariance import _prompts, peaked_llama  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _llm(path: Path, **engine_kwargs) -> LLM:  # noqa: ANN003
+    kwargs = dict(dtype="float32", skip_tokenizer_init=True, kv_cache_space=0.02, device="cpu")
+    kwargs.update(engine_kwargs)
+    return LLM(model=str(path), **kwargs)
+
+
+def _params() -> list[SamplingParams]:
+    """Greedy with logprobs; different lengths; two requests end on a stop token."""
+    params = [SamplingParams(temperature=0, max_tokens=12 + 3 * i, logprobs=1) for i in range(6)]
+    params[3] = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[189])  # 9th token
+    params[5] = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[190], logprobs=0)
+    return params
+
+
+def _run(llm: LLM, params: list[SamplingParams]) -> list[tuple]:
+    prompts = [{"prompt_token_ids": p} for p in _prompts()]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    engine = llm.engine
+    engine.scheduler.check_invariants()
+    stats = engine.get_stats()
+    assert stats.num_free_kv_blocks == stats.num_kv_blocks, "blocks leaked"
+    result = []
+    for out in outs:
+        c = out.outputs[0]
+        logprobs = [round(next(iter(e.values())).logprob, 3) for e in c.logprobs or []]
+        result.append((c.token_ids, c.finish_reason, c.stop_reason, logprobs))
+    return result
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(peaked_llama) -> list[tuple]:  # noqa: F811
+    return _run(_llm(peaked_llama, async_scheduling=False), _params())
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"num_blocks_override": 12, "enable_prefix_caching": False},
+        {"max_num_batched_tokens": 8},
+        {"enable_prefix_caching": True, "max_num_seqs": 2},
+    ],
+    ids=["plain", "preemption", "chunked-prefill", "prefix-cache-2-seqs"],
+)
+def test_overlapped_steps_equal_one_step_at_a_time(peaked_llama, one_at_a_time, settings):  # noqa: F811
+    llm = _llm(peaked_llama, async_scheduling=True, **settings)
+    assert _run(llm, _params()) == one_at_a_time
+    assert llm.engine.num_overlapped_steps > 10
+
+
+def test_the_workload_stops_on_a_stop_token_and_by_length(one_at_a_time):
+    reasons = {(finish, stop) for _, finish, stop, _ in one_at_a_time}
+    assert ("length", None) in reasons and any(f == "stop" for f, _ in reasons)
+
+
+def test_requests_that_need_their_history_pause_the_overlap(peaked_llama, one_at_a_time):  # noqa: F811
+    params = _params()
+    params[1] = SamplingParams(temperature=0, max_tokens=15, repetition_penalty=1.5, logprobs=1)
+    expected = _run(_llm(peaked_llama, async_scheduling=False), params)
+    llm = _llm(peaked_llama, async_scheduling=True)
+    assert _run(llm, params) == expected
+    assert expected[1] != one_at_a_time[1]  # the penalty changed that request's tokens
+    assert llm.engine.num_overlapped_steps > 0  # overlapped again once it had finished
+
+
+def test_aborts_between_overlapped_steps_free_every_block(peaked_llama):  # noqa: F811
+    engine = _llm(peaked_llama, async_scheduling=True).engine
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for i, prompt in enumerate(_prompts()):
+        engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, params)
+    for _ in range(4):
+        engine.step()
+    engine.abort_request(["r0", "r3"])
+    finished = {o.request_id for _ in range(3) for o in engine.step() if o.finished}
+    engine.abort_request([f"r{i}" for i in range(6)])
+    while engine.has_unfinished_requests():
+        finished |= {o.request_id for o in engine.step() if o.finished}
+    assert not finished & {"r0", "r3"}
+    engine.scheduler.check_invariants()
+    stats = engine.get_stats()
+    assert stats.num_free_kv_blocks == stats.num_kv_blocks
