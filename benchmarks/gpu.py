@@ -5,8 +5,9 @@ beside the physical floor (bytes of weights + KV read per decode step / measured
 
 Per shape (Llama-3.2-1B / Llama-3-8B configs, bf16): HF's model is built with random weights on the
 GPU, and paphos (`--load-format dummy`) loads the same tensors through `load_weights`. Batch 1 and
-64: decode ms per step (paphos: median pure-decode step, graph replay GPU time, host time; HF: total
-/ new tokens); throughput at batch 64 and 256 (output tokens / wall s, prompts of 128, 128 new).
+64: decode ms per step (paphos: median pure-decode step with overlapped steps, the default, and
+without; graph replay GPU time; host time; HF: total / new tokens); throughput at batch 64 and 256
+(output tokens / wall s, prompts of 128, 128 new).
 """
 
 from __future__ import annotations
@@ -151,9 +152,14 @@ def run_shape(shape: str, bandwidth: float, args: argparse.Namespace) -> dict:
     row = {"shape": shape, "startup_s": startup, "loaded_tensors": len(loaded)}
     measure_decode(llm, 1, 16, 4)  # warm-up
     context = PROMPT_LEN + NEW_TOKENS // 2  # mean context of the decode steps
+    executor = llm.engine.executor
     for batch in (1, 64):
-        lat = measure_decode(llm, batch, PROMPT_LEN, NEW_TOKENS)
         floor = floor_ms(hf, config, batch, context, bandwidth)
+        executor.overlaps_steps = False  # one step at a time, for comparison
+        lat = measure_decode(llm, batch, PROMPT_LEN, NEW_TOKENS)
+        row[f"b{batch}_serial"] = {**lat, "floor_ms": floor}
+        executor.overlaps_steps = True  # the default on CUDA
+        lat = measure_decode(llm, batch, PROMPT_LEN, NEW_TOKENS)
         row[f"b{batch}"] = {**lat, "floor_ms": floor}
         row[f"kernels_b{batch}"] = kernel_profile(runner, batch, args.out_dir, shape)
     if args.out_dir is not None:
@@ -223,6 +229,12 @@ def kernel_profile(runner, batch: int, out_dir: Path | None, shape: str) -> dict
     return groups
 
 
+_DECODE_ROWS = (
+    ("b{b}", "decode step ms, batch {b}"),
+    ("b{b}_serial", "  same, steps not overlapped"),
+)
+
+
 def print_table(rows: list[dict], bandwidth: float) -> None:
     print(
         f"\n{torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
@@ -236,12 +248,12 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
     print("-" * len(head))
     for r in rows:
         hf = r.get("hf", {})
-        for b in (1, 64):
-            lat = r[f"b{b}"]
+        for b, key, label in [(b, k, lb) for b in (1, 64) for k, lb in _DECODE_ROWS]:
+            lat = r[key.format(b=b)]
             host = lat["schedule_ms"] + lat["prepare_ms"]
             theirs = hf.get(b, {}).get("ms_per_step", float("nan"))
             print(
-                f"{r['shape']:5} {f'decode step ms, batch {b}':28} {lat['decode_step_ms']:9.3f} "
+                f"{r['shape']:5} {label.format(b=b):28} {lat['decode_step_ms']:9.3f} "
                 f"{lat['replay_ms']:11.3f} {host:6.3f} {lat['floor_ms']:7.3f} "
                 f"{lat['decode_step_ms'] / lat['floor_ms']:7.2f} {theirs:8.2f} "
                 f"{theirs / lat['decode_step_ms']:6.1f}x"

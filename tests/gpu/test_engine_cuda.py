@@ -142,6 +142,36 @@ def test_preemption_chunking_and_prefix_caching_do_not_change_outputs(peaked_lla
     _assert_same(graph_run[0], outs, logprob_tol=1e-4)
 
 
+def test_overlapped_steps_equal_one_step_at_a_time_on_cuda(peaked_llama, graph_run):
+    outs, stats = _generate(peaked_llama[0], async_scheduling=False)  # graph_run overlaps
+    assert stats.num_graph_steps > 0
+    _assert_same(outs, graph_run[0], logprob_tol=1e-4)
+
+
+def test_cuda_overlaps_plain_greedy_graph_steps_by_default(peaked_llama):
+    path = str(peaked_llama[0])
+    prompts = [{"prompt_token_ids": p} for p in _prompts()]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    results = {}
+    for overlap in (None, False):
+        llm = LLM(
+            model=path,
+            dtype="float32",
+            skip_tokenizer_init=True,
+            device="cuda",
+            max_num_seqs=8,
+            num_blocks_override=128,
+            async_scheduling=overlap,
+        )
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results[overlap] = [o.outputs[0].token_ids for o in outs]
+        engine = llm.engine
+        assert engine.executor.runner.host_stats.num_graph_steps > 15
+        assert (engine.num_overlapped_steps > 15) == (overlap is None)
+        llm.close()
+    assert results[None] == results[False]
+
+
 def test_greedy_tokens_equal_hf_generate_on_cuda(peaked_llama, graph_run):
     hf = peaked_llama[1].to("cuda")
     for prompt, out in zip(_prompts(), graph_run[0]):
