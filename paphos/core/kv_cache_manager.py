@@ -87,10 +87,14 @@ class KVCacheManager:
             raise ValueError(f"num_new_tokens={num_new_tokens!r} is invalid: expected >= 0")
         req_id = request.request_id
         held = self.req_to_blocks.get(req_id, [])
+        num_total_tokens = request.num_computed_tokens + num_new_tokens
+        if held and not new_computed_blocks and num_total_tokens <= len(held) * self.block_size:
+            # the common decode step: the blocks it holds suffice
+            self._cache_full_blocks(request, min(num_total_tokens, request.num_tokens))
+            return []
         if new_computed_blocks and held:
             raise ValueError(f"request {req_id!r} already holds blocks; cache hits come first")
-        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
-        num_total_tokens = num_computed + num_new_tokens
+        num_total_tokens += len(new_computed_blocks) * self.block_size
         num_required = -(-num_total_tokens // self.block_size)  # ceil
         num_new_blocks = max(0, num_required - len(held) - len(new_computed_blocks))
         # Touching a free cached block takes it out of the free queue too.

@@ -16,6 +16,7 @@ import itertools
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from paphos.config import CacheConfig, SchedulerConfig
 from paphos.core.kv_cache_manager import KVCacheManager
@@ -41,8 +42,7 @@ class RequestUpdate:
     finished: bool = False
 
 
-@dataclass(frozen=True)
-class _Scheduled:
+class _Scheduled(NamedTuple):
     """One request in a scheduled step: where its tokens began and whether it samples."""
 
     request: Request
@@ -213,9 +213,11 @@ class Scheduler:
     ) -> RequestUpdate | None:
         request = entry.request
         req_id = request.request_id
-        prompt_logprobs = self._fresh_prompt_logprobs(
-            req_id, entry.start, runner_output.prompt_logprobs.get(req_id)
-        )
+        prompt_logprobs = None
+        if runner_output.prompt_logprobs:
+            prompt_logprobs = self._fresh_prompt_logprobs(
+                req_id, entry.start, runner_output.prompt_logprobs.get(req_id)
+            )
         token_id = runner_output.sampled_token_ids.get(req_id)
         if token_id is not None and not entry.samples:
             raise ValueError(
@@ -232,7 +234,7 @@ class Scheduler:
         return RequestUpdate(
             request=request,
             new_token_ids=[] if token_id is None else [token_id],
-            logprobs=runner_output.logprobs.get(req_id),
+            logprobs=runner_output.logprobs.get(req_id) if runner_output.logprobs else None,
             prompt_logprobs=prompt_logprobs,
             finished=request.is_finished,
         )
