@@ -16,6 +16,7 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
     except ImportError:
         return {}
     from paphos.kernels.activation import silu_and_mul
+    from paphos.kernels.gemv import gemv
     from paphos.kernels.kv_cache import write_kv_cache
     from paphos.kernels.paged_attention import paged_attention
     from paphos.kernels.rms_norm import fused_add_rms_norm, rms_norm
@@ -28,6 +29,7 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
         "rotary_embedding": rotary_embedding,
         "write_kv_cache": write_kv_cache,
         "paged_attention": paged_attention,
+        "gemv": gemv,  # one-row linear layers (ops.dense); not a registry op
     }
 
 

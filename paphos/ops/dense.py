@@ -16,6 +16,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+import paphos.kernels as triton_kernels
 from paphos.kernels.cpu import matvec
 
 SMALL_BATCH_ROWS = matvec.MAX_ROWS  # 4
@@ -53,10 +54,32 @@ def linear(
     """x: [num_tokens, in]; weight: [out, in] -> [num_tokens, out] in x's dtype.
 
     Batches of at most SMALL_BATCH_ROWS rows use the CPU kernel when it loaded (decided once per
-    process by `matvec.load_library`) and takes these operands; all else is `reference_linear`.
+    process by `matvec.load_library`) and takes these operands; one CUDA row uses the Triton GEMV
+    (faster than cuBLAS at M=1); all else is `reference_linear`.
     """
+    if x.is_cuda:
+        gemv = triton_kernels.CUDA_KERNELS.get("gemv")
+        if gemv is not None and _gemv_supports(x, weight):
+            return gemv(x, weight, bias)
+        return F.linear(x, weight, bias)
     if matvec.supports(x, weight):
         lib = matvec.load_library()
         if lib is not None:
             return matvec.launch(lib, x, weight, bias, torch.get_num_threads())
     return reference_linear(x, weight, bias, weight_fp32)
+
+
+_GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _gemv_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One row against a 2-D weight with contiguous rows: what paphos.kernels.gemv takes."""
+    return (
+        x.dim() == 2
+        and x.shape[0] == 1
+        and weight.dim() == 2
+        and weight.stride(1) == 1
+        and x.shape[1] == weight.shape[1]
+        and weight.dtype in _GEMV_DTYPES
+        and x.dtype in _GEMV_DTYPES
+    )

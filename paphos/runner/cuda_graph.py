@@ -14,6 +14,7 @@ import time
 import torch
 
 from paphos.attention import AttentionMetadata
+from paphos.ops.argmax import argmax_rows
 from paphos.runner.inputs import InputBuffers
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class DecodeGraphs:
         hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [bs, hidden]
         logits = self.model.compute_logits(hidden, metadata)  # [bs, vocab]
         self.logits[:bs].copy_(logits)
-        torch.argmax(logits, dim=-1, out=self.argmax[:bs])  # [bs]
+        argmax_rows(logits, out=self.argmax[:bs])  # [bs]
 
     def _dummy_decode(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """The buffers' decode views of batch size bs, holding harmless rows: token 0 at position

@@ -30,6 +30,7 @@ from paphos.layers.sampler import (
 )
 from paphos.models.loader import load_model_weights
 from paphos.models.registry import ModelRegistry
+from paphos.ops.argmax import argmax_rows
 from paphos.parallel import ParallelInfo
 from paphos.runner.cuda_graph import MAX_SEQ_LEN_TO_CAPTURE, DecodeGraphs, batch_size_buckets
 from paphos.runner.inputs import InputBuffers, RunnerRequestState, StepInputs, build_step_inputs
@@ -285,7 +286,7 @@ class ModelRunner:
             states = [self.requests[rid].sampling for rid in ids]
             rows = logits[: len(ids)]  # [num_sampled, vocab]
             if all(_is_plain_greedy(s) for s in states):  # argmax: no per-step sampler metadata
-                top = argmax[: len(ids)] if argmax is not None else rows.argmax(dim=-1)  # [n]
+                top = argmax[: len(ids)] if argmax is not None else argmax_rows(rows)  # [n]
             else:
                 metadata = SamplingMetadata.build(states, self.vocab_size, self.device)
                 result = self.model.sample(rows, metadata)
