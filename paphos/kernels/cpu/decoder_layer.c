@@ -10,8 +10,10 @@
 
 #define MAX_TOKENS MAX_ROWS /* the matvec kernel's row limit */
 #define ALIGN 64            /* bytes: workspace parts start on their own cache lines */
-/* torch's vectorized CPU loops take 2 vectors per step and leave the rest to the scalar loop:
- * 32 bf16 or 16 fp32 elements (AVX2), so SiLU uses Sleef's exp up to there, libm's after. */
+/* torch's vectorized CPU loops take 2 vectors per step and leave the rest of a row to the scalar
+ * loop: 32 bf16 or 16 fp32 elements (AVX2), so SiLU uses Sleef's exp up to there, libm's after.
+ * (From rows * intermediate >= 32768, torch's grain size, torch may split a row between threads
+ * and move that boundary: a few elements may then differ by the two exps' last-bit difference.) */
 #define SILU_STEP_BF16 32
 #define SILU_STEP_FP32 16
 

@@ -20,7 +20,10 @@ from paphos.kernels.cpu import attention, native, norm_rope
 
 SOURCE = Path(__file__).with_name("decoder_layer.c")
 MAX_TOKENS = 4
-DTYPES = norm_rope.NORM_DTYPES  # where the C norms equal torch's (fp32 only on AVX2 builds)
+# SiLU follows torch's AVX2 loops (Sleef's exp over 2-vector steps, libm's for the rest) and the
+# norms torch's AVX2 sum order: on torch builds of another vector width the fused path is off.
+AVX2_TORCH = torch.backends.cpu.get_cpu_capability() == "AVX2"
+DTYPES = norm_rope.NORM_DTYPES if AVX2_TORCH else ()
 _ERRORS = {
     -1: "size (tokens, heads, head_size, hidden, intermediate, cache or rotary table)",
     -2: "num_threads",
