@@ -168,7 +168,10 @@ def test_bad_slot_is_a_value_error_naming_slot_mapping(model_dir):
     model = runner.model.model
     positions, metadata = _decode_metadata([10, 20], 16, seed=4)
     bad = AttentionMetadata(**{**metadata.__dict__, "slot_mapping": torch.tensor([3, 10_000])})
-    with torch.inference_mode(), pytest.raises(ValueError, match="slot_mapping.*sequence 1"):
+    with (
+        torch.inference_mode(),
+        pytest.raises(ValueError, match=r"slot_mapping.*sequence 1 \(value 10000\)"),
+    ):
         model.fused_decode().forward(
             positions, model.embed_tokens(positions), runner.kv_caches, bad
         )
@@ -210,3 +213,24 @@ def test_engine_greedy_tokens_equal_with_fused_path_on_and_off(model_dir, dtype,
     tokens_off, steps_off = _greedy_tokens(model_dir, dtype, 16)
     assert steps_on > 20 and steps_off == 0
     assert tokens_on == tokens_off
+
+
+def test_int32_metadata_runs_like_int64(model_dir):
+    runner = _runner(model_dir, DTYPES[0], 32)
+    model = runner.model.model
+    positions, metadata = _decode_metadata([40, 3, 66], 32, seed=6)
+    narrow = AttentionMetadata(
+        **{
+            **metadata.__dict__,
+            **{k: getattr(metadata, k).int() for k in ("query_start_loc", "seq_lens")},
+            "block_tables": metadata.block_tables.int(),
+        }
+    )
+    caches = [c.clone() for c in runner.kv_caches]
+    with torch.inference_mode():
+        embeds = model.embed_tokens(positions)  # [3, hidden]
+        want = [
+            t.clone() for t in model.fused_decode().forward(positions, embeds, caches, metadata)
+        ]
+        got = model.fused_decode().forward(positions.int(), embeds, runner.kv_caches, narrow)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))

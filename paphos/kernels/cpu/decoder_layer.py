@@ -202,7 +202,7 @@ class DecoderStack:
         self._step = DecodeStep()
         self._step.hidden, self._step.residual = self._hidden.data_ptr(), self._residual.data_ptr()
         self._step_address = ctypes.addressof(self._step)
-        self._workspace = torch.empty(0, dtype=torch.uint8)  # grown by _reserve
+        self._workspace = torch.empty(0, dtype=torch.uint8)  # [0] bytes: grown by _reserve
         self._threads = 0
         self._step_tensors: tuple[torch.Tensor, ...] = ()
         self._checked_caches: Sequence[torch.Tensor] | None = None
@@ -300,5 +300,8 @@ class DecoderStack:
         step.num_blocks, step.block_size = first_cache.shape[1], first_cache.shape[2]
 
     def _raise(self, code: int) -> None:
-        where = f" at sequence {self._step.bad_seq}" if self._step.bad_seq >= 0 else ""
+        seq = self._step.bad_seq
+        where = f" at sequence {seq}" if seq >= 0 else ""
+        if code in (-10, -11):  # name the value: the slot or the position
+            where += f" (value {int(self._step_tensors[1 if code == -10 else 0][seq])})"
         raise ValueError(f"paphos_decoder_layer rejected its {_ERRORS.get(code, code)}{where}")
