@@ -7,6 +7,7 @@ parent gathers their text, logprobs and finish reasons into one `RequestOutput`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ class ParentRequest:
 
     @property
     def finished(self) -> bool:
+        if len(self.sequences) == 1:  # the common case, checked for every request every step
+            return self.sequences[0].finish_reason is not None
         return all(s.finish_reason is not None for s in self.sequences)
 
     def to_output(self, tokenizer: object | None) -> RequestOutput:
@@ -76,7 +79,7 @@ class ParentRequest:
             outputs=completions,
             finished=self.finished,
             prompt_logprobs=self.prompt_logprobs,
-            metrics=dataclasses.replace(self.metrics),
+            metrics=copy.copy(self.metrics),  # a snapshot (dataclasses.replace is 5x slower)
             num_cached_tokens=self.num_cached_tokens,
         )
 
