@@ -91,7 +91,8 @@ static inline __m256 sum8(const __m256 a[8]) {
     __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
     __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
     /* u0: [a0..a3 over lanes 0-3 | a0..a3 over lanes 4-7], u1 the same for a4..a7 */
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                         _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
 /* 2^x for x <= 0, exactly 0 below -126 (and for -inf). Taylor series of e^f to f^7/7! with

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from paphos.kernels.cpu import attention, native, norm_rope
+from paphos.kernels.cpu import attention, matvec, native, norm_rope
 
 SOURCE = Path(__file__).with_name("decoder_layer.c")
-MAX_TOKENS = 4
+MAX_TOKENS = matvec.MAX_ROWS  # decoder_layer.c's MAX_TOKENS: 4
 # SiLU follows torch's AVX2 loops (Sleef's exp over 2-vector steps, libm's for the rest) and the
 # norms torch's AVX2 sum order: on torch builds of another vector width the fused path is off.
 AVX2_TORCH = torch.backends.cpu.get_cpu_capability() == "AVX2"

@@ -142,7 +142,8 @@ static void rope_head(const Rope *p, const void *in, void *out, const float *cos
                (size_t)(rest * elem));
 }
 
-/* One token: all heads of one tensor (query or key), row `in` (strided source), `out` contiguous. */
+/* One token: all heads of one tensor (query or key), row `in` (strided source), `out`
+ * contiguous. */
 static __attribute__((noinline)) void rope_token(const Rope *p, const void *in, void *out,
                                                  int64_t heads, const float *cos,
                                                  const float *sin) {
