@@ -34,6 +34,8 @@ class RunnerRequestState:
     # Tokens this runner sampled that have not come back in a SchedulerOutput yet. With an
     # overlapped step in flight, the last of them is read from the previous step's device result.
     num_pending: int = 0
+    # Sampled by a plain argmax of the raw logits (see model_runner._is_plain_greedy).
+    plain_greedy: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -254,6 +256,12 @@ class InputBuffers:
         waiting = np.flatnonzero(ends > known)  # [n]: requests computing a pending token
         if len(waiting) == 0:
             return None
+        n, o = len(waiting), self._offsets
+        if n == len(states) and list(sampled_rows or ()) == [s.request_id for s in states]:
+            # steady decode: the same requests in the same order as the step before
+            self._small_np[o[6] : o[6] + n] = np.arange(n)
+            self._small_np[o[7] : o[7] + n] = qsl[:n] + (known - starts)
+            return self.small[o[6] : o[6] + n], self.small[o[7] : o[7] + n]
         sources = []
         for i in waiting.tolist():
             state = states[i]
@@ -265,7 +273,6 @@ class InputBuffers:
                     f"{source is not None})"
                 )
             sources.append(source)
-        n, o = len(waiting), self._offsets
         self._small_np[o[6] : o[6] + n] = sources
         self._small_np[o[7] : o[7] + n] = qsl[waiting] + (known[waiting] - starts[waiting])
         return self.small[o[6] : o[6] + n], self.small[o[7] : o[7] + n]

@@ -252,6 +252,7 @@ class ModelRunner:
                 ),
                 wants_prompt_logprobs=params.prompt_logprobs is not None,
             )
+            state.plain_greedy = _is_plain_greedy(state.sampling)
             self.requests[new.request_id] = state
             self.buffers.add(state)
         for cached in out.cached_requests:
@@ -265,8 +266,7 @@ class ModelRunner:
                     f"request {cached.request_id!r} got tokens its runner never sampled"
                 )
             state.token_ids.extend(cached.new_token_ids)
-            for token in cached.new_token_ids:
-                state.sampling.append_output_token(token)
+            state.sampling.output_token_ids.extend(cached.new_token_ids)
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
@@ -285,7 +285,7 @@ class ModelRunner:
         if ids:
             states = [self.requests[rid].sampling for rid in ids]
             rows = logits[: len(ids)]  # [num_sampled, vocab]
-            if all(_is_plain_greedy(s) for s in states):  # argmax: no per-step sampler metadata
+            if all(self.requests[rid].plain_greedy for rid in ids):  # argmax: no sampler metadata
                 top = argmax[: len(ids)] if argmax is not None else argmax_rows(rows)  # [n]
             else:
                 metadata = SamplingMetadata.build(states, self.vocab_size, self.device)
@@ -342,10 +342,9 @@ def _profile_params():  # noqa: ANN202 - SamplingParams, imported lazily to keep
 
 def _is_plain_greedy(state: RequestSamplingState) -> bool:
     """Greedy with nothing that could move the argmax and no logprobs: the sampled token is the
-    argmax of the raw logits, so the shared Sampler (and its per-step metadata) can be skipped."""
+    argmax of the raw logits, so the shared Sampler (and its per-step metadata) can be skipped.
+    Decided once per request (min_tokens requests always take the Sampler, which bans stops)."""
     p = state.params
-    if len(state.output_token_ids) < p.min_tokens and state.min_tokens_bans:
-        return False
     return (
         state.is_greedy
         and not state.samplers
@@ -354,6 +353,7 @@ def _is_plain_greedy(state: RequestSamplingState) -> bool:
         and not p.logit_bias
         and p.allowed_token_ids is None
         and p.logprobs is None
+        and (p.min_tokens == 0 or not state.min_tokens_bans)
     )
 
 
