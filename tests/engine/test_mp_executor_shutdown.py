@@ -93,9 +93,10 @@ def _no_hang():
 
 @pytest.fixture(autouse=True)
 def no_process_left_behind():
+    before = {c.pid for c in _children()}  # e.g. a server another test file is still stopping
     with _no_hang():
         yield
-    left = _children()
+    left = [c for c in _children() if c.pid not in before]
     for child in left:
         child.kill()
     assert not left, f"processes left behind: {left}"
