@@ -33,6 +33,9 @@ TINY_SERVER_ARGS = [
     *("--device", "cpu", "--dtype", "float32", "--kv-cache-space", "0.02"),
     *("--max-model-len", "256", "--max-num-seqs", "64"),
     *("--uvicorn-log-level", "warning", "--served-model-name", "tiny"),
+    # overlapped steps, the CUDA default, so the server tests cover them (the SmolLM2 server
+    # test runs the CPU default)
+    "--async-scheduling",
 ]
 
 
