@@ -67,13 +67,14 @@ class _StepPlan:
 
     token_budget: int
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
-    new_block_ids: dict[str, list[int]] = field(default_factory=dict)
+    # (request, tokens it computes, blocks allocated for them), in batch order
+    entries: list[tuple[Request, int, list[int]]] = field(default_factory=list)
     admitted: list[Request] = field(default_factory=list)
     num_preempted: int = 0
 
     def add(self, request: Request, num_tokens: int, new_block_ids: list[int]) -> None:
         self.num_scheduled_tokens[request.request_id] = num_tokens
-        self.new_block_ids[request.request_id] = new_block_ids
+        self.entries.append((request, num_tokens, new_block_ids))
         self.token_budget -= num_tokens
 
 
@@ -175,21 +176,7 @@ class Scheduler:
             self._schedule_waiting(plan)
         for request in plan.admitted:
             self._insert_running(request)
-        output = self._build_output(plan, next(self._step_ids))
-        self._scheduled[output.step_id] = self._advance(plan)
-        return output
-
-    def _advance(self, plan: _StepPlan) -> list[_Scheduled]:
-        """Count the step's tokens as computed and the tokens it samples as pending."""
-        entries = []
-        for req_id, num_tokens in plan.num_scheduled_tokens.items():
-            request = self.requests[req_id]
-            start = request.num_computed_tokens
-            request.num_computed_tokens += num_tokens
-            samples = request.num_computed_tokens == request.num_tokens + request.num_pending_tokens
-            request.num_pending_tokens += samples
-            entries.append(_Scheduled(request, start, num_tokens, samples))
-        return entries
+        return self._build_output(plan, next(self._step_ids))
 
     def update(
         self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput
@@ -323,14 +310,30 @@ class Scheduler:
         return request.num_tokens + request.num_pending_tokens >= self.max_model_len
 
     def _build_output(self, plan: _StepPlan, step_id: int) -> SchedulerOutput:
-        new_requests, cached_requests = [], []
-        for req_id in plan.num_scheduled_tokens:
-            request = self.requests[req_id]
-            if req_id in self._num_runner_tokens:
-                cached_requests.append(self._cached_request_data(request, plan))
-            else:
+        """The runner's message for the plan; then count the step's tokens as computed and the
+        tokens it samples as pending (one pass: this runs for every request every step)."""
+        new_requests, cached_requests, entries = [], [], []
+        runner_tokens = self._num_runner_tokens
+        for request, num_tokens, new_block_ids in plan.entries:
+            req_id = request.request_id
+            start = request.num_computed_tokens
+            num_known = runner_tokens.get(req_id)
+            if num_known is None:
                 new_requests.append(self._new_request_data(request))
-            self._num_runner_tokens[req_id] = request.num_tokens
+            else:
+                outputs = request.output_token_ids
+                known_outputs = num_known - len(request.prompt_token_ids)  # >= 0: prompt sent
+                fresh = tuple(outputs[known_outputs:]) if known_outputs < len(outputs) else ()
+                cached_requests.append(
+                    CachedRequestData(req_id, fresh, tuple(new_block_ids), start)
+                )
+            num_tokens_known = request.num_tokens
+            runner_tokens[req_id] = num_tokens_known
+            request.num_computed_tokens = end = start + num_tokens
+            samples = end == num_tokens_known + request.num_pending_tokens
+            request.num_pending_tokens += samples
+            entries.append(_Scheduled(request, start, num_tokens, samples))
+        self._scheduled[step_id] = entries
         forget_ids, self._forget_ids = frozenset(self._forget_ids), set()
         return SchedulerOutput(
             new_requests=tuple(new_requests),
@@ -348,17 +351,6 @@ class Scheduler:
             output_token_ids=tuple(request.output_token_ids),
             sampling_params=request.sampling_params,
             block_ids=tuple(self.kv_cache_manager.get_block_ids(request.request_id)),
-            num_computed_tokens=request.num_computed_tokens,
-        )
-
-    def _cached_request_data(self, request: Request, plan: _StepPlan) -> CachedRequestData:
-        num_known = self._num_runner_tokens[request.request_id]
-        outputs = request.output_token_ids
-        known_outputs = num_known - request.num_prompt_tokens  # >= 0 once the prompt was sent
-        return CachedRequestData(
-            request_id=request.request_id,
-            new_token_ids=tuple(outputs[known_outputs:]) if known_outputs < len(outputs) else (),
-            new_block_ids=tuple(plan.new_block_ids[request.request_id]),
             num_computed_tokens=request.num_computed_tokens,
         )
 
