@@ -96,3 +96,28 @@ def test_aborts_between_overlapped_steps_free_every_block(peaked_llama):  # noqa
     engine.scheduler.check_invariants()
     stats = engine.get_stats()
     assert stats.num_free_kv_blocks == stats.num_kv_blocks
+
+
+def test_prompt_logprobs_n_and_best_of_equal_one_step_at_a_time(peaked_llama):  # noqa: F811
+    prompts = [{"prompt_token_ids": p} for p in _prompts()[:3]]
+    params = [
+        SamplingParams(temperature=0, max_tokens=10, prompt_logprobs=2),
+        SamplingParams(temperature=0, max_tokens=8, n=2, logprobs=1),
+        SamplingParams(temperature=0, max_tokens=8, n=1, best_of=3),
+    ]
+
+    def run(overlap: bool) -> list:
+        llm = _llm(peaked_llama, async_scheduling=overlap, max_num_batched_tokens=16)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.engine.get_stats().num_free_kv_blocks == llm.engine.get_stats().num_kv_blocks
+        return [
+            (
+                [(c.token_ids, c.finish_reason) for c in o.outputs],
+                [None if e is None else sorted(e) for e in o.prompt_logprobs or []],
+            )
+            for o in outs
+        ]
+
+    expected = run(False)
+    assert len(expected[0][1]) == len(_prompts()[0]) and len(expected[1][0]) == 2
+    assert run(True) == expected
