@@ -3,7 +3,7 @@
 With overlapped steps (async scheduling, CUDA by default) a call to `step()` schedules and launches
 step k, then waits for step k-1 and returns its outputs: the host's work for one step runs while
 the device computes the other. Requests whose sampling reads their earlier outputs on the host
-(penalties, seeds, ...) turn the overlap off while they run. Bad input raises ValueError from
+(penalties, DRY, n-gram bans) turn the overlap off while they run. Bad input raises ValueError from
 `add_request` and leaves nothing behind; other requests keep going. The effective max_model_len
 (the model's, capped by what the KV cache holds) is decided here once and passed to the
 scheduler; the config is never changed.

@@ -66,6 +66,9 @@ class RequestSamplingState:
         self.device = torch.device(device)
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids = list(output_token_ids)
+        # Outputs sampled but not in output_token_ids yet (overlapped steps: the last step's token
+        # is still on the device); counted wherever only the number of outputs matters.
+        self.num_unseen = 0
         self.is_greedy = params.is_greedy
         self.samplers = used_samplers(params, vocab_size)
         self.order = tuple(s for s in params.sampler_names if s in self.samplers)
@@ -82,6 +85,10 @@ class RequestSamplingState:
             self.generator = torch.Generator(device=self.device)
         self.mirostat_mu = 2.0 * params.mirostat_tau
 
+    @property
+    def num_outputs(self) -> int:
+        return len(self.output_token_ids) + self.num_unseen
+
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
 
@@ -92,27 +99,26 @@ class RequestSamplingState:
     def step_bans(self) -> list[int]:
         """Tokens banned at this step: custom bans, single-token bad words, min_tokens stops."""
         bans = list(self.custom_bans) + [w[0] for w in self.bad_words if len(w) == 1]
-        if len(self.output_token_ids) < self.params.min_tokens:
+        if self.num_outputs < self.params.min_tokens:
             bans += self.min_tokens_bans
         return bans
 
     def step_generator(self) -> torch.Generator:
         """The request's generator, reseeded from (seed, number of outputs so far)."""
         assert self.generator is not None and self.params.seed is not None
-        self.generator.manual_seed(_mix_seed(self.params.seed, len(self.output_token_ids)))
+        self.generator.manual_seed(_mix_seed(self.params.seed, self.num_outputs))
         return self.generator
 
 
 def depends_on_outputs(params: SamplingParams, vocab_size: int) -> bool:
-    """Whether sampling this request reads its earlier outputs on the host (history penalties,
-    multi-token bad words, Mirostat's mu, a generator reseeded per output, min_tokens bans): its
-    next step cannot be prepared before the previous step's token has reached the host."""
+    """Whether sampling this request reads the values of its earlier outputs (history penalties,
+    DRY, no-repeat n-grams, multi-token bad words): its next step cannot be prepared before the
+    previous step's token has reached the host. Seeds and min_tokens need only the number of
+    outputs (`num_outputs` counts the unseen one); Mirostat's mu is updated on the host while its
+    step is launched."""
     samplers = used_samplers(params, vocab_size)
-    return bool(
-        samplers & (HISTORY_SAMPLERS | {"mirostat"})
-        or params.seed is not None
-        or params.min_tokens > 0
-        or any(len(w) > 1 for w in (params._bad_words_ids or []))
+    return bool(samplers & HISTORY_SAMPLERS) or any(
+        len(w) > 1 for w in (params._bad_words_ids or [])
     )
 
 
@@ -137,7 +143,7 @@ class SamplingMetadata:
     def build(
         cls, states: list[RequestSamplingState], vocab_size: int, device: torch.device
     ) -> SamplingMetadata:
-        rows = [s.param_row + (s.mirostat_mu, float(len(s.output_token_ids))) for s in states]
+        rows = [s.param_row + (s.mirostat_mu, float(s.num_outputs)) for s in states]
         need_history = any(s.needs_history for s in states)
         asked = [s.params.logprobs for s in states if s.params.logprobs is not None]
         return cls(

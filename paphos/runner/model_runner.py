@@ -287,6 +287,7 @@ class ModelRunner:
             sampling = [self.requests[rid] for rid in ids]
             plain = True
             for state in sampling:  # one pass: this runs for every request every step
+                state.sampling.num_unseen = state.num_pending  # outputs before this step's
                 state.num_pending += 1
                 plain = plain and state.plain_greedy
             rows = logits[: len(ids)]  # [num_sampled, vocab]

@@ -121,3 +121,26 @@ def test_prompt_logprobs_n_and_best_of_equal_one_step_at_a_time(peaked_llama):  
     expected = run(False)
     assert len(expected[0][1]) == len(_prompts()[0]) and len(expected[1][0]) == 2
     assert run(True) == expected
+
+
+def test_seeds_min_tokens_and_mirostat_keep_the_overlap_and_equal_one_step_at_a_time(
+    peaked_llama,  # noqa: F811
+):
+    prompts = [{"prompt_token_ids": p} for p in _prompts()[:4]]
+    params = [
+        SamplingParams(temperature=1.5, top_k=20, seed=11, max_tokens=16),
+        SamplingParams(temperature=1.0, min_p=0.05, seed=12, max_tokens=16, logprobs=1),
+        SamplingParams(temperature=0, min_tokens=12, max_tokens=16, stop_token_ids=[40]),
+        SamplingParams(temperature=1.0, mirostat_mode=2, mirostat_tau=3.0, seed=13, max_tokens=16),
+    ]
+
+    def run(overlap: bool) -> tuple[list, int]:
+        llm = _llm(peaked_llama, async_scheduling=overlap)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs], llm.engine.num_overlapped_steps
+
+    expected, _ = run(False)
+    actual, overlapped = run(True)
+    assert actual == expected
+    assert overlapped > 10
+    assert len(expected[2]) >= 12 and 40 not in expected[2][:12]  # greedy alone stops at 3
