@@ -2,11 +2,10 @@
 
 With overlapped steps (async scheduling, CUDA by default) a call to `step()` schedules and launches
 step k, then waits for step k-1 and returns its outputs: the host's work for one step runs while
-the device computes the other. Requests whose sampling reads their earlier outputs on the host
-(penalties, DRY, n-gram bans) turn the overlap off while they run. Bad input raises ValueError from
-`add_request` and leaves nothing behind; other requests keep going. The effective max_model_len
-(the model's, capped by what the KV cache holds) is decided here once and passed to the
-scheduler; the config is never changed.
+the device computes the other (the runner reads ahead the one token the host lacks where a sampler
+needs its value). Bad input raises ValueError from `add_request` and leaves nothing behind; other
+requests keep going. The effective max_model_len (the model's, capped by what the KV cache holds)
+is decided here once and passed to the scheduler; the config is never changed.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from paphos.engine.sequences import (
     now,
     to_logprobs_dict,
 )
-from paphos.layers.sampler import depends_on_outputs
 from paphos.models.registry import load_plugins
 from paphos.outputs import RequestMetrics, RequestOutput
 from paphos.request import Request, RequestStatus
@@ -78,8 +76,6 @@ class Engine:
         self.num_generation_tokens_total = 0
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self.num_overlapped_steps = 0  # steps launched while the one before them still ran
-        # Parents whose sampling reads earlier outputs on the host: no overlap while any runs.
-        self._output_dependent: set[str] = set()
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens); max_model_len %d",
             self.num_kv_blocks,
@@ -139,8 +135,6 @@ class Engine:
         if params.prompt_logprobs is not None:
             parent.prompt_logprobs = [None]
         self.parents[request_id] = parent
-        if depends_on_outputs(params, self.vocab_size):
-            self._output_dependent.add(request_id)
         for seq in parent.sequences:
             self.child_to_parent[seq.request_id] = (parent, seq)
             sub_params = child_params(params, seq.index, num_children)
@@ -220,7 +214,6 @@ class Engine:
             parent = self.parents.pop(request_id, None)
             if parent is None:
                 continue
-            self._output_dependent.discard(request_id)
             children = [s.request_id for s in parent.sequences]
             self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
             for child in children:
@@ -239,9 +232,9 @@ class Engine:
         """Run one step; returns the outputs of the requests it (or, overlapped, the step before
         it) changed."""
         touched: dict[str, ParentRequest] = {}
-        overlap = self.executor.overlaps_steps and not self._output_dependent
-        if self._in_flight is not None and not overlap:
-            self._finish_step(*self._in_flight, touched)  # the scheduler needs its tokens now
+        overlap = self.executor.overlaps_steps
+        if self._in_flight is not None and not overlap:  # overlap was just switched off
+            self._finish_step(*self._in_flight, touched)
             self._in_flight = None
         scheduler_output = self.scheduler.schedule()
         handle = self.executor.execute_async(scheduler_output)
@@ -324,7 +317,6 @@ class Engine:
 
     def _forget(self, parent: ParentRequest) -> None:
         self.parents.pop(parent.request_id, None)
-        self._output_dependent.discard(parent.request_id)
         for seq in parent.sequences:
             self.child_to_parent.pop(seq.request_id, None)
 

@@ -41,7 +41,6 @@ __all__ = [
     "SamplerOutput",
     "SamplingMetadata",
     "compute_prompt_logprobs",
-    "depends_on_outputs",
 ]
 _MASK64 = (1 << 64) - 1
 
@@ -76,6 +75,10 @@ class RequestSamplingState:
         self.bad_words = params._bad_words_ids or []
         self.custom_bans = sorted(set(params._custom_ban_ids or []))
         self.breakers = params._dry_breaker_ids or []
+        # Samplers that read the values of earlier outputs (not just their number).
+        self.needs_history = bool(self.samplers & HISTORY_SAMPLERS) or any(
+            len(w) > 1 for w in self.bad_words
+        )
         stops = set(params.stop_token_ids)
         if eos_token_id is not None and not params.ignore_eos:
             stops.add(eos_token_id)
@@ -92,10 +95,6 @@ class RequestSamplingState:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
 
-    @property
-    def needs_history(self) -> bool:
-        return bool(self.samplers & HISTORY_SAMPLERS) or any(len(w) > 1 for w in self.bad_words)
-
     def step_bans(self) -> list[int]:
         """Tokens banned at this step: custom bans, single-token bad words, min_tokens stops."""
         bans = list(self.custom_bans) + [w[0] for w in self.bad_words if len(w) == 1]
@@ -108,18 +107,6 @@ class RequestSamplingState:
         assert self.generator is not None and self.params.seed is not None
         self.generator.manual_seed(_mix_seed(self.params.seed, self.num_outputs))
         return self.generator
-
-
-def depends_on_outputs(params: SamplingParams, vocab_size: int) -> bool:
-    """Whether sampling this request reads the values of its earlier outputs (history penalties,
-    DRY, no-repeat n-grams, multi-token bad words): its next step cannot be prepared before the
-    previous step's token has reached the host. Seeds and min_tokens need only the number of
-    outputs (`num_outputs` counts the unseen one); Mirostat's mu is updated on the host while its
-    step is launched."""
-    samplers = used_samplers(params, vocab_size)
-    return bool(samplers & HISTORY_SAMPLERS) or any(
-        len(w) > 1 for w in (params._bad_words_ids or [])
-    )
 
 
 @dataclass

@@ -34,6 +34,9 @@ class RunnerRequestState:
     # Tokens this runner sampled that have not come back in a SchedulerOutput yet. With an
     # overlapped step in flight, the last of them is read from the previous step's device result.
     num_pending: int = 0
+    # Pending tokens already appended to `sampling.output_token_ids`, read early from the previous
+    # step's host copy for samplers that need token values (penalties, ...).
+    num_seen_ahead: int = 0
     # Sampled by a plain argmax of the raw logits (see model_runner._is_plain_greedy).
     plain_greedy: bool = False
 

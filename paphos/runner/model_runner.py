@@ -95,6 +95,8 @@ class ModelRunner:
         # The last step's sampled ids on the device and each sampling request's row in them.
         self._last_sampled: torch.Tensor | None = None
         self._last_sampled_rows: dict[str, int] = {}
+        # The last step's (request id -> row, sampled ids on the host once copied, copy event).
+        self._last_host: tuple[dict[str, int], torch.Tensor, torch.cuda.Event | None] | None = None
 
     def _load_model(self) -> torch.nn.Module:
         model_cls = ModelRegistry.resolve(self.config.model.architecture)
@@ -265,8 +267,11 @@ class ModelRunner:
                 raise ValueError(
                     f"request {cached.request_id!r} got tokens its runner never sampled"
                 )
-            state.token_ids.extend(cached.new_token_ids)
-            state.sampling.output_token_ids.extend(cached.new_token_ids)
+            new_tokens = cached.new_token_ids
+            state.token_ids.extend(new_tokens)
+            seen = min(len(new_tokens), state.num_seen_ahead)  # already in the sampler history
+            state.num_seen_ahead -= seen
+            state.sampling.output_token_ids.extend(new_tokens[seen:])
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
@@ -285,9 +290,17 @@ class ModelRunner:
         wanted: list[int | None] = []
         if ids:
             sampling = [self.requests[rid] for rid in ids]
+            behind = [
+                st
+                for st in sampling
+                if st.num_pending > st.num_seen_ahead and st.sampling.needs_history
+            ]
+            if behind:
+                self._read_previous_tokens(behind)
             plain = True
             for state in sampling:  # one pass: this runs for every request every step
-                state.sampling.num_unseen = state.num_pending  # outputs before this step's
+                # outputs before this step's that only the device has
+                state.sampling.num_unseen = state.num_pending - state.num_seen_ahead
                 state.num_pending += 1
                 plain = plain and state.plain_greedy
             rows = logits[: len(ids)]  # [num_sampled, vocab]
@@ -304,6 +317,8 @@ class ModelRunner:
         prompt = self._prompt_logprob_tensors(logits, inputs)
         to_copy = [top, logprob_tensors, *(tensors for _, tensors, _ in prompt)]
         copies, copied = _to_host(to_copy)
+        if ids:
+            self._last_host = (self._last_sampled_rows, copies[0], copied)
 
         def finish() -> RunnerOutput:
             if copied is not None:
@@ -320,6 +335,25 @@ class ModelRunner:
             return RunnerOutput(sampled, logprobs, prompt_logprobs)
 
         return finish
+
+    def _read_previous_tokens(self, states: list[RunnerRequestState]) -> None:
+        """Append the previous step's token, which the scheduler has not handed back yet, to the
+        sampler history of requests whose samplers read token values. Waits for that step's
+        copy to the host only: this step's forward is already queued behind it."""
+        assert self._last_host is not None, "a pending token without a previous step"
+        rows, host_top, copied = self._last_host
+        if copied is not None:
+            copied.synchronize()
+        values = host_top.tolist()
+        for state in states:
+            row = rows.get(state.request_id)
+            if row is None or state.num_pending - state.num_seen_ahead != 1:
+                raise ValueError(
+                    f"request {state.request_id!r} has {state.num_pending} pending tokens; only "
+                    "the previous step's can be read ahead"
+                )
+            state.sampling.output_token_ids.append(values[row])
+            state.num_seen_ahead += 1
 
     def _prompt_logprob_tensors(
         self, logits: torch.Tensor, inputs: StepInputs

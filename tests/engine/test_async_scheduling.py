@@ -1,7 +1,8 @@
 """Overlapped steps (async scheduling) on the CPU: the engine schedules step k+1 before step k's
 tokens reach the host and the runner takes them from its own result; outputs must equal the
 one-step-at-a-time engine's, under preemption, chunked prefill, prefix caching, stop tokens, EOS,
-aborts, and with requests whose sampling needs the host's history (which pause the overlap)."""
+aborts, and with requests whose samplers read their history (the runner reads the pending token
+ahead from the previous step's host copy) or count their outputs (seeds, min_tokens)."""
 
 from __future__ import annotations
 
@@ -70,14 +71,19 @@ def test_the_workload_stops_on_a_stop_token_and_by_length(one_at_a_time):
     assert ("length", None) in reasons and any(f == "stop" for f, _ in reasons)
 
 
-def test_requests_that_need_their_history_pause_the_overlap(peaked_llama, one_at_a_time):  # noqa: F811
+def test_requests_whose_samplers_read_their_history_keep_the_overlap(peaked_llama, one_at_a_time):  # noqa: F811
     params = _params()
     params[1] = SamplingParams(temperature=0, max_tokens=15, repetition_penalty=1.5, logprobs=1)
+    params[2] = SamplingParams(
+        temperature=0, max_tokens=20, dry_multiplier=2.0, dry_base=2.0, dry_sequence_breakers=[]
+    )
+    params[4] = SamplingParams(temperature=0, max_tokens=20, no_repeat_ngram_size=2)
     expected = _run(_llm(peaked_llama, async_scheduling=False), params)
     llm = _llm(peaked_llama, async_scheduling=True)
     assert _run(llm, params) == expected
-    assert expected[1] != one_at_a_time[1]  # the penalty changed that request's tokens
-    assert llm.engine.num_overlapped_steps > 0  # overlapped again once it had finished
+    for i in (1, 2, 4):
+        assert expected[i][0] != one_at_a_time[i][0][: len(expected[i][0])], i  # sampler bit
+    assert llm.engine.num_overlapped_steps > 10  # the runner read the pending token ahead
 
 
 def test_aborts_between_overlapped_steps_free_every_block(peaked_llama):  # noqa: F811
