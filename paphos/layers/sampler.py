@@ -29,6 +29,7 @@ from paphos.layers.sampling.batch import (
     param_row,
     right_aligned,
     sparse_bans,
+    to_device,
     used_samplers,
 )
 from paphos.layers.sampling.logprobs import LogprobsTensors, gather_logprobs
@@ -135,8 +136,8 @@ class SamplingMetadata:
         asked = [s.params.logprobs for s in states if s.params.logprobs is not None]
         return cls(
             states=states,
-            params=torch.tensor(rows, dtype=torch.float32, device=device),  # [rows, columns]
-            greedy=torch.tensor([s.is_greedy for s in states], device=device),  # [rows]
+            params=to_device(rows, device, torch.float32),  # [rows, columns]
+            greedy=to_device([s.is_greedy for s in states], device, torch.bool),  # [rows]
             all_greedy=all(s.is_greedy for s in states),
             groups=_order_groups(states, device),
             tail_rows={n: _rows_using(states, n, device) for n in ("mirostat", "skew", "xtc")},
@@ -372,7 +373,7 @@ def _rows_using(
         return _SKIP
     if len(rows) == len(states):
         return None
-    return torch.tensor(rows, dtype=torch.long, device=device)  # [num_rows_using]
+    return to_device(rows, device, torch.long)  # [num_rows_using]
 
 
 def _order_groups(
@@ -394,13 +395,13 @@ def _order_groups(
 
 def _history(states: list[RequestSamplingState], device: torch.device) -> Tensor:
     seqs = [s.prompt_token_ids + s.output_token_ids if s.needs_history else [] for s in states]
-    return right_aligned(seqs, pad=-1).to(device)  # [rows, max_len]
+    return to_device(right_aligned(seqs, pad=-1), device)  # [rows, max_len]
 
 
 def _breakers(states: list[RequestSamplingState], device: torch.device) -> Tensor | None:
     if not any("dry" in s.samplers for s in states):
         return None
-    return right_aligned([s.breakers for s in states], pad=-2).to(device)  # [rows, B]
+    return to_device(right_aligned([s.breakers for s in states], pad=-2), device)  # [rows, B]
 
 
 def _logit_bias(
@@ -413,9 +414,9 @@ def _logit_bias(
         return None
     rows, cols, values = zip(*entries, strict=True)
     return (
-        torch.tensor(rows, device=device),
-        torch.tensor(cols, device=device),
-        torch.tensor(values, dtype=torch.float32, device=device),
+        to_device(rows, device, torch.long),
+        to_device(cols, device, torch.long),
+        to_device(values, device, torch.float32),
     )  # [num_entries] each
 
 
@@ -428,7 +429,7 @@ def _allowed(
     mask = torch.zeros(len(rows), vocab_size, dtype=torch.bool)  # [A, vocab]
     for j, i in enumerate(rows):
         mask[j, torch.tensor(states[i].params.allowed_token_ids, dtype=torch.long)] = True
-    return torch.tensor(rows, dtype=torch.long, device=device), mask.to(device)
+    return to_device(rows, device, torch.long), to_device(mask, device)
 
 
 def _check_resolved(params: SamplingParams) -> None:

@@ -28,6 +28,7 @@ from paphos.layers.sampler import (
     SamplingMetadata,
     compute_prompt_logprobs,
 )
+from paphos.layers.sampling.batch import to_device
 from paphos.models.loader import load_model_weights
 from paphos.models.registry import ModelRegistry
 from paphos.ops.argmax import argmax_rows
@@ -362,7 +363,7 @@ class ModelRunner:
         for rid, first_row, targets in inputs.prompt_logprob_rows:
             num_top = self.requests[rid].sampling.params.prompt_logprobs or 0
             rows = logits[first_row : first_row + len(targets)]
-            target_ids = torch.tensor(targets, device=logits.device)
+            target_ids = to_device(targets, logits.device, torch.long)  # [len(targets)]
             out.append((rid, compute_prompt_logprobs(rows, target_ids, num_top), num_top))
         return out
 

@@ -51,6 +51,16 @@ NUM_OUTPUT_COLUMN = MU_COLUMN + 1
 HISTORY_SAMPLERS = frozenset({"penalties", "no_repeat_ngram", "dry"})
 
 
+def to_device(data: object, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """Host data (a list, or a CPU tensor) as a tensor on `device` without waiting for the
+    device's queued work: on CUDA through pinned memory and a non-blocking copy (a plain copy
+    would wait for the whole stream, i.e. the forward an overlapped step has just queued)."""
+    t = data if isinstance(data, Tensor) else torch.tensor(data, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def used_samplers(params: SamplingParams, vocab_size: int) -> frozenset[str]:
     """Samplers that change this request's distribution (history-free checks only)."""
     p = params
@@ -109,8 +119,8 @@ def sparse_bans(
         return None
     cols = [t for bans in ban_lists for t in bans]
     return (
-        torch.tensor(rows, dtype=torch.long, device=device),  # [num_bans]
-        torch.tensor(cols, dtype=torch.long, device=device),  # [num_bans]
+        to_device(rows, device, torch.long),  # [num_bans]
+        to_device(cols, device, torch.long),  # [num_bans]
     )
 
 
@@ -121,9 +131,9 @@ def bad_word_prefixes(
     entries = [(i, w) for i, words in enumerate(words_per_row) for w in words if len(w) > 1]
     if not entries:
         return None
-    rows = torch.tensor([i for i, _ in entries], dtype=torch.long, device=device)  # [W]
-    prefixes = right_aligned([w[:-1] for _, w in entries], pad=-3).to(device)  # [W, P]
-    last = torch.tensor([w[-1] for _, w in entries], dtype=torch.long, device=device)  # [W]
+    rows = to_device([i for i, _ in entries], device, torch.long)  # [W]
+    prefixes = to_device(right_aligned([w[:-1] for _, w in entries], pad=-3), device)  # [W, P]
+    last = to_device([w[-1] for _, w in entries], device, torch.long)  # [W]
     return rows, prefixes, last
 
 
