@@ -229,7 +229,9 @@ class InputBuffers:
         )
         self._small_np[o[3] : o[3] + len(logits_rows)] = logits_rows
         width = int(self.num_blocks[rows].max())
-        pending_copy = self._pending_copy(states, qsl, starts, ends, known, sampled_rows)
+        pending_copy = self._pending_copy(
+            states, qsl, starts, ends, known, facts[:, 3], sampled_rows
+        )
         inputs = self._upload(
             padded,
             num_tokens,
@@ -252,6 +254,7 @@ class InputBuffers:
         starts: np.ndarray,
         ends: np.ndarray,
         known: np.ndarray,
+        pending: np.ndarray,
         sampled_rows: dict[str, int] | None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Where this step's not-yet-known input tokens come from (see StepInputs.pending_copy).
@@ -260,7 +263,8 @@ class InputBuffers:
         if len(waiting) == 0:
             return None
         n, o = len(waiting), self._offsets
-        if n == len(states) and list(sampled_rows or ()) == [s.request_id for s in states]:
+        steady = n == len(states) and bool((pending == 1).all())
+        if steady and list(sampled_rows or ()) == [s.request_id for s in states]:
             # steady decode: the same requests in the same order as the step before
             self._small_np[o[6] : o[6] + n] = np.arange(n)
             self._small_np[o[7] : o[7] + n] = qsl[:n] + (known - starts)
