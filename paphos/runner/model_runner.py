@@ -2,11 +2,10 @@
 
 It keeps a copy of every running request (tokens, blocks, sampling state), updated from each
 `SchedulerOutput`, so that a step's message only carries what changed. On CUDA, pure-decode steps
-replay a captured graph (unless enforce_eager); every step makes one asynchronous device-to-host
-copy (sampled tokens), and the host time from `execute` to the launch is accumulated in
-`host_stats`. `execute_async` returns once the step is queued on the device: the engine may
-schedule the next step meanwhile, whose decode tokens the runner then takes from this step's
-device-side result (the host learns them one step later).
+replay a captured graph (unless enforce_eager); the host time from `execute` to the launch is
+accumulated in `host_stats`. `execute_async` returns once the step is queued on the device (its
+sampling and result copies: `runner/step_sampling.py`): the engine may schedule the next step
+meanwhile, whose decode tokens the runner then takes from this step's device-side result.
 """
 
 from __future__ import annotations
@@ -14,28 +13,22 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from paphos.config import EngineConfig
-from paphos.core.step_data import RunnerOutput, SchedulerOutput, StepHandle, TokenLogprobs
+from paphos.core.step_data import RunnerOutput, SchedulerOutput, StepHandle
 from paphos.layers.sampler import (
-    LogprobsTensors,
     RequestSamplingState,
-    SamplingMetadata,
-    compute_prompt_logprobs,
 )
-from paphos.layers.sampling.batch import to_device
 from paphos.models.loader import load_model_weights
 from paphos.models.registry import ModelRegistry
-from paphos.ops.argmax import argmax_rows
 from paphos.parallel import ParallelInfo
 from paphos.runner.cuda_graph import MAX_SEQ_LEN_TO_CAPTURE, DecodeGraphs, batch_size_buckets
 from paphos.runner.inputs import InputBuffers, RunnerRequestState, StepInputs, build_step_inputs
 from paphos.runner.kv_cache import KVCacheSpec, allocate_kv_caches, num_blocks_for_device
+from paphos.runner.step_sampling import StepSampling, is_plain_greedy
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +86,7 @@ class ModelRunner:
         self.buffers: InputBuffers | None = None
         self.graphs: DecodeGraphs | None = None
         self.host_stats = HostStats()
-        # The last step's sampled ids on the device and each sampling request's row in them.
-        self._last_sampled: torch.Tensor | None = None
-        self._last_sampled_rows: dict[str, int] = {}
-        # The last step's (request id -> row, sampled ids on the host once copied, copy event).
-        self._last_host: tuple[dict[str, int], torch.Tensor, torch.cuda.Event | None] | None = None
+        self.step_sampling = StepSampling(self.model, self.vocab_size, self.device)
 
     def _load_model(self) -> torch.nn.Module:
         model_cls = ModelRegistry.resolve(self.config.model.architecture)
@@ -197,7 +186,7 @@ class ModelRunner:
         states = [self.requests[rid] for rid in scheduler_output.num_scheduled_tokens]
         num_scheduled = list(scheduler_output.num_scheduled_tokens.values())
         logits, argmax, inputs = self._run_model(states, num_scheduled, start)
-        finish = self._sample(logits, argmax, inputs)
+        finish = self.step_sampling.sample(self.requests, logits, argmax, inputs)
         for state, n in zip(states, num_scheduled):
             state.num_computed_tokens += n
         return StepHandle(finish)
@@ -212,11 +201,12 @@ class ModelRunner:
         graphs, bucket, limit = self.graphs, None, None
         if graphs is not None and len(num_scheduled) == sum(num_scheduled):
             bucket, limit = graphs.bucket_for(len(states)), graphs.max_seq_len
-        inputs = self.buffers.prepare(states, num_scheduled, bucket, limit, self._last_sampled_rows)
+        last = self.step_sampling
+        inputs = self.buffers.prepare(states, num_scheduled, bucket, limit, last.last_rows)
         if inputs.pending_copy is not None:  # tokens sampled by the step still on the device
-            assert self._last_sampled is not None
+            assert last.last_sampled is not None
             sources, targets = inputs.pending_copy
-            inputs.input_ids.index_copy_(0, targets, self._last_sampled.index_select(0, sources))
+            inputs.input_ids.index_copy_(0, targets, last.last_sampled.index_select(0, sources))
         md = inputs.attn_metadata
         stats = self.host_stats
         stats.num_steps += 1
@@ -255,7 +245,7 @@ class ModelRunner:
                 ),
                 wants_prompt_logprobs=params.prompt_logprobs is not None,
             )
-            state.plain_greedy = _is_plain_greedy(state.sampling)
+            state.plain_greedy = is_plain_greedy(state.sampling)
             self.requests[new.request_id] = state
             self.buffers.add(state)
         for cached in out.cached_requests:
@@ -280,93 +270,6 @@ class ModelRunner:
         eos = getattr(self.config.model.hf_config, "eos_token_id", None)
         return eos[0] if isinstance(eos, list) and eos else eos
 
-    def _sample(
-        self, logits: torch.Tensor, argmax: torch.Tensor | None, inputs: StepInputs
-    ) -> Callable[[], RunnerOutput]:
-        """Sample on the device and start copying the results to the host (no wait). Returns the
-        function that waits for the copies and builds the step's RunnerOutput."""
-        ids = inputs.sampling_request_ids
-        top: torch.Tensor | None = None
-        logprob_tensors: LogprobsTensors | None = None
-        wanted: list[int | None] = []
-        if ids:
-            sampling = [self.requests[rid] for rid in ids]
-            behind = [
-                st
-                for st in sampling
-                if st.num_pending > st.num_seen_ahead and st.sampling.needs_history
-            ]
-            if behind:
-                self._read_previous_tokens(behind)
-            plain = True
-            for state in sampling:  # one pass: this runs for every request every step
-                # outputs before this step's that only the device has
-                state.sampling.num_unseen = state.num_pending - state.num_seen_ahead
-                state.num_pending += 1
-                plain = plain and state.plain_greedy
-            rows = logits[: len(ids)]  # [num_sampled, vocab]
-            if plain:  # argmax: no sampler metadata, no logprobs
-                top = argmax[: len(ids)] if argmax is not None else argmax_rows(rows)  # [n]
-            else:
-                states = [s.sampling for s in sampling]
-                metadata = SamplingMetadata.build(states, self.vocab_size, self.device)
-                result = self.model.sample(rows, metadata)
-                top, logprob_tensors = result.sampled_token_ids, result.logprobs  # [n]
-                wanted = [s.params.logprobs for s in states]
-            self._last_sampled = top
-            self._last_sampled_rows = dict(zip(ids, range(len(ids))))
-        prompt = self._prompt_logprob_tensors(logits, inputs)
-        to_copy = [top, logprob_tensors, *(tensors for _, tensors, _ in prompt)]
-        copies, copied = _to_host(to_copy)
-        if ids:
-            self._last_host = (self._last_sampled_rows, copies[0], copied)
-
-        def finish() -> RunnerOutput:
-            if copied is not None:
-                copied.synchronize()
-            host_top, host_logprobs, *host_prompt = copies
-            sampled = dict(zip(ids, host_top.tolist())) if host_top is not None else {}
-            logprobs: dict[str, TokenLogprobs] = {}
-            if host_logprobs is not None:
-                logprobs = _split_logprobs(host_logprobs, ids, wanted)
-            prompt_logprobs = {
-                rid: list(_rows_to_token_logprobs(tensors, [num_top] * len(tensors.ranks)))
-                for (rid, _, num_top), tensors in zip(prompt, host_prompt)
-            }
-            return RunnerOutput(sampled, logprobs, prompt_logprobs)
-
-        return finish
-
-    def _read_previous_tokens(self, states: list[RunnerRequestState]) -> None:
-        """Append the previous step's token, which the scheduler has not handed back yet, to the
-        sampler history of requests whose samplers read token values. Waits for that step's
-        copy to the host only: this step's forward is already queued behind it."""
-        assert self._last_host is not None, "a pending token without a previous step"
-        rows, host_top, copied = self._last_host
-        if copied is not None:
-            copied.synchronize()
-        values = host_top.tolist()
-        for state in states:
-            row = rows.get(state.request_id)
-            if row is None or state.num_pending - state.num_seen_ahead != 1:
-                raise ValueError(
-                    f"request {state.request_id!r} has {state.num_pending} pending tokens; only "
-                    "the previous step's can be read ahead"
-                )
-            state.sampling.output_token_ids.append(values[row])
-            state.num_seen_ahead += 1
-
-    def _prompt_logprob_tensors(
-        self, logits: torch.Tensor, inputs: StepInputs
-    ) -> list[tuple[str, LogprobsTensors, int]]:
-        out = []
-        for rid, first_row, targets in inputs.prompt_logprob_rows:
-            num_top = self.requests[rid].sampling.params.prompt_logprobs or 0
-            rows = logits[first_row : first_row + len(targets)]
-            target_ids = to_device(targets, logits.device, torch.long)  # [len(targets)]
-            out.append((rid, compute_prompt_logprobs(rows, target_ids, num_top), num_top))
-        return out
-
     def shutdown(self) -> None:
         self.requests.clear()
         self.graphs = None
@@ -378,68 +281,3 @@ def _profile_params():  # noqa: ANN202 - SamplingParams, imported lazily to keep
     from paphos.sampling_params import SamplingParams
 
     return SamplingParams(temperature=0)
-
-
-def _is_plain_greedy(state: RequestSamplingState) -> bool:
-    """Greedy with nothing that could move the argmax and no logprobs: the sampled token is the
-    argmax of the raw logits, so the shared Sampler (and its per-step metadata) can be skipped.
-    Decided once per request (min_tokens requests always take the Sampler, which bans stops)."""
-    p = state.params
-    return (
-        state.is_greedy
-        and not state.samplers
-        and not state.custom_bans
-        and not state.bad_words
-        and not p.logit_bias
-        and p.allowed_token_ids is None
-        and p.logprobs is None
-        and (p.min_tokens == 0 or not state.min_tokens_bans)
-    )
-
-
-def _split_logprobs(
-    tensors: LogprobsTensors, request_ids: list[str], wanted: list[int | None]
-) -> dict[str, TokenLogprobs]:
-    rows = _rows_to_token_logprobs(tensors, [w or 0 for w in wanted])
-    return {rid: row for rid, want, row in zip(request_ids, wanted, rows) if want is not None}
-
-
-def _to_host(
-    items: list[torch.Tensor | LogprobsTensors | None],
-) -> tuple[list[Any], torch.cuda.Event | None]:
-    """Start non-blocking copies of device tensors into pinned host memory; returns the host
-    copies (same structure) and an event recorded after them (None: nothing was on a GPU)."""
-    on_device = any(_device_of(item) == "cuda" for item in items)
-    if not on_device:
-        return list(items), None
-
-    def copy(t: torch.Tensor) -> torch.Tensor:
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # [*t.shape]
-        return host.copy_(t, non_blocking=True)
-
-    copies: list[Any] = []
-    for item in items:
-        if isinstance(item, LogprobsTensors):
-            copies.append(
-                LogprobsTensors(copy(item.token_ids), copy(item.logprobs), copy(item.ranks))
-            )
-        else:
-            copies.append(None if item is None else copy(item))
-    event = torch.cuda.Event()
-    event.record()
-    return copies, event
-
-
-def _device_of(item: torch.Tensor | LogprobsTensors | None) -> str | None:
-    if item is None:
-        return None
-    tensor = item if isinstance(item, torch.Tensor) else item.token_ids
-    return tensor.device.type
-
-
-def _rows_to_token_logprobs(tensors: LogprobsTensors, num_top: list[int]):  # noqa: ANN202
-    ids, values = tensors.token_ids.tolist(), tensors.logprobs.tolist()
-    ranks = tensors.ranks.tolist()
-    for i, n in enumerate(num_top):
-        k = n + 1
-        yield TokenLogprobs(tuple(ids[i][:k]), tuple(values[i][:k]), tuple(ranks[i][:k]))
