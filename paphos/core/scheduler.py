@@ -195,6 +195,18 @@ class Scheduler:
                 updates.append(update)
         return updates
 
+    def discard(self, scheduler_output: SchedulerOutput) -> None:
+        """Take back a scheduled step that never ran (its launch failed): its requests' computed
+        and pending tokens return to where they were and blocks stay allocated. Whether the
+        runner applied the step's message is unknown, so callers then abort those requests (as
+        AsyncEngine does after a failed step)."""
+        for entry in reversed(self._scheduled.pop(scheduler_output.step_id, [])):
+            request = entry.request
+            if request.is_finished or request.num_computed_tokens != entry.start + entry.num_tokens:
+                continue  # finished, or preempted since: nothing of this step is left on it
+            request.num_computed_tokens = entry.start
+            request.num_pending_tokens -= entry.samples
+
     def _update_request(
         self, entry: _Scheduled, runner_output: RunnerOutput
     ) -> RequestUpdate | None:

@@ -237,7 +237,11 @@ class Engine:
             self._finish_step(*self._in_flight, touched)
             self._in_flight = None
         scheduler_output = self.scheduler.schedule()
-        handle = self.executor.execute_async(scheduler_output)
+        try:
+            handle = self.executor.execute_async(scheduler_output)
+        except BaseException:
+            self.scheduler.discard(scheduler_output)
+            raise
         if self._in_flight is not None:
             self.num_overlapped_steps += 1
             self._finish_step(*self._in_flight, touched)

@@ -150,3 +150,34 @@ def test_seeds_min_tokens_and_mirostat_keep_the_overlap_and_equal_one_step_at_a_
     assert actual == expected
     assert overlapped > 10
     assert len(expected[2]) >= 12 and 40 not in expected[2][:12]  # greedy alone stops at 3
+
+
+def test_a_failed_launch_is_taken_back_and_the_engine_serves_on(peaked_llama):  # noqa: F811
+    llm = _llm(peaked_llama, async_scheduling=True)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for i, prompt in enumerate(_prompts()[:3]):
+        engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, params)
+    for _ in range(3):
+        engine.step()
+    runner = engine.executor.runner
+    launch = runner.execute_async
+
+    def fail_once(scheduler_output):  # noqa: ANN001, ANN202
+        runner.execute_async = launch
+        raise RuntimeError("injected launch failure")
+
+    runner.execute_async = fail_once
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    engine.abort_request(["r0", "r1", "r2"])  # what AsyncEngine does after a failed step
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.scheduler._scheduled == {}  # noqa: SLF001 - no step left behind
+    engine.scheduler.check_invariants()
+    stats = engine.get_stats()
+    assert stats.num_free_kv_blocks == stats.num_kv_blocks
+    prompt = {"prompt_token_ids": _prompts()[3]}
+    again = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    fresh = _llm(peaked_llama, async_scheduling=False).generate(prompt, params, use_tqdm=False)
+    assert again == fresh[0].outputs[0].token_ids

@@ -185,3 +185,19 @@ def test_updating_a_step_twice_is_refused() -> None:
     scheduler.update(out, RunnerOutput({"a": 9}))
     with pytest.raises(ValueError, match="step"):
         scheduler.update(out, RunnerOutput({"a": 9}))
+
+
+def test_a_discarded_step_returns_its_tokens_to_be_scheduled_again() -> None:
+    scheduler = make_scheduler()
+    request = make_request("a", [7, 8, 9], max_tokens=4)
+    scheduler.add_request(request)
+    first = scheduler.schedule()
+    assert request.num_computed_tokens == 3 and request.num_pending_tokens == 1
+    scheduler.discard(first)
+    assert request.num_computed_tokens == 0 and request.num_pending_tokens == 0
+    again = scheduler.schedule()
+    assert again.num_scheduled_tokens == {"a": 3}
+    with pytest.raises(ValueError, match="step"):
+        scheduler.update(first, RunnerOutput({"a": 1}))  # discarded: gone
+    scheduler.update(again, RunnerOutput({"a": 1}))
+    assert request.output_token_ids == [1]
