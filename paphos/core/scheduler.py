@@ -31,7 +31,7 @@ from paphos.core.stopping import check_stop
 from paphos.request import Request, RequestStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestUpdate:
     """What one step did to one request: tokens appended, their logprobs, and whether it ended."""
 
@@ -337,7 +337,9 @@ class Scheduler:
                 known_outputs = num_known - len(request.prompt_token_ids)  # >= 0: prompt sent
                 fresh = tuple(outputs[known_outputs:]) if known_outputs < len(outputs) else ()
                 cached_requests.append(
-                    CachedRequestData(req_id, fresh, tuple(new_block_ids), start)
+                    CachedRequestData(
+                        req_id, fresh, tuple(new_block_ids) if new_block_ids else (), start
+                    )
                 )
             num_tokens_known = request.num_tokens
             runner_tokens[req_id] = num_tokens_known
