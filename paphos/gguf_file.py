@@ -42,6 +42,11 @@ _STRING, _ARRAY = 8, 9
 _MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 # Architectures whose q/k rows llama.cpp's converter permuted for its interleaved rotary.
 _PERMUTED_QK_ARCHS = frozenset({"llama"})
+# Per-dimension rotary frequency divisors llama.cpp writes for Llama 3.1+ (its form of "llama3" rope
+# scaling, which then has no metadata keys): read into the config, not loaded as a weight.
+ROPE_FREQS = "rope_freqs.weight"
+# The config attribute that carries them (head_dim // 2 floats; inv_freq is divided by them).
+ROPE_FREQ_FACTORS_ATTR = "rope_freq_factors"
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -187,7 +192,20 @@ def hf_config_from_gguf(path: str) -> Any:
     if "vocab_size" not in config_dict and tokens is not None:
         config_dict["vocab_size"] = len(tokens)
     _fill_head_dim(contents, config_dict)
+    factors = _rope_freq_factors(contents)
+    if factors is not None:
+        config_dict[ROPE_FREQ_FACTORS_ATTR] = factors
     return AutoConfig.for_model(**config_dict)
+
+
+def _rope_freq_factors(contents: GGUFContents) -> list[float] | None:
+    """The values of the file's rope_freqs tensor (float32), or None when it has none."""
+    info = next((t for t in contents.tensors if t.name == ROPE_FREQS), None)
+    if info is None:
+        return None
+    file_data = np.memmap(contents.path, dtype=np.uint8, mode="r")  # [file_size]
+    values = dequantize_tensor(file_data, info).reshape(-1)  # [head_dim // 2]
+    return [float(v) for v in values]
 
 
 def _model_type(contents: GGUFContents) -> str:
@@ -274,12 +292,13 @@ def read_gguf_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     contents = read_gguf_metadata(path)
     arch = contents.architecture
     _model_type(contents)  # refuse unsupported architectures before any work
-    for info in contents.tensors:
+    weights = [t for t in contents.tensors if t.name != ROPE_FREQS]  # that one is config
+    for info in weights:
         gguf_to_hf_name(info.name)  # fail on an unknown name before dequantizing anything
     num_heads = int(contents.metadata.get(f"{arch}.attention.head_count", 0))
     num_kv_heads = int(contents.metadata.get(f"{arch}.attention.head_count_kv", num_heads))
     file_data = np.memmap(path, dtype=np.uint8, mode="r")  # [file_size]
-    for info in contents.tensors:
+    for info in weights:
         values = dequantize_tensor(file_data, info)
         if arch in _PERMUTED_QK_ARCHS and ".attn_q." in info.name:
             values = unpermute_rotary_rows(values, num_heads)

@@ -1,4 +1,5 @@
-"""Rotary position embeddings: a cos/sin table built once (default, linear and llama3 scaling)."""
+"""Rotary position embeddings: a cos/sin table built once (default, linear and llama3 scaling, or
+llama.cpp's per-dimension frequency factors, its form of llama3 scaling in GGUF files)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,19 @@ class RotaryEmbedding(nn.Module):
         base: float,
         is_neox_style: bool = True,
         rope_scaling: dict[str, Any] | None = None,
+        freq_factors: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.head_size = head_size
         self.is_neox_style = is_neox_style
         inv_freq = _inv_freq(base, rotary_dim, rope_scaling)  # [rotary_dim // 2]
+        if freq_factors is not None:
+            if len(freq_factors) != rotary_dim // 2:
+                raise ValueError(
+                    f"rope frequency factors: {len(freq_factors)} values for a rotary dimension "
+                    f"of {rotary_dim} (expected {rotary_dim // 2})"
+                )
+            inv_freq = inv_freq / torch.tensor(freq_factors, dtype=torch.float32)  # [dim // 2]
         max_position = int(max_position * _position_factor(rope_scaling))
         t = torch.arange(max_position, dtype=torch.float32)  # [max_position]
         freqs = torch.outer(t, inv_freq)  # [max_position, rotary_dim // 2]
@@ -47,8 +56,12 @@ def get_rope(
     base: float,
     rope_scaling: dict[str, Any] | None = None,
     is_neox_style: bool = True,
+    freq_factors: list[float] | None = None,
 ) -> RotaryEmbedding:
-    return RotaryEmbedding(head_size, rotary_dim, max_position, base, is_neox_style, rope_scaling)
+    """`freq_factors` (llama.cpp's rope_freqs) divide the frequencies after any scaling."""
+    return RotaryEmbedding(
+        head_size, rotary_dim, max_position, base, is_neox_style, rope_scaling, freq_factors
+    )
 
 
 def _rope_type(rope_scaling: dict[str, Any] | None) -> str:

@@ -87,7 +87,12 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         theta, scaling = rope_settings(hf_config)
         self.rotary_emb = get_rope(
-            head_dim, head_dim, hf_config.max_position_embeddings, theta, scaling
+            head_dim,
+            head_dim,
+            hf_config.max_position_embeddings,
+            theta,
+            scaling,
+            freq_factors=getattr(hf_config, "rope_freq_factors", None),  # from a GGUF file
         )
         self.attn = Attention(num_heads, head_dim, head_dim**-0.5, num_kv_heads)
 

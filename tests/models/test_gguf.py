@@ -7,6 +7,7 @@ round trip; the packaged SmolLM2 Q4_1 file checks parity with transformers' own 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import gguf
@@ -16,6 +17,7 @@ import torch
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+from paphos import LLM, SamplingParams
 from paphos.config import ModelConfig, default_model_path, resolve_model_config
 from paphos.gguf_file import (
     gguf_to_hf_name,
@@ -64,7 +66,12 @@ def _gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{_HF_TO_GGUF['.'.join(module)]}.{suffix}"
 
 
-def _write_tiny_llama_gguf(path: str, config: LlamaConfig, state: dict[str, torch.Tensor]) -> None:
+def _write_tiny_llama_gguf(
+    path: str,
+    config: LlamaConfig,
+    state: dict[str, torch.Tensor],
+    extra_tensors: dict[str, np.ndarray] | None = None,
+) -> None:
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_name("tiny llama")
     writer.add_block_count(config.num_hidden_layers)
@@ -87,6 +94,8 @@ def _write_tiny_llama_gguf(path: str, config: LlamaConfig, state: dict[str, torc
         elif ".k_proj." in hf_name:
             values = _llama_cpp_permute(values, config.num_key_value_heads)
         writer.add_tensor(_gguf_name(hf_name), np.ascontiguousarray(values, dtype=np.float32))
+    for name, values in (extra_tensors or {}).items():
+        writer.add_tensor(name, values)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -246,3 +255,70 @@ def test_smollm2_eos_is_im_end(smollm2_tokenizer):
     ids = eos_token_ids(model_config, tokenizer)
     assert ids == [2]
     assert tokenizer.convert_ids_to_tokens(ids) == ["<|im_end|>"]
+
+
+# ---- Llama 3.1+ GGUF files: llama3 rope scaling as a rope_freqs tensor ---------------------------
+
+
+def _llama_cpp_rope_factors(config: LlamaConfig) -> np.ndarray:
+    """What llama.cpp's converter writes as rope_freqs.weight for llama3 rope scaling (the file
+    then has no scaling metadata): per frequency, the divisor the scaling applies to it."""
+    rope = config.rope_parameters
+    head_dim = config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_context = rope["original_max_position_embeddings"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)  # [head_dim // 2]
+
+
+def test_llama3_gguf_rope_freqs_give_the_llama3_scaled_model(tmp_path):
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_parameters=rope,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).float().eval()
+    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    path = str(tmp_path / "llama3.gguf")
+    factors = _llama_cpp_rope_factors(config)
+    assert (factors != 1).any() and (factors == 8).any()  # the scaling touches these dims
+    _write_tiny_llama_gguf(path, config, state, extra_tensors={"rope_freqs.weight": factors})
+
+    ours = hf_config_from_gguf(path)
+    assert ours.rope_freq_factors == pytest.approx(factors.tolist())
+    assert {name for name, _ in read_gguf_tensors(path)} == set(state)  # not a weight
+    llm = LLM(model=path, dtype="float32", skip_tokenizer_init=True, kv_cache_space=0.01)
+    tokens = torch.randint(3, 96, (150,), generator=torch.Generator().manual_seed(2)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1, logprobs=1)
+    out = llm.generate({"prompt_token_ids": tokens}, params, use_tqdm=False)[0]
+    with torch.no_grad():
+        expected = hf(torch.tensor([tokens])).logits[0].log_softmax(-1)  # [150, vocab]
+    for position, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        token = tokens[position]
+        assert entry[token].logprob == pytest.approx(expected[position - 1, token].item(), abs=1e-4)
+    assert out.outputs[0].token_ids == [int(expected[-1].argmax())]
