@@ -17,7 +17,8 @@ import triton.testing
 
 from paphos.kernels._checks import check_float_dtype
 
-# (BLOCK_N, BLOCK_K, num_warps): every config that won a shape in benchmarks/gemv.py (H100).
+# (BLOCK_N, BLOCK_K, num_warps): every config that won a shape in benchmarks/gemv.py (H100), then
+# two with short K tiles for small models (hidden sizes of a few hundred: not measured yet).
 CONFIGS = (
     (1, 2048, 4),
     (2, 2048, 4),
@@ -25,8 +26,10 @@ CONFIGS = (
     (4, 2048, 4),
     (2, 4096, 4),
     (1, 1024, 2),
+    (8, 512, 4),
+    (16, 256, 4),
 )
-AUTOTUNED = CONFIGS[:4]
+AUTOTUNED = (*CONFIGS[:4], *CONFIGS[6:])
 
 
 @triton.jit
