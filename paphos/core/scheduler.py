@@ -27,7 +27,7 @@ from paphos.core.step_data import (
     SchedulerOutput,
     TokenLogprobs,
 )
-from paphos.core.stopping import check_stop
+from paphos.core.stopping import check_stop, length_reached
 from paphos.request import Request, RequestStatus
 
 
@@ -307,19 +307,12 @@ class Scheduler:
 
     def _num_tokens_to_schedule(self, request: Request, token_budget: int) -> int:
         pending = request.num_pending_tokens
-        if pending and self._ends_with_pending(request):
+        if pending and length_reached(request, self.max_model_len, pending):
             return 0  # its pending token ends it (length): computing after it would be waste
         remaining = request.num_tokens + pending - request.num_computed_tokens
         if remaining > token_budget and not self.config.enable_chunked_prefill:
             return 0
         return min(remaining, token_budget)
-
-    def _ends_with_pending(self, request: Request) -> bool:
-        max_tokens = request.sampling_params.max_tokens
-        num_outputs = request.num_output_tokens + request.num_pending_tokens
-        if max_tokens is not None and num_outputs >= max_tokens:
-            return True
-        return request.num_tokens + request.num_pending_tokens >= self.max_model_len
 
     def _build_output(self, plan: _StepPlan, step_id: int) -> SchedulerOutput:
         """The runner's message for the plan; then count the step's tokens as computed and the

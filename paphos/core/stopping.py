@@ -23,8 +23,15 @@ def check_stop(request: Request, max_model_len: int) -> RequestStatus | None:
         if token_id in params.stop_token_ids:
             request.stop_reason = token_id
             return RequestStatus.FINISHED_STOPPED
-    if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
-        return RequestStatus.FINISHED_LENGTH
-    if request.num_tokens >= max_model_len:
+    if length_reached(request, max_model_len):
         return RequestStatus.FINISHED_LENGTH
     return None
+
+
+def length_reached(request: Request, max_model_len: int, num_pending: int = 0) -> bool:
+    """Whether the request is at a length limit (max_tokens outputs or max_model_len tokens) once
+    its `num_pending` tokens still in flight are counted."""
+    max_tokens = request.sampling_params.max_tokens
+    if max_tokens is not None and request.num_output_tokens + num_pending >= max_tokens:
+        return True
+    return request.num_tokens + num_pending >= max_model_len
