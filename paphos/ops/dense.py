@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import paphos.kernels as triton_kernels
+from paphos.kernels._checks import FLOAT_DTYPES
 from paphos.kernels.cpu import matvec
 
 SMALL_BATCH_ROWS = matvec.MAX_ROWS  # 4
@@ -69,9 +70,6 @@ def linear(
     return reference_linear(x, weight, bias, weight_fp32)
 
 
-_GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
 def _gemv_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """One row against a 2-D weight with contiguous rows: what paphos.kernels.gemv takes."""
     return (
@@ -80,6 +78,6 @@ def _gemv_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dim() == 2
         and weight.stride(1) == 1
         and x.shape[1] == weight.shape[1]
-        and weight.dtype in _GEMV_DTYPES
-        and x.dtype in _GEMV_DTYPES
+        and weight.dtype in FLOAT_DTYPES
+        and x.dtype in FLOAT_DTYPES
     )

@@ -40,11 +40,6 @@ class RunnerRequestState:
     # Sampled by a plain argmax of the raw logits (see model_runner._is_plain_greedy).
     plain_greedy: bool = False
 
-    @property
-    def num_tokens(self) -> int:
-        """Tokens the request has, those only on the device included."""
-        return len(self.token_ids) + self.num_pending
-
 
 @dataclass
 class StepInputs:

@@ -36,8 +36,8 @@ class StepSampling:
         # The last step's sampled ids on the device and each sampling request's row in them.
         self.last_sampled: torch.Tensor | None = None
         self.last_rows: dict[str, int] = {}
-        # The last step's (request id -> row, sampled ids on the host once copied, copy event).
-        self._last_host: tuple[dict[str, int], torch.Tensor, torch.cuda.Event | None] | None = None
+        # The last step's sampled ids on the host (once copied; rows as in last_rows), copy event.
+        self._last_host: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
 
     def sample(
         self,
@@ -82,7 +82,7 @@ class StepSampling:
         to_copy = [top, logprob_tensors, *(tensors for _, tensors, _ in prompt)]
         copies, copied = _to_host(to_copy)
         if ids:
-            self._last_host = (self.last_rows, copies[0], copied)
+            self._last_host = (copies[0], copied)
 
         def finish() -> RunnerOutput:
             if copied is not None:
@@ -105,18 +105,18 @@ class StepSampling:
         sampler history of requests whose samplers read token values. Waits for that step's
         copy to the host only: this step's forward is already queued behind it."""
         assert self._last_host is not None, "a pending token without a previous step"
-        rows, host_top, copied = self._last_host
+        host_top, copied = self._last_host
         if copied is not None:
             copied.synchronize()
         values = host_top.tolist()
         for state in states:
-            row = rows.get(state.request_id)
+            row = self.last_rows.get(state.request_id)
             if row is None or state.num_pending - state.num_seen_ahead != 1:
                 raise ValueError(
                     f"request {state.request_id!r} has {state.num_pending} pending tokens; only "
                     "the previous step's can be read ahead"
                 )
-            state.sampling.output_token_ids.append(values[row])
+            state.sampling.append_output_token(values[row])
             state.num_seen_ahead += 1
 
     def _prompt_logprob_tensors(
