@@ -63,10 +63,11 @@ def copy_bandwidth() -> float:
     return 2 * (1 << 30) / sorted(times[2:])[len(times[2:]) // 2]
 
 
-def make_models(shape: str, workdir: Path):  # noqa: ANN201 - (hf model, LlamaConfig)
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(shape: str):  # noqa: ANN201 - LlamaConfig
+    """The Llama-3-shaped config of `shape` (bf16, 128K vocabulary)."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=128256,
         max_position_embeddings=8192,
         rope_theta=500000.0,
@@ -76,6 +77,12 @@ def make_models(shape: str, workdir: Path):  # noqa: ANN201 - (hf model, LlamaCo
         dtype="bfloat16",
         **SHAPES[shape],
     )
+
+
+def make_models(shape: str, workdir: Path):  # noqa: ANN201 - (hf model, LlamaConfig)
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(shape)
     config.save_pretrained(workdir)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)

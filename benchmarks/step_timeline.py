@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu import SHAPES  # noqa: E402
+from gpu import SHAPES, llama_config  # noqa: E402
 from latency import _timed, random_prompts  # noqa: E402
 
 
@@ -28,18 +28,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     args = parser.parse_args()
-    from transformers import LlamaConfig
-
     from paphos import LLM, SamplingParams
 
     workdir = Path(tempfile.mkdtemp(prefix="paphos_timeline_"))
-    LlamaConfig(
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        architectures=["LlamaForCausalLM"],
-        dtype="bfloat16",
-        **SHAPES[args.shape],
-    ).save_pretrained(workdir)
+    llama_config(args.shape).save_pretrained(workdir)
     extra = {}
     if args.max_num_batched_tokens:
         extra["max_num_batched_tokens"] = args.max_num_batched_tokens
