@@ -268,11 +268,17 @@ CPU_TOKEN_BUDGET, CUDA_TOKEN_BUDGET = 2048, 8192
 def default_token_budget(device: str) -> int:
     """max_num_batched_tokens when none is given: larger on CUDA, where fewer prefill steps mean
     fewer eager launches (measured, H100, 256 prompts of 128: 2048 -> 8192 gave +19% tok/s)."""
-    if device == "auto":
-        import torch  # only here: the config itself does not need torch
+    return CUDA_TOKEN_BUDGET if auto_device(device) == "cuda" else CPU_TOKEN_BUDGET
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return CUDA_TOKEN_BUDGET if device == "cuda" else CPU_TOKEN_BUDGET
+
+def auto_device(device: str) -> str:
+    """The device type `device` names: 'auto' is 'cuda' where a CUDA device is available, else
+    'cpu'; any other name is itself."""
+    if device != "auto":
+        return device
+    import torch  # only here: the config itself does not need torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_model_config(config: ModelConfig) -> ModelConfig:

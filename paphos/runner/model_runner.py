@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from paphos.config import EngineConfig
+from paphos.config import EngineConfig, auto_device
 from paphos.core.step_data import RunnerOutput, SchedulerOutput, StepHandle
 from paphos.layers.sampler import (
     RequestSamplingState,
@@ -36,11 +36,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
+    name = auto_device(requested)
+    if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA device is available")
-    return torch.device(requested)
+    return torch.device(name)
 
 
 def resolve_dtype(requested: str, hf_config: object, device: torch.device) -> torch.dtype:
