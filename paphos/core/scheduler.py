@@ -66,14 +66,12 @@ class _StepPlan:
     """What `schedule()` decided so far in this step (batch order = insertion order)."""
 
     token_budget: int
-    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     # (request, tokens it computes, blocks allocated for them), in batch order
     entries: list[tuple[Request, int, list[int]]] = field(default_factory=list)
     admitted: list[Request] = field(default_factory=list)
     num_preempted: int = 0
 
     def add(self, request: Request, num_tokens: int, new_block_ids: list[int]) -> None:
-        self.num_scheduled_tokens[request.request_id] = num_tokens
         self.entries.append((request, num_tokens, new_block_ids))
         self.token_budget -= num_tokens
 
@@ -318,9 +316,11 @@ class Scheduler:
         """The runner's message for the plan; then count the step's tokens as computed and the
         tokens it samples as pending (one pass: this runs for every request every step)."""
         new_requests, cached_requests, entries = [], [], []
+        num_scheduled_tokens: dict[str, int] = {}
         runner_tokens = self._num_runner_tokens
         for request, num_tokens, new_block_ids in plan.entries:
             req_id = request.request_id
+            num_scheduled_tokens[req_id] = num_tokens
             start = request.num_computed_tokens
             num_known = runner_tokens.get(req_id)
             if num_known is None:
@@ -345,8 +345,8 @@ class Scheduler:
         return SchedulerOutput(
             new_requests=tuple(new_requests),
             cached_requests=tuple(cached_requests),
-            num_scheduled_tokens=dict(plan.num_scheduled_tokens),
-            total_num_scheduled_tokens=sum(plan.num_scheduled_tokens.values()),
+            num_scheduled_tokens=num_scheduled_tokens,
+            total_num_scheduled_tokens=sum(num_scheduled_tokens.values()),
             finished_request_ids=forget_ids,
             step_id=step_id,
         )
