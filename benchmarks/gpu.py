@@ -300,7 +300,19 @@ def main() -> None:
     parser.add_argument("--shapes", default="1b,8b")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="write every number as JSON here")
+    parser.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        help="run without this Triton kernel of paphos.kernels.CUDA_KERNELS (e.g. skinny_gemm: "
+        "cuBLAS instead), to compare",
+    )
     args = parser.parse_args()
+    from paphos.kernels import CUDA_KERNELS
+
+    for name in args.without:
+        CUDA_KERNELS.pop(name)
+        print(f"without the {name} kernel")
     args.out_dir = args.out.parent if args.out else None
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA device")

@@ -21,6 +21,7 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
     from paphos.kernels.paged_attention import paged_attention
     from paphos.kernels.rms_norm import fused_add_rms_norm, rms_norm
     from paphos.kernels.rotary import rotary_embedding
+    from paphos.kernels.skinny_gemm import skinny_gemm
 
     return {
         "rms_norm": rms_norm,
@@ -30,6 +31,7 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
         "write_kv_cache": write_kv_cache,
         "paged_attention": paged_attention,
         "gemv": gemv,  # one-row linear layers (ops.dense); not a registry op
+        "skinny_gemm": skinny_gemm,  # 2-64-row linear layers (ops.dense); not a registry op
     }
 
 

@@ -40,3 +40,21 @@ def rows_of(name: str, t: torch.Tensor, width: int) -> torch.Tensor:
     if rows.stride(-1) != 1:
         rows = rows.contiguous()  # [num_rows, width]
     return rows
+
+
+SKINNY_GEMM_MAX_ROWS = 64  # CUDA rows up to which the Triton skinny GEMM beats cuBLAS
+
+
+def takes_skinny_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """What paphos.kernels.skinny_gemm takes: x [M, K] with 2 <= M <= SKINNY_GEMM_MAX_ROWS, weight
+    [N, K] with contiguous rows, both float16 or both bfloat16 (float32 stays on cuBLAS, which keeps
+    it exact where tl.dot would round to tf32)."""
+    return (
+        x.dim() == 2
+        and 2 <= x.shape[0] <= SKINNY_GEMM_MAX_ROWS
+        and weight.dim() == 2
+        and x.shape[1] == weight.shape[1]
+        and weight.stride(1) == 1
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and weight.dtype == x.dtype
+    )
