@@ -182,8 +182,7 @@ def run_shape(shape: str, bandwidth: float, args: argparse.Namespace) -> dict:
     del llm, runner
     torch.cuda.empty_cache()
     if not args.skip_hf:
-        hf_batches = (1, 64, 256) if shape == "1b" else (1, 64)
-        row["hf"] = {b: hf_generate(hf, b, vocab) for b in hf_batches}
+        row["hf"] = {b: hf_generate(hf, b, vocab) for b in (1, 64, 256)}
     del hf
     torch.cuda.empty_cache()
     return row

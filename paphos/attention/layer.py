@@ -1,5 +1,9 @@
 """The only way a model does attention: write this step's K/V into the paged cache, attend over it.
 
+A model may hand its rotary embedding to the layer (`rotary_emb=`, `positions=`): the layer then
+rotates q and k itself, and where the device has a fused kernel (CUDA) the rotation and the cache
+write are one launch.
+
 The implementation (torch reference on CPU, Triton on CUDA) is picked once when the layer is built.
 A kernel that takes the batch's host-side bounds (`max_query_len`, `max_seq_len`) gets them from the
 metadata: with them the Triton path launches no prefill kernel for decode-only batches and sizes its
@@ -9,17 +13,35 @@ decode split count from a bound that stays fixed across CUDA graph replays.
 from __future__ import annotations
 
 import inspect
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from paphos.attention.metadata import AttentionMetadata
-from paphos.ops.registry import pick
+from paphos.ops.registry import pick, pick_fast
+
+
+class Rotary(Protocol):
+    """What the layer needs of a rotary embedding (paphos.layers.rotary.RotaryEmbedding)."""
+
+    cos_sin_cache: torch.Tensor  # [max_position, rot_dim]
+    head_size: int
+    is_neox_style: bool
+
+    def __call__(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class Attention(nn.Module):
     def __init__(
-        self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        rotary_emb: Rotary | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -32,6 +54,10 @@ class Attention(nn.Module):
             )
         device_type = torch.empty(0).device.type
         self._write_kv_cache = pick("write_kv_cache", device_type)
+        self.rotary_emb = rotary_emb  # the model's own module, shared (no weights)
+        self._rotary_and_write_kv = None
+        if rotary_emb is not None:
+            self._rotary_and_write_kv = pick_fast("rotary_and_write_kv", device_type)
         self._paged_attention = pick("paged_attention", device_type)
         params = inspect.signature(self._paged_attention).parameters
         self._takes_bounds = "max_query_len" in params and "max_seq_len" in params
@@ -43,14 +69,14 @@ class Attention(nn.Module):
         value: torch.Tensor,
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """query: [num_tokens, num_heads * head_size]; key/value: [num_tokens, num_kv_heads *
-        head_size]. Returns [num_tokens, num_heads * head_size]."""
+        head_size]; positions [num_tokens] when the layer has a rotary embedding.
+        Returns [num_tokens, num_heads * head_size]."""
         num_tokens = query.shape[0]
+        query = self._rotate_and_write_kv(query, key, value, kv_cache, attn_metadata, positions)
         q = query.view(num_tokens, self.num_heads, self.head_size)
-        k = key.view(num_tokens, self.num_kv_heads, self.head_size)
-        v = value.view(num_tokens, self.num_kv_heads, self.head_size)
-        self._write_kv_cache(k, v, kv_cache, attn_metadata.slot_mapping)
         bounds = {}
         if self._takes_bounds:
             bounds = {
@@ -67,3 +93,35 @@ class Attention(nn.Module):
             **bounds,
         )  # [num_tokens, num_heads, head_size]
         return out.reshape(num_tokens, self.num_heads * self.head_size)
+
+    def _rotate_and_write_kv(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        positions: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Rotate q and k (with a rotary embedding), write k and v to the cache; returns q."""
+        rope = self.rotary_emb
+        if rope is not None and positions is None:
+            raise ValueError("this Attention layer has a rotary embedding: pass positions=")
+        slots = attn_metadata.slot_mapping
+        if rope is not None and self._rotary_and_write_kv is not None:
+            return self._rotary_and_write_kv(
+                positions,
+                query,
+                key,
+                value,
+                rope.cos_sin_cache,
+                rope.head_size,
+                rope.is_neox_style,
+                kv_cache,
+                slots,
+            )  # [num_tokens, num_heads * head_size]
+        if rope is not None:
+            query, key = rope(positions, query, key)
+        shape = (query.shape[0], self.num_kv_heads, self.head_size)
+        self._write_kv_cache(key.view(shape), value.view(shape), kv_cache, slots)
+        return query

@@ -20,7 +20,7 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
     from paphos.kernels.kv_cache import write_kv_cache
     from paphos.kernels.paged_attention import paged_attention
     from paphos.kernels.rms_norm import fused_add_rms_norm, rms_norm
-    from paphos.kernels.rotary import rotary_embedding
+    from paphos.kernels.rotary import rotary_and_write_kv, rotary_embedding
     from paphos.kernels.skinny_gemm import skinny_gemm
 
     return {
@@ -28,6 +28,7 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
         "fused_add_rms_norm": fused_add_rms_norm,
         "silu_and_mul": silu_and_mul,
         "rotary_embedding": rotary_embedding,
+        "rotary_and_write_kv": rotary_and_write_kv,
         "write_kv_cache": write_kv_cache,
         "paged_attention": paged_attention,
         "gemv": gemv,  # one-row linear layers (ops.dense); not a registry op

@@ -43,7 +43,7 @@ def _write_kv_kernel(
         tl.store(dst + stride_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(
+def check_kv_write(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     check_dim("key", key, 3)
@@ -74,7 +74,7 @@ def write_kv_cache(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """key, value: [num_tokens, num_kv_heads, head_size]; as paphos.ops.kv_cache.write_kv_cache."""
-    _check(key, value, kv_cache, slot_mapping)
+    check_kv_write(key, value, kv_cache, slot_mapping)
     num_tokens, num_kv_heads, head_size = key.shape
     if key.stride(2) != 1:
         key = key.contiguous()  # [num_tokens, num_kv_heads, head_size]

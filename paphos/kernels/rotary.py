@@ -1,4 +1,6 @@
-"""Triton rotary embedding: one program per token rotates all query and key heads, cos/sin once.
+"""Triton rotary embedding: one program per token rotates all query and key heads, cos/sin once;
+`rotary_and_write_kv` also writes the rotated keys and the values into the paged KV cache in the
+same launch (one kernel per layer fewer than rotary + paphos.kernels.kv_cache).
 
 Writes new tensors (the reference does not modify its inputs); dims past rot_dim are copied through.
 neox style rotates the halves of the first rot_dim dims, gptj style interleaved pairs.
@@ -11,15 +13,13 @@ import triton
 import triton.language as tl
 
 from paphos.kernels._checks import check_dim, check_float_dtype, check_same_device
+from paphos.kernels.kv_cache import check_kv_write
 
 
 @triton.jit
 def _rotate_heads(
-    x_ptr,
-    out_ptr,
-    stride_x,
-    stride_out,
-    token,
+    src,
+    dst,
     num_heads,
     cos,
     sin,
@@ -30,6 +30,7 @@ def _rotate_heads(
     BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
 ):
+    """Rotate the heads of one token row: src and dst point at the row's first head."""
     heads = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
     pairs = tl.arange(0, BLOCK_HALF)[None, :]  # [1, BLOCK_HALF]
     mask = (heads < num_heads) & (pairs < HALF)
@@ -39,17 +40,17 @@ def _rotate_heads(
     else:
         i1 = pairs * 2
         i2 = pairs * 2 + 1
-    src = x_ptr + token * stride_x + heads * HEAD_SIZE
-    dst = out_ptr + token * stride_out + heads * HEAD_SIZE
-    x1 = tl.load(src + i1, mask=mask, other=0.0)
+    src = src + heads * HEAD_SIZE
+    dst = dst + heads * HEAD_SIZE
+    x1 = tl.load(src + i1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + i2, mask=mask, other=0.0).to(tl.float32)
-    x1f = x1.to(tl.float32)
-    tl.store(dst + i1, (x1f * cos - x2 * sin).to(x1.dtype), mask=mask)
-    tl.store(dst + i2, (x2 * cos + x1f * sin).to(x1.dtype), mask=mask)
+    out_type = dst.dtype.element_ty
+    tl.store(dst + i1, (x1 * cos - x2 * sin).to(out_type), mask=mask)
+    tl.store(dst + i2, (x2 * cos + x1 * sin).to(out_type), mask=mask)
     if BLOCK_PASS > 0:
         rest = 2 * HALF + tl.arange(0, BLOCK_PASS)[None, :]  # [1, BLOCK_PASS]
         pass_mask = (heads < num_heads) & (rest < HEAD_SIZE)
-        tl.store(dst + rest, tl.load(src + rest, mask=pass_mask), mask=pass_mask)
+        tl.store(dst + rest, tl.load(src + rest, mask=pass_mask).to(out_type), mask=pass_mask)
 
 
 @triton.jit
@@ -60,20 +61,27 @@ def _rotary_kernel(
     cache_ptr,
     q_out_ptr,
     k_out_ptr,
+    v_ptr,
+    kv_cache_ptr,
+    slot_ptr,
     stride_q,
     stride_k,
     stride_q_out,
     stride_k_out,
+    stride_v,
     stride_cache,
+    stride_kv,
     num_q_heads,
     num_k_heads,
     HEAD_SIZE: tl.constexpr,
     HALF: tl.constexpr,
     IS_NEOX: tl.constexpr,
+    WRITE_KV: tl.constexpr,  # rotated keys and the values go to the paged cache, not k_out
     BLOCK_QH: tl.constexpr,
     BLOCK_KH: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
@@ -82,11 +90,8 @@ def _rotary_kernel(
     sin = tl.load(cache_ptr + pos * stride_cache + HALF + pairs, mask=pairs < HALF, other=0.0)
     cos, sin = cos.to(tl.float32), sin.to(tl.float32)
     _rotate_heads(
-        q_ptr,
-        q_out_ptr,
-        stride_q,
-        stride_q_out,
-        token,
+        q_ptr + token * stride_q,
+        q_out_ptr + token * stride_q_out,
         num_q_heads,
         cos,
         sin,
@@ -97,22 +102,44 @@ def _rotary_kernel(
         BLOCK_HALF,
         BLOCK_PASS,
     )
-    _rotate_heads(
-        k_ptr,
-        k_out_ptr,
-        stride_k,
-        stride_k_out,
-        token,
-        num_k_heads,
-        cos,
-        sin,
-        HEAD_SIZE,
-        HALF,
-        IS_NEOX,
-        BLOCK_KH,
-        BLOCK_HALF,
-        BLOCK_PASS,
-    )
+    if WRITE_KV:
+        # slot = block * block_size + offset; its row of kv heads is contiguous in the cache
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        if slot >= 0:  # a negative slot is padding (captured CUDA graphs): nothing is written
+            row = kv_cache_ptr + slot * num_k_heads * HEAD_SIZE
+            _rotate_heads(
+                k_ptr + token * stride_k,
+                row,
+                num_k_heads,
+                cos,
+                sin,
+                HEAD_SIZE,
+                HALF,
+                IS_NEOX,
+                BLOCK_KH,
+                BLOCK_HALF,
+                BLOCK_PASS,
+            )
+            heads = tl.arange(0, BLOCK_KH)[:, None]  # [BLOCK_KH, 1]
+            dims = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
+            mask = (heads < num_k_heads) & (dims < HEAD_SIZE)
+            v = tl.load(v_ptr + token * stride_v + heads * HEAD_SIZE + dims, mask=mask)
+            dst = row + stride_kv + heads * HEAD_SIZE + dims
+            tl.store(dst, v.to(kv_cache_ptr.dtype.element_ty), mask=mask)
+    else:
+        _rotate_heads(
+            k_ptr + token * stride_k,
+            k_out_ptr + token * stride_k_out,
+            num_k_heads,
+            cos,
+            sin,
+            HEAD_SIZE,
+            HALF,
+            IS_NEOX,
+            BLOCK_KH,
+            BLOCK_HALF,
+            BLOCK_PASS,
+        )
 
 
 def _check(
@@ -159,36 +186,92 @@ def rotary_embedding(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as paphos.ops.rotary.rotary_embedding; returns new (query, key)."""
     _check(positions, query, key, cos_sin_cache, head_size)
-    q = query if query.stride(1) == 1 else query.contiguous()  # [num_tokens, num_heads * head_size]
     k = key if key.stride(1) == 1 else key.contiguous()  # [num_tokens, num_kv_heads * head_size]
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)  # [num_tokens, k width]
+    q_out = _launch(positions, query, k, k_out, None, None, None, cos_sin_cache, head_size, is_neox)
+    return q_out, k_out
+
+
+def rotary_and_write_kv(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    head_size: int,
+    is_neox: bool,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract as paphos.ops.rotary.rotary_and_write_kv: one launch rotates query and key
+    and writes the rotated keys and the values into their cache slots (the rotated keys are not
+    returned: attention reads them from the cache). Returns the rotated query."""
+    _check(positions, query, key, cos_sin_cache, head_size)
+    num_tokens, num_kv_heads = key.shape[0], key.shape[1] // head_size
+    check_kv_write(
+        key.view(num_tokens, num_kv_heads, head_size),
+        value.view(num_tokens, num_kv_heads, head_size),
+        kv_cache,
+        slot_mapping,
+    )
+    k = key if key.stride(1) == 1 else key.contiguous()  # [num_tokens, num_kv_heads * head_size]
+    v = value if value.stride(1) == 1 else value.contiguous()  # [num_tokens, kv width]
+    return _launch(
+        positions, query, k, None, v, kv_cache, slot_mapping, cos_sin_cache, head_size, is_neox
+    )
+
+
+def _launch(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    key_out: torch.Tensor | None,
+    value: torch.Tensor | None,
+    kv_cache: torch.Tensor | None,
+    slot_mapping: torch.Tensor | None,
+    cos_sin_cache: torch.Tensor,
+    head_size: int,
+    is_neox: bool,
+) -> torch.Tensor:
+    """One program per token; keys to key_out, or with the values to kv_cache when it is given.
+    Returns the rotated query."""
+    q = query if query.stride(1) == 1 else query.contiguous()  # [num_tokens, heads * head_size]
     cache = cos_sin_cache.contiguous()  # [max_position, rot_dim]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [num_tokens, q width]
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)  # [num_tokens, k width]
-    num_q_heads, num_k_heads = q.shape[1] // head_size, k.shape[1] // head_size
+    num_q_heads, num_k_heads = q.shape[1] // head_size, key.shape[1] // head_size
     half = cache.shape[1] // 2
     num_pass = head_size - 2 * half
+    write_kv = kv_cache is not None
+    unused = q_out  # pointer arguments the variant does not touch
     if positions.shape[0] > 0:
         _rotary_kernel[(positions.shape[0],)](
             positions,
             q,
-            k,
+            key,
             cache,
             q_out,
-            k_out,
+            key_out if key_out is not None else unused,
+            value if value is not None else unused,
+            kv_cache if write_kv else unused,
+            slot_mapping if slot_mapping is not None else positions,
             q.stride(0),
-            k.stride(0),
+            key.stride(0),
             q_out.stride(0),
-            k_out.stride(0),
+            key_out.stride(0) if key_out is not None else 0,
+            value.stride(0) if value is not None else 0,
             cache.stride(0),
+            kv_cache.stride(0) if write_kv else 0,
             num_q_heads,
             num_k_heads,
             HEAD_SIZE=head_size,
             HALF=half,
             IS_NEOX=is_neox,
+            WRITE_KV=write_kv,
             BLOCK_QH=triton.next_power_of_2(num_q_heads),
             BLOCK_KH=triton.next_power_of_2(num_k_heads),
             BLOCK_HALF=triton.next_power_of_2(half),
             BLOCK_PASS=triton.next_power_of_2(num_pass) if num_pass else 0,
+            BLOCK_D=triton.next_power_of_2(head_size),
             num_warps=4,
         )
-    return q_out, k_out
+    return q_out

@@ -1,5 +1,5 @@
-"""Zeroed int32 counters for kernels whose last-arriving program finishes a shared result (split-K
-GEMM, split decode attention): one launch instead of a second reduce kernel, and no memset.
+"""Zeroed int32 counters for kernels whose last-arriving program finishes a shared result (the
+split-K skinny GEMM): one launch instead of a second reduce kernel, and no memset.
 
 Invariant: every counter is zero between launches; a launch that takes tickets resets each counter
 it used before it ends. Buffers only grow, and an outgrown buffer is kept alive, because a CUDA

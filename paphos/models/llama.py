@@ -94,7 +94,10 @@ class LlamaAttention(nn.Module):
             scaling,
             freq_factors=getattr(hf_config, "rope_freq_factors", None),  # from a GGUF file
         )
-        self.attn = Attention(num_heads, head_dim, head_dim**-0.5, num_kv_heads)
+        # the layer rotates q and k: on CUDA one kernel with the KV-cache write
+        self.attn = Attention(
+            num_heads, head_dim, head_dim**-0.5, num_kv_heads, rotary_emb=self.rotary_emb
+        )
 
     def forward(
         self,
@@ -105,8 +108,7 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata))
+        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata, positions=positions))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -15,6 +15,7 @@ REFERENCES: dict[str, Callable[..., Any]] = {
     "fused_add_rms_norm": rms_norm.fused_add_rms_norm,
     "silu_and_mul": activation.silu_and_mul,
     "rotary_embedding": rotary.rotary_embedding,
+    "rotary_and_write_kv": rotary.rotary_and_write_kv,
     "write_kv_cache": kv_cache.write_kv_cache,
     "paged_attention": paged_attention.paged_attention,
 }
@@ -22,15 +23,17 @@ REFERENCES: dict[str, Callable[..., Any]] = {
 
 def pick(name: str, device_type: str) -> Callable[..., Any]:
     """The implementation of op `name` for a device type ("cpu" or "cuda")."""
+    return pick_fast(name, device_type) or REFERENCES[name]
+
+
+def pick_fast(name: str, device_type: str) -> Callable[..., Any] | None:
+    """Op `name`'s kernel for a device type, None where there is only the reference (a caller
+    that can compose the op from others keeps their fast versions)."""
     if device_type == "cuda":
-        fast = _cuda_kernels().get(name)
-        if fast is not None:
-            return fast
+        return _cuda_kernels().get(name)
     if device_type == "cpu":
-        fast = _cpu_kernels().get(name)
-        if fast is not None:
-            return fast
-    return REFERENCES[name]
+        return _cpu_kernels().get(name)
+    return None
 
 
 def _cuda_kernels() -> dict[str, Callable[..., Any]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from paphos.ops.kv_cache import write_kv_cache
+
 
 def rotary_embedding(
     positions: torch.Tensor,
@@ -40,3 +42,23 @@ def rotary_embedding(
     out = rotated.to(qk.dtype)  # [num_tokens, num_heads + num_kv_heads, head_size]
     q_out, k_out = out.split([num_q_heads, out.shape[1] - num_q_heads], dim=1)
     return q_out.reshape(num_tokens, -1), k_out.reshape(num_tokens, -1)
+
+
+def rotary_and_write_kv(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    head_size: int,
+    is_neox: bool,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """rotary_embedding, then write_kv_cache of the rotated keys and the values (value: [num_tokens,
+    num_kv_heads * head_size]). Returns the rotated query [num_tokens, num_heads * head_size]."""
+    q, k = rotary_embedding(positions, query, key, cos_sin_cache, head_size, is_neox)
+    num_tokens = positions.shape[0]
+    shape = (num_tokens, -1, head_size)
+    write_kv_cache(k.view(shape), value.reshape(shape), kv_cache, slot_mapping)
+    return q

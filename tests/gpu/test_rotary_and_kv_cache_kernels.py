@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from paphos.ops.kv_cache import write_kv_cache as ref_write_kv_cache
+from paphos.ops.rotary import rotary_and_write_kv as ref_rotary_and_write_kv
 from paphos.ops.rotary import rotary_embedding as ref_rotary_embedding
 from tests.gpu.conftest import TOLERANCE, rel_error
 
@@ -51,6 +52,61 @@ def test_rotary_matches_reference_with_llama3_scaling(device, dtype, is_neox, he
         q_heads = q_out.view(num_tokens, num_heads, head_size)  # [num_tokens, heads, head_size]
         in_heads = query.reshape(num_tokens, num_heads, head_size)
         assert torch.equal(q_heads[..., rot_dim:], in_heads[..., rot_dim:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("head_size,rot_dim", [(64, 64), (128, 128), (256, 256), (128, 64)])
+def test_fused_rotary_and_kv_write_matches_rotary_then_write(
+    device, dtype, is_neox, head_size, rot_dim
+):
+    from paphos.kernels.rotary import rotary_and_write_kv
+
+    num_tokens, num_heads, num_kv_heads, max_position, block_size, num_blocks = (
+        13,
+        8,
+        2,
+        4096,
+        16,
+        6,
+    )
+    cache = llama3_cos_sin_cache(rot_dim, max_position, 500000.0).to(device)  # [pos, rot_dim]
+    positions = torch.randint(0, max_position, (num_tokens,), device=device)  # [num_tokens]
+    qkv_width = (num_heads + 2 * num_kv_heads) * head_size
+    qkv = torch.randn(num_tokens, qkv_width, device=device).to(dtype)  # [num_tokens, qkv_width]
+    q_end, k_end = num_heads * head_size, (num_heads + num_kv_heads) * head_size
+    query, key, value = qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:]  # strided views
+    # [2, num_blocks, block_size, num_kv_heads, head_size], filled so untouched slots show
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_size, device=device)
+    kv_cache = kv_cache.to(dtype)
+    slots = torch.randperm(num_blocks * block_size, device=device)[:num_tokens]  # [num_tokens]
+    slots[3] = -1  # padding: nothing written
+    expected = kv_cache.clone()
+    valid = slots >= 0
+    q_ref = ref_rotary_and_write_kv(
+        positions[valid],
+        query[valid],
+        key[valid],
+        value[valid],
+        cache,
+        head_size,
+        is_neox,
+        expected,
+        slots[valid],
+    )
+    q_out = rotary_and_write_kv(
+        positions, query, key, value, cache, head_size, is_neox, kv_cache, slots
+    )
+    assert rel_error(q_out[valid], q_ref) < TOLERANCE[dtype]
+    assert rel_error(kv_cache, expected) < TOLERANCE[dtype]
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=device)
+    untouched[slots[valid]] = False
+    flat, flat_expected = (
+        kv_cache.view(2, -1, num_kv_heads, head_size),
+        expected.view(2, -1, num_kv_heads, head_size),
+    )
+    assert torch.equal(flat[:, untouched], flat_expected[:, untouched])  # bitwise: not rewritten
+    assert torch.equal(flat[1, slots[valid]], value[valid].reshape(-1, num_kv_heads, head_size))
 
 
 def test_rotary_rejects_rot_dim_wider_than_head(device):
