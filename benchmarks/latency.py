@@ -26,12 +26,16 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> lis
 def measure_decode(llm: Any, batch_size: int, prompt_len: int, new_tokens: int) -> dict:
     """Run batch_size requests to completion through `Engine.step`, timing every step."""
     from paphos import SamplingParams
+    from paphos.outputs import OutputKind
 
     engine = llm.engine
     runner = engine.executor.runner
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for i, p in enumerate(random_prompts(batch_size, prompt_len, engine.vocab_size, batch_size)):
-        engine.add_request(f"lat-{batch_size}-{i}", {"prompt_token_ids": p}, params)
+        # delta outputs, as the server's streams ask for them
+        engine.add_request(
+            f"lat-{batch_size}-{i}", {"prompt_token_ids": p}, params, output_kind=OutputKind.DELTA
+        )
     schedule_s: list[float] = []
     execute_s: list[float] = []
     restore = [

@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     args = parser.parse_args()
     from paphos import LLM, SamplingParams
+    from paphos.outputs import OutputKind
 
     workdir = Path(tempfile.mkdtemp(prefix="paphos_timeline_"))
     llama_config(args.shape).save_pretrained(workdir)
@@ -48,7 +49,9 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
     for rnd in range(2):  # the first round warms up
         for i, p in enumerate(random_prompts(args.batch, 128, 128256, rnd)):
-            engine.add_request(f"{rnd}-{i}", {"prompt_token_ids": p}, params, final_only=True)
+            engine.add_request(
+                f"{rnd}-{i}", {"prompt_token_ids": p}, params, output_kind=OutputKind.FINAL_ONLY
+            )
         sched, launch = [], []
         undo = [
             _timed(engine.scheduler, "schedule", sched),

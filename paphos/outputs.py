@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
+
+
+class OutputKind(Enum):
+    """What `Engine.step()` hands back for a request: its whole output so far every step
+    (CUMULATIVE), only what is new since the last output (DELTA: streaming; no per-step copy of
+    the text and tokens so far), or one output when it finishes (FINAL_ONLY: offline)."""
+
+    CUMULATIVE = "cumulative"
+    DELTA = "delta"
+    FINAL_ONLY = "final_only"
+
 
 # One position's logprobs: token id -> Logprob (the sampled token first, then the top-N).
 LogprobsDict = dict[int, "Logprob"]

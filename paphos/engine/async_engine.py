@@ -6,7 +6,6 @@ event loop talks to it through a command queue, so add/abort never race with a s
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
@@ -14,7 +13,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from paphos.outputs import CompletionOutput, RequestOutput
+from paphos.engine.deltas import merge_delta
+from paphos.outputs import OutputKind, RequestOutput
 from paphos.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -31,21 +31,25 @@ class RequestFailedError(RuntimeError):
 
 
 class RequestStream:
-    """Outputs of one request, as the engine thread publishes them (latest cumulative output wins).
+    """Outputs of one request, as the engine thread publishes them.
 
-    Only the event loop thread touches a stream. Outputs are coalesced: a slow consumer sees the
-    latest cumulative state, never an unbounded backlog.
+    Only the event loop thread touches a stream. Outputs are coalesced: a slow consumer never sees
+    an unbounded backlog, but one output with everything unread (a delta stream merges its unread
+    deltas; a cumulative one keeps the latest).
     """
 
-    def __init__(self, request_id: str, params: SamplingParams) -> None:
+    def __init__(self, request_id: str, params: SamplingParams, delta: bool = True) -> None:
         self.request_id = request_id
         self.params = params
-        self.latest: RequestOutput | None = None
+        self.delta = delta
+        self.latest: RequestOutput | None = None  # unread
         self.error: BaseException | None = None
         self.finished = False
         self._event = asyncio.Event()
 
     def put(self, output: RequestOutput) -> None:
+        if self.delta and self.latest is not None:
+            output = merge_delta(self.latest, output)
         self.latest = output
         self.finished = output.finished
         self._event.set()
@@ -56,13 +60,15 @@ class RequestStream:
         self._event.set()
 
     async def wait(self) -> RequestOutput:
-        """The latest cumulative output after something new arrived; raises the request's error."""
+        """What arrived since the last wait (a delta, or the latest cumulative output); raises the
+        request's error."""
         await self._event.wait()
         self._event.clear()
         if self.error is not None:
             raise self.error
-        assert self.latest is not None
-        return self.latest
+        output, self.latest = self.latest, None
+        assert output is not None
+        return output
 
 
 class AsyncEngine:
@@ -112,20 +118,26 @@ class AsyncEngine:
         prompt: str | dict[str, Any],
         params: SamplingParams,
         arrival_time: float | None = None,
+        delta: bool = True,
     ) -> RequestStream:
-        """Hand the request to the engine; raises ValueError (bad input) before any output."""
+        """Hand the request to the engine; raises ValueError (bad input) before any output. The
+        stream yields deltas (new text/tokens since the last output, built by the engine) or, with
+        `delta=False`, cumulative outputs."""
         self._check_alive()
         if request_id in self._streams:
             raise ValueError(f"request_id={request_id!r} is already in use")
         loop = asyncio.get_running_loop()
         added: asyncio.Future[None] = loop.create_future()
-        stream = RequestStream(request_id, params)
+        stream = RequestStream(request_id, params, delta)
+        kind = OutputKind.DELTA if delta else OutputKind.CUMULATIVE
         self._streams[request_id] = stream
         arrival = time.monotonic() if arrival_time is None else arrival_time
 
         def add() -> None:
             try:
-                self.engine.add_request(request_id, prompt, params, arrival_time=arrival)
+                self.engine.add_request(
+                    request_id, prompt, params, arrival_time=arrival, output_kind=kind
+                )
             except Exception as e:  # noqa: BLE001 - handed to the caller, not swallowed
                 self._reply(added, error=e)
                 return
@@ -149,24 +161,16 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Add the request and yield its outputs: deltas (new text/tokens since the last yield) by
         default, cumulative ones with `delta=False`. Stopping the iteration early aborts it."""
-        stream = await self.add_request(request_id, prompt, params)
-        async for output in self.iterate(stream, delta=delta):
+        stream = await self.add_request(request_id, prompt, params, delta=delta)
+        async for output in self.iterate(stream):
             yield output
 
-    async def iterate(
-        self, stream: RequestStream, *, delta: bool = True
-    ) -> AsyncIterator[RequestOutput]:
+    async def iterate(self, stream: RequestStream) -> AsyncIterator[RequestOutput]:
         """Yield a stream's outputs; a consumer that stops before the end aborts the request."""
-        tracker = DeltaTracker(stream.params) if delta else None
         try:
             while True:
                 output = await stream.wait()
-                if tracker is None:
-                    yield output
-                else:
-                    piece = tracker.step(output)
-                    if piece is not None:
-                        yield piece
+                yield output
                 if output.finished:
                     return
         finally:
@@ -265,45 +269,3 @@ class AsyncEngine:
             raise EngineDeadError(f"engine thread died: {self._dead!r}")
         if self._thread is None:
             raise EngineDeadError("AsyncEngine.start() was not called")
-
-
-class DeltaTracker:
-    """Turns cumulative outputs into deltas. While a request can still hit a stop string, the last
-    `len(longest stop) - 1` characters are held back, so streamed text never shows what the final
-    output trims away."""
-
-    def __init__(self, params: SamplingParams) -> None:
-        longest = max((len(s) for s in params.stop), default=0)
-        self._holdback = 0 if params.include_stop_str_in_output else max(longest - 1, 0)
-        self._num_chars: dict[int, int] = {}
-        self._num_tokens: dict[int, int] = {}
-        self._finished: set[int] = set()
-
-    def step(self, output: RequestOutput) -> RequestOutput | None:
-        """The delta of `output` against what was handed out so far (None if nothing is new)."""
-        pieces = [p for c in output.outputs if (p := self._piece(c, output.finished)) is not None]
-        if not pieces and not output.finished:
-            return None
-        return dataclasses.replace(output, outputs=pieces)
-
-    def _piece(
-        self, completion: CompletionOutput, request_finished: bool
-    ) -> CompletionOutput | None:
-        index = completion.index
-        if index in self._finished:
-            return None
-        done = completion.finished() or request_finished
-        sent_chars = self._num_chars.get(index, 0)
-        sent_tokens = self._num_tokens.get(index, 0)
-        visible = len(completion.text) if done else max(len(completion.text) - self._holdback, 0)
-        visible = max(visible, sent_chars)
-        text = completion.text[sent_chars:visible]
-        token_ids = completion.token_ids[sent_tokens:]
-        if not text and not token_ids and not done:
-            return None
-        self._num_chars[index] = visible
-        self._num_tokens[index] = len(completion.token_ids)
-        if done:
-            self._finished.add(index)
-        logprobs = completion.logprobs[sent_tokens:] if completion.logprobs is not None else None
-        return dataclasses.replace(completion, text=text, token_ids=token_ids, logprobs=logprobs)

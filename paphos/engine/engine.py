@@ -29,7 +29,7 @@ from paphos.engine.sequences import (
     to_logprobs_dict,
 )
 from paphos.models.registry import load_plugins
-from paphos.outputs import RequestMetrics, RequestOutput
+from paphos.outputs import OutputKind, RequestMetrics, RequestOutput
 from paphos.request import Request, RequestStatus
 from paphos.sampling_params import SamplingParams
 from paphos.tokenizer import eos_token_ids, get_tokenizer
@@ -112,10 +112,11 @@ class Engine:
         prompt: Prompt,
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
-        final_only: bool = False,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
     ) -> None:
-        """Queue a request. `final_only`: `step()` returns its output only once it has finished
-        (offline generation needs no intermediate outputs, and building them costs host time)."""
+        """Queue a request. `output_kind`: what `step()` returns for it (paphos.outputs.OutputKind:
+        the whole output so far, only what is new (streams), or one output when finished
+        (offline generation: intermediate outputs cost host time and nobody reads them))."""
         params = params or SamplingParams()
         if request_id in self.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -124,7 +125,7 @@ class Engine:
         num_children = params.best_of or params.n
         metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else now())
         parent = ParentRequest(
-            request_id, text, token_ids, params, [], metrics, final_only=final_only
+            request_id, text, token_ids, params, [], metrics, output_kind=output_kind
         )
         for index in range(num_children):
             child_id = request_id if num_children == 1 else f"{request_id}#{index}"
@@ -250,7 +251,8 @@ class Engine:
             self._in_flight = (scheduler_output, handle)
         else:
             self._finish_step(scheduler_output, handle, touched)
-        return [self._emit(parent) for parent in touched.values() if self._should_emit(parent)]
+        outputs = (parent.next_output(self.tokenizer) for parent in touched.values())
+        return [output for output in outputs if output is not None]
 
     def _finish_step(
         self,
@@ -309,15 +311,6 @@ class Engine:
             if stop is not None and seq.finish_reason is None:
                 seq.finish_reason, seq.stop_reason = "stop", stop
                 self.scheduler.finish_requests([seq.request_id], RequestStatus.FINISHED_STOPPED)
-
-    def _should_emit(self, parent: ParentRequest) -> bool:
-        # best_of picks its n winners only at the end
-        if parent.final_only or len(parent.sequences) != parent.params.n:
-            return parent.finished
-        return True
-
-    def _emit(self, parent: ParentRequest) -> RequestOutput:
-        return parent.to_output(self.tokenizer)
 
     def _forget(self, parent: ParentRequest) -> None:
         self.parents.pop(parent.request_id, None)

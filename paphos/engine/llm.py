@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from paphos.config import EngineConfig
 from paphos.engine.engine import Engine, Prompt
-from paphos.outputs import RequestOutput
+from paphos.outputs import OutputKind, RequestOutput
 from paphos.sampling_params import SamplingParams
 from paphos.tokenizer import apply_chat_template
 
@@ -41,7 +41,9 @@ class LLM:
         try:
             for prompt, params in zip(prompts, params_list):
                 request_id = f"llm-{next(self._ids)}"
-                self.engine.add_request(request_id, prompt, params, final_only=True)
+                self.engine.add_request(
+                    request_id, prompt, params, output_kind=OutputKind.FINAL_ONLY
+                )
                 ids.append(request_id)
         except ValueError:
             self.engine.abort_request(ids)

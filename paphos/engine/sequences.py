@@ -12,8 +12,16 @@ import time
 from dataclasses import dataclass, field
 
 from paphos.core.step_data import TokenLogprobs
+from paphos.engine.deltas import SentState, holdback_chars, next_piece
 from paphos.engine.detokenizer import IncrementalDetokenizer
-from paphos.outputs import CompletionOutput, Logprob, LogprobsDict, RequestMetrics, RequestOutput
+from paphos.outputs import (
+    CompletionOutput,
+    Logprob,
+    LogprobsDict,
+    OutputKind,
+    RequestMetrics,
+    RequestOutput,
+)
 from paphos.sampling_params import SamplingParams
 
 
@@ -27,16 +35,35 @@ class Sequence:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    sent: SentState = field(default_factory=SentState)  # what a DELTA stream has handed out
 
     def completion(self, tokenizer: object | None, with_logprobs: bool) -> CompletionOutput:
+        """The whole completion so far (copies of the token and logprob lists)."""
         finished = self.finish_reason is not None
-        text = self.detokenizer.visible_text(finished) if self.detokenizer else ""
         return CompletionOutput(
             index=self.index,
-            text=text,
+            text=self.detokenizer.visible_text(finished) if self.detokenizer else "",
             token_ids=list(self.token_ids),
             cumulative_logprob=self.cumulative_logprob if with_logprobs else None,
             logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+
+    def delta(self, with_logprobs: bool, done: bool, holdback: int) -> CompletionOutput | None:
+        """What is new since the last delta (None: nothing); copies only the new tails."""
+        finished = self.finish_reason is not None
+        text = self.detokenizer.visible_text(finished) if self.detokenizer else ""
+        piece = next_piece(text, self.token_ids, self.logprobs, done, self.sent, holdback)
+        if piece is None:
+            return None
+        new_text, new_tokens, new_logprobs = piece
+        return CompletionOutput(
+            index=self.index,
+            text=new_text,
+            token_ids=new_tokens,
+            cumulative_logprob=self.cumulative_logprob if with_logprobs else None,
+            logprobs=new_logprobs,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
         )
@@ -52,7 +79,10 @@ class ParentRequest:
     metrics: RequestMetrics
     prompt_logprobs: list[LogprobsDict | None] | None = None
     num_cached_tokens: int = 0
-    final_only: bool = False  # emit one output, when finished
+    output_kind: OutputKind = OutputKind.CUMULATIVE
+
+    def __post_init__(self) -> None:
+        self._holdback = holdback_chars(self.params)  # for deltas: a stop string's prefix
 
     @property
     def finished(self) -> bool:
@@ -60,7 +90,28 @@ class ParentRequest:
             return self.sequences[0].finish_reason is not None
         return all(s.finish_reason is not None for s in self.sequences)
 
+    def next_output(self, tokenizer: object | None) -> RequestOutput | None:
+        """What `Engine.step()` hands back for this request after a step touched it (None:
+        nothing). best_of picks its n winners only at the end, so it emits once, finished."""
+        finished = self.finished
+        kind = self.output_kind
+        if kind is OutputKind.FINAL_ONLY or len(self.sequences) != self.params.n:
+            return self.to_output(tokenizer) if finished else None
+        if kind is OutputKind.CUMULATIVE:
+            return self.to_output(tokenizer)
+        wants_logprobs = self.params.logprobs is not None
+        pieces = []
+        for seq in self.sequences:
+            done = finished or seq.finish_reason is not None
+            piece = seq.delta(wants_logprobs, done, self._holdback)
+            if piece is not None:
+                pieces.append(piece)
+        if not pieces and not finished:
+            return None
+        return self._request_output(pieces, finished)
+
     def to_output(self, tokenizer: object | None) -> RequestOutput:
+        """The whole output so far."""
         wants_logprobs = self.params.logprobs is not None
         completions = [s.completion(tokenizer, wants_logprobs) for s in self.sequences]
         if len(self.sequences) > self.params.n:
@@ -71,12 +122,15 @@ class ParentRequest:
                 c.index = new_index
                 if not wants_logprobs:
                     c.logprobs, c.cumulative_logprob = None, None
+        return self._request_output(completions, self.finished)
+
+    def _request_output(self, completions: list[CompletionOutput], finished: bool) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
             outputs=completions,
-            finished=self.finished,
+            finished=finished,
             prompt_logprobs=self.prompt_logprobs,
             metrics=RequestMetrics(**vars(self.metrics)),  # a snapshot (copy.copy: 5x slower)
             num_cached_tokens=self.num_cached_tokens,

@@ -82,3 +82,43 @@ def test_bad_input_raises_and_the_engine_keeps_serving(llm, prompt, params, mess
         llm.generate(prompt, params, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
     assert _greedy(llm, "Hello world").outputs[0].finish_reason == "length"
+
+
+def _stream(llm: LLM, params: SamplingParams, kind, request_id: str) -> list:
+    """Every output Engine.step() hands back for one request added with this OutputKind."""
+    engine = llm.engine
+    engine.add_request(request_id, "Once upon a time", params, output_kind=kind)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += [o for o in engine.step() if o.request_id == request_id]
+    return outputs
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"n": 2, "logprobs": 2},
+        {"stop": ["e", "th"]},
+        {"stop": ["e"], "include_stop_str_in_output": True},
+        {"n": 2, "best_of": 3},
+    ],
+)
+def test_engine_deltas_equal_deltas_of_its_cumulative_outputs(llm, extra):
+    from paphos.engine.deltas import DeltaTracker
+    from paphos.outputs import OutputKind
+
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=20, ignore_eos=True, **extra)
+    cumulative = _stream(llm, params, OutputKind.CUMULATIVE, f"cum-{extra}")
+    deltas = _stream(llm, params, OutputKind.DELTA, f"delta-{extra}")
+    tracker = DeltaTracker(params)
+    expected = [d for o in cumulative if (d := tracker.step(o)) is not None]
+    assert len(deltas) == len(expected) and deltas[-1].finished
+    for got, want in zip(deltas, expected):
+        assert got.outputs == want.outputs  # text, token ids, logprobs, reasons, indices
+        assert got.finished == want.finished
+    final = cumulative[-1].outputs
+    for completion in final:  # the deltas join to the whole output
+        pieces = [c for d in deltas for c in d.outputs if c.index == completion.index]
+        assert "".join(p.text for p in pieces) == completion.text
+        assert [t for p in pieces for t in p.token_ids] == completion.token_ids

@@ -1,6 +1,6 @@
 """A small synchronous engine with the `Engine` API of docs/contracts.md, for unit tests of the
-async layer: deterministic tokens, cumulative outputs, stop strings, n, logprobs, block
-accounting.
+async layer: deterministic tokens, cumulative or delta outputs (paphos.outputs.OutputKind; deltas
+through paphos.engine.deltas.DeltaTracker), stop strings, n, logprobs, block accounting.
 Invariant: free blocks + blocks held by unfinished requests == num_kv_blocks."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from paphos.config import ModelConfig
-from paphos.outputs import CompletionOutput, Logprob, RequestOutput
+from paphos.engine.deltas import DeltaTracker
+from paphos.outputs import CompletionOutput, Logprob, OutputKind, RequestOutput
 from paphos.sampling_params import SamplingParams
 
 
@@ -36,6 +37,7 @@ class _Seq:
     params: SamplingParams
     outputs: list[CompletionOutput]
     num_blocks: int
+    deltas: DeltaTracker | None = None  # OutputKind.DELTA
 
 
 class FakeEngine:
@@ -68,7 +70,10 @@ class FakeEngine:
         prompt: Any,
         params: SamplingParams,
         arrival_time: float | None = None,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
     ) -> None:
+        if output_kind is OutputKind.FINAL_ONLY:
+            raise ValueError("the fake engine streams: cumulative or delta outputs only")
         if request_id in self.seqs:
             raise ValueError(f"request_id={request_id!r} already exists")
         if isinstance(prompt, str):
@@ -90,7 +95,8 @@ class FakeEngine:
             CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None else None)
             for i in range(params.n)
         ]
-        self.seqs[request_id] = _Seq(request_id, token_ids, params, outputs, blocks)
+        deltas = DeltaTracker(params) if output_kind is OutputKind.DELTA else None
+        self.seqs[request_id] = _Seq(request_id, token_ids, params, outputs, blocks, deltas)
 
     def step(self) -> list[RequestOutput]:
         if self.fail_next_step:
@@ -104,7 +110,11 @@ class FakeEngine:
                 if not out.finished():
                     self._advance(seq, out)
             finished = all(o.finished() for o in seq.outputs)
-            results.append(self._output(seq, finished))
+            output = self._output(seq, finished)
+            if seq.deltas is not None:
+                output = seq.deltas.step(output)
+            if output is not None:
+                results.append(output)
             if finished:
                 self._free(seq.request_id)
         return results

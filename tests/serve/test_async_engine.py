@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from fake_engine import FakeEngine
 
-from paphos.engine.async_engine import AsyncEngine, DeltaTracker, RequestFailedError
+from paphos.engine.async_engine import AsyncEngine, RequestFailedError
+from paphos.engine.deltas import DeltaTracker
 from paphos.outputs import CompletionOutput, RequestOutput
 from paphos.sampling_params import SamplingParams
 
@@ -138,3 +139,27 @@ def test_delta_tracker_holds_back_a_possible_stop_string_prefix() -> None:
     last = tracker.step(output("Hello wor", True))
     assert last is not None and last.outputs[0].text == " wor"
     assert last.outputs[0].token_ids == [8]
+
+
+def test_a_slow_reader_gets_its_unread_deltas_merged_into_one() -> None:
+    from paphos.engine.async_engine import RequestStream
+
+    def delta(text: str, tokens: list[int], finished: bool) -> RequestOutput:
+        reason = "length" if finished else None
+        pieces = [CompletionOutput(0, text, tokens, finish_reason=reason)]
+        pieces.append(CompletionOutput(1, text.upper(), tokens, finish_reason=reason))
+        return RequestOutput("r", None, [1], pieces, finished)
+
+    async def read() -> RequestOutput:
+        stream = RequestStream("r", SamplingParams(n=2), delta=True)
+        stream.put(delta("ab", [1, 2], False))
+        stream.put(delta("c", [3], False))
+        stream.put(delta("d", [4], True))
+        return await stream.wait()
+
+    merged = asyncio.run(read())
+    assert merged.finished
+    assert [(c.index, c.text, c.token_ids, c.finish_reason) for c in merged.outputs] == [
+        (0, "abcd", [1, 2, 3, 4], "length"),
+        (1, "ABCD", [1, 2, 3, 4], "length"),
+    ]
