@@ -75,9 +75,11 @@ def gemv(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: tuple[int, int, int] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x [1, K] @ weight[N, K].T (+ bias [N]) -> [1, N] in x's dtype (float32 sums). `config`
-    (BLOCK_N, BLOCK_K, num_warps) fixes the tile; None lets the autotuner choose."""
+    """x [1, K] @ weight[N, K].T (+ bias [N]) -> [1, N] in out_dtype (default x's; float32
+    sums). `config` (BLOCK_N, BLOCK_K, num_warps) fixes the tile; None lets the autotuner
+    choose."""
     check_float_dtype("x", x)
     check_float_dtype("weight", weight)
     if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
@@ -90,7 +92,7 @@ def gemv(
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({n},)")
     x = x.contiguous()  # [1, K]
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)  # [1, N]
+    out = torch.empty((1, n), dtype=out_dtype or x.dtype, device=x.device)  # [1, N]
     args = (x, weight, bias if bias is not None else out, out, n, k, weight.stride(0))
     if config is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731

@@ -173,8 +173,10 @@ def skinny_gemm(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: GemmConfig | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N] in x's dtype, for 2 <= M <= 64.
+    """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N] in out_dtype (default x's), for
+    2 <= M <= 64.
     `config` fixes the tile; None takes the fastest of cuBLAS and CANDIDATES for this shape
     (timed on its first call, see choose_config)."""
     if not takes_skinny_gemm(x, weight):
@@ -191,8 +193,9 @@ def skinny_gemm(
     if config is None:
         config = choose_config(x, weight, bias)
         if config is None:
-            return F.linear(x, weight, bias)  # [M, N]
-    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)  # [M, N]
+            out = F.linear(x, weight, bias)  # [M, N]
+            return out if out_dtype is None else out.to(out_dtype)
+    out = torch.empty((x.shape[0], n), dtype=out_dtype or x.dtype, device=x.device)  # [M, N]
     _launch(x, weight, bias, out, config)
     return out
 

@@ -30,10 +30,12 @@ class LogitsProcessor(nn.Module):
                 f"{lm_head.num_embeddings_padded} rows"
             )
         weight_fp32 = getattr(lm_head, "weight_fp32", None)
-        # [num, rows_per_rank]
-        logits = dense.linear(hidden_states, lm_head.weight, lm_head.bias, weight_fp32)
+        # [num, rows_per_rank] float32, stored so by the CUDA GEMV/skinny GEMM (no conversion pass)
+        logits = dense.linear(
+            hidden_states, lm_head.weight, lm_head.bias, weight_fp32, out_dtype=torch.float32
+        )
         logits = all_gather(logits, self.parallel, dim=-1)  # [num, num_embeddings_padded]
-        return logits[..., : self.vocab_size].float()  # [num, vocab_size]
+        return logits[..., : self.vocab_size]  # [num, vocab_size] float32
 
     def extra_repr(self) -> str:
         return f"vocab_size={self.vocab_size}, world_size={self.parallel.world_size}"

@@ -51,8 +51,10 @@ def linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     weight_fp32: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x: [num_tokens, in]; weight: [out, in] -> [num_tokens, out] in x's dtype.
+    """x: [num_tokens, in]; weight: [out, in] -> [num_tokens, out] in out_dtype (default: x's).
+    The Triton kernels store out_dtype directly (float32 logits need no conversion pass).
 
     Batches of at most SMALL_BATCH_ROWS rows use the CPU kernel when it loaded (decided once per
     process by `matvec.load_library`) and takes these operands; on CUDA one row uses the Triton
@@ -62,15 +64,19 @@ def linear(
     if x.is_cuda:
         kernels = triton_kernels.CUDA_KERNELS
         if "gemv" in kernels and _gemv_supports(x, weight):
-            return kernels["gemv"](x, weight, bias)
+            return kernels["gemv"](x, weight, bias, out_dtype=out_dtype)
         if "skinny_gemm" in kernels and takes_skinny_gemm(x, weight):
-            return kernels["skinny_gemm"](x, weight, bias)
-        return F.linear(x, weight, bias)
+            return kernels["skinny_gemm"](x, weight, bias, out_dtype=out_dtype)
+        return _cast(F.linear(x, weight, bias), out_dtype)
     if matvec.supports(x, weight):
         lib = matvec.load_library()
         if lib is not None:
-            return matvec.launch(lib, x, weight, bias, torch.get_num_threads())
-    return reference_linear(x, weight, bias, weight_fp32)
+            return _cast(matvec.launch(lib, x, weight, bias, torch.get_num_threads()), out_dtype)
+    return _cast(reference_linear(x, weight, bias, weight_fp32), out_dtype)
+
+
+def _cast(out: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return out if dtype is None else out.to(dtype)
 
 
 def _gemv_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -79,3 +79,19 @@ def test_skinny_gemm_picks_a_config_and_dense_linear_routes_rows_2_to_64_to_it()
     assert torch.equal(dense.linear(x, w), F.linear(x, w))  # cuBLAS beyond 64 rows
     x, w, _, ref = _operands("cuda", torch.float32, 8, 300, 100, False)
     assert torch.equal(dense.linear(x, w), F.linear(x, w))  # float32 stays exact on cuBLAS
+
+
+@pytest.mark.parametrize("m", [1, 8, 64])
+def test_float32_output_keeps_the_float32_sums(device, m):
+    """out_dtype=float32 (the LM head's logits): the kernels store their float32 sums unrounded,
+    far closer to the float64 product than the half-precision output would be."""
+    from paphos.kernels.gemv import gemv
+    from paphos.kernels.skinny_gemm import GemmConfig, skinny_gemm
+
+    x, w, _, ref = _operands(device, torch.float16, m, 96, 512, False)
+    if m == 1:
+        out = gemv(x, w, None, (2, 256, 4), out_dtype=torch.float32)
+    else:
+        out = skinny_gemm(x, w, None, GemmConfig(32, 128, 2), out_dtype=torch.float32)
+    assert out.dtype == torch.float32 and out.shape == (m, 96)
+    assert rel_error(out, ref) < 1e-5  # a float16 output alone rounds at ~3e-4
