@@ -38,10 +38,12 @@ class RequestStream:
     deltas; a cumulative one keeps the latest).
     """
 
-    def __init__(self, request_id: str, params: SamplingParams, delta: bool = True) -> None:
+    def __init__(
+        self, request_id: str, params: SamplingParams, kind: OutputKind = OutputKind.DELTA
+    ) -> None:
         self.request_id = request_id
         self.params = params
-        self.delta = delta
+        self.delta = kind is OutputKind.DELTA
         self.latest: RequestOutput | None = None  # unread
         self.error: BaseException | None = None
         self.finished = False
@@ -118,25 +120,25 @@ class AsyncEngine:
         prompt: str | dict[str, Any],
         params: SamplingParams,
         arrival_time: float | None = None,
-        delta: bool = True,
+        output_kind: OutputKind = OutputKind.DELTA,
     ) -> RequestStream:
         """Hand the request to the engine; raises ValueError (bad input) before any output. The
-        stream yields deltas (new text/tokens since the last output, built by the engine) or, with
-        `delta=False`, cumulative outputs."""
+        stream yields what `output_kind` asks of the engine: deltas (new text/tokens since the
+        last output), cumulative outputs, or one output when finished (FINAL_ONLY: a consumer that
+        only wants the whole result costs the engine no per-step outputs)."""
         self._check_alive()
         if request_id in self._streams:
             raise ValueError(f"request_id={request_id!r} is already in use")
         loop = asyncio.get_running_loop()
         added: asyncio.Future[None] = loop.create_future()
-        stream = RequestStream(request_id, params, delta)
-        kind = OutputKind.DELTA if delta else OutputKind.CUMULATIVE
+        stream = RequestStream(request_id, params, output_kind)
         self._streams[request_id] = stream
         arrival = time.monotonic() if arrival_time is None else arrival_time
 
         def add() -> None:
             try:
                 self.engine.add_request(
-                    request_id, prompt, params, arrival_time=arrival, output_kind=kind
+                    request_id, prompt, params, arrival_time=arrival, output_kind=output_kind
                 )
             except Exception as e:  # noqa: BLE001 - handed to the caller, not swallowed
                 self._reply(added, error=e)
@@ -161,7 +163,8 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Add the request and yield its outputs: deltas (new text/tokens since the last yield) by
         default, cumulative ones with `delta=False`. Stopping the iteration early aborts it."""
-        stream = await self.add_request(request_id, prompt, params, delta=delta)
+        kind = OutputKind.DELTA if delta else OutputKind.CUMULATIVE
+        stream = await self.add_request(request_id, prompt, params, output_kind=kind)
         async for output in self.iterate(stream):
             yield output
 

@@ -105,16 +105,24 @@ class ServerMetrics:
     async def track(
         self, stream: AsyncIterator[RequestOutput], arrival: float | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Pass a delta stream through, timing its first token and its end from `arrival`
-        (a `time.monotonic()` value; default: now)."""
+        """Pass a request's output stream through (deltas, or one final output), timing its first
+        token and its end from `arrival` (a `time.monotonic()` value; default: now). Token times
+        come from the engine's own metrics where the outputs carry them (the same clock), so a
+        request that only reads its final output still reports its real time to first token."""
         start = time.monotonic() if arrival is None else arrival
         first: float | None = None
+        last: float | None = None
         num_tokens = 0
         async for output in stream:
             new = sum(len(c.token_ids) for c in output.outputs)
+            engine_times = output.metrics
             if new and first is None:
                 first = time.monotonic()
+                if engine_times is not None and engine_times.first_token_time is not None:
+                    first = engine_times.first_token_time
                 self.ttft.labels(self._model_name).observe(first - start)
+            if engine_times is not None:
+                last = engine_times.last_token_time
             num_tokens += new
             for completion in output.outputs:
                 if completion.finish_reason is not None:
@@ -123,4 +131,5 @@ class ServerMetrics:
         end = time.monotonic()
         self.e2e.labels(self._model_name).observe(end - start)
         if first is not None and num_tokens > 1:
-            self.tpot.labels(self._model_name).observe((end - first) / (num_tokens - 1))
+            last = end if last is None else last
+            self.tpot.labels(self._model_name).observe((last - first) / (num_tokens - 1))

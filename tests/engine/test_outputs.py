@@ -122,3 +122,13 @@ def test_engine_deltas_equal_deltas_of_its_cumulative_outputs(llm, extra):
         pieces = [c for d in deltas for c in d.outputs if c.index == completion.index]
         assert "".join(p.text for p in pieces) == completion.text
         assert [t for p in pieces for t in p.token_ids] == completion.token_ids
+
+
+def test_final_only_requests_get_one_output_equal_to_the_last_cumulative_one(llm):
+    from paphos.outputs import OutputKind
+
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=12, n=2, ignore_eos=True)
+    cumulative = _stream(llm, params, OutputKind.CUMULATIVE, "whole-cum")
+    final = _stream(llm, params, OutputKind.FINAL_ONLY, "whole-final")
+    assert len(cumulative) > 1 and len(final) == 1 and final[0].finished
+    assert final[0].outputs == cumulative[-1].outputs

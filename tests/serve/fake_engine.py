@@ -1,5 +1,5 @@
 """A small synchronous engine with the `Engine` API of docs/contracts.md, for unit tests of the
-async layer: deterministic tokens, cumulative or delta outputs (paphos.outputs.OutputKind; deltas
+async layer: deterministic tokens, cumulative, delta or final-only outputs (OutputKind; deltas
 through paphos.engine.deltas.DeltaTracker), stop strings, n, logprobs, block accounting.
 Invariant: free blocks + blocks held by unfinished requests == num_kv_blocks."""
 
@@ -38,6 +38,7 @@ class _Seq:
     outputs: list[CompletionOutput]
     num_blocks: int
     deltas: DeltaTracker | None = None  # OutputKind.DELTA
+    final_only: bool = False  # OutputKind.FINAL_ONLY
 
 
 class FakeEngine:
@@ -72,8 +73,6 @@ class FakeEngine:
         arrival_time: float | None = None,
         output_kind: OutputKind = OutputKind.CUMULATIVE,
     ) -> None:
-        if output_kind is OutputKind.FINAL_ONLY:
-            raise ValueError("the fake engine streams: cumulative or delta outputs only")
         if request_id in self.seqs:
             raise ValueError(f"request_id={request_id!r} already exists")
         if isinstance(prompt, str):
@@ -96,7 +95,10 @@ class FakeEngine:
             for i in range(params.n)
         ]
         deltas = DeltaTracker(params) if output_kind is OutputKind.DELTA else None
-        self.seqs[request_id] = _Seq(request_id, token_ids, params, outputs, blocks, deltas)
+        final_only = output_kind is OutputKind.FINAL_ONLY
+        self.seqs[request_id] = _Seq(
+            request_id, token_ids, params, outputs, blocks, deltas, final_only
+        )
 
     def step(self) -> list[RequestOutput]:
         if self.fail_next_step:
@@ -113,7 +115,7 @@ class FakeEngine:
             output = self._output(seq, finished)
             if seq.deltas is not None:
                 output = seq.deltas.step(output)
-            if output is not None:
+            if output is not None and (finished or not seq.final_only):
                 results.append(output)
             if finished:
                 self._free(seq.request_id)

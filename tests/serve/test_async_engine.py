@@ -11,7 +11,7 @@ from fake_engine import FakeEngine
 
 from paphos.engine.async_engine import AsyncEngine, RequestFailedError
 from paphos.engine.deltas import DeltaTracker
-from paphos.outputs import CompletionOutput, RequestOutput
+from paphos.outputs import CompletionOutput, OutputKind, RequestOutput
 from paphos.sampling_params import SamplingParams
 
 
@@ -151,7 +151,7 @@ def test_a_slow_reader_gets_its_unread_deltas_merged_into_one() -> None:
         return RequestOutput("r", None, [1], pieces, finished)
 
     async def read() -> RequestOutput:
-        stream = RequestStream("r", SamplingParams(n=2), delta=True)
+        stream = RequestStream("r", SamplingParams(n=2), OutputKind.DELTA)
         stream.put(delta("ab", [1, 2], False))
         stream.put(delta("c", [3], False))
         stream.put(delta("d", [4], True))
@@ -163,3 +163,39 @@ def test_a_slow_reader_gets_its_unread_deltas_merged_into_one() -> None:
         (0, "abcd", [1, 2, 3, 4], "length"),
         (1, "ABCD", [1, 2, 3, 4], "length"),
     ]
+
+
+def test_metrics_time_a_final_only_request_from_the_engine_token_times() -> None:
+    """A non-streamed request reads one output at the end; its time to first token and per
+    output token still come out right, from the engine's own timestamps."""
+    from fake_engine import FakeStats
+
+    from paphos.outputs import RequestMetrics
+    from paphos.serve.metrics import ServerMetrics
+
+    metrics = ServerMetrics(lambda: FakeStats(0, 0, 0.0, 0, 0, 0, 0, 1, 1), "m")
+    times = RequestMetrics(arrival_time=100.0, first_token_time=100.5, last_token_time=102.5)
+    final = RequestOutput(
+        "r",
+        None,
+        [1],
+        [CompletionOutput(0, "abcde", [1, 2, 3, 4, 5], finish_reason="length")],
+        True,
+        metrics=times,
+    )
+
+    async def one_output():  # noqa: ANN202
+        yield final
+
+    async def drain() -> None:
+        async for _ in metrics.track(one_output(), arrival=100.0):
+            pass
+
+    asyncio.run(drain())
+    ttft = metrics.registry.get_sample_value(
+        "paphos:time_to_first_token_seconds_sum", {"model_name": "m"}
+    )
+    tpot = metrics.registry.get_sample_value(
+        "paphos:time_per_output_token_seconds_sum", {"model_name": "m"}
+    )
+    assert ttft == pytest.approx(0.5) and tpot == pytest.approx(0.5)  # (102.5 - 100.5) / 4

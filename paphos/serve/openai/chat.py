@@ -51,7 +51,7 @@ async def create_chat_completion(
     params = serving.make_sampling_params(kwargs)
     request_id = serving.random_id("chatcmpl")
     streams = await serving.start_requests(
-        ctx, [{"prompt_token_ids": prompt_ids}], params, request_id
+        ctx, [{"prompt_token_ids": prompt_ids}], params, request_id, stream=body.stream
     )
     if body.stream:
         events = _stream(ctx, body, streams[0], request_id, model)

@@ -48,7 +48,9 @@ async def create_completion(
         else {"prompt_token_ids": token_ids, "prompt": text}
         for text, token_ids in prompts
     ]
-    streams = await serving.start_requests(ctx, engine_prompts, params, request_id)
+    streams = await serving.start_requests(
+        ctx, engine_prompts, params, request_id, stream=body.stream
+    )
     builder = _ChoiceBuilder(ctx, body, prompts)
     if body.stream:
         events = _stream(builder, streams, request_id, model, params.n)

@@ -17,7 +17,7 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from paphos.engine.async_engine import AsyncEngine, RequestFailedError
-from paphos.outputs import Logprob, RequestOutput
+from paphos.outputs import Logprob, OutputKind, RequestOutput
 from paphos.sampling_params import SamplingParams
 from paphos.serve.metrics import ServerMetrics
 from paphos.serve.openai.errors import OpenAIError, error_body
@@ -131,15 +131,23 @@ def random_id(prefix: str) -> str:
 
 
 async def start_requests(
-    ctx: ServingContext, prompts: list[dict[str, Any]], params: SamplingParams, base_id: str
+    ctx: ServingContext,
+    prompts: list[dict[str, Any]],
+    params: SamplingParams,
+    base_id: str,
+    stream: bool,
 ) -> list[AsyncIterator[RequestOutput]]:
-    """Add one engine request per prompt; if any is refused, abort the ones already added."""
+    """Add one engine request per prompt; if any is refused, abort the ones already added. A
+    streamed response reads deltas; a whole one only the final output (no per-step outputs)."""
     arrival = time.monotonic()
+    kind = OutputKind.DELTA if stream else OutputKind.FINAL_ONLY
     streams = []
     try:
         for i, prompt in enumerate(prompts):
-            stream = await ctx.engine.add_request(f"{base_id}-{i}", prompt, params, arrival)
-            streams.append(ctx.metrics.track(ctx.engine.iterate(stream), arrival))
+            engine_stream = await ctx.engine.add_request(
+                f"{base_id}-{i}", prompt, params, arrival, output_kind=kind
+            )
+            streams.append(ctx.metrics.track(ctx.engine.iterate(engine_stream), arrival))
     except ValueError as e:
         for i in range(len(streams)):
             ctx.engine.abort(f"{base_id}-{i}")
