@@ -8,12 +8,11 @@ and the ratio.
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 import torch.nn.functional as F
 
 from paphos.kernels.gemv import CONFIGS, gemv
+from paphos.kernels.skinny_gemm import graph_time_us
 
 SHAPES = {
     "1b qkv": (3072, 2048),
@@ -29,25 +28,11 @@ SHAPES = {
 }
 
 
-def time_us(fn, weights, x, repeats: int = 5) -> float:  # noqa: ANN001
-    """GPU time of one call, in microseconds: a CUDA graph of one pass over every weight copy
-    (as a decode step replays them), median over replays / copies."""
-    for w in weights[:2]:
-        fn(x, w)  # compile / pick algorithms outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w in weights:
-            fn(x, w)
-    results = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        results.append(start.elapsed_time(end) * 1e3 / len(weights))
-    return statistics.median(results)
+def time_us(fn, weights, x) -> float:  # noqa: ANN001
+    """GPU time of one fn(x, weight), in microseconds: a CUDA graph of one pass over every weight
+    copy (as a decode step replays them), median over replays / copies (the timing the skinny
+    GEMM's own config choice uses)."""
+    return graph_time_us(lambda w: fn(x, w), weights)
 
 
 def main() -> None:

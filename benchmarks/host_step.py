@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from latency import _timed  # noqa: E402 - benchmarks/ is this script's own folder
 
 
 def tiny_llama_dir() -> Path:
@@ -44,19 +45,10 @@ def measure(llm, batch: int, new_tokens: int) -> dict[str, float]:  # noqa: ANN0
         prompt = {"prompt_token_ids": [10 + (i * 7 + j) % 200 for j in range(32)]}
         engine.add_request(f"h{stamp}-{i}", prompt, params, output_kind=OutputKind.DELTA)
     parts: dict[str, list[float]] = {"step": [], "schedule": [], "prepare": [], "execute": []}
-    schedule, execute = engine.scheduler.schedule, engine.executor.execute_async
-
-    def timed(fn, key):  # noqa: ANN001, ANN202
-        def call(*args):  # noqa: ANN002, ANN202
-            start = time.perf_counter()
-            out = fn(*args)
-            parts[key].append(time.perf_counter() - start)
-            return out
-
-        return call
-
-    engine.scheduler.schedule = timed(schedule, "schedule")
-    engine.executor.execute_async = timed(execute, "execute")
+    restore = [
+        _timed(engine.scheduler, "schedule", parts["schedule"]),
+        _timed(engine.executor, "execute_async", parts["execute"]),
+    ]
     try:
         while engine.has_unfinished_requests():
             before = runner.host_stats.prepare_s
@@ -65,7 +57,8 @@ def measure(llm, batch: int, new_tokens: int) -> dict[str, float]:  # noqa: ANN0
             parts["step"].append(time.perf_counter() - start)
             parts["prepare"].append(runner.host_stats.prepare_s - before)
     finally:
-        engine.scheduler.schedule, engine.executor.execute_async = schedule, execute
+        for undo in restore:
+            undo()
     steady = slice(8, -8)  # decode steps only: past the prefill, before the last finish
     ms = {k: 1e3 * statistics.median(v[steady]) for k, v in parts.items()}
     ms["engine"] = ms["step"] - ms["schedule"] - ms["execute"]  # update + outputs

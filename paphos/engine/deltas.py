@@ -64,9 +64,12 @@ class DeltaTracker:
     params: SamplingParams
     _sent: dict[int, SentState] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self._holdback = holdback_chars(self.params)
+
     def step(self, output: RequestOutput) -> RequestOutput | None:
         """The delta of `output` against what was handed out so far (None if nothing is new)."""
-        holdback = holdback_chars(self.params)
+        holdback = self._holdback
         pieces = []
         for c in output.outputs:
             sent = self._sent.setdefault(c.index, SentState())

@@ -39,31 +39,35 @@ class Sequence:
 
     def completion(self, tokenizer: object | None, with_logprobs: bool) -> CompletionOutput:
         """The whole completion so far (copies of the token and logprob lists)."""
-        finished = self.finish_reason is not None
-        return CompletionOutput(
-            index=self.index,
-            text=self.detokenizer.visible_text(finished) if self.detokenizer else "",
-            token_ids=list(self.token_ids),
-            cumulative_logprob=self.cumulative_logprob if with_logprobs else None,
-            logprobs=list(self.logprobs) if self.logprobs is not None else None,
-            finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason,
-        )
+        logprobs = list(self.logprobs) if self.logprobs is not None else None
+        return self._output(self.visible_text(), list(self.token_ids), logprobs, with_logprobs)
 
     def delta(self, with_logprobs: bool, done: bool, holdback: int) -> CompletionOutput | None:
         """What is new since the last delta (None: nothing); copies only the new tails."""
-        finished = self.finish_reason is not None
-        text = self.detokenizer.visible_text(finished) if self.detokenizer else ""
-        piece = next_piece(text, self.token_ids, self.logprobs, done, self.sent, holdback)
-        if piece is None:
-            return None
-        new_text, new_tokens, new_logprobs = piece
+        piece = next_piece(
+            self.visible_text(), self.token_ids, self.logprobs, done, self.sent, holdback
+        )
+        return None if piece is None else self._output(*piece, with_logprobs)
+
+    def visible_text(self) -> str:
+        """The text so far, less a possible stop string's prefix while running."""
+        if self.detokenizer is None:
+            return ""
+        return self.detokenizer.visible_text(self.finish_reason is not None)
+
+    def _output(
+        self,
+        text: str,
+        token_ids: list[int],
+        logprobs: list[LogprobsDict] | None,
+        with_logprobs: bool,
+    ) -> CompletionOutput:
         return CompletionOutput(
             index=self.index,
-            text=new_text,
-            token_ids=new_tokens,
+            text=text,
+            token_ids=token_ids,
             cumulative_logprob=self.cumulative_logprob if with_logprobs else None,
-            logprobs=new_logprobs,
+            logprobs=logprobs,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
         )
