@@ -155,6 +155,11 @@ async def start_requests(
     return streams
 
 
+# How often a whole (non-streamed) response checks that its client is still there: a final-only
+# request sends nothing until it ends, so this bounds the work done for a client that left.
+DISCONNECT_POLL_S = 0.1
+
+
 async def collect(
     request: Request, streams: list[AsyncIterator[RequestOutput]]
 ) -> list[list[RequestOutput]]:
@@ -165,7 +170,7 @@ async def collect(
 
     task = asyncio.ensure_future(asyncio.gather(*(drain(s) for s in streams)))
     while not task.done():
-        done, _ = await asyncio.wait({task}, timeout=0.5)
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
         if not done and await request.is_disconnected():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
