@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -306,7 +307,15 @@ def main() -> None:
         help="run without this Triton kernel of paphos.kernels.CUDA_KERNELS (e.g. skinny_gemm: "
         "cuBLAS instead), to compare",
     )
+    parser.add_argument(
+        "--no-pdl",
+        action="store_true",
+        help="launch the Triton kernels without programmatic dependent launch (PAPHOS_PDL=0)",
+    )
     args = parser.parse_args()
+    if args.no_pdl:
+        os.environ["PAPHOS_PDL"] = "0"
+        print("without programmatic dependent launch")
     from paphos.kernels import CUDA_KERNELS
 
     for name in args.without:

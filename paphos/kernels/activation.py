@@ -10,12 +10,16 @@ import triton
 import triton.language as tl
 
 from paphos.kernels._checks import check_float_dtype
+from paphos.kernels.pdl import pdl_options, pdl_prologue
 
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, d, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    x_ptr, out_ptr, stride_x, stride_out, d, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+):
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     mask = cols < d
@@ -40,6 +44,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(BLOCK, triton.next_power_of_2(d))
         grid = (x2.shape[0], triton.cdiv(d, block))
         _silu_and_mul_kernel[grid](
-            x2, out, x2.stride(0), out.stride(0), d, BLOCK=block, num_warps=4
+            x2,
+            out,
+            x2.stride(0),
+            out.stride(0),
+            d,
+            BLOCK=block,
+            num_warps=4,
+            **pdl_options(x.device),
         )
     return out.view(*x.shape[:-1], d)  # [..., d]

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from paphos.kernels.attention_tile import attend_tile
+from paphos.kernels.pdl import pdl_options, pdl_prologue
 
 
 @triton.jit
@@ -47,7 +48,9 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -122,7 +125,9 @@ def _merge_splits_kernel(
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(query_start_ptr + seq).to(tl.int64)
@@ -198,6 +203,7 @@ def decode_attention(
         device=query.device,
     )  # [num_seqs, heads, splits]
     part_l = torch.empty_like(part_m)  # [num_seqs, num_heads, num_splits]
+    pdl = pdl_options(query.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query,
         kv_cache,
@@ -230,6 +236,7 @@ def decode_attention(
         IEEE=query.dtype == torch.float32,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
+        **pdl,
     )
     if split:
         _merge_splits_kernel[(num_seqs, num_heads)](
@@ -246,4 +253,5 @@ def decode_attention(
             HEAD_PAD=head_pad,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             num_warps=4,
+            **pdl,
         )

@@ -16,6 +16,7 @@ import triton.language as tl
 import triton.testing
 
 from paphos.kernels._checks import check_float_dtype
+from paphos.kernels.pdl import pdl_options, pdl_prologue
 
 # (BLOCK_N, BLOCK_K, num_warps): every config that won a shape in benchmarks/gemv.py (H100), then
 # two with short K tiles for small models (hidden sizes of a few hundred: not measured yet).
@@ -44,7 +45,9 @@ def _gemv_tile(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features
     row_mask = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w  # [BLOCK_N, 1]
@@ -94,12 +97,13 @@ def gemv(
     x = x.contiguous()  # [1, K]
     out = torch.empty((1, n), dtype=out_dtype or x.dtype, device=x.device)  # [1, N]
     args = (x, weight, bias if bias is not None else out, out, n, k, weight.stride(0))
+    options = dict(HAS_BIAS=bias is not None, **pdl_options(x.device))
     if config is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _gemv_autotuned[grid](*args, HAS_BIAS=bias is not None)
+        _gemv_autotuned[grid](*args, **options)
         return out
     block_n, block_k, num_warps = config
     _gemv_tile[(triton.cdiv(n, block_n),)](
-        *args, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps
+        *args, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **options
     )
     return out

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from paphos.kernels._checks import check_dim, check_float_dtype, check_same_device
+from paphos.kernels.pdl import pdl_options, pdl_prologue
 
 
 @triton.jit
@@ -29,7 +30,9 @@ def _write_kv_kernel(
     HEAD_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot >= 0:
@@ -98,4 +101,5 @@ def write_kv_cache(
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_size),
         num_warps=4,
+        **pdl_options(key.device),
     )

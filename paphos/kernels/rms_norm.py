@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from paphos.kernels._checks import check_dim, check_float_dtype, check_same_device, rows_of
+from paphos.kernels.pdl import pdl_options, pdl_prologue
 
 
 @triton.jit
@@ -28,7 +29,9 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)  # [BLOCK]
     mask = cols < hidden
@@ -82,6 +85,7 @@ def _launch(
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
             num_warps=min(max(block // 256, 1), 16),
+            **pdl_options(x.device),
         )
     out = out.view(x.shape)  # [..., hidden]
     return out, None if summed is None else summed.view(x.shape)

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from paphos.kernels._checks import check_dim, check_float_dtype, check_same_device
 from paphos.kernels.kv_cache import check_kv_write
+from paphos.kernels.pdl import pdl_options, pdl_prologue
 
 
 @triton.jit
@@ -82,7 +83,9 @@ def _rotary_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     pairs = tl.arange(0, BLOCK_HALF)[None, :]  # [1, BLOCK_HALF]
@@ -273,5 +276,6 @@ def _launch(
             BLOCK_PASS=triton.next_power_of_2(num_pass) if num_pass else 0,
             BLOCK_D=triton.next_power_of_2(head_size),
             num_warps=4,
+            **pdl_options(q.device),
         )
     return q_out

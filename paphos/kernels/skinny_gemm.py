@@ -27,6 +27,7 @@ from triton.runtime.errors import OutOfResources
 
 from paphos.kernels._checks import SKINNY_GEMM_MAX_ROWS, takes_skinny_gemm
 from paphos.kernels.paged_attention import num_sms
+from paphos.kernels.pdl import pdl_options, pdl_prologue
 from paphos.kernels.tickets import TICKETS
 
 
@@ -83,7 +84,9 @@ def _skinny_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Loads need no masks on M and N: rows past M repeat row M-1 and columns past N wrap around;
@@ -241,6 +244,7 @@ def _launch(
         BLOCK_K=config.block_k,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_options(x.device),
     )
 
 
