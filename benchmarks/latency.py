@@ -24,7 +24,8 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> lis
 
 
 def measure_decode(llm: Any, batch_size: int, prompt_len: int, new_tokens: int) -> dict:
-    """Run batch_size requests to completion through `Engine.step`, timing every step."""
+    """Run batch_size requests to completion through `Engine.step`, timing every step (per
+    decode step: an engine step of a multi-step decode counts as its number of decode steps)."""
     from paphos import SamplingParams
     from paphos.outputs import OutputKind
 
@@ -48,15 +49,18 @@ def measure_decode(llm: Any, batch_size: int, prompt_len: int, new_tokens: int) 
         while engine.has_unfinished_requests():
             # no synchronize per step: with overlapped steps the step period is the wall time
             # between calls (the device is never drained in between)
-            before = (runner.host_stats.num_graph_steps, runner.host_stats.prepare_s)
+            stats = runner.host_stats
+            before = (stats.num_graph_steps, stats.prepare_s, stats.num_forwards)
             start = time.perf_counter()
             engine.step()
             elapsed = time.perf_counter() - start
-            if runner.host_stats.num_graph_steps > before[0]:
-                decode["step"].append(elapsed)
-                decode["prepare"].append(runner.host_stats.prepare_s - before[1])
-                decode["schedule"].append(schedule_s[-1])
-                decode["execute"].append(execute_s[-1])
+            if stats.num_graph_steps > before[0]:
+                # per decode step: a multi-step decode runs several per engine step
+                forwards = stats.num_forwards - before[2]
+                decode["step"].append(elapsed / forwards)
+                decode["prepare"].append((stats.prepare_s - before[1]) / forwards)
+                decode["schedule"].append(schedule_s[-1] / forwards)
+                decode["execute"].append(execute_s[-1] / forwards)
     finally:
         for undo in restore:
             undo()

@@ -19,6 +19,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+MAX_SCHEDULER_STEPS = 64  # a multi-step run allocates this many slots ahead per request
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -111,6 +112,14 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = field(
         default=True, metadata=_help("Split long prompts over several steps.")
     )
+    num_scheduler_steps: int = field(
+        default=1,
+        metadata=_help(
+            "Decode steps run per scheduling step while every running request decodes and none "
+            "waits (multi-step scheduling): the host's per-step work is paid once per this many "
+            "tokens; streams then get tokens in bursts of this many."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -200,6 +209,12 @@ class EngineConfig:
             "in (0, 1]",
         )
         _check(s.max_num_seqs >= 1, "max_num_seqs", s.max_num_seqs, ">= 1")
+        _check(
+            1 <= s.num_scheduler_steps <= MAX_SCHEDULER_STEPS,
+            "num_scheduler_steps",
+            s.num_scheduler_steps,
+            f"in [1, {MAX_SCHEDULER_STEPS}]",
+        )
         _check(
             s.max_num_batched_tokens >= 1,
             "max_num_batched_tokens",

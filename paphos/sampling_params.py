@@ -334,6 +334,25 @@ class SamplingParams:
         return self.temperature == 0 and self.dynatemp_min == 0 and self.dynatemp_max == 0
 
     @property
+    def samples_on_device_alone(self) -> bool:
+        """Whether each token can be drawn on the device from the logits, the seed and the number
+        of outputs so far: no sampler reads earlier tokens' values (penalties, DRY, n-gram and
+        multi-token bad-word bans) or keeps host state (Mirostat), and no logprobs are returned.
+        Such requests may run several decode steps per scheduling step (num_scheduler_steps)
+        once min_tokens is reached."""
+        return (
+            self.presence_penalty == 0
+            and self.frequency_penalty == 0
+            and self.repetition_penalty == 1
+            and self.no_repeat_ngram_size == 0
+            and self.dry_multiplier == 0
+            and self.mirostat_mode != 2
+            and self.logprobs is None
+            and self.prompt_logprobs is None
+            and all(len(word) == 1 for word in self._bad_words_ids or ())
+        )
+
+    @property
     def sampler_names(self) -> tuple[str, ...]:
         """The orderable samplers in the order this request applies them."""
         if self.sampler_priority is not None:

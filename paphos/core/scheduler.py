@@ -7,6 +7,9 @@ waiting (holds none); the runner's copy of a request always equals ours once it 
 `schedule()` advances `num_computed_tokens` and counts each token a step will sample as pending
 until `update()` delivers it, so the next step can be scheduled while this one still runs
 (overlapped steps: at most one in flight); a result for a request finished meanwhile is dropped.
+With `num_scheduler_steps` > 1 a step in which every request decodes runs that many decode steps
+in the runner (multi-step): each request computes and samples that many tokens, and tokens past
+one that ends the request are dropped.
 """
 
 from __future__ import annotations
@@ -43,12 +46,13 @@ class RequestUpdate:
 
 
 class _Scheduled(NamedTuple):
-    """One request in a scheduled step: where its tokens began and whether it samples."""
+    """One request in a scheduled step: where its tokens began, how many it computes and how
+    many it samples (0 or 1; num_steps in a multi-step decode)."""
 
     request: Request
     start: int
     num_tokens: int
-    samples: bool
+    num_samples: int
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,10 @@ class Scheduler:
             self._schedule_waiting(plan)
         for request in plan.admitted:
             self._insert_running(request)
-        return self._build_output(plan, next(self._step_ids))
+        num_steps = self._num_decode_steps(plan)
+        if num_steps > 1 and not self._allocate_ahead(plan, num_steps):
+            num_steps = 1
+        return self._build_output(plan, next(self._step_ids), num_steps)
 
     def update(
         self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput
@@ -203,7 +210,7 @@ class Scheduler:
             if request.is_finished or request.num_computed_tokens != entry.start + entry.num_tokens:
                 continue  # finished, or preempted since: nothing of this step is left on it
             request.num_computed_tokens = entry.start
-            request.num_pending_tokens -= entry.samples
+            request.num_pending_tokens -= entry.num_samples
 
     def _update_request(
         self, entry: _Scheduled, runner_output: RunnerOutput
@@ -215,22 +222,26 @@ class Scheduler:
             prompt_logprobs = self._fresh_prompt_logprobs(
                 req_id, entry.start, runner_output.prompt_logprobs.get(req_id)
             )
-        token_id = runner_output.sampled_token_ids.get(req_id)
-        if token_id is not None and not entry.samples:
+        token_ids = runner_output.sampled_token_ids.get(req_id)
+        if token_ids is not None and len(token_ids) != entry.num_samples:
             raise ValueError(
-                f"sampled token for request {req_id!r} is invalid: the step computed "
-                f"{entry.num_tokens} of its tokens and did not reach its last one"
+                f"{len(token_ids)} sampled tokens for request {req_id!r} is invalid: the step "
+                f"computed {entry.num_tokens} of its tokens and samples {entry.num_samples}"
             )
-        if entry.samples:
-            if token_id is None:
+        new_token_ids: list[int] = []
+        if entry.num_samples:
+            if token_ids is None:
                 raise ValueError(f"the runner sampled no token for request {req_id!r}")
-            request.num_pending_tokens -= 1
-            self._append_token(request, token_id)
+            request.num_pending_tokens -= entry.num_samples
+            for token_id in token_ids:  # up to the first one that ends the request
+                new_token_ids.append(token_id)
+                if self._append_token(request, token_id):
+                    break
         elif prompt_logprobs is None:
             return None  # a prompt chunk with nothing to report
         return RequestUpdate(
             request=request,
-            new_token_ids=[] if token_id is None else [token_id],
+            new_token_ids=new_token_ids,
             logprobs=runner_output.logprobs.get(req_id) if runner_output.logprobs else None,
             prompt_logprobs=prompt_logprobs,
             finished=request.is_finished,
@@ -312,9 +323,50 @@ class Scheduler:
             return 0
         return min(remaining, token_budget)
 
-    def _build_output(self, plan: _StepPlan, step_id: int) -> SchedulerOutput:
+    def _num_decode_steps(self, plan: _StepPlan) -> int:
+        """How many decode steps the runner runs for this plan: num_scheduler_steps when every
+        planned request decodes one token, samples on the device alone and is past min_tokens,
+        and nobody was admitted or preempted; fewer near max_model_len (positions must stay
+        below it) or when no request has that many tokens left to sample; else 1."""
+        num_steps = self.config.num_scheduler_steps
+        if num_steps == 1 or plan.admitted or plan.num_preempted or not plan.entries:
+            return 1
+        most_left = 0
+        for request, num_tokens, _ in plan.entries:
+            pending = request.num_pending_tokens
+            start = request.num_computed_tokens
+            if num_tokens != 1 or start + 1 != request.num_tokens + pending:
+                return 1  # a prompt chunk
+            params = request.sampling_params
+            num_outputs = request.num_output_tokens + pending
+            if not params.samples_on_device_alone or num_outputs < params.min_tokens:
+                return 1
+            num_steps = min(num_steps, self.max_model_len - start)
+            max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len
+            most_left = max(most_left, max_tokens - num_outputs)
+        return max(1, min(num_steps, most_left))
+
+    def _allocate_ahead(self, plan: _StepPlan, num_steps: int) -> bool:
+        """Slots for num_steps tokens of every planned request (each holds blocks for one): for
+        all of them, or (False) for none when the free blocks do not cover all."""
+        kv = self.kv_cache_manager
+        block_size = kv.block_size
+        needed = 0
+        for request, _, _ in plan.entries:
+            held = len(kv.req_to_blocks[request.request_id])
+            needed += max(0, -(-(request.num_computed_tokens + num_steps) // block_size) - held)
+        if needed > kv.num_free_blocks:
+            return False
+        for request, _, new_block_ids in plan.entries:
+            more = kv.allocate_slots(request, num_steps)
+            assert more is not None, "counted free blocks did not suffice"
+            new_block_ids.extend(more)
+        return True
+
+    def _build_output(self, plan: _StepPlan, step_id: int, num_steps: int = 1) -> SchedulerOutput:
         """The runner's message for the plan; then count the step's tokens as computed and the
-        tokens it samples as pending (one pass: this runs for every request every step)."""
+        tokens it samples as pending (one pass: this runs for every request every step). With
+        num_steps > 1 (a multi-step decode) each request computes and samples num_steps tokens."""
         new_requests, cached_requests, entries = [], [], []
         num_scheduled_tokens: dict[str, int] = {}
         runner_tokens = self._num_runner_tokens
@@ -336,8 +388,13 @@ class Scheduler:
                 )
             num_tokens_known = request.num_tokens
             runner_tokens[req_id] = num_tokens_known
+            if num_steps > 1:  # every request decodes: it computes and samples num_steps tokens
+                request.num_computed_tokens = start + num_steps
+                request.num_pending_tokens += num_steps
+                entries.append(_Scheduled(request, start, num_steps, num_steps))
+                continue
             request.num_computed_tokens = end = start + num_tokens
-            samples = end == num_tokens_known + request.num_pending_tokens
+            samples = int(end == num_tokens_known + request.num_pending_tokens)
             request.num_pending_tokens += samples
             entries.append(_Scheduled(request, start, num_tokens, samples))
         self._scheduled[step_id] = entries
@@ -349,6 +406,7 @@ class Scheduler:
             total_num_scheduled_tokens=sum(num_scheduled_tokens.values()),
             finished_request_ids=forget_ids,
             step_id=step_id,
+            num_steps=num_steps,
         )
 
     def _new_request_data(self, request: Request) -> NewRequestData:
@@ -390,16 +448,19 @@ class Scheduler:
         if self._num_runner_tokens.pop(request_id, None) is not None:
             self._forget_ids.add(request_id)
 
-    def _append_token(self, request: Request, token_id: int) -> None:
-        """A pending token arrives; it may end the request (also one preempted meanwhile)."""
+    def _append_token(self, request: Request, token_id: int) -> bool:
+        """A pending token arrives; it may end the request (also one preempted meanwhile).
+        Returns whether it did."""
         request.output_token_ids.append(token_id)
         status = check_stop(request, self.max_model_len)
-        if status is not None:
-            if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
-            else:
-                self.waiting.remove(request)
-            self._finish(request, status)
+        if status is None:
+            return False
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._finish(request, status)
+        return True
 
     def check_invariants(self) -> None:
         """Assert the KV manager is consistent and request bookkeeping matches it."""

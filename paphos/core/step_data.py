@@ -56,6 +56,10 @@ class SchedulerOutput:
     finished_request_ids: frozenset[str] = field(default_factory=frozenset)
     # Numbers the scheduler's steps, so `Scheduler.update` finds what it scheduled in this one.
     step_id: int = 0
+    # Decode steps the runner runs back to back for this message (multi-step scheduling): > 1
+    # only when every scheduled request decodes one token; each then samples num_steps tokens,
+    # the runner feeding each sampled token to the next step itself. Slots are allocated for all.
+    num_steps: int = 1
 
     @property
     def is_empty(self) -> bool:
@@ -73,9 +77,10 @@ class TokenLogprobs:
 
 @dataclass(frozen=True)
 class RunnerOutput:
-    # request_id -> the token sampled this step (only requests whose computation reached their last
-    # token; a request in the middle of its prompt samples nothing).
-    sampled_token_ids: dict[str, int]
+    # request_id -> the tokens sampled this step: one (num_steps of a multi-step decode), only for
+    # requests whose computation reached their last token (one in the middle of its prompt
+    # samples nothing).
+    sampled_token_ids: dict[str, list[int]]
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # request_id -> logprobs of prompt positions computed this step (position i: token i given
     # tokens < i; None for the first prompt token).

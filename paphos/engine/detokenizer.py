@@ -36,8 +36,14 @@ class IncrementalDetokenizer:
         self._num_context = len(context)
         self._max_stop_len = max((len(s) for s in self.stop), default=0)
 
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens appended so far (`append` takes none past a stop string's)."""
+        return len(self._token_ids) - self._num_context
+
     def append(self, token_ids: list[int]) -> str | None:
-        """Add new output tokens; returns the stop string if one now appears in the text."""
+        """Add new output tokens up to the one that completes a stop string, if any; returns
+        that stop string."""
         stop_found = None
         for token_id in token_ids:
             previous_len = len(self.text)

@@ -296,7 +296,13 @@ class Engine:
     def _append_tokens(
         self, seq: Sequence, update: Any, step_time: float, metrics: RequestMetrics
     ) -> None:
-        new_ids = list(update.new_token_ids)
+        new_ids = list(update.new_token_ids)  # several from a multi-step decode
+        stop = None
+        if seq.detokenizer is not None:
+            before = seq.detokenizer.num_output_tokens
+            stop = seq.detokenizer.append(new_ids)
+            if stop is not None:  # tokens after the one completing the stop string are dropped
+                del new_ids[seq.detokenizer.num_output_tokens - before :]
         seq.token_ids.extend(new_ids)
         self.num_generation_tokens_total += len(new_ids)
         if metrics.first_token_time is None:
@@ -306,11 +312,9 @@ class Engine:
             seq.cumulative_logprob += update.logprobs.logprobs[0]
             if seq.logprobs is not None:
                 seq.logprobs.append(to_logprobs_dict(update.logprobs, self.tokenizer))
-        if seq.detokenizer is not None:
-            stop = seq.detokenizer.append(new_ids)
-            if stop is not None and seq.finish_reason is None:
-                seq.finish_reason, seq.stop_reason = "stop", stop
-                self.scheduler.finish_requests([seq.request_id], RequestStatus.FINISHED_STOPPED)
+        if stop is not None and seq.finish_reason is None:
+            seq.finish_reason, seq.stop_reason = "stop", stop
+            self.scheduler.finish_requests([seq.request_id], RequestStatus.FINISHED_STOPPED)
 
     def _forget(self, parent: ParentRequest) -> None:
         self.parents.pop(parent.request_id, None)

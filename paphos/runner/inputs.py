@@ -155,6 +155,26 @@ class InputBuffers:
             self.block_table[row, first_block:last_block] = new_block_ids
             self.num_blocks[row] = last_block
 
+    def advance(self, inputs: StepInputs, sampled: torch.Tensor) -> None:
+        """Turn a decode step's inputs into the next decode step's, on the device (multi-step
+        decode): each request's input id becomes the token it just sampled (sampled [n], the
+        first n rows), its position and sequence length grow by one, its slot follows from its
+        block table (which holds blocks for every step: the scheduler allocated them). Padded
+        rows stay as they are."""
+        n = sampled.shape[0]
+        md = inputs.attn_metadata
+        positions = inputs.positions[:n]  # [n]
+        positions += 1
+        md.seq_lens[:n] += 1
+        inputs.input_ids[:n].copy_(sampled)
+        blocks = md.block_tables[:n].gather(1, (positions // self.block_size).unsqueeze(1))
+        torch.add(
+            positions % self.block_size,
+            blocks.squeeze(1),
+            alpha=self.block_size,
+            out=md.slot_mapping[:n],
+        )  # [n]
+
     def remove(self, state: RunnerRequestState) -> None:
         if state.row is not None:
             self.free_rows.append(state.row)
@@ -252,23 +272,26 @@ class InputBuffers:
         pending: np.ndarray,
         sampled_rows: dict[str, int] | None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Where this step's not-yet-known input tokens come from (see StepInputs.pending_copy).
-        Written into the host small buffer: call it before `_upload` copies that."""
+        """Where this step's not-yet-known input tokens come from (see StepInputs.pending_copy):
+        a request computing a token the host lacks must be computing exactly its last pending
+        token (the previous step sampled it; the tokens before it, from a multi-step decode,
+        are computed already). Written into the host small buffer: call it before `_upload`."""
         waiting = np.flatnonzero(ends > known)  # [n]: requests computing a pending token
         if len(waiting) == 0:
             return None
         n, o = len(waiting), self._offsets
-        steady = n == len(states) and bool((pending == 1).all())
+        last_pending = known + pending - 1  # [num_seqs]: position of each last pending token
+        steady = n == len(states) and bool((starts == last_pending).all())
         if steady and list(sampled_rows or ()) == [s.request_id for s in states]:
             # steady decode: the same requests in the same order as the step before
             self._small_np[o[6] : o[6] + n] = np.arange(n)
-            self._small_np[o[7] : o[7] + n] = qsl[:n] + (known - starts)
+            self._small_np[o[7] : o[7] + n] = qsl[:n]
             return self.small[o[6] : o[6] + n], self.small[o[7] : o[7] + n]
         sources = []
         for i in waiting.tolist():
             state = states[i]
             source = (sampled_rows or {}).get(state.request_id)
-            if state.num_pending != 1 or source is None:
+            if starts[i] != last_pending[i] or ends[i] != starts[i] + 1 or source is None:
                 raise ValueError(
                     f"request {state.request_id!r} computes a token the runner does not have "
                     f"({state.num_pending} pending; the previous step sampled it: "
@@ -276,7 +299,7 @@ class InputBuffers:
                 )
             sources.append(source)
         self._small_np[o[6] : o[6] + n] = sources
-        self._small_np[o[7] : o[7] + n] = qsl[waiting] + (known[waiting] - starts[waiting])
+        self._small_np[o[7] : o[7] + n] = qsl[waiting]
         return self.small[o[6] : o[6] + n], self.small[o[7] : o[7] + n]
 
     def _fill_tokens(

@@ -5,14 +5,18 @@ It keeps a copy of every running request (tokens, blocks, sampling state), updat
 replay a captured graph (unless enforce_eager); the host time from `execute` to the launch is
 accumulated in `host_stats`. `execute_async` returns once the step is queued on the device (its
 sampling and result copies: `runner/step_sampling.py`): the engine may schedule the next step
-meanwhile, whose decode tokens the runner then takes from this step's device-side result.
+meanwhile, whose decode tokens the runner then takes from this step's device-side result. A
+multi-step decode (`SchedulerOutput.num_steps` > 1) runs its decode steps back to back: between
+them the inputs advance on the device (`InputBuffers.advance`), with no host round trip.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +66,7 @@ class HostStats:
 
     num_steps: int = 0
     num_graph_steps: int = 0
+    num_forwards: int = 0  # model runs: a multi-step decode runs several per step
     prepare_s: float = 0.0
 
     @property
@@ -184,22 +189,56 @@ class ModelRunner:
             return StepHandle.done(RunnerOutput.empty())
         states = [self.requests[rid] for rid in scheduler_output.num_scheduled_tokens]
         num_scheduled = list(scheduler_output.num_scheduled_tokens.values())
-        logits, argmax, inputs = self._run_model(states, num_scheduled, start)
-        finish = self.step_sampling.sample(self.requests, logits, argmax, inputs)
+        num_steps = scheduler_output.num_steps
+        if num_steps > 1 and scheduler_output.total_num_scheduled_tokens != len(states):
+            raise ValueError(f"a {num_steps}-step decode must compute one token per request")
+        logits, argmax, inputs = self._run_model(states, num_scheduled, start, num_steps)
+        if num_steps > 1 and len(inputs.sampling_request_ids) != len(states):
+            raise ValueError(f"a {num_steps}-step decode must sample every request")
+        next_step = self._next_decode_step(inputs) if num_steps > 1 else None
+        finish = self.step_sampling.sample(
+            self.requests, logits, argmax, inputs, num_steps, next_step
+        )
         for state, n in zip(states, num_scheduled):
-            state.num_computed_tokens += n
+            state.num_computed_tokens += n if num_steps == 1 else num_steps
         return StepHandle(finish)
 
+    def _next_decode_step(
+        self, inputs: StepInputs
+    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
+        """For a multi-step decode: the function that feeds one step's sampled ids [num_seqs]
+        to the next decode step and runs it, returning its (logits, graph argmax or None)."""
+        assert self.buffers is not None
+        buffers, graphs, stats = self.buffers, self.graphs, self.host_stats
+        state = {"metadata": inputs.attn_metadata}
+
+        def run(sampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            stats.num_forwards += 1
+            buffers.advance(inputs, sampled)
+            if inputs.padded_to is not None and graphs is not None:
+                return graphs.replay(inputs.padded_to)
+            md = state["metadata"] = dataclasses.replace(
+                state["metadata"], max_seq_len=state["metadata"].max_seq_len + 1
+            )
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, md)
+            return self.model.compute_logits(hidden, md), None
+
+        return run
+
     def _run_model(
-        self, states: list[RunnerRequestState], num_scheduled: list[int], start: float
+        self,
+        states: list[RunnerRequestState],
+        num_scheduled: list[int],
+        start: float,
+        num_steps: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor | None, StepInputs]:
         """Prepare the inputs and run the model: a graph replay for a pure-decode batch that fits
-        a bucket, eager otherwise. Returns logits [num_logits (or padded rows), vocab] and, from a
-        graph, their argmax [padded rows]."""
+        a bucket (through all num_steps of a multi-step decode), eager otherwise. Returns logits
+        [num_logits (or padded rows), vocab] and, from a graph, their argmax [padded rows]."""
         assert self.buffers is not None, "initialize_kv_cache was not called"
         graphs, bucket, limit = self.graphs, None, None
         if graphs is not None and len(num_scheduled) == sum(num_scheduled):
-            bucket, limit = graphs.bucket_for(len(states)), graphs.max_seq_len
+            bucket, limit = graphs.bucket_for(len(states)), graphs.max_seq_len - (num_steps - 1)
         last = self.step_sampling
         inputs = self.buffers.prepare(states, num_scheduled, bucket, limit, last.last_rows)
         if inputs.pending_copy is not None:  # tokens sampled by the step still on the device
@@ -209,6 +248,7 @@ class ModelRunner:
         md = inputs.attn_metadata
         stats = self.host_stats
         stats.num_steps += 1
+        stats.num_forwards += 1
         if graphs is not None and inputs.padded_to is not None:
             stats.num_graph_steps += 1
             stats.prepare_s += time.perf_counter() - start

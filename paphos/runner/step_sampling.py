@@ -25,6 +25,9 @@ from paphos.layers.sampling.batch import to_device
 from paphos.ops.argmax import argmax_rows
 from paphos.runner.inputs import RunnerRequestState, StepInputs
 
+# A multi-step decode's next step: sampled ids [num_seqs] in, (logits, graph argmax or None) out.
+NextStep = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
 
 class StepSampling:
     """Per-runner sampling of each step (see the module docstring)."""
@@ -45,9 +48,13 @@ class StepSampling:
         logits: torch.Tensor,
         argmax: torch.Tensor | None,
         inputs: StepInputs,
+        num_steps: int = 1,
+        next_step: NextStep | None = None,
     ) -> Callable[[], RunnerOutput]:
         """Sample on the device and start copying the results to the host (no wait). Returns the
-        function that waits for the copies and builds the step's RunnerOutput."""
+        function that waits for the copies and builds the step's RunnerOutput. A multi-step
+        decode (num_steps > 1) samples, calls next_step(sampled ids) for the next step's
+        (logits, argmax), and so on: every request samples num_steps tokens."""
         ids = inputs.sampling_request_ids
         top: torch.Tensor | None = None
         logprob_tensors: LogprobsTensors | None = None
@@ -65,30 +72,46 @@ class StepSampling:
             for state in sampling:  # one pass: this runs for every request every step
                 # outputs before this step's that only the device has
                 state.sampling.num_unseen = state.num_pending - state.num_seen_ahead
-                state.num_pending += 1
+                state.num_pending += num_steps
                 plain = plain and state.plain_greedy
-            rows = logits[: len(ids)]  # [num_sampled, vocab]
-            if plain:  # argmax: no sampler metadata, no logprobs
-                top = argmax[: len(ids)] if argmax is not None else argmax_rows(rows)  # [n]
-            else:
+            n = len(ids)
+            metadata = None
+            if not plain:
                 states = [s.sampling for s in sampling]
                 metadata = SamplingMetadata.build(states, self.vocab_size, self.device)
-                result = self.model.sample(rows, metadata)
-                top, logprob_tensors = result.sampled_token_ids, result.logprobs  # [n]
                 wanted = [s.params.logprobs for s in states]
-            self.last_sampled = top
-            self.last_rows = dict(zip(ids, range(len(ids))))
+                if num_steps > 1 and any(w is not None for w in wanted):
+                    raise ValueError("a multi-step decode cannot return logprobs")
+            steps = None  # [n, num_steps] sampled ids of a multi-step decode
+            if num_steps > 1:
+                steps = torch.empty((n, num_steps), dtype=torch.long, device=logits.device)
+            for step in range(num_steps):
+                if step:
+                    logits, argmax = next_step(top)
+                    for state in sampling:
+                        state.sampling.num_unseen += 1  # seeds follow the number of outputs
+                rows = logits[:n]  # [n, vocab]
+                if metadata is None:  # argmax: no sampler metadata, no logprobs
+                    top = argmax[:n] if argmax is not None else argmax_rows(rows)  # [n]
+                else:
+                    result = self.model.sample(rows, metadata)
+                    top, logprob_tensors = result.sampled_token_ids, result.logprobs  # [n]
+                if steps is not None:
+                    steps[:, step].copy_(top)  # the graph's argmax buffer is overwritten next
+                    top = steps[:, step]
+            self.last_sampled = top  # [n]: the last step's
+            self.last_rows = dict(zip(ids, range(n)))
+            top = steps if steps is not None else top.view(n, 1)  # [n, num_steps]
         prompt = self._prompt_logprob_tensors(requests, logits, inputs)
         to_copy = [top, logprob_tensors, *(tensors for _, tensors, _ in prompt)]
         copies, copied = _to_host(to_copy)
-        if ids:
-            self._last_host = (copies[0], copied)
+        self._last_host = (copies[0], copied) if ids else None
 
         def finish() -> RunnerOutput:
             if copied is not None:
                 copied.synchronize()
             host_top, host_logprobs, *host_prompt = copies
-            sampled = dict(zip(ids, host_top.tolist())) if host_top is not None else {}
+            sampled = dict(zip(ids, host_top.tolist())) if host_top is not None else {}  # lists
             logprobs: dict[str, TokenLogprobs] = {}
             if host_logprobs is not None:
                 logprobs = _split_logprobs(host_logprobs, ids, wanted)
@@ -108,7 +131,7 @@ class StepSampling:
         host_top, copied = self._last_host
         if copied is not None:
             copied.synchronize()
-        values = host_top.tolist()
+        values = host_top[:, -1].tolist()  # [rows]: the token each row sampled last
         for state in states:
             row = self.last_rows.get(state.request_id)
             if row is None or state.num_pending - state.num_seen_ahead != 1:

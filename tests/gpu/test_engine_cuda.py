@@ -148,6 +148,40 @@ def test_overlapped_steps_equal_one_step_at_a_time_on_cuda(peaked_llama, graph_r
     _assert_same(outs, graph_run[0], logprob_tol=1e-4)
 
 
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_multi_step_decodes_equal_single_steps_on_cuda(peaked_llama, graph_run, enforce_eager):
+    outs, stats = _generate(
+        peaked_llama[0], logprobs=None, num_scheduler_steps=4, enforce_eager=enforce_eager
+    )
+    assert stats.num_forwards >= stats.num_steps + 10  # several decode steps per step
+    assert (stats.num_graph_steps > 0) != enforce_eager
+    for expected, actual in zip(graph_run[0], outs):
+        assert actual.outputs[0].token_ids == expected.outputs[0].token_ids
+
+
+def test_seeded_sampling_is_the_same_in_multi_step_decodes_on_cuda(peaked_llama):
+    prompts = [{"prompt_token_ids": p} for p in _prompts()]
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=i, max_tokens=9 + 2 * i)
+        for i in range(len(prompts))
+    ]
+    results = []
+    for num_steps in (1, 5):
+        llm = LLM(
+            model=str(peaked_llama[0]),
+            dtype="float32",
+            skip_tokenizer_init=True,
+            device="cuda",
+            max_num_seqs=8,
+            num_blocks_override=128,
+            num_scheduler_steps=num_steps,
+        )
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results.append([o.outputs[0].token_ids for o in outs])
+        llm.close()
+    assert results[0] == results[1]
+
+
 def test_cuda_overlaps_plain_greedy_graph_steps_by_default(peaked_llama):
     path = str(peaked_llama[0])
     prompts = [{"prompt_token_ids": p} for p in _prompts()]

@@ -8,13 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from paphos.kernels import pdl
 from paphos.ops import dense
 
 pytestmark = pytest.mark.gpu
 
 
 def _needs_hopper() -> None:
+    pytest.importorskip("triton")
     if not torch.cuda.is_available():
         pytest.skip("PDL is a CUDA launch attribute")
     if torch.cuda.get_device_capability()[0] < 9:
@@ -25,6 +25,9 @@ def _needs_hopper() -> None:
 def pdl_switch(monkeypatch):
     """set(on): turn PDL on or off for the kernels launched next."""
 
+    _needs_hopper()
+    from paphos.kernels import pdl
+
     def set_pdl(on: bool) -> None:
         monkeypatch.setenv("PAPHOS_PDL", "1" if on else "0")
         pdl._enabled_on.cache_clear()
@@ -34,7 +37,8 @@ def pdl_switch(monkeypatch):
 
 
 def test_pdl_is_on_by_default_on_hopper_and_off_when_asked(pdl_switch):
-    _needs_hopper()
+    from paphos.kernels import pdl
+
     cuda = torch.device("cuda")
     pdl_switch(True)
     assert pdl.pdl_options(cuda) == {"USE_PDL": True, "launch_pdl": True}
@@ -77,7 +81,6 @@ def _chain(x: torch.Tensor, layers: list[dict[str, torch.Tensor]]) -> torch.Tens
 
 @pytest.mark.parametrize("rows", [1, 8, 64])  # GEMV, skinny GEMM (one tile of rows each)
 def test_dependent_kernels_in_a_cuda_graph_match_launches_without_pdl(pdl_switch, rows):
-    _needs_hopper()
     layers = _layers(rows, hidden=256, inter=384, num_layers=24)
     inputs = [
         torch.randn(rows, 256, generator=torch.Generator().manual_seed(s)).to("cuda").bfloat16()

@@ -39,12 +39,14 @@ def make_scheduler(
     max_num_batched_tokens: int = 64,
     chunked: bool = True,
     prefix_caching: bool = True,
+    num_scheduler_steps: int = 1,
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=chunked,
+            num_scheduler_steps=num_scheduler_steps,
         ),
         CacheConfig(block_size=block_size, enable_prefix_caching=prefix_caching),
         num_blocks=num_blocks,
@@ -98,7 +100,7 @@ class FakeRunner:
         assert out.total_num_scheduled_tokens == sum(out.num_scheduled_tokens.values())
 
     def execute(self, out: SchedulerOutput, block_size: int) -> RunnerOutput:
-        sampled: dict[str, int] = {}
+        sampled: dict[str, list[int]] = {}
         prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
         for req_id, num_tokens in out.num_scheduled_tokens.items():
             copy = self.requests[req_id]
@@ -110,7 +112,7 @@ class FakeRunner:
                 prompt_logprobs[req_id] = [_position_logprob(p) for p in range(start, end)]
             if end == len(copy.tokens):
                 script = self.scripts.get(req_id)
-                sampled[req_id] = script.pop(0) if script else fake_model(copy.tokens)
+                sampled[req_id] = [script.pop(0) if script else fake_model(copy.tokens)]
         return RunnerOutput(sampled_token_ids=sampled, prompt_logprobs=prompt_logprobs)
 
 
@@ -469,7 +471,7 @@ def test_update_rejects_a_token_sampled_in_the_middle_of_a_prompt() -> None:
     scheduler.add_request(make_request("a", [1, 2, 3, 4]))
     out = scheduler.schedule()
     with pytest.raises(ValueError, match="'a'"):
-        scheduler.update(out, RunnerOutput(sampled_token_ids={"a": 5}))
+        scheduler.update(out, RunnerOutput(sampled_token_ids={"a": [5]}))
 
 
 # ---- validation and stats ----------------------------------------------------------------------
@@ -561,7 +563,7 @@ def test_updates_carry_logprobs_and_finished_flag() -> None:
     scheduler.add_request(make_request("a", [1, 2], max_tokens=1))
     out = scheduler.schedule()
     entry = TokenLogprobs(token_ids=(5,), logprobs=(-0.5,), ranks=(1,))
-    (update,) = scheduler.update(out, RunnerOutput({"a": 5}, logprobs={"a": entry}))
+    (update,) = scheduler.update(out, RunnerOutput({"a": [5]}, logprobs={"a": entry}))
     assert update.new_token_ids == [5] and update.logprobs == entry and update.finished
     assert update.request.status == RequestStatus.FINISHED_LENGTH
     assert_all_blocks_free(scheduler)

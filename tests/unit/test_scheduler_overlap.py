@@ -50,19 +50,27 @@ class OverlapRunner:
             copy.block_ids.extend(cached.new_block_ids)
 
     def execute(self, out: SchedulerOutput, block_size: int) -> RunnerOutput:
-        sampled = {}
+        """Computes the scheduled tokens; a multi-step decode (out.num_steps > 1) feeds each
+        sampled token back as the next step's input, as the model runner does."""
+        sampled: dict[str, list[int]] = {}
         for req_id, num_tokens in out.num_scheduled_tokens.items():
             copy = self.requests[req_id]
-            assert len(copy.pending) <= 1, f"{req_id}: more than one token in flight"
             full = copy.tokens + copy.pending
             end = copy.num_computed_tokens + num_tokens
             assert end <= len(full), f"{req_id}: scheduled past the tokens it has"
+            if len(copy.pending) > 0:  # it computes a token in flight: its last one only
+                assert num_tokens == 1 and end == len(full), f"{req_id}: computes a lost token"
+            if out.num_steps > 1:
+                assert num_tokens == 1 and end == len(full), f"{req_id}: multi-step, not decode"
+                end += out.num_steps - 1
             assert len(copy.block_ids) * block_size >= end, f"{req_id}: no slot for its tokens"
             copy.num_computed_tokens = end
-            if end == len(full):
-                token = fake_model(full)
-                copy.pending.append(token)
-                sampled[req_id] = token
+            if end >= len(full):
+                tokens = []
+                for _ in range(out.num_steps if out.num_steps > 1 else 1):
+                    tokens.append(fake_model(full + tokens))
+                copy.pending.extend(tokens)
+                sampled[req_id] = tokens
         return RunnerOutput(sampled_token_ids=sampled)
 
 
@@ -138,6 +146,89 @@ def test_overlapped_steps_give_the_outputs_of_one_step_at_a_time(seed, settings)
     assert outcomes(actual) == outcomes(expected)
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("num_steps", [2, 5])
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"num_blocks": 14, "prefix_caching": False}, {"max_num_batched_tokens": 7}],
+    ids=["plain", "preempt", "chunks"],
+)
+def test_multi_step_decodes_give_the_outputs_of_one_step_at_a_time(
+    seed, num_steps, overlap, settings
+) -> None:
+    expected = workload(seed)
+    run(make_scheduler(**settings), expected, overlap=False)
+    actual = workload(seed)
+    scheduler = make_scheduler(num_scheduler_steps=num_steps, **settings)
+    counted = _count_multi_steps(scheduler)
+    run(scheduler, actual, overlap=overlap)
+    assert outcomes(actual) == outcomes(expected)
+    assert counted and max(counted) > 1  # multi-step runs did happen
+
+
+def _count_multi_steps(scheduler: Scheduler) -> list[int]:
+    """The num_steps of every message the scheduler builds from now on."""
+    seen: list[int] = []
+    schedule = scheduler.schedule
+
+    def counting() -> SchedulerOutput:
+        out = schedule()
+        seen.append(out.num_steps)
+        return out
+
+    scheduler.schedule = counting  # type: ignore[method-assign]
+    return seen
+
+
+def test_a_multi_step_decode_runs_only_when_every_request_decodes() -> None:
+    scheduler = make_scheduler(num_scheduler_steps=4)
+    scheduler.add_request(make_request("a", [7, 8, 9], max_tokens=20))
+    first = scheduler.schedule()  # the prompt: one step
+    assert first.num_steps == 1
+    scheduler.update(first, RunnerOutput({"a": [11]}))
+    second = scheduler.schedule()  # decoding alone: four steps, slots for all four
+    assert second.num_steps == 4 and scheduler.requests["a"].num_computed_tokens == 3 + 4
+    assert len(scheduler.kv_cache_manager.get_block_ids("a")) * 4 >= 3 + 4
+    scheduler.add_request(make_request("b", [7, 8]))
+    third = scheduler.schedule()  # b's prompt joins: one step
+    assert third.num_steps == 1 and set(third.num_scheduled_tokens) == {"a", "b"}
+    scheduler.update(second, RunnerOutput({"a": [1, 2, 3, 4]}))
+    assert scheduler.requests["a"].output_token_ids == [11, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="sampled tokens"):
+        scheduler.update(third, RunnerOutput({"a": [1, 2], "b": [3]}))
+
+
+def test_a_multi_step_decode_drops_the_tokens_after_a_stop_and_is_not_run_for_penalties() -> None:
+    scheduler = make_scheduler(num_scheduler_steps=4)
+    stopping = make_request("a", [7, 8], eos=EOS, max_tokens=20)
+    scheduler.add_request(stopping)
+    scheduler.update(scheduler.schedule(), RunnerOutput({"a": [11]}))
+    run_of_four = scheduler.schedule()
+    assert run_of_four.num_steps == 4
+    (update,) = scheduler.update(run_of_four, RunnerOutput({"a": [12, EOS, 13, 14]}))
+    assert update.new_token_ids == [12, EOS] and update.finished
+    assert stopping.output_token_ids == [11, 12, EOS]
+    assert_all_blocks_free(scheduler)
+    penalized = make_request("p", [7, 8], max_tokens=20, repetition_penalty=1.2)
+    scheduler.add_request(penalized)
+    scheduler.update(scheduler.schedule(), RunnerOutput({"p": [11]}))
+    assert scheduler.schedule().num_steps == 1  # its sampler reads the tokens on the host
+
+
+def test_a_multi_step_decode_is_as_long_as_the_most_tokens_left() -> None:
+    scheduler = make_scheduler(num_scheduler_steps=8)
+    scheduler.add_request(make_request("a", [7, 8], max_tokens=3))
+    scheduler.add_request(make_request("b", [7, 9], max_tokens=4))
+    scheduler.update(scheduler.schedule(), RunnerOutput({"a": [11], "b": [12]}))
+    out = scheduler.schedule()
+    assert out.num_steps == 3  # b has three tokens left; a stops after two of them
+    updates = scheduler.update(out, RunnerOutput({"a": [1, 2, 3], "b": [4, 5, 6]}))
+    assert [u.new_token_ids for u in updates] == [[1, 2], [4, 5, 6]]
+    assert all(u.finished for u in updates)
+    assert_all_blocks_free(scheduler)
+
+
 def test_the_workloads_stop_on_eos_and_preempt() -> None:
     stops = preemptions = 0
     for seed in range(6):
@@ -156,7 +247,7 @@ def test_a_request_whose_pending_token_ends_it_is_not_scheduled_again() -> None:
     assert request.num_pending_tokens == 1
     second = scheduler.schedule()  # step 1's token is not known yet: it is the last one
     assert second.is_empty
-    scheduler.update(first, RunnerOutput({"a": 9}))
+    scheduler.update(first, RunnerOutput({"a": [9]}))
     scheduler.update(second, RunnerOutput.empty())
     assert request.status == RequestStatus.FINISHED_LENGTH and request.output_token_ids == [9]
     assert_all_blocks_free(scheduler)
@@ -168,7 +259,7 @@ def test_results_for_a_request_aborted_in_flight_are_dropped() -> None:
     scheduler.add_request(request)
     first = scheduler.schedule()
     scheduler.finish_requests("a", RequestStatus.FINISHED_ABORTED)
-    assert scheduler.update(first, RunnerOutput({"a": 9})) == []
+    assert scheduler.update(first, RunnerOutput({"a": [9]})) == []
     assert request.output_token_ids == []
     assert_all_blocks_free(scheduler)
 
@@ -182,9 +273,9 @@ def test_updating_a_step_twice_is_refused() -> None:
     scheduler = make_scheduler()
     scheduler.add_request(make_request("a", [7, 8]))
     out = scheduler.schedule()
-    scheduler.update(out, RunnerOutput({"a": 9}))
+    scheduler.update(out, RunnerOutput({"a": [9]}))
     with pytest.raises(ValueError, match="step"):
-        scheduler.update(out, RunnerOutput({"a": 9}))
+        scheduler.update(out, RunnerOutput({"a": [9]}))
 
 
 def test_a_discarded_step_returns_its_tokens_to_be_scheduled_again() -> None:
@@ -198,6 +289,6 @@ def test_a_discarded_step_returns_its_tokens_to_be_scheduled_again() -> None:
     again = scheduler.schedule()
     assert again.num_scheduled_tokens == {"a": 3}
     with pytest.raises(ValueError, match="step"):
-        scheduler.update(first, RunnerOutput({"a": 1}))  # discarded: gone
-    scheduler.update(again, RunnerOutput({"a": 1}))
+        scheduler.update(first, RunnerOutput({"a": [1]}))  # discarded: gone
+    scheduler.update(again, RunnerOutput({"a": [1]}))
     assert request.output_token_ids == [1]
