@@ -4,14 +4,17 @@ Python goes when the GPU would be waiting for it (overlapped steps on CUDA run a
 A tiny random Llama runs the steps on the CPU; its forward is timed apart (`execute`), so the
 columns are the host parts the CUDA path runs too: `Scheduler.schedule`, the runner's preparation
 (state update + inputs, `ModelRunner.host_stats`), and the engine's update + outputs (delta
-outputs, as the server's streams ask). No other engine is installable here to compare with, so the
-table is this engine's breakdown; notes/cuda.md compares it across changes.
+outputs, as the server's streams ask); all per decode step (the last row's multi-step decodes,
+num_scheduler_steps=8, run eight per engine step: compare it with the row above). No other
+engine is installable here to compare with, so the table is this engine's breakdown;
+notes/cuda.md compares it across changes.
 
     python benchmarks/host_step.py
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -49,13 +52,18 @@ def measure(llm, batch: int, new_tokens: int) -> dict[str, float]:  # noqa: ANN0
         _timed(engine.scheduler, "schedule", parts["schedule"]),
         _timed(engine.executor, "execute_async", parts["execute"]),
     ]
+    stats = runner.host_stats
     try:
         while engine.has_unfinished_requests():
-            before = runner.host_stats.prepare_s
+            before = (stats.prepare_s, stats.num_forwards)
             start = time.perf_counter()
             engine.step()
             parts["step"].append(time.perf_counter() - start)
-            parts["prepare"].append(runner.host_stats.prepare_s - before)
+            parts["prepare"].append(stats.prepare_s - before[0])
+            # per decode step: a multi-step decode runs several per engine step
+            forwards = max(stats.num_forwards - before[1], 1)
+            for key in parts:
+                parts[key][-1] /= forwards
     finally:
         for undo in restore:
             undo()
@@ -77,16 +85,20 @@ def main() -> None:
     )
     measure(llm, 8, 32)  # warm-up
     print(
-        f"{'requests':>8} {'new tokens':>10} {'schedule ms':>11} {'prepare ms':>10} "
+        f"{'requests':>8} {'new tokens':>10} {'steps':>5} {'schedule ms':>11} {'prepare ms':>10} "
         f"{'engine ms':>9} {'host ms':>8} {'per request us':>14}"
     )
-    for batch, new_tokens in ((64, 128), (256, 128), (64, 1024)):
+    scheduler = llm.engine.scheduler
+    single = scheduler.config
+    for batch, new_tokens, steps in ((64, 128, 1), (256, 128, 1), (64, 1024, 1), (64, 1024, 8)):
+        scheduler.config = dataclasses.replace(single, num_scheduler_steps=steps)
         ms = measure(llm, batch, new_tokens)
         host = ms["schedule"] + ms["prepare"] + ms["engine"]
         print(
-            f"{batch:8d} {new_tokens:10d} {ms['schedule']:11.3f} {ms['prepare']:10.3f} "
+            f"{batch:8d} {new_tokens:10d} {steps:5d} {ms['schedule']:11.3f} {ms['prepare']:10.3f} "
             f"{ms['engine']:9.3f} {host:8.3f} {1e3 * host / batch:14.1f}"
         )
+    scheduler.config = single
     llm.close()
 
 
