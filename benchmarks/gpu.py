@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -128,15 +129,25 @@ def hf_generate(hf, batch: int, vocab: int) -> dict:  # noqa: ANN001
     return {"tok_s": tok_s, "ms_per_step": 1e3 * elapsed / NEW_TOKENS}
 
 
+# Each throughput run gets prompts of its own: the prefix cache keeps the blocks of finished
+# requests, and prompts seen before would skip their prefill (before session 4 the batch-256 run's
+# first 64 prompts were the batch-64 run's).
+_FRESH_SEEDS = itertools.count(1000)
+
+
 def paphos_throughput(llm, batch: int, vocab: int) -> float:  # noqa: ANN001
     from paphos import SamplingParams
 
-    prompts = [{"prompt_token_ids": p} for p in random_prompts(batch, PROMPT_LEN, vocab, 2)]
+    seed = next(_FRESH_SEEDS)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(batch, PROMPT_LEN, vocab, seed)]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    hits = llm.engine.get_stats().prefix_cache_hits
     torch.cuda.synchronize()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
+    hits = llm.engine.get_stats().prefix_cache_hits - hits
+    assert hits == 0, f"{hits} prompt tokens came from the prefix cache: not a cold throughput run"
     return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
 
 
