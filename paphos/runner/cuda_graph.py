@@ -4,16 +4,10 @@ A graph replays model forward + compute_logits (+ argmax) over the runner's pers
 and leaves float32 logits and their row-wise argmax in persistent buffers. It is replayed only for
 pure-decode batches (every request computes one token and samples it) of at most the largest bucket
 and at most `max_seq_len` tokens per sequence; the captured region has no host sync.
-
-The sequence-length bound a graph is captured for fixes its decode attention's split count (the
-context is split for small batches). Small batches therefore also get graphs for short contexts
-(SHORT_SEQ_LENS): a batch of one at 192 tokens runs one attention program per kv head and no
-merge, not the eight splits (five of them empty) and the merge that a 2048-token bound asks for.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 
@@ -29,9 +23,6 @@ logger = logging.getLogger(__name__)
 # captured in the graph; longer sequences run eagerly.
 MAX_SEQ_LEN_TO_CAPTURE = 8192
 LARGEST_BUCKET = 512
-# Extra sequence-length bounds captured for batches of at most SHORT_MAX_BATCH rows.
-SHORT_SEQ_LENS = (256, 1024)
-SHORT_MAX_BATCH = 8
 
 
 def batch_size_buckets(max_num_seqs: int) -> list[int]:
@@ -44,8 +35,7 @@ def batch_size_buckets(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Captured decode steps keyed by (batch size, sequence-length bound); `replay(bs, bound)`
-    returns logits [bs, vocab_size] and their argmax."""
+    """Captured decode steps keyed by batch size; `replay(bs)` returns logits [bs, vocab_size]."""
 
     def __init__(
         self,
@@ -72,16 +62,7 @@ class DecodeGraphs:
         )  # [max_bs, vocab]
         # The argmax of each row, computed in the graph: a greedy step needs no launch after it.
         self.argmax = torch.zeros(max(batch_sizes), dtype=torch.int64, device=device)  # [max_bs]
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        # the bound each batch size was last replayed with, and replays per graph (for tests and
-        # measurement tools)
-        self.last_seq_len: dict[int, int] = {}
-        self.num_replays: collections.Counter[tuple[int, int]] = collections.Counter()
-
-    def seq_lens_for(self, bs: int) -> tuple[int, ...]:
-        """The sequence-length bounds captured for batch size bs, ascending."""
-        short = [n for n in SHORT_SEQ_LENS if n < self.max_seq_len] if bs <= SHORT_MAX_BATCH else []
-        return (*short, self.max_seq_len)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def bucket_for(self, num_seqs: int) -> int | None:
         """The smallest captured batch size holding num_seqs rows (None: too many)."""
@@ -95,14 +76,13 @@ class DecodeGraphs:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.batch_sizes):
-            for seq_len in reversed(self.seq_lens_for(bs)):
-                input_ids, positions, metadata = self._dummy_decode(bs, seq_len)
-                self._forward(bs, input_ids, positions, metadata)  # compiles, picks GEMMs
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._forward(bs, input_ids, positions, metadata)
-                self.graphs[bs, seq_len] = graph
+            input_ids, positions, metadata = self._dummy_decode(bs)
+            self._forward(bs, input_ids, positions, metadata)  # compiles kernels, picks GEMMs
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._forward(bs, input_ids, positions, metadata)
+            self.graphs[bs] = graph
         torch.cuda.synchronize()
         logger.info(
             "captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s",
@@ -112,15 +92,10 @@ class DecodeGraphs:
             time.perf_counter() - start,
         )
 
-    def replay(self, bs: int, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the step captured for batch size bs and sequence-length bound seq_len (None: the
-        one last replayed for bs, else max_seq_len) over the current buffers.
+    def replay(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the captured step of batch size bs over the current buffers.
         Returns (logits [bs, vocab], argmax token ids [bs])."""
-        if seq_len is None:
-            seq_len = self.last_seq_len.get(bs, self.max_seq_len)
-        self.graphs[bs, seq_len].replay()
-        self.last_seq_len[bs] = seq_len
-        self.num_replays[bs, seq_len] += 1
+        self.graphs[bs].replay()
         return self.logits[:bs], self.argmax[:bs]
 
     def _forward(
@@ -131,12 +106,10 @@ class DecodeGraphs:
         self.logits[:bs].copy_(logits)
         argmax_rows(logits, out=self.argmax[:bs])  # [bs]
 
-    def _dummy_decode(
-        self, bs: int, seq_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """The buffers' decode views of batch size bs and bound seq_len, holding harmless rows:
-        token 0 at position 0, slot -1 (nothing written), seq_len 1 over block 0."""
-        input_ids, positions, metadata = self.buffers.decode_views(bs, seq_len)
+    def _dummy_decode(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The buffers' decode views of batch size bs, holding harmless rows: token 0 at position
+        0, slot -1 (nothing written), seq_len 1 over block 0."""
+        input_ids, positions, metadata = self.buffers.decode_views(bs, self.max_seq_len)
         input_ids.zero_()
         positions.zero_()
         metadata.slot_mapping.fill_(-1)

@@ -53,8 +53,6 @@ class StepInputs:
     prompt_logprob_rows: list[tuple[str, int, list[int]]] = field(default_factory=list)
     # The graph batch size the step was padded to (pure decode only), or None: not padded.
     padded_to: int | None = None
-    # The sequence-length bound of the graph to replay (with padded_to).
-    graph_seq_len: int | None = None
     # (src [n], dst [n]) device indices: input_ids[dst] = previous step's sampled ids[src], for
     # tokens the host has not received yet (overlapped steps). None: every input id is known.
     pending_copy: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -206,15 +204,12 @@ class InputBuffers:
         states: list[RunnerRequestState],
         num_scheduled: list[int],
         pad_to: int | None = None,
-        pad_seq_lens: tuple[int, ...] = (),
+        pad_max_seq_len: int | None = None,
         sampled_rows: dict[str, int] | None = None,
-        lookahead: int = 0,
     ) -> StepInputs:
         """Model inputs of one step. `pad_to` (a graph's batch size) pads the batch only when it
-        is pure decode (every request computes one token and samples it) and its longest
-        sequence, `lookahead` tokens on (the later steps of a multi-step decode), fits one of
-        the graphs' ascending bounds pad_seq_lens (the smallest that fits is taken:
-        `graph_seq_len`); padded rows hold token 0 at position 0, slot -1, seq_len 1.
+        is pure decode (every request computes one token and samples it) with no sequence longer
+        than pad_max_seq_len; padded rows hold token 0 at position 0, slot -1, seq_len 1.
         `sampled_rows`: request id -> its row in the previous step's sampled ids, the source of
         a pending token this step computes."""
         if self._copied is not None:
@@ -230,11 +225,7 @@ class InputBuffers:
         ends = starts + counts  # [num_seqs]
         samples = np.flatnonzero(ends == lengths)  # [num_sampling]
         pure_decode = len(samples) == num_seqs and bool((counts == 1).all())
-        graph_seq_len = None
-        if pure_decode and pad_to is not None:
-            longest = int(ends.max()) + lookahead
-            graph_seq_len = next((n for n in pad_seq_lens if n >= longest), None)
-        if graph_seq_len is None:
+        if not pure_decode or (pad_max_seq_len is not None and ends.max() > pad_max_seq_len):
             pad_to = None
         padded = max(pad_to or num_seqs, num_seqs)
         num_tokens = int(ends.sum() - starts.sum()) + padded - num_seqs
@@ -264,10 +255,10 @@ class InputBuffers:
             rows,
             counts,
             seq_lens,
-            graph_seq_len=graph_seq_len,
+            graph_seq_len=pad_max_seq_len if pad_to else None,
         )
         inputs.sampling_request_ids, inputs.prompt_logprob_rows = sampling_ids, prompt_lp
-        inputs.padded_to, inputs.graph_seq_len = pad_to, graph_seq_len
+        inputs.padded_to = pad_to
         inputs.pending_copy = pending_copy
         return inputs
 

@@ -216,7 +216,7 @@ class ModelRunner:
             stats.num_forwards += 1
             buffers.advance(inputs, sampled)
             if inputs.padded_to is not None and graphs is not None:
-                return graphs.replay(inputs.padded_to, inputs.graph_seq_len)
+                return graphs.replay(inputs.padded_to)
             md = state["metadata"] = dataclasses.replace(
                 state["metadata"], max_seq_len=state["metadata"].max_seq_len + 1
             )
@@ -236,14 +236,11 @@ class ModelRunner:
         a bucket (through all num_steps of a multi-step decode), eager otherwise. Returns logits
         [num_logits (or padded rows), vocab] and, from a graph, their argmax [padded rows]."""
         assert self.buffers is not None, "initialize_kv_cache was not called"
-        graphs, bucket, seq_lens = self.graphs, None, ()
+        graphs, bucket, limit = self.graphs, None, None
         if graphs is not None and len(num_scheduled) == sum(num_scheduled):
-            bucket = graphs.bucket_for(len(states))
-            seq_lens = graphs.seq_lens_for(bucket) if bucket is not None else ()
+            bucket, limit = graphs.bucket_for(len(states)), graphs.max_seq_len - (num_steps - 1)
         last = self.step_sampling
-        inputs = self.buffers.prepare(
-            states, num_scheduled, bucket, seq_lens, last.last_rows, lookahead=num_steps - 1
-        )
+        inputs = self.buffers.prepare(states, num_scheduled, bucket, limit, last.last_rows)
         if inputs.pending_copy is not None:  # tokens sampled by the step still on the device
             assert last.last_sampled is not None
             sources, targets = inputs.pending_copy
@@ -255,8 +252,7 @@ class ModelRunner:
         if graphs is not None and inputs.padded_to is not None:
             stats.num_graph_steps += 1
             stats.prepare_s += time.perf_counter() - start
-            # [bucket, vocab], [bucket]
-            logits, argmax = graphs.replay(inputs.padded_to, inputs.graph_seq_len)
+            logits, argmax = graphs.replay(inputs.padded_to)  # [bucket, vocab], [bucket]
             return logits, argmax, inputs
         stats.prepare_s += time.perf_counter() - start
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, md)

@@ -159,36 +159,6 @@ def test_multi_step_decodes_equal_single_steps_on_cuda(peaked_llama, graph_run, 
         assert actual.outputs[0].token_ids == expected.outputs[0].token_ids
 
 
-@pytest.mark.parametrize("num_scheduler_steps", [1, 4])
-def test_decodes_crossing_the_short_context_graphs_bound_equal_eager(
-    peaked_llama, num_scheduler_steps
-):
-    """Batch-1 graphs exist for contexts up to 256 (fewer decode splits) and up to 512 (the
-    model's length): a decode from 240 to 300 tokens replays both and equals eager steps."""
-    gen = torch.Generator().manual_seed(3)
-    prompt = {"prompt_token_ids": torch.randint(3, VOCAB, (240,), generator=gen).tolist()}
-    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
-    results = []
-    for eager in (True, False):
-        llm = LLM(
-            model=str(peaked_llama[0]),
-            dtype="float32",
-            skip_tokenizer_init=True,
-            device="cuda",
-            max_num_seqs=8,
-            num_blocks_override=128,
-            enforce_eager=eager,
-            num_scheduler_steps=num_scheduler_steps,
-        )
-        results.append(llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids)
-        graphs = llm.engine.executor.runner.graphs
-        if not eager:
-            assert graphs.seq_lens_for(1) == (256, 512)
-            assert graphs.num_replays[1, 256] >= 10 and graphs.num_replays[1, 512] >= 30
-        llm.close()
-    assert results[0] == results[1]
-
-
 def test_seeded_sampling_is_the_same_in_multi_step_decodes_on_cuda(peaked_llama):
     prompts = [{"prompt_token_ids": p} for p in _prompts()]
     params = [
