@@ -116,8 +116,10 @@ class SchedulerConfig:
         default=1,
         metadata=_help(
             "Decode steps run per scheduling step while every running request decodes and none "
-            "waits (multi-step scheduling): the host's per-step work is paid once per this many "
-            "tokens; streams then get tokens in bursts of this many."
+            "is admitted (multi-step scheduling; requests with penalties, DRY, Mirostat or "
+            "logprobs keep single steps): the host's per-step work is paid once per this many "
+            "tokens; streams get tokens in bursts of this many, new requests wait up to as many "
+            "decode steps."
         ),
     )
 
