@@ -7,8 +7,9 @@ Per shape (Llama-3.2-1B / Llama-3-8B configs, bf16): HF's model is built with ra
 GPU, and paphos (`--load-format dummy`) loads the same tensors through `load_weights`. Batch 1 and
 64: decode ms per step (paphos: median pure-decode step with overlapped steps, the default, and
 without; graph replay GPU time; host time; HF: total / new tokens); throughput at batch 64 and 256
-(output tokens / wall s, prompts of 128, 128 new). The batch-64 step and the throughput are also
-measured with multi-step decodes (num_scheduler_steps=8; the default is 1): per decode step.
+(output tokens / wall s, prompts of 128, 128 new), with single steps (the server's default) and
+with multi-step decodes (num_scheduler_steps=8: offline `LLM`'s default on CUDA); the batch-64
+step with both too (per decode step).
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ def run_shape(shape: str, bandwidth: float, args: argparse.Namespace) -> dict:
         max_model_len=2048,
         max_num_seqs=256,
         gpu_memory_utilization=0.9,
+        num_scheduler_steps=1,  # the server's default; the "8 steps" rows switch to LLM's
     )
     startup = time.perf_counter() - start
     runner = llm.engine.executor.runner
@@ -261,7 +263,7 @@ _DECODE_ROWS = (
     ("b{b}", "decode step ms, batch {b}"),
     ("b{b}_serial", "  same, steps not overlapped"),
 )
-MULTI_STEPS = 8  # --num-scheduler-steps of the multi-step rows
+MULTI_STEPS = 8  # --num-scheduler-steps of the multi-step rows (paphos.engine.llm's default)
 
 
 def print_table(rows: list[dict], bandwidth: float) -> None:

@@ -123,6 +123,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument(
+        "--num-scheduler-steps", type=int, default=1, help="1: single steps, as the server runs"
+    )
     args = parser.parse_args()
     from paphos import LLM
 
@@ -135,6 +138,7 @@ def main() -> None:
         max_model_len=args.max_model_len,
         max_num_seqs=max(sizes),
         enforce_eager=args.enforce_eager,
+        num_scheduler_steps=args.num_scheduler_steps,
     )
     measure_decode(llm, 1, 16, 4)  # warm-up
     print(

@@ -1,4 +1,11 @@
-"""Offline inference: `LLM(model=...).generate(prompts, params)` and `.chat(messages, params)`."""
+"""Offline inference: `LLM(model=...).generate(prompts, params)` and `.chat(messages, params)`.
+
+Offline generation has no streams to keep smooth and no later arrivals to admit quickly, so on
+CUDA it runs multi-step decodes by default (num_scheduler_steps=OFFLINE_SCHEDULER_STEPS; the
+server's default is 1): the host's per-step work is paid once per that many tokens (H200, 1B
+shape, 256 requests: 44K -> 77K output tok/s; GPU-bound runs unchanged, notes/cuda.md).
+Pass num_scheduler_steps to choose.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +16,21 @@ from typing import Any
 
 from tqdm import tqdm
 
-from paphos.config import EngineConfig
+from paphos.config import EngineConfig, auto_device
 from paphos.engine.engine import Engine, Prompt
 from paphos.outputs import OutputKind, RequestOutput
 from paphos.sampling_params import SamplingParams
 from paphos.tokenizer import apply_chat_template
 
 Message = dict[str, Any]
+OFFLINE_SCHEDULER_STEPS = 8
 
 
 class LLM:
     def __init__(self, model: str = "", **engine_kwargs: Any) -> None:
+        if "num_scheduler_steps" not in engine_kwargs:
+            on_cuda = auto_device(engine_kwargs.get("device", "auto")) == "cuda"
+            engine_kwargs["num_scheduler_steps"] = OFFLINE_SCHEDULER_STEPS if on_cuda else 1
         self.engine = Engine(EngineConfig.from_kwargs(model=model, **engine_kwargs))
         self._ids = itertools.count()
 

@@ -196,6 +196,7 @@ def test_cuda_overlaps_plain_greedy_graph_steps_by_default(peaked_llama):
             max_num_seqs=8,
             num_blocks_override=128,
             async_scheduling=overlap,
+            num_scheduler_steps=1,  # one engine step per token: the overlap counts them
         )
         outs = llm.generate(prompts, params, use_tqdm=False)
         results[overlap] = [o.outputs[0].token_ids for o in outs]
