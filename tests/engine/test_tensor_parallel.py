@@ -185,3 +185,26 @@ def test_each_rank_caches_half_the_kv_heads_so_tp2_holds_twice_the_blocks(tp1_an
 def test_closing_the_tp2_llm_leaves_no_process_group(tp1_and_tp2):
     # (and no worker: the autouse fixture checks the children of this process after every test)
     assert not torch.distributed.is_initialized()
+
+
+def test_multi_step_decodes_at_tp2_give_the_tokens_of_single_steps_at_tp1(
+    tiny_llama_dir, tp1_and_tp2
+):
+    (tp1, _), _ = tp1_and_tp2
+    with LLM(
+        str(tiny_llama_dir), tensor_parallel_size=2, num_scheduler_steps=4, **ENGINE_KWARGS
+    ) as llm:
+        scheduler = llm.engine.scheduler
+        schedule, num_steps = scheduler.schedule, []
+
+        def counted():  # noqa: ANN202
+            out = schedule()
+            num_steps.append(out.num_steps)
+            return out
+
+        scheduler.schedule = counted
+        prompts = [{"prompt_token_ids": p} for p in PROMPTS[1:]]
+        outputs = llm.generate(prompts, PARAMS[1:], use_tqdm=False)  # no logprobs: multi-step
+    assert max(num_steps) == 4  # both ranks ran four decode steps per message
+    for one, two in zip(tp1[1:], outputs, strict=True):
+        assert two.outputs[0].token_ids == one.outputs[0].token_ids
