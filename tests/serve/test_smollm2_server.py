@@ -48,3 +48,42 @@ def test_default_model_answers_chat_streamed_and_not(smollm2_server: ServerProce
     )
     assert streamed == text
     assert "Paris" in text
+
+
+@pytest.fixture(scope="module")
+def multi_step_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    log: Path = tmp_path_factory.mktemp("smollm2_multi") / "server.log"
+    args = ["--kv-cache-space", "0.05", "--max-model-len", "512", "--num-scheduler-steps", "4"]
+    server = ServerProcess([*args, "--uvicorn-log-level", "warning"], str(log), startup_timeout=240)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_multi_step_server_streams_the_single_step_replies_and_stops_inside_a_run(
+    smollm2_server: ServerProcess, multi_step_server: ServerProcess
+) -> None:
+    def replies(server: ServerProcess, **extra: object) -> tuple[str, str, str | None]:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+        kwargs = {
+            "model": "SmolLM2-135M-Instruct",
+            "max_tokens": 30,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Name three colors of the rainbow."}],
+            **extra,
+        }
+        reply = client.chat.completions.create(**kwargs)
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(**kwargs, stream=True)
+            if c.choices
+        )
+        return reply.choices[0].message.content, streamed, reply.choices[0].finish_reason
+
+    free = replies(smollm2_server)
+    assert replies(multi_step_server) == free
+    stop = free[0].split()[2]  # a few tokens in: inside a run of four
+    stopped = replies(multi_step_server, stop=[stop])
+    assert stopped == replies(smollm2_server, stop=[stop])
+    assert stopped[2] == "stop" and len(stopped[0]) < len(free[0])
