@@ -27,6 +27,12 @@ def main() -> None:
     parser.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument(
+        "--num-scheduler-steps",
+        type=int,
+        default=1,
+        help="decode steps per engine step (offline LLM's CUDA default is 8; 1: one per step)",
+    )
     args = parser.parse_args()
     from paphos import LLM, SamplingParams
     from paphos.outputs import OutputKind
@@ -43,6 +49,7 @@ def main() -> None:
         skip_tokenizer_init=True,
         max_model_len=2048,
         max_num_seqs=256,
+        num_scheduler_steps=args.num_scheduler_steps,
         **extra,
     )
     engine, runner = llm.engine, llm.engine.executor.runner
