@@ -105,34 +105,18 @@ def _rotary_kernel(
         BLOCK_HALF,
         BLOCK_PASS,
     )
+    # keys: rotated into k_out, or (WRITE_KV) into their cache slot with the values beside them
+    k_dst = k_out_ptr + token * stride_k_out
+    write = True
     if WRITE_KV:
         # slot = block * block_size + offset; its row of kv heads is contiguous in the cache
         slot = tl.load(slot_ptr + token).to(tl.int64)
-        if slot >= 0:  # a negative slot is padding (captured CUDA graphs): nothing is written
-            row = kv_cache_ptr + slot * num_k_heads * HEAD_SIZE
-            _rotate_heads(
-                k_ptr + token * stride_k,
-                row,
-                num_k_heads,
-                cos,
-                sin,
-                HEAD_SIZE,
-                HALF,
-                IS_NEOX,
-                BLOCK_KH,
-                BLOCK_HALF,
-                BLOCK_PASS,
-            )
-            heads = tl.arange(0, BLOCK_KH)[:, None]  # [BLOCK_KH, 1]
-            dims = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
-            mask = (heads < num_k_heads) & (dims < HEAD_SIZE)
-            v = tl.load(v_ptr + token * stride_v + heads * HEAD_SIZE + dims, mask=mask)
-            dst = row + stride_kv + heads * HEAD_SIZE + dims
-            tl.store(dst, v.to(kv_cache_ptr.dtype.element_ty), mask=mask)
-    else:
+        k_dst = kv_cache_ptr + slot * num_k_heads * HEAD_SIZE
+        write = slot >= 0  # a negative slot is padding (captured CUDA graphs): nothing is written
+    if write:
         _rotate_heads(
             k_ptr + token * stride_k,
-            k_out_ptr + token * stride_k_out,
+            k_dst,
             num_k_heads,
             cos,
             sin,
@@ -143,6 +127,13 @@ def _rotary_kernel(
             BLOCK_HALF,
             BLOCK_PASS,
         )
+        if WRITE_KV:
+            heads = tl.arange(0, BLOCK_KH)[:, None]  # [BLOCK_KH, 1]
+            dims = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
+            mask = (heads < num_k_heads) & (dims < HEAD_SIZE)
+            v = tl.load(v_ptr + token * stride_v + heads * HEAD_SIZE + dims, mask=mask)
+            dst = k_dst + stride_kv + heads * HEAD_SIZE + dims
+            tl.store(dst, v.to(kv_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(
