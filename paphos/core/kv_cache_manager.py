@@ -71,6 +71,13 @@ class KVCacheManager:
             computed.append(block)
         return computed, len(computed) * self.block_size
 
+    def num_new_blocks(self, request: Request, num_new_tokens: int) -> int:
+        """Blocks `allocate_slots(request, num_new_tokens)` would take from the pool (no cache
+        hits): those num_computed_tokens + num_new_tokens need beyond what the request holds."""
+        held = len(self.req_to_blocks.get(request.request_id, ()))
+        total = request.num_computed_tokens + num_new_tokens
+        return max(0, -(-total // self.block_size) - held)
+
     def allocate_slots(
         self,
         request: Request,

@@ -350,11 +350,7 @@ class Scheduler:
         """Slots for num_steps tokens of every planned request (each holds blocks for one): for
         all of them, or (False) for none when the free blocks do not cover all."""
         kv = self.kv_cache_manager
-        block_size = kv.block_size
-        needed = 0
-        for request, _, _ in plan.entries:
-            held = len(kv.req_to_blocks[request.request_id])
-            needed += max(0, -(-(request.num_computed_tokens + num_steps) // block_size) - held)
+        needed = sum(kv.num_new_blocks(request, num_steps) for request, _, _ in plan.entries)
         if needed > kv.num_free_blocks:
             return False
         for request, _, new_block_ids in plan.entries:

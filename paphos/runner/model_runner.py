@@ -16,11 +16,11 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from paphos.attention import AttentionMetadata
 from paphos.config import EngineConfig, auto_device
 from paphos.core.step_data import RunnerOutput, SchedulerOutput, StepHandle
 from paphos.layers.sampler import (
@@ -32,7 +32,7 @@ from paphos.parallel import ParallelInfo
 from paphos.runner.cuda_graph import MAX_SEQ_LEN_TO_CAPTURE, DecodeGraphs, batch_size_buckets
 from paphos.runner.inputs import InputBuffers, RunnerRequestState, StepInputs, build_step_inputs
 from paphos.runner.kv_cache import KVCacheSpec, allocate_kv_caches, num_blocks_for_device
-from paphos.runner.step_sampling import StepSampling, is_plain_greedy
+from paphos.runner.step_sampling import NextStep, StepSampling, is_plain_greedy
 
 logger = logging.getLogger(__name__)
 
@@ -203,25 +203,21 @@ class ModelRunner:
             state.num_computed_tokens += n if num_steps == 1 else num_steps
         return StepHandle(finish)
 
-    def _next_decode_step(
-        self, inputs: StepInputs
-    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
+    def _next_decode_step(self, inputs: StepInputs) -> NextStep:
         """For a multi-step decode: the function that feeds one step's sampled ids [num_seqs]
         to the next decode step and runs it, returning its (logits, graph argmax or None)."""
         assert self.buffers is not None
         buffers, graphs, stats = self.buffers, self.graphs, self.host_stats
-        state = {"metadata": inputs.attn_metadata}
+        metadata = inputs.attn_metadata
 
         def run(sampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            nonlocal metadata
             stats.num_forwards += 1
             buffers.advance(inputs, sampled)
             if inputs.padded_to is not None and graphs is not None:
                 return graphs.replay(inputs.padded_to)
-            md = state["metadata"] = dataclasses.replace(
-                state["metadata"], max_seq_len=state["metadata"].max_seq_len + 1
-            )
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, md)
-            return self.model.compute_logits(hidden, md), None
+            metadata = dataclasses.replace(metadata, max_seq_len=metadata.max_seq_len + 1)
+            return self._forward(inputs, metadata), None
 
         return run
 
@@ -245,7 +241,6 @@ class ModelRunner:
             assert last.last_sampled is not None
             sources, targets = inputs.pending_copy
             inputs.input_ids.index_copy_(0, targets, last.last_sampled.index_select(0, sources))
-        md = inputs.attn_metadata
         stats = self.host_stats
         stats.num_steps += 1
         stats.num_forwards += 1
@@ -255,8 +250,12 @@ class ModelRunner:
             logits, argmax = graphs.replay(inputs.padded_to)  # [bucket, vocab], [bucket]
             return logits, argmax, inputs
         stats.prepare_s += time.perf_counter() - start
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, md)
-        return self.model.compute_logits(hidden, md), None, inputs  # [num_logits, vocab]
+        return self._forward(inputs, inputs.attn_metadata), None, inputs
+
+    def _forward(self, inputs: StepInputs, metadata: AttentionMetadata) -> torch.Tensor:
+        """An eager model run over the inputs; returns logits [num_logits, vocab]."""
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, metadata)
+        return self.model.compute_logits(hidden, metadata)
 
     def _update_states(self, out: SchedulerOutput) -> None:
         assert self.buffers is not None, "initialize_kv_cache was not called"
