@@ -6,20 +6,13 @@ preemption and chunked prefill - and requests whose samplers need the host keep 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from paphos import LLM, SamplingParams
+from tests.engine.test_async_scheduling import _llm
 from tests.engine.test_invariance import _prompts, peaked_llama  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def _llm(path: Path, **engine_kwargs) -> LLM:  # noqa: ANN003
-    kwargs = dict(dtype="float32", skip_tokenizer_init=True, kv_cache_space=0.02, device="cpu")
-    kwargs.update(engine_kwargs)
-    return LLM(model=str(path), **kwargs)
 
 
 def _params() -> list[SamplingParams]:

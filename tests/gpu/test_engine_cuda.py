@@ -61,19 +61,23 @@ def _prompts() -> list[list[int]]:
     return prompts
 
 
-def _generate(path: Path, one_by_one: bool = False, logprobs: int | None = 2, **engine_kwargs):
-    """Greedy outputs (different lengths, so the decode batch shrinks through several graph
-    buckets) and the runner's host stats."""
+def _cuda_llm(path: Path, **engine_kwargs) -> LLM:  # noqa: ANN003
+    """The tiny model on CUDA in float32, up to 8 requests over 128 KV blocks."""
     kwargs = dict(
         dtype="float32",
         skip_tokenizer_init=True,
         device="cuda",
         max_num_seqs=8,
         num_blocks_override=128,
-        enable_prefix_caching=False,
     )
     kwargs.update(engine_kwargs)
-    llm = LLM(model=str(path), **kwargs)
+    return LLM(model=str(path), **kwargs)
+
+
+def _generate(path: Path, one_by_one: bool = False, logprobs: int | None = 2, **engine_kwargs):
+    """Greedy outputs (different lengths, so the decode batch shrinks through several graph
+    buckets) and the runner's host stats."""
+    llm = _cuda_llm(path, **{"enable_prefix_caching": False, **engine_kwargs})
     prompts = [{"prompt_token_ids": p} for p in _prompts()]
     params = [
         SamplingParams(temperature=0, max_tokens=8 + 3 * i, ignore_eos=True, logprobs=logprobs)
@@ -167,15 +171,7 @@ def test_seeded_sampling_is_the_same_in_multi_step_decodes_on_cuda(peaked_llama)
     ]
     results = []
     for num_steps in (1, 5):
-        llm = LLM(
-            model=str(peaked_llama[0]),
-            dtype="float32",
-            skip_tokenizer_init=True,
-            device="cuda",
-            max_num_seqs=8,
-            num_blocks_override=128,
-            num_scheduler_steps=num_steps,
-        )
+        llm = _cuda_llm(peaked_llama[0], num_scheduler_steps=num_steps)
         outs = llm.generate(prompts, params, use_tqdm=False)
         results.append([o.outputs[0].token_ids for o in outs])
         llm.close()
@@ -183,21 +179,12 @@ def test_seeded_sampling_is_the_same_in_multi_step_decodes_on_cuda(peaked_llama)
 
 
 def test_cuda_overlaps_plain_greedy_graph_steps_by_default(peaked_llama):
-    path = str(peaked_llama[0])
     prompts = [{"prompt_token_ids": p} for p in _prompts()]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     results = {}
     for overlap in (None, False):
-        llm = LLM(
-            model=path,
-            dtype="float32",
-            skip_tokenizer_init=True,
-            device="cuda",
-            max_num_seqs=8,
-            num_blocks_override=128,
-            async_scheduling=overlap,
-            num_scheduler_steps=1,  # one engine step per token: the overlap counts them
-        )
+        # one engine step per token: the overlap counts them
+        llm = _cuda_llm(peaked_llama[0], async_scheduling=overlap, num_scheduler_steps=1)
         outs = llm.generate(prompts, params, use_tqdm=False)
         results[overlap] = [o.outputs[0].token_ids for o in outs]
         engine = llm.engine
