@@ -2,8 +2,9 @@
 
 Llama-3.2-1B decode layers (bf16) for 16 layers of distinct weights and KV caches (beyond L2),
 replayed as one graph: the four products alone (as `ops.dense.linear` routes them), then adding
-the layer's other kernels one group at a time (fused add + RMSNorm x2, SiLU-and-mul, rotary + KV
-write, paged decode attention with the split count a decode graph captures for 2048 tokens).
+the layer's other kernels one group at a time (fused add + RMSNorm x2, SiLU-and-mul as the model
+runs it: in the gate_up product's kernel where that takes it, rotary + KV write, paged decode
+attention with the split count a decode graph captures for 2048 tokens).
 Each row: GPU us per layer (median of 20 replays), its increase over the row above, and the
 layer's byte floor (weights, plus K/V once attention is in) at the measured copy bandwidth.
 
@@ -72,7 +73,7 @@ def build_layers(rows: int, context: int, dev: torch.device) -> list[dict]:
 
 def run_layers(layers: list[dict], hidden: torch.Tensor, groups: int) -> None:
     from paphos.kernels import CUDA_KERNELS as K
-    from paphos.ops.dense import linear
+    from paphos.ops.dense import linear, linear_silu_and_mul
 
     residual = hidden
     q_size, kv_size = HEADS * HEAD, KV_HEADS * HEAD
@@ -85,21 +86,35 @@ def run_layers(layers: list[dict], hidden: torch.Tensor, groups: int) -> None:
         attn_in = q
         if groups > 3:
             attn_in = K["rotary_and_write_kv"](
-                layer["positions"], q, k, v, layer["cos_sin"], HEAD, True,
-                layer["kv_cache"], layer["slots"],
+                layer["positions"],
+                q,
+                k,
+                v,
+                layer["cos_sin"],
+                HEAD,
+                True,
+                layer["kv_cache"],
+                layer["slots"],
             )
         if groups > 4:
             attn_in = K["paged_attention"](
-                attn_in.view(-1, HEADS, HEAD), layer["kv_cache"], layer["query_start_loc"],
-                layer["seq_lens"], layer["block_tables"], layer["scale"],
-                max_query_len=1, max_seq_len=GRAPH_MAX_SEQ_LEN,
+                attn_in.view(-1, HEADS, HEAD),
+                layer["kv_cache"],
+                layer["query_start_loc"],
+                layer["seq_lens"],
+                layer["block_tables"],
+                layer["scale"],
+                max_query_len=1,
+                max_seq_len=GRAPH_MAX_SEQ_LEN,
             ).view(-1, q_size)
-        h = linear(attn_in.contiguous() if not attn_in.is_contiguous() else attn_in, layer["o"])
+        h = linear(attn_in.contiguous(), layer["o"])
         x = h
         if groups > 1:
             x, residual = K["fused_add_rms_norm"](h, residual, layer["norm2"], 1e-5)
-        gate_up = linear(x, layer["gate_up"])
-        act = K["silu_and_mul"](gate_up) if groups > 2 else gate_up[:, :INTER]
+        if groups > 2:  # as LlamaMLP runs it: one kernel where the product's kernel can
+            act = linear_silu_and_mul(x, layer["gate_up"])
+        else:
+            act = linear(x, layer["gate_up"])[:, :INTER]
         hidden = linear(act, layer["down"])
 
 
@@ -111,8 +126,10 @@ def main() -> None:
     dev = torch.device("cuda")
     bandwidth = copy_bandwidth()
     weight_bytes = 2 * HIDDEN * (HEADS * HEAD + 2 * KV_HEADS * HEAD + HEADS * HEAD + 3 * INTER)
-    print(f"{torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
-          f"1B layer, context {args.context}")
+    print(
+        f"{torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
+        f"1B layer, context {args.context}"
+    )
     print(f"{'rows':>4} {'kernels':22} {'us/layer':>9} {'added':>7} {'floor us':>9} {'x floor':>7}")
     for rows in (int(r) for r in args.rows.split(",")):
         layers = build_layers(rows, args.context, dev)
@@ -127,8 +144,10 @@ def main() -> None:
                 run_layers(layers, hidden, groups)
             us = replay_us(graph) / LAYERS
             floor = (weight_bytes + (kv_bytes if groups == 5 else 0)) / bandwidth * 1e6
-            print(f"{rows:4} {label:22} {us:9.2f} {us - previous:+7.2f} {floor:9.2f} "
-                  f"{us / floor:7.2f}")
+            print(
+                f"{rows:4} {label:22} {us:9.2f} {us - previous:+7.2f} {floor:9.2f} "
+                f"{us / floor:7.2f}"
+            )
             previous = us
 
 

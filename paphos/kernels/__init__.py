@@ -16,12 +16,12 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
     except ImportError:
         return {}
     from paphos.kernels.activation import silu_and_mul
-    from paphos.kernels.gemv import gemv
+    from paphos.kernels.gemv import gemv, gemv_silu_and_mul
     from paphos.kernels.kv_cache import write_kv_cache
     from paphos.kernels.paged_attention import paged_attention
     from paphos.kernels.rms_norm import fused_add_rms_norm, rms_norm
     from paphos.kernels.rotary import rotary_and_write_kv, rotary_embedding
-    from paphos.kernels.skinny_gemm import skinny_gemm
+    from paphos.kernels.skinny_gemm import skinny_gemm, skinny_gemm_silu_and_mul
 
     return {
         "rms_norm": rms_norm,
@@ -33,6 +33,9 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
         "paged_attention": paged_attention,
         "gemv": gemv,  # one-row linear layers (ops.dense); not a registry op
         "skinny_gemm": skinny_gemm,  # 2-64-row linear layers (ops.dense); not a registry op
+        # the same with the SiLU-and-mul after a [gate | up] product (ops.dense)
+        "gemv_silu_and_mul": gemv_silu_and_mul,
+        "skinny_gemm_silu_and_mul": skinny_gemm_silu_and_mul,
     }
 
 

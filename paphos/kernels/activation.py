@@ -16,6 +16,15 @@ BLOCK = 1024
 
 
 @triton.jit
+def silu_times(gate, up):
+    """silu(gate) * up in float32, silu rounded to gate's dtype first (the reference's rounding);
+    also the prologue of the GEMV and skinny GEMM that take [gate | up] as their input."""
+    g32 = gate.to(tl.float32)
+    silu = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype).to(tl.float32)
+    return silu * up.to(tl.float32)
+
+
+@triton.jit
 def _silu_and_mul_kernel(
     x_ptr, out_ptr, stride_x, stride_out, d, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
 ):
@@ -24,10 +33,8 @@ def _silu_and_mul_kernel(
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     mask = cols < d
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0).to(tl.float32)
-    g32 = gate.to(tl.float32)
-    silu = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, silu * up, mask=mask)
+    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_out + cols, silu_times(gate, up), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from paphos.layers.weight_utils import copy_checked, narrow_checked
+from paphos.ops.registry import pick
 from paphos.parallel import SINGLE_PROCESS, ParallelInfo, all_gather, all_reduce, divide
 from paphos.quant import LinearMethod, UnquantizedLinearMethod, set_weight_attrs
 
@@ -220,6 +221,20 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def _part_full_size(self, shard_id: object) -> int:
         return self.output_sizes[shard_id]  # type: ignore[index]
+
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu_and_mul(self(x)) for a [gate | up] layer of two equal parts (an MLP's gate_up):
+        [num_tokens, input_size] -> [num_tokens, part size per rank]. One kernel where the
+        linear method has `apply_silu_and_mul` (the product's output is never stored)."""
+        if len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
+            raise ValueError(
+                f"forward_silu_and_mul needs two equal parts [gate | up]; this layer has "
+                f"{self.output_sizes}"
+            )
+        fused = getattr(self.linear_method, "apply_silu_and_mul", None)
+        if fused is None or self.gather_output:
+            return pick("silu_and_mul", x.device.type)(self(x))
+        return fused(self, x, self.bias)  # [num_tokens, output_size_per_partition // 2]
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):

@@ -17,7 +17,6 @@ from torch import nn
 from paphos.attention import Attention, AttentionMetadata
 from paphos.config import ModelConfig
 from paphos.layers import cpu_decode
-from paphos.layers.activation import SiluAndMul
 from paphos.layers.cpu_decode import DecoderLayerWeights, FusedDecode
 from paphos.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from paphos.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -53,10 +52,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(
             inter, hidden, bias=bias, linear_method=linear_method, parallel=parallel
         )
-        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        # gate_up and the SiLU-and-mul in one kernel where the linear method can
+        return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x))
 
 
 class LlamaAttention(nn.Module):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import paphos.kernels as triton_kernels
 from paphos.kernels._checks import FLOAT_DTYPES, takes_skinny_gemm
 from paphos.kernels.cpu import matvec
+from paphos.ops.registry import pick
 
 SMALL_BATCH_ROWS = matvec.MAX_ROWS  # 4
 
@@ -73,6 +74,25 @@ def linear(
         if lib is not None:
             return _cast(matvec.launch(lib, x, weight, bias, torch.get_num_threads()), out_dtype)
     return _cast(reference_linear(x, weight, bias, weight_fp32), out_dtype)
+
+
+def linear_silu_and_mul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    weight_fp32: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """silu_and_mul(linear(x, weight, bias)) for a [gate | up] weight [2N, K] -> [num_tokens, N]:
+    an MLP's gate_up product and activation. On CUDA one kernel where the GEMV or the skinny GEMM
+    takes the operands (the output of the product is never stored); elsewhere `linear`, then the
+    activation op."""
+    if x.is_cuda and weight.shape[0] % 2 == 0:
+        kernels = triton_kernels.CUDA_KERNELS
+        if "gemv_silu_and_mul" in kernels and _gemv_supports(x, weight):
+            return kernels["gemv_silu_and_mul"](x, weight, bias)
+        if "skinny_gemm_silu_and_mul" in kernels and takes_skinny_gemm(x, weight):
+            return kernels["skinny_gemm_silu_and_mul"](x, weight, bias)
+    return pick("silu_and_mul", x.device.type)(linear(x, weight, bias, weight_fp32))
 
 
 def _cast(out: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -3,6 +3,10 @@
 Invariant: a method creates every parameter on the layer and tags each with `input_dim` and
 `output_dim` (the tensor dimension that follows the layer's input/output features, or None if none
 does), so the layer's weight loader can cut each parameter's shard without knowing the format.
+
+A method may also have `apply_silu_and_mul(layer, x, bias)`: silu_and_mul(apply(layer, x, bias))
+for a [gate | up] layer, in one kernel (UnquantizedLinearMethod's, on CUDA);
+`MergedColumnParallelLinear.forward_silu_and_mul` uses it where it exists.
 """
 
 from __future__ import annotations

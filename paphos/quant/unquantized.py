@@ -39,6 +39,13 @@ class UnquantizedLinearMethod:
         weight_fp32 = getattr(layer, "weight_fp32", None)
         return dense.linear(x, layer.weight, bias, weight_fp32)  # [..., output_size_per_partition]
 
+    def apply_silu_and_mul(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """silu_and_mul(apply(x)) for a [gate | up] layer: one kernel on CUDA (ops.dense)."""
+        weight_fp32 = getattr(layer, "weight_fp32", None)
+        return dense.linear_silu_and_mul(x, layer.weight, bias, weight_fp32)
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Keep an fp32 copy for large batches where half-precision GEMMs are slow (see
         ops.dense)."""

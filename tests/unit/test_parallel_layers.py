@@ -89,6 +89,16 @@ def check_merged_column_parallel_linear(p: ParallelInfo) -> None:
     fused = MergedColumnParallelLinear(HIDDEN, [12, 24], parallel=p)
     _load(fused.weight, torch.cat([gate, up]))  # a checkpoint that stores gate_up fused
     assert_close(fused(x), expected)
+    with pytest.raises(ValueError, match="two equal parts"):
+        fused.forward_silu_and_mul(x)
+    # An MLP's gate_up: silu(gate) * up of this rank's features, bias on both parts.
+    gate_up = MergedColumnParallelLinear(HIDDEN, [12, 12], bias=True, parallel=p)
+    up, b_gate, b_up = up[:12], torch.randn(12), torch.randn(12)
+    _load(gate_up.weight, torch.cat([gate, up]))
+    _load(gate_up.bias, torch.cat([b_gate, b_up]))
+    mine = slice(p.rank * g, (p.rank + 1) * g)
+    activated = F.silu(F.linear(x, gate, b_gate)) * F.linear(x, up, b_up)  # [num_tokens, 12]
+    assert_close(gate_up.forward_silu_and_mul(x), activated[:, mine])
 
 
 def _kv_heads_of_rank(p: ParallelInfo, num_heads: int, num_kv_heads: int) -> list[int]:
@@ -270,7 +280,7 @@ def test_column_parallel_linear_equals_full_linear_gathered_or_sharded(rank_outc
     _assert_passed_on_every_rank(rank_outcomes, "column_parallel_linear")
 
 
-def test_merged_column_parallel_linear_shards_each_part(rank_outcomes):
+def test_merged_column_parallel_linear_shards_each_part_and_activates_gate_up(rank_outcomes):
     _assert_passed_on_every_rank(rank_outcomes, "merged_column_parallel_linear")
 
 
