@@ -232,7 +232,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
                 f"{self.output_sizes}"
             )
         fused = getattr(self.linear_method, "apply_silu_and_mul", None)
-        if fused is None or self.gather_output:
+        if fused is None:
             return pick("silu_and_mul", x.device.type)(self(x))
         return fused(self, x, self.bias)  # [num_tokens, output_size_per_partition // 2]
 
