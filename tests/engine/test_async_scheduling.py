@@ -30,15 +30,21 @@ def _params() -> list[SamplingParams]:
     return params
 
 
-def _run(llm: LLM, params: list[SamplingParams]) -> list[tuple]:
+def _generate_checked(llm: LLM, params: list[SamplingParams]) -> list:
+    """The workload's outputs, after checking the scheduler's invariants and that every KV block
+    came back."""
     prompts = [{"prompt_token_ids": p} for p in _prompts()]
     outs = llm.generate(prompts, params, use_tqdm=False)
     engine = llm.engine
     engine.scheduler.check_invariants()
     stats = engine.get_stats()
     assert stats.num_free_kv_blocks == stats.num_kv_blocks, "blocks leaked"
+    return outs
+
+
+def _run(llm: LLM, params: list[SamplingParams]) -> list[tuple]:
     result = []
-    for out in outs:
+    for out in _generate_checked(llm, params):
         c = out.outputs[0]
         logprobs = [round(next(iter(e.values())).logprob, 3) for e in c.logprobs or []]
         result.append((c.token_ids, c.finish_reason, c.stop_reason, logprobs))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from paphos import LLM, SamplingParams
-from tests.engine.test_async_scheduling import _llm
-from tests.engine.test_invariance import _prompts, peaked_llama  # noqa: F401 - the fixture
+from tests.engine.test_async_scheduling import _generate_checked, _llm
+from tests.engine.test_invariance import peaked_llama  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -29,12 +29,7 @@ def _params() -> list[SamplingParams]:
 
 
 def _run(llm: LLM, params: list[SamplingParams]) -> list[tuple]:
-    prompts = [{"prompt_token_ids": p} for p in _prompts()]
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    engine = llm.engine
-    engine.scheduler.check_invariants()
-    stats = engine.get_stats()
-    assert stats.num_free_kv_blocks == stats.num_kv_blocks, "blocks leaked"
+    outs = _generate_checked(llm, params)
     return [
         (o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in outs
     ]
