@@ -14,7 +14,6 @@ layer's byte floor (weights, plus K/V once attention is in) at the measured copy
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,24 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu import copy_bandwidth  # noqa: E402
 from triton_kernels import paged_batch  # noqa: E402
 
+from paphos.kernels.skinny_gemm import replay_us  # noqa: E402
+
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD = 2048, 8192, 32, 8, 64
 LAYERS = 16
 GRAPH_MAX_SEQ_LEN = 2048
 GROUPS = ("products", "+ add+RMSNorm x2", "+ SiLU-and-mul", "+ rotary + KV write", "+ attention")
-
-
-def replay_us(graph: torch.cuda.CUDAGraph) -> float:
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
 
 
 def build_layers(rows: int, context: int, dev: torch.device) -> list[dict]:
@@ -142,7 +129,7 @@ def main() -> None:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 run_layers(layers, hidden, groups)
-            us = replay_us(graph) / LAYERS
+            us = replay_us(graph, 20) / LAYERS
             floor = (weight_bytes + (kv_bytes if groups == 5 else 0)) / bandwidth * 1e6
             print(
                 f"{rows:4} {label:22} {us:9.2f} {us - previous:+7.2f} {floor:9.2f} "

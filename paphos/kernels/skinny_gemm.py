@@ -369,15 +369,21 @@ def graph_time_us(fn: Callable[[torch.Tensor], object], weights: list[torch.Tens
     with torch.cuda.graph(graph):
         for w in weights:
             fn(w)
-    graph.replay()  # the first replay uploads the graph
+    return replay_us(graph, 5) / len(weights)
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """GPU microseconds of one replay of a captured graph: the median of `replays`, timed with
+    events after a first, untimed replay (which uploads the graph)."""
+    graph.replay()
     times = []
-    for _ in range(5):
+    for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(weights))
+        times.append(start.elapsed_time(end) * 1e3)
     return statistics.median(times)
 
 
