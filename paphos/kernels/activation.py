@@ -18,7 +18,7 @@ BLOCK = 1024
 @triton.jit
 def silu_times(gate, up):
     """silu(gate) * up in float32, silu rounded to gate's dtype first (the reference's rounding);
-    also the prologue of the GEMV and skinny GEMM that take [gate | up] as their input."""
+    also the epilogue of the gated GEMV and skinny GEMM (`*_silu_and_mul`)."""
     g32 = gate.to(tl.float32)
     silu = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype).to(tl.float32)
     return silu * up.to(tl.float32)
