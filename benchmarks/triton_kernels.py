@@ -16,13 +16,13 @@ import torch
 import triton
 
 from paphos.kernels import CUDA_KERNELS
+from paphos.kernels._checks import num_sms
 from paphos.kernels.decode_attention import (
     DecodeTiles,
     decode_attention,
     default_decode_tiles,
     num_decode_splits,
 )
-from paphos.kernels.paged_attention import num_sms
 from paphos.kernels.prefill_attention import PrefillTiles, default_prefill_tiles, prefill_attention
 from paphos.ops.paged_attention import paged_attention as ref_paged_attention
 from paphos.ops.registry import REFERENCES

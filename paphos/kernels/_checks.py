@@ -8,6 +8,14 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DEFAULT_NUM_SMS = 132  # an H100 SXM; used when the device reports none (Triton's CPU interpreter)
+
+
+def num_sms(device: torch.device) -> int:
+    """The device's streaming multiprocessors (the kernels size their grids by it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_NUM_SMS
 
 
 def check_float_dtype(name: str, t: torch.Tensor) -> None:

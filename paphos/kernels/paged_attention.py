@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from paphos.kernels._checks import check_dim, check_float_dtype, check_same_device
+from paphos.kernels._checks import check_dim, check_float_dtype, check_same_device, num_sms
 from paphos.kernels.decode_attention import decode_attention, num_decode_splits
 from paphos.kernels.prefill_attention import prefill_attention
-
-DEFAULT_NUM_SMS = 132  # an H100 SXM; used when the device reports none (Triton's CPU interpreter)
 
 
 def _check(
@@ -60,12 +58,6 @@ def _check(
     ):
         if t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} has dtype {t.dtype}; expected int32 or int64")
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return DEFAULT_NUM_SMS
 
 
 def paged_attention(

@@ -27,9 +27,8 @@ import triton.language as tl
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
-from paphos.kernels._checks import SKINNY_GEMM_MAX_ROWS, takes_skinny_gemm
+from paphos.kernels._checks import SKINNY_GEMM_MAX_ROWS, num_sms, takes_skinny_gemm
 from paphos.kernels.activation import silu_and_mul, silu_times
-from paphos.kernels.paged_attention import num_sms
 from paphos.kernels.pdl import pdl_options, pdl_prologue
 from paphos.kernels.tickets import TICKETS
 
