@@ -91,6 +91,32 @@ def test_decode_splits_over_long_context_match_reference(device, num_splits):
     assert rel_error(out, float32_reference(batch)) < ATTN_TOLERANCE[torch.float16]
 
 
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("deep_min_tiles", [1, 4])
+def test_decode_deep_pipelining_matches_reference(device, head_size, num_splits, deep_min_tiles):
+    """Programs on either side of the deep-loop threshold (4 tiles of 64 keys: 255/256/257 keys,
+    one tile, many) agree with the reference, with and without splits."""
+    from paphos.kernels.decode_attention import DecodeTiles, decode_attention
+
+    lens = [(1, 255), (1, 256), (1, 257), (1, 1), (1, 64), (1, 900)]
+    batch = make_batch(lens, 8, 2, head_size, 16, torch.float16, device)
+    out = torch.full_like(batch["query"], float("nan"))  # [num_seqs, heads, head_size], poisoned
+    tiles = DecodeTiles(64, 4, 3, deep_stages=7, deep_min_tiles=deep_min_tiles)
+    decode_attention(**batch, out=out, num_splits=num_splits, tiles=tiles)
+    assert rel_error(out, float32_reference(batch)) < ATTN_TOLERANCE[torch.float16]
+
+
+def test_decode_runs_deep_only_unsplit_and_when_every_program_fits(device):
+    from paphos.kernels.decode_attention import default_decode_tiles
+
+    assert default_decode_tiles(64, 64 * 8, 1, 132).deep_stages == 7  # 1B, 64 seqs: 3.9 per SM
+    assert default_decode_tiles(64, 128 * 8, 1, 132).deep_stages == 0  # 128 sequences: too many
+    assert default_decode_tiles(128, 64 * 8, 1, 132).deep_stages == 0  # 8B: twice the shared memory
+    assert default_decode_tiles(64, 1 * 8, 8, 132).deep_stages == 0  # one sequence in 8 splits
+    assert default_decode_tiles(64).deep_stages == 0  # the launch's programs not given
+
+
 def test_prefill_only_batch_without_host_hints(device):
     from paphos.kernels.paged_attention import paged_attention
 
