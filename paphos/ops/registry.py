@@ -1,12 +1,15 @@
 """Choosing each op's implementation once, at start-up: the Triton kernel on CUDA, the C kernels on
-CPUs where they could be built (paged attention, RMSNorm, rotary), the reference elsewhere."""
+CPUs where they could be built (paged attention, RMSNorm, rotary, SiLU-and-mul), the reference
+elsewhere."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+from paphos.kernels.cpu import activation as cpu_activation
 from paphos.kernels.cpu import attention as cpu_attention
+from paphos.kernels.cpu import isa
 from paphos.kernels.cpu import norm_rope as cpu_norm_rope
 from paphos.ops import activation, kv_cache, paged_attention, rms_norm, rotary
 
@@ -53,4 +56,15 @@ def _cpu_kernels() -> dict[str, Callable[..., Any]]:
         kernels["rms_norm"] = cpu_norm_rope.rms_norm
         kernels["fused_add_rms_norm"] = cpu_norm_rope.fused_add_rms_norm
         kernels["rotary_embedding"] = cpu_norm_rope.rotary_embedding
+    if cpu_activation.load_library() is not None:
+        kernels["silu_and_mul"] = cpu_activation.silu_and_mul
     return kernels
+
+
+def describe_cpu_kernels() -> str:
+    """One start-up line: the ISA level the C kernels run at and which of them loaded."""
+    level = isa.selected()
+    loaded = sorted(_cpu_kernels())
+    if level is None or not loaded:
+        return "CPU kernels: torch references only (no AVX2/FMA, no compiler or no x86-64)"
+    return f"CPU kernels: {level} ({isa.DESCRIPTIONS[level]}): {', '.join(loaded)}"

@@ -28,6 +28,7 @@ from paphos.layers.sampler import (
 )
 from paphos.models.loader import load_model_weights
 from paphos.models.registry import ModelRegistry
+from paphos.ops.registry import describe_cpu_kernels
 from paphos.parallel import ParallelInfo
 from paphos.runner.cuda_graph import MAX_SEQ_LEN_TO_CAPTURE, DecodeGraphs, batch_size_buckets
 from paphos.runner.inputs import InputBuffers, RunnerRequestState, StepInputs, build_step_inputs
@@ -82,6 +83,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.model.dtype, config.model.hf_config, self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(config.runtime.num_threads or os.cpu_count() or 1)
+            logger.info("%s; %d threads", describe_cpu_kernels(), torch.get_num_threads())
         self.block_size = config.cache.block_size
         self.model = self._load_model()
         self.vocab_size = config.model.hf_config.vocab_size

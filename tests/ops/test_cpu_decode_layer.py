@@ -1,10 +1,15 @@
 """The fused CPU decode layer (paphos/kernels/cpu/decoder_layer.c, one C call per layer) against the
-model's unfused layers: bitwise equal outputs and caches over tiny random Llamas (bf16/fp32, GQA,
-with and without biases, 1..4 decode tokens, contexts across blocks, block sizes 16 and 32); the
-path is taken for pure decode only; greedy tokens of the engine are the same with it on and off."""
+model's unfused layers, which run the same C routines at the same ISA level: bitwise equal outputs
+and caches over tiny random Llamas (bf16/fp32, GQA, with and without biases, 1..4 decode tokens,
+contexts across blocks, block sizes 16 and 32), at this CPU's level and, in a child process under
+PAPHOS_CPU_ISA, at each lower one; the path is taken for pure decode only; greedy tokens of the
+engine are the same with it on and off."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +19,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from paphos import LLM, SamplingParams
 from paphos.attention import AttentionMetadata
 from paphos.config import EngineConfig
-from paphos.kernels.cpu import decoder_layer, native
+from paphos.kernels.cpu import decoder_layer, isa, native
 from paphos.layers import cpu_decode
 from paphos.runner.model_runner import ModelRunner
 
 pytestmark = pytest.mark.skipif(decoder_layer.load_library() is None, reason="C kernel not built")
-DTYPES = [d for d in (torch.bfloat16, torch.float32) if d in decoder_layer.DTYPES]
+DTYPES = [torch.bfloat16, torch.float32]
 VARIANTS = {
     # hidden 72 and intermediate 72: matvec and SiLU both have scalar tails past their vectors
     "gqa_bias": dict(
@@ -131,6 +136,25 @@ def test_fused_layers_equal_unfused_layers_bitwise(model_dir, dtype, block_size,
         assert torch.equal(got, want)
 
 
+LOWER_LEVELS = [level for level in isa.available() if level != isa.kernel_level(isa.selected())]
+
+
+@pytest.mark.parametrize("level", LOWER_LEVELS)
+def test_fused_layers_equal_unfused_layers_at_each_lower_isa_level(level):
+    """The whole process at a lower level (kernels of both paths built for it), in a child."""
+    env = {**os.environ, isa.ENV_VAR: level}
+    select = "bitwise and gqa_bias and (seq_lens3 or seq_lens4)"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", select],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout
+
+
 def test_fused_path_is_taken_for_decode_and_not_for_prefill_or_five_tokens(model_dir):
     runner = _runner(model_dir, DTYPES[0], 16)
     model = runner.model.model
@@ -185,7 +209,7 @@ def test_library_key_covers_every_included_file(tmp_path):
     after = native.source_with_includes(tmp_path / "main.c")
     assert before != after and b"return 1" in after
     shipped = native.source_with_includes(decoder_layer.SOURCE)
-    for name in ("avx2_base.c", "matvec.c", "attention.c", "norm_rope.c"):
+    for name in ("simd_base.c", "matvec.c", "attention.c", "norm_rope.c"):
         assert (decoder_layer.SOURCE.parent / name).read_bytes() in shipped
 
 

@@ -1,4 +1,5 @@
-"""The AVX2 small-batch matvec kernel against a float64 F.linear, and dense.linear's torch fallback.
+"""The small-batch matvec kernel, at every ISA level this CPU has (AVX2, AVX-512, AVX-512 BF16),
+against a float64 F.linear, and dense.linear's torch fallback.
 
 Tolerance: every output is an fp32 dot product of `in` terms, so its error against float64 is at
 most ~in * 2^-24 * sum|x_i * w_i| (about 1e-5 relative for in <= 600); we allow 1e-4 of that sum
@@ -11,11 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from paphos.kernels.cpu import matvec
+from paphos.kernels.cpu import isa, matvec
 from paphos.ops import dense
 
 LIB = matvec.load_library()
 needs_kernel = pytest.mark.skipif(LIB is None, reason="matvec kernel unavailable (no AVX2/cc)")
+each_level = pytest.mark.parametrize("level", isa.available())
 
 SIZES = [(1, 1), (5, 7), (13, 31), (37, 64), (96, 77), (129, 576)]  # (out, in): tails and blocks
 
@@ -36,41 +38,49 @@ def assert_close_to_reference(y: torch.Tensor, x, weight, bias) -> None:
 
 
 @needs_kernel
+@each_level
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("num_threads", [1, 2])
 def test_kernel_matches_float64_linear_for_every_row_count_and_odd_size(
-    weight_dtype: torch.dtype, x_dtype: torch.dtype, rows: int, num_threads: int
+    level: str, weight_dtype: torch.dtype, x_dtype: torch.dtype, rows: int, num_threads: int
 ) -> None:
+    lib = matvec.load_library(level)
     gen = torch.Generator().manual_seed(rows * 10 + num_threads)
     for out, in_ in SIZES:
         x = torch.randn(rows, in_, generator=gen).to(x_dtype)  # [rows, in]
         weight = torch.randn(out, in_, generator=gen).to(weight_dtype)  # [out, in]
         bias = torch.randn(out, generator=gen).to(weight_dtype)  # [out]
         for b in (None, bias):
-            y = matvec.matvec(LIB, x, weight, b, num_threads)
+            y = matvec.matvec(lib, x, weight, b, num_threads)
             assert y.shape == (rows, out) and y.dtype == x_dtype
             assert_close_to_reference(y, x, weight, b)
 
 
 @needs_kernel
-def test_large_matrix_split_over_threads_matches_reference() -> None:
+@each_level
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_large_matrix_split_over_threads_matches_reference(level, x_dtype) -> None:
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(4099, 576, generator=gen).bfloat16()  # [out, in]: > 64 KiB per thread
-    x = torch.randn(3, 576, generator=gen)  # [rows, in]
-    assert_close_to_reference(matvec.matvec(LIB, x, weight, None, 2), x, weight, None)
+    x = torch.randn(3, 576, generator=gen).to(x_dtype)  # [rows, in]
+    y = matvec.matvec(matvec.load_library(level), x, weight, None, 2)
+    assert_close_to_reference(y, x, weight, None)
 
 
 @needs_kernel
-def test_each_row_is_bitwise_independent_of_batch_and_thread_count() -> None:
+@each_level
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_each_row_is_bitwise_independent_of_batch_and_thread_count(level, dtype) -> None:
+    lib = matvec.load_library(level)
     gen = torch.Generator().manual_seed(2)
-    weight = torch.randn(1027, 200, generator=gen).bfloat16()  # [out, in]
-    x = torch.randn(4, 200, generator=gen)  # [rows, in]
-    alone = torch.cat([matvec.matvec(LIB, x[i : i + 1], weight, None, 1) for i in range(4)])
+    weight = torch.randn(1027, 200, generator=gen).to(dtype)  # [out, in]
+    x = torch.randn(4, 200, generator=gen).to(dtype)  # [rows, in]
+    alone = torch.cat([matvec.matvec(lib, x[i : i + 1], weight, None, 1) for i in range(4)])
     for rows in (2, 3, 4):
         for threads in (1, 2):
-            batched = matvec.matvec(LIB, x[:rows], weight, None, threads)
+            batched = matvec.matvec(lib, x[:rows], weight, None, threads)
             assert torch.equal(batched, alone[:rows]), (rows, threads)
 
 
@@ -115,7 +125,7 @@ def test_dense_linear_falls_back_to_torch_when_library_is_unavailable(monkeypatc
     def must_not_run(*args, **kwargs):
         raise AssertionError("kernel called although the library is unavailable")
 
-    monkeypatch.setattr(matvec, "load_library", lambda: None)
+    monkeypatch.setattr(matvec, "load_library", lambda level=None: None)
     monkeypatch.setattr(matvec, "launch", must_not_run)
     gen = torch.Generator().manual_seed(5)
     weight = torch.randn(20, 24, generator=gen)  # [out, in]
@@ -128,7 +138,7 @@ def test_failed_build_disables_the_kernel_without_raising(monkeypatch, tmp_path)
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
     monkeypatch.setattr(matvec, "SOURCE", broken)
-    monkeypatch.setattr(matvec, "library_path", lambda compiler, source: tmp_path / "x.so")
+    monkeypatch.setattr(matvec, "library_path", lambda compiler, source, level: tmp_path / "x.so")
     matvec.load_library.cache_clear()
     try:
         assert matvec.load_library() is None

@@ -1,5 +1,9 @@
 """The C RMSNorm / fused add+RMSNorm / rotary kernels against the torch references, the registry's
-choice of them on CPU, and the fallback to the references."""
+choice of them on CPU, and the fallback to the references.
+
+The norm sums its squares in the order of torch's AVX2 reduction: on a torch built for AVX2 the
+results are bitwise torch's; torch built for AVX-512 sums in another order, so the test allows the
+last bit of fp32 and one bf16 rounding of the normed value (the residual sum stays bitwise)."""
 
 from __future__ import annotations
 
@@ -18,19 +22,21 @@ EPS = 1e-5
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden", [576, 4096, 13, 3000])
 @pytest.mark.parametrize("tokens", [1, 3, 64])
-def test_rms_norm_and_fused_add_match_reference_bitwise(
+def test_rms_norm_and_fused_add_match_reference(
     dtype: torch.dtype, hidden: int, tokens: int
 ) -> None:
     gen = torch.Generator().manual_seed(hidden * 100 + tokens)
     x = torch.randn(tokens, hidden, generator=gen).to(dtype)  # [tokens, hidden]
     residual = (torch.randn(tokens, hidden, generator=gen) * 3).to(dtype)  # [tokens, hidden]
     weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)  # [hidden]
-    # The kernel sums the squares in torch's order (AVX2 cascade), so even fp32 is bitwise.
-    assert torch.equal(norm_rope.rms_norm(x, weight, EPS), ref_norm.rms_norm(x, weight, EPS))
+    fp32 = dtype == torch.float32
+    tolerance = {"rtol": 2e-6, "atol": 1e-6} if fp32 else {"rtol": 2**-7, "atol": 0}
+    got = norm_rope.rms_norm(x, weight, EPS)
+    torch.testing.assert_close(got, ref_norm.rms_norm(x, weight, EPS), **tolerance)
     out, summed = norm_rope.fused_add_rms_norm(x, residual, weight, EPS)
     want_out, want_summed = ref_norm.fused_add_rms_norm(x, residual, weight, EPS)
     assert torch.equal(summed, want_summed)  # one rounding of the same sum: bitwise
-    assert torch.equal(out, want_out)
+    torch.testing.assert_close(out, want_out, **tolerance)
 
 
 def _cache(max_pos: int, rot_dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -93,7 +99,7 @@ def test_fp16_falls_back_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_no_library_falls_back_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(norm_rope, "load_library", lambda: None)
+    monkeypatch.setattr(norm_rope, "load_library", lambda level=None: None)
     x, residual = torch.randn(3, 64), torch.randn(3, 64)  # [3, 64] each
     weight = torch.rand(64)  # [64]
     out, summed = norm_rope.fused_add_rms_norm(x, residual, weight, EPS)

@@ -193,7 +193,7 @@ def test_unavailable_library_or_unsupported_dtype_runs_the_reference(
 
     dtype = torch.float16 if available else torch.float32
     if not available:
-        monkeypatch.setattr(attention, "load_library", lambda: None)
+        monkeypatch.setattr(attention, "load_library", lambda level=None: None)
     monkeypatch.setattr(attention, "launch", must_not_run)
     batch = make_batch(
         [(1, 9), (4, 12)], num_kv_heads=1, group=2, head_size=16, block_size=4, dtype=dtype, seed=7
@@ -205,7 +205,7 @@ def test_unavailable_library_or_unsupported_dtype_runs_the_reference(
 def test_registry_picks_kernel_only_where_it_loaded(monkeypatch) -> None:
     expected = reference if LIB is None else attention.paged_attention
     assert registry.pick("paged_attention", "cpu") is expected
-    monkeypatch.setattr(attention, "load_library", lambda: None)
+    monkeypatch.setattr(attention, "load_library", lambda level=None: None)
     assert registry.pick("paged_attention", "cpu") is reference
 
 
@@ -213,7 +213,8 @@ def test_failed_build_disables_the_kernel_without_raising(monkeypatch, tmp_path)
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
     monkeypatch.setattr(attention, "SOURCE", broken)
-    monkeypatch.setattr(attention, "library_path", lambda compiler, source: tmp_path / "x.so")
+    broken_path = tmp_path / "x.so"
+    monkeypatch.setattr(attention, "library_path", lambda compiler, source, level: broken_path)
     attention.load_library.cache_clear()
     try:
         assert attention.load_library() is None

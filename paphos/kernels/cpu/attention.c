@@ -10,7 +10,7 @@
 #include <omp.h>
 #include <stdlib.h>
 
-#include "avx2_base.c"
+#include "simd_base.c"
 
 #define SPAN 256     /* keys per online-softmax step at most (a multiple of 8) */
 #define ROWS 8       /* query rows of one prefill sequence per work item */

@@ -33,8 +33,8 @@ _ERRORS = {
 find_compiler = native.find_compiler  # module attributes, so tests can replace them
 
 
-def library_path(compiler: str, source: bytes) -> Path:
-    return native.library_path("attention", compiler, source)
+def library_path(compiler: str, source: bytes, level: str) -> Path:
+    return native.library_path("attention", compiler, source, level)
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -51,9 +51,10 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 @cache
-def load_library() -> ctypes.CDLL | None:
-    """The built kernel library, or None (logged once) where it cannot run here."""
-    return native.load_library("attention", SOURCE, find_compiler(), library_path, bind)
+def load_library(level: str | None = None) -> ctypes.CDLL | None:
+    """The kernel library built for ISA `level` (default: this process's), or None (logged once)
+    where it cannot run here."""
+    return native.load_library("attention", SOURCE, find_compiler(), library_path, bind, level)
 
 
 def supports(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:

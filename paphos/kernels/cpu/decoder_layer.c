@@ -1,21 +1,17 @@
 /* One Llama-style decoder layer for a pure-decode batch (1..4 sequences, one token each) in one
  * call and one OpenMP parallel region, built from the routines of matvec.c, attention.c and
- * norm_rope.c (one translation unit). Invariant: every value is computed and rounded where the
- * unfused layer computes and rounds it (those routines, torch's SiLU and product), so the results
- * equal LlamaDecoderLayer.forward's on this CPU bit for bit.
+ * norm_rope.c and activation.c (one translation unit). Invariant: every value is computed and
+ * rounded where the unfused layer computes and rounds it (with those same routines, which the op
+ * registry picks for it on the CPU), so the results equal LlamaDecoderLayer.forward's bit for bit
+ * at the same ISA level.
  */
 #include "matvec.c"
 #include "attention.c"
 #include "norm_rope.c"
+#include "activation.c"
 
 #define MAX_TOKENS MAX_ROWS /* the matvec kernel's row limit */
 #define ALIGN 64            /* bytes: workspace parts start on their own cache lines */
-/* torch's vectorized CPU loops take 2 vectors per step and leave the rest of a row to the scalar
- * loop: 32 bf16 or 16 fp32 elements (AVX2), so SiLU uses Sleef's exp up to there, libm's after.
- * (From rows * intermediate >= 32768, torch's grain size, torch may split a row between threads
- * and move that boundary: a few elements may then differ by the two exps' last-bit difference.) */
-#define SILU_STEP_BF16 32
-#define SILU_STEP_FP32 16
 
 typedef struct {
     const void *input_norm, *post_norm;   /* [hidden] */
@@ -42,7 +38,7 @@ typedef struct {
 } DecodeStep;
 
 typedef struct {
-    float *x_fp32;             /* [MAX_TOKENS, widest input] the next matvec's input */
+    float *x_fp32;             /* [MAX_TOKENS, widest input] the next matvec's prepared input */
     char *qkv, *attn, *normed; /* [MAX_TOKENS, q + 2 kv], [.., q], [.., hidden] */
     char *gate_up, *act;       /* [MAX_TOKENS, 2 * intermediate], [.., intermediate] */
     Item *items;               /* attention work items */
@@ -87,58 +83,6 @@ int64_t paphos_decoder_workspace_bytes(const LayerSpec *L, int64_t num_threads) 
     return layout(L, num_threads, NULL, NULL);
 }
 
-/* 2^n * exp(r) as Sleef's expf_u10 for AVX2 computes e^d (the exp behind torch's vectorized
- * SiLU): n = round(d / ln2), a two-part ln2 reduction, a degree-6 polynomial, two-step scaling. */
-static inline __m256 sleef_exp(__m256 d) {
-    __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(d, _mm256_set1_ps(1.442695040888963407f)));
-    __m256 qf = _mm256_cvtepi32_ps(q);
-    __m256 s = _mm256_fmadd_ps(qf, _mm256_set1_ps(-0.693145751953125f), d);
-    s = _mm256_fmadd_ps(qf, _mm256_set1_ps(-1.428606765330187045e-06f), s);
-    static const float poly[6] = {0.000198527617612853646278381f, 0.00139304355252534151077271f,
-                                  0.00833336077630519866943359f,  0.0416664853692054748535156f,
-                                  0.166666671633720397949219f,    0.5f};
-    __m256 u = _mm256_set1_ps(poly[0]);
-    for (int k = 1; k < 6; k++) u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(poly[k]));
-    u = _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_mul_ps(s, s), u, s));
-    __m256i half = _mm256_srai_epi32(q, 1), bias = _mm256_set1_epi32(127);
-    __m256 scale1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
-    __m256i rest = _mm256_add_epi32(_mm256_sub_epi32(q, half), bias);
-    u = _mm256_mul_ps(_mm256_mul_ps(u, scale1), _mm256_castsi256_ps(_mm256_slli_epi32(rest, 23)));
-    u = _mm256_andnot_ps(_mm256_cmp_ps(d, _mm256_set1_ps(-104.0f), _CMP_LT_OQ), u);
-    __m256 overflow = _mm256_cmp_ps(_mm256_set1_ps(100.0f), d, _CMP_LT_OQ);
-    return _mm256_blendv_ps(u, _mm256_set1_ps(INFINITY), overflow);
-}
-
-static inline float load_elem(const char *base, int bf16, int64_t i) {
-    return bf16 ? bf16_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
-}
-
-/* act = silu(gate) * up for one row of gate_up [gate | up] (width 2 * n), as torch's
- * F.silu(gate) * up: silu rounded to the dtype, then the product rounded. */
-static void silu_and_mul_row(const char *gate_up, int64_t n, int bf16, char *act) {
-    const char *up = gate_up + n * (bf16 ? 2 : 4);
-    int64_t vectorized = n - n % (bf16 ? SILU_STEP_BF16 : SILU_STEP_FP32);
-    float silu[8];
-    for (int64_t i = 0; i < n; i += 8) {
-        int64_t lanes = n - i < 8 ? n - i : 8;
-        for (int64_t j = 0; j < lanes; j++) silu[j] = load_elem(gate_up, bf16, i + j);
-        if (i < vectorized) {
-            __m256 x = _mm256_loadu_ps(silu);
-            __m256 e = sleef_exp(_mm256_sub_ps(_mm256_setzero_ps(), x));
-            _mm256_storeu_ps(silu, _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
-        } else {
-            for (int64_t j = 0; j < lanes; j++) silu[j] = silu[j] / (1.0f + expf(-silu[j]));
-        }
-        for (int64_t j = 0; j < lanes; j++) {
-            float value = silu[j];
-            if (bf16) value = bf16_to_float(float_to_bf16(value));
-            value *= load_elem(up, bf16, i + j);
-            if (bf16) ((uint16_t *)act)[i + j] = float_to_bf16(value);
-            else ((float *)act)[i + j] = value;
-        }
-    }
-}
-
 typedef struct {
     const LayerSpec *L;
     const DecodeStep *S;
@@ -165,7 +109,7 @@ static void input_norm_row(const Layer *y, int64_t r, float *scratch) {
         norm_row(y->x + at, NULL, NULL, L->input_norm, normed, y->bf16, L->hidden, L->input_eps,
                  scratch, scratch + L->hidden);
     }
-    permute_range(y->w.normed, y->bf16, &y->qkv, r, 0, L->hidden, y->w.x_fp32);
+    prepare_range(y->w.normed, y->bf16, &y->qkv, r, 0, L->hidden, y->w.x_fp32);
 }
 
 /* Row r of the second norm: residual := round(attention out + residual), normed := RMSNorm. */
@@ -175,7 +119,7 @@ static void post_norm_row(const Layer *y, int64_t r, float *scratch) {
     char *residual = (char *)y->S->residual + at;
     norm_row((char *)y->S->hidden + at, residual, residual, L->post_norm, y->w.normed + at,
              y->bf16, L->hidden, L->post_eps, scratch, scratch + L->hidden);
-    permute_range(y->w.normed, y->bf16, &y->gate_up, r, 0, L->hidden, y->w.x_fp32);
+    prepare_range(y->w.normed, y->bf16, &y->gate_up, r, 0, L->hidden, y->w.x_fp32);
 }
 
 /* Token r: rotary on its q and k heads in place, then its k and v into the cache at its slot. */
@@ -200,13 +144,13 @@ static void attend_item(const Layer *y, const Item *it, Scratch *s) {
     int64_t group = y->queries.group, head = y->L->head_size;
     int64_t begin = it->kv_head * group * head, end = (it->kv_head + it->num_kv) * group * head;
     for (int64_t r = 0; r < it->num_rows; r++)
-        permute_range(y->w.attn, y->bf16, &y->o, it->token0 + r, begin, end, y->w.x_fp32);
+        prepare_range(y->w.attn, y->bf16, &y->o, it->token0 + r, begin, end, y->w.x_fp32);
 }
 
 static void silu_row(const Layer *y, int64_t r) {
     int64_t n = y->L->intermediate;
     silu_and_mul_row(y->w.gate_up + r * 2 * n * y->elem, n, y->bf16, y->w.act + r * n * y->elem);
-    permute_range(y->w.act, y->bf16, &y->down, r, 0, n, y->w.x_fp32);
+    prepare_range(y->w.act, y->bf16, &y->down, r, 0, n, y->w.x_fp32);
 }
 
 /* Thread t of n: the layer's phases, each ending at a barrier (the `omp for` ones implicitly). */
@@ -278,10 +222,10 @@ static void prepare_layer(Layer *y, const LayerSpec *L, const DecodeStep *S, con
     y->L = L;
     y->S = S;
     layout(L, S->num_threads, base, &y->w);
-    y->qkv = matrix_for(L->qkv, bf16, L->hidden, rows);
-    y->o = matrix_for(L->o, bf16, q_size, rows);
-    y->gate_up = matrix_for(L->gate_up, bf16, L->hidden, rows);
-    y->down = matrix_for(L->down, bf16, L->intermediate, rows);
+    y->qkv = matrix_for(L->qkv, bf16, L->hidden, rows, bf16);
+    y->o = matrix_for(L->o, bf16, q_size, rows, bf16);
+    y->gate_up = matrix_for(L->gate_up, bf16, L->hidden, rows, bf16);
+    y->down = matrix_for(L->down, bf16, L->intermediate, rows, bf16);
     y->cache = cache_for(kv_cache, bf16, S->num_blocks, S->block_size, L->num_kv_heads,
                          L->head_size, S->block_tables, S->table_stride);
     y->queries = (Queries){y->w.qkv, y->w.attn, bf16, qkv_width, L->num_heads,

@@ -20,10 +20,7 @@ from paphos.kernels.cpu import attention, matvec, native, norm_rope
 
 SOURCE = Path(__file__).with_name("decoder_layer.c")
 MAX_TOKENS = matvec.MAX_ROWS  # decoder_layer.c's MAX_TOKENS: 4
-# SiLU follows torch's AVX2 loops (Sleef's exp over 2-vector steps, libm's for the rest) and the
-# norms torch's AVX2 sum order: on torch builds of another vector width the fused path is off.
-AVX2_TORCH = torch.backends.cpu.get_cpu_capability() == "AVX2"
-DTYPES = norm_rope.NORM_DTYPES if AVX2_TORCH else ()
+DTYPES = (torch.bfloat16, torch.float32)
 _ERRORS = {
     -1: "size (tokens, heads, head_size, hidden, intermediate, cache or rotary table)",
     -2: "num_threads",
@@ -98,8 +95,8 @@ class DecoderLayerWeights:
 find_compiler = native.find_compiler  # module attributes, so tests can replace them
 
 
-def library_path(compiler: str, source: bytes) -> Path:
-    return native.library_path("decoder_layer", compiler, source)
+def library_path(compiler: str, source: bytes, level: str) -> Path:
+    return native.library_path("decoder_layer", compiler, source, level)
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -111,9 +108,10 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 @cache
-def load_library() -> ctypes.CDLL | None:
-    """The built kernel library, or None (logged once) where it cannot run here."""
-    return native.load_library("decoder_layer", SOURCE, find_compiler(), library_path, bind)
+def load_library(level: str | None = None) -> ctypes.CDLL | None:
+    """The kernel library built for ISA `level` (default: this process's), or None (logged once)
+    where it cannot run here."""
+    return native.load_library("decoder_layer", SOURCE, find_compiler(), library_path, bind, level)
 
 
 def unsupported_reason(layer: DecoderLayerWeights) -> str | None:

@@ -1,17 +1,29 @@
-/* Small-batch matrix-vector product for x86-64 CPUs with AVX2 + FMA, called from Python via ctypes.
+/* Small-batch matrix-vector product for x86-64 CPUs, called from Python via ctypes; built once per
+ * ISA level (AVX2+FMA; AVX-512 F/BW/VL/DQ; + BF16, where bf16 weights meet bf16 inputs in
+ * `vdpbf16ps`, 32 products per instruction and no widening).
  *
  * y[b, o] = sum_i x[b, i] * W[o, i] (+ bias[o]) for b < rows <= 4, W [out, in] in bf16 or fp32,
- * x [rows, in] and y [rows, out] in fp32 or bf16. Invariant: every output is one 8-lane fp32
- * accumulator over `in` in the same order, so results do not depend on rows, block or thread count.
+ * x [rows, in] and y [rows, out] in fp32 or bf16. Invariant: every output is one vector
+ * accumulator over `in` in the same order, so results do not depend on rows, block or thread
+ * count (they do depend on the ISA level: the vector width sets the order of the sums).
  */
 #include <omp.h>
 #include <stdlib.h>
 
-#include "avx2_base.c"
+#include "simd_base.c"
 
 #define MAX_ROWS 4
 #define MAX_BLOCK 4 /* output rows computed together: they share each load of x */
-#define STEP 16     /* elements per step: one 32-byte load of bf16 weights */
+#ifdef __AVX512F__
+#define STEP 32 /* elements per step: one 64-byte load of bf16 weights */
+#else
+#define STEP 16 /* elements per step: one 32-byte load of bf16 weights */
+#endif
+#ifdef __AVX512BF16__
+#define HAVE_DPBF16 1
+#else
+#define HAVE_DPBF16 0
+#endif
 /* Prefetch the weights about this many bytes ahead (whole blocks): the out-of-order window alone
  * keeps too few cache lines in flight to reach the core's memory bandwidth. */
 #ifndef PREFETCH_BYTES
@@ -20,9 +32,17 @@
 /* Below this many weight bytes per thread, waking another thread costs more than it saves. */
 #define MIN_BYTES_PER_THREAD (64 * 1024)
 
+/* How the inputs are laid out for the product (see prepare_range). */
+typedef enum {
+    X_FP32,          /* fp32 in order */
+    X_FP32_PERMUTED, /* fp32, each STEP group in load_weights16's order (AVX2, bf16 weights) */
+    X_BF16,          /* bf16 in order, multiplied in bf16 pairs (BF16 ISA, bf16 x and weights) */
+} InputLayout;
+
 typedef struct {
     const void *weight; /* [out, in], bf16 bits or fp32 */
     int weight_is_bf16;
+    InputLayout layout;
     int64_t in;
     int64_t in_steps;        /* in rounded down to a multiple of STEP */
     int64_t prefetch_blocks; /* how many blocks ahead to prefetch */
@@ -33,9 +53,77 @@ static inline const char *weight_address(const Matrix *m, int64_t row, int64_t i
     return (const char *)m->weight + (row * m->in + i) * element_bytes;
 }
 
+static inline float load_weight1(const Matrix *m, int64_t row, int64_t i) {
+    if (m->weight_is_bf16) return bf16_to_float(((const uint16_t *)m->weight)[row * m->in + i]);
+    return ((const float *)m->weight)[row * m->in + i];
+}
+
+/* Element i of prepared input row b, as fp32 (the scalar tails). */
+static inline float input1(const Matrix *m, const void *x, int64_t b, int64_t i) {
+    if (m->layout == X_BF16) return bf16_to_float(((const uint16_t *)x)[b * m->in + i]);
+    return ((const float *)x)[b * m->in + i];
+}
+
+#ifdef __AVX512F__
+typedef __m512 Acc;
+#define ACC_ZERO() _mm512_setzero_ps()
+#define ACC_SUM(v) _mm512_reduce_add_ps(v)
+
+/* 16 bf16 from `at` widened to fp32, in order. */
+static inline __m512 widen16(const char *at) {
+    __m256i bits = _mm256_loadu_si256((const __m256i *)at);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+/* acc[r][b] += W[row0 + r, i : i + STEP] . x[b, i : i + STEP] for one step. */
+static inline __attribute__((always_inline)) void dot_step(
+    const Matrix *m, const void *x, int64_t row0, int64_t i, int64_t ahead, int height, int rows,
+    Acc acc[MAX_BLOCK][MAX_ROWS]) {
+#if HAVE_DPBF16
+    if (m->layout == X_BF16) {
+        __m512bh xs[MAX_ROWS];
+        for (int b = 0; b < rows; b++)
+            xs[b] = (__m512bh)_mm512_loadu_si512((const uint16_t *)x + b * m->in + i);
+        for (int r = 0; r < height; r++) {
+            _mm_prefetch(weight_address(m, row0 + r + ahead, i), _MM_HINT_T0);
+            __m512bh w = (__m512bh)_mm512_loadu_si512(weight_address(m, row0 + r, i));
+            for (int b = 0; b < rows; b++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], w, xs[b]);
+        }
+        return;
+    }
+#endif
+    __m512 x_lo[MAX_ROWS], x_hi[MAX_ROWS];
+    for (int b = 0; b < rows; b++) {
+        x_lo[b] = _mm512_loadu_ps((const float *)x + b * m->in + i);
+        x_hi[b] = _mm512_loadu_ps((const float *)x + b * m->in + i + 16);
+    }
+    for (int r = 0; r < height; r++) {
+        /* Past the last row this names memory we never read: prefetches do not fault. */
+        _mm_prefetch(weight_address(m, row0 + r + ahead, i), _MM_HINT_T0);
+        const char *at = weight_address(m, row0 + r, i);
+        __m512 w_lo, w_hi;
+        if (m->weight_is_bf16) {
+            w_lo = widen16(at);
+            w_hi = widen16(at + 32);
+        } else {
+            _mm_prefetch(weight_address(m, row0 + r + ahead, i + 16), _MM_HINT_T0);
+            w_lo = _mm512_loadu_ps((const float *)at);
+            w_hi = _mm512_loadu_ps((const float *)at + 16);
+        }
+        for (int b = 0; b < rows; b++) {
+            acc[r][b] = _mm512_fmadd_ps(w_lo, x_lo[b], acc[r][b]);
+            acc[r][b] = _mm512_fmadd_ps(w_hi, x_hi[b], acc[r][b]);
+        }
+    }
+}
+#else
+typedef __m256 Acc;
+#define ACC_ZERO() _mm256_setzero_ps()
+#define ACC_SUM(v) horizontal_sum(v)
+
 /* 16 weights of `row` from element i, widened to fp32 as two vectors. bf16 widens with one load
  * and two unpacks, which yields elements {0-3, 8-11} and {4-7, 12-15}: x is stored permuted to
- * match (see permute_inputs). fp32 weights come in order. */
+ * match (X_FP32_PERMUTED). fp32 weights come in order. */
 static inline void load_weights16(const Matrix *m, int64_t row, int64_t i, __m256 *lo,
                                   __m256 *hi) {
     const char *at = weight_address(m, row, i);
@@ -50,59 +138,68 @@ static inline void load_weights16(const Matrix *m, int64_t row, int64_t i, __m25
     }
 }
 
-static inline float load_weight1(const Matrix *m, int64_t row, int64_t i) {
-    if (m->weight_is_bf16) return bf16_to_float(((const uint16_t *)m->weight)[row * m->in + i]);
-    return ((const float *)m->weight)[row * m->in + i];
+static inline __attribute__((always_inline)) void dot_step(
+    const Matrix *m, const void *x, int64_t row0, int64_t i, int64_t ahead, int height, int rows,
+    Acc acc[MAX_BLOCK][MAX_ROWS]) {
+    __m256 x_lo[MAX_ROWS], x_hi[MAX_ROWS];
+    for (int b = 0; b < rows; b++) {
+        x_lo[b] = _mm256_loadu_ps((const float *)x + b * m->in + i);
+        x_hi[b] = _mm256_loadu_ps((const float *)x + b * m->in + i + 8);
+    }
+    for (int r = 0; r < height; r++) {
+        /* Past the last row this names memory we never read: prefetches do not fault. */
+        _mm_prefetch(weight_address(m, row0 + r + ahead, i), _MM_HINT_T0);
+        __m256 w_lo, w_hi;
+        load_weights16(m, row0 + r, i, &w_lo, &w_hi);
+        for (int b = 0; b < rows; b++) {
+            acc[r][b] = _mm256_fmadd_ps(w_lo, x_lo[b], acc[r][b]);
+            acc[r][b] = _mm256_fmadd_ps(w_hi, x_hi[b], acc[r][b]);
+        }
+    }
 }
+#endif
 
 /* dots[r][b] = W[row0 + r] . x[b] for r < height, b < rows; height and rows are constants after
  * inlining, so the accumulators live in registers. */
 static inline __attribute__((always_inline)) void dot_block(
-    const Matrix *m, const float *x, int64_t row0, int height, int rows,
+    const Matrix *m, const void *x, int64_t row0, int height, int rows,
     float dots[MAX_BLOCK][MAX_ROWS]) {
-    __m256 acc[MAX_BLOCK][MAX_ROWS];
+    Acc acc[MAX_BLOCK][MAX_ROWS];
     for (int r = 0; r < height; r++)
-        for (int b = 0; b < rows; b++) acc[r][b] = _mm256_setzero_ps();
+        for (int b = 0; b < rows; b++) acc[r][b] = ACC_ZERO();
     int64_t ahead = m->prefetch_blocks * height; /* rows */
-    for (int64_t i = 0; i < m->in_steps; i += STEP) {
-        __m256 x_lo[MAX_ROWS], x_hi[MAX_ROWS];
-        for (int b = 0; b < rows; b++) {
-            x_lo[b] = _mm256_loadu_ps(x + b * m->in + i);
-            x_hi[b] = _mm256_loadu_ps(x + b * m->in + i + 8);
-        }
-        for (int r = 0; r < height; r++) {
-            /* Past the last row this names memory we never read: prefetches do not fault. */
-            _mm_prefetch(weight_address(m, row0 + r + ahead, i), _MM_HINT_T0);
-            __m256 w_lo, w_hi;
-            load_weights16(m, row0 + r, i, &w_lo, &w_hi);
-            for (int b = 0; b < rows; b++) {
-                acc[r][b] = _mm256_fmadd_ps(w_lo, x_lo[b], acc[r][b]);
-                acc[r][b] = _mm256_fmadd_ps(w_hi, x_hi[b], acc[r][b]);
-            }
-        }
-    }
+    for (int64_t i = 0; i < m->in_steps; i += STEP)
+        dot_step(m, x, row0, i, ahead, height, rows, acc);
     for (int r = 0; r < height; r++) {
         for (int b = 0; b < rows; b++) {
-            float dot = horizontal_sum(acc[r][b]);
+            float dot = ACC_SUM(acc[r][b]);
             for (int64_t i = m->in_steps; i < m->in; i++)
-                dot += load_weight1(m, row0 + r, i) * x[b * m->in + i];
+                dot += load_weight1(m, row0 + r, i) * input1(m, x, b, i);
             dots[r][b] = dot;
         }
     }
 }
 
 /* One block of output rows, with its height and the row count as compile-time constants. */
-static void dot_block_dispatch(const Matrix *m, const float *x, int64_t row0, int height,
+static void dot_block_dispatch(const Matrix *m, const void *x, int64_t row0, int height,
                                int rows, float dots[MAX_BLOCK][MAX_ROWS]) {
 #define CASE(H, B) \
     if (height == H && rows == B) return dot_block(m, x, row0, H, B, dots);
-    CASE(4, 1) CASE(4, 2) CASE(2, 3) CASE(2, 4)
+    CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4) CASE(2, 3) CASE(2, 4)
     CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4)
 #undef CASE
 }
 
-/* Accumulators (height * rows) plus x and weight vectors must fit in 16 ymm registers. */
-static inline int block_height(int rows) { return rows <= 2 ? 4 : 2; }
+/* Accumulators (height * rows) plus x and weight vectors must fit in the vector registers: 16 ymm
+ * (AVX2) or 32 zmm (AVX-512). */
+static inline int block_height(int rows) {
+#ifdef __AVX512F__
+    (void)rows;
+    return 4;
+#else
+    return rows <= 2 ? 4 : 2;
+#endif
+}
 
 static void store_matvec_outputs(float dots[MAX_BLOCK][MAX_ROWS], int64_t row0, int height,
                                  int rows, int64_t out, const float *bias, void *y,
@@ -118,7 +215,7 @@ static void store_matvec_outputs(float dots[MAX_BLOCK][MAX_ROWS], int64_t row0, 
 }
 
 /* Output rows [begin, end): whole blocks first, then single rows. */
-static void matvec_range(const Matrix *m, const float *x, int rows, int64_t begin, int64_t end,
+static void matvec_range(const Matrix *m, const void *x, int rows, int64_t begin, int64_t end,
                          int64_t out, const float *bias, void *y, int y_is_bf16) {
     float dots[MAX_BLOCK][MAX_ROWS];
     int height = block_height(rows);
@@ -133,14 +230,21 @@ static void matvec_range(const Matrix *m, const float *x, int rows, int64_t begi
     }
 }
 
-/* Elements [begin, end) of x's row b (x [rows, in]) as fp32 into x_fp32 [rows, in]; for bf16
- * weights each whole STEP group is stored as quads {0, 2, 1, 3} to match load_weights16's element
- * order, so a range of whole STEP groups lands within itself. */
-static void permute_range(const void *x, int x_is_bf16, const Matrix *m, int64_t b, int64_t begin,
-                          int64_t end, float *x_fp32) {
+/* Elements [begin, end) of x's row b (x [rows, in]) into `prepared` [rows, in] in the matrix's
+ * input layout: fp32 or bf16 in order, or (X_FP32_PERMUTED) each whole STEP group stored as
+ * quads {0, 2, 1, 3} to match load_weights16's element order, so a range of whole STEP groups
+ * lands within itself. */
+static void prepare_range(const void *x, int x_is_bf16, const Matrix *m, int64_t b, int64_t begin,
+                          int64_t end, void *prepared) {
+    if (m->layout == X_BF16) { /* x is bf16 too: copied as it is */
+        memcpy((uint16_t *)prepared + b * m->in + begin, (const uint16_t *)x + b * m->in + begin,
+               (size_t)(end - begin) * 2);
+        return;
+    }
+    float *x_fp32 = (float *)prepared;
     for (int64_t i = begin; i < end; i++) {
         int64_t at = b * m->in + i, to = at;
-        if (m->weight_is_bf16 && i < m->in_steps) {
+        if (m->layout == X_FP32_PERMUTED && i < m->in_steps) {
             int64_t quad = (i % STEP) / 4, swapped = quad == 1 ? 2 : quad == 2 ? 1 : quad;
             to = b * m->in + i - i % STEP + swapped * 4 + i % 4;
         }
@@ -148,10 +252,10 @@ static void permute_range(const void *x, int x_is_bf16, const Matrix *m, int64_t
     }
 }
 
-/* x [rows, in] as fp32 into x_fp32 [rows, in], in load_weights16's order (see permute_range). */
-static void permute_inputs(const void *x, int x_is_bf16, const Matrix *m, int64_t rows,
-                           float *x_fp32) {
-    for (int64_t b = 0; b < rows; b++) permute_range(x, x_is_bf16, m, b, 0, m->in, x_fp32);
+/* x [rows, in] into `prepared` [rows, in] in the matrix's input layout (see prepare_range). */
+static void prepare_inputs(const void *x, int x_is_bf16, const Matrix *m, int64_t rows,
+                           void *prepared) {
+    for (int64_t b = 0; b < rows; b++) prepare_range(x, x_is_bf16, m, b, 0, m->in, prepared);
 }
 
 static int threads_for(int64_t weight_bytes, int num_threads) {
@@ -160,24 +264,32 @@ static int threads_for(int64_t weight_bytes, int num_threads) {
     return useful < num_threads ? (int)useful : num_threads;
 }
 
-/* The matrix of a product with `rows` inputs: the prefetch distance depends on the block height. */
-static Matrix matrix_for(const void *weight, int weight_is_bf16, int64_t in, int rows) {
+/* The matrix of a product with `rows` inputs in bf16 or fp32: the input layout follows the ISA
+ * and both dtypes, the prefetch distance the block height. */
+static Matrix matrix_for(const void *weight, int weight_is_bf16, int64_t in, int rows,
+                         int x_is_bf16) {
     int64_t block_bytes = block_height(rows) * in * (weight_is_bf16 ? 2 : 4);
-    Matrix m = {weight, weight_is_bf16, in, in - in % STEP, 1 + PREFETCH_BYTES / block_bytes};
+    InputLayout layout = X_FP32;
+    if (weight_is_bf16 && x_is_bf16 && HAVE_DPBF16) layout = X_BF16;
+#ifndef __AVX512F__
+    if (weight_is_bf16) layout = X_FP32_PERMUTED;
+#endif
+    Matrix m = {weight, weight_is_bf16, layout, in, in - in % STEP,
+                1 + PREFETCH_BYTES / block_bytes};
     return m;
 }
 
 /* Thread t's share (of n) of the output rows: whole blocks, so the split never changes a result.
- * x_fp32 comes from permute_inputs. Not inlined: it keeps this file's floating-point flags in
+ * `prepared` comes from prepare_inputs. Not inlined: it keeps this file's floating-point flags in
  * translation units that include it. */
-static __attribute__((noinline)) void matvec_share(const Matrix *m, const float *x_fp32, int rows,
+static __attribute__((noinline)) void matvec_share(const Matrix *m, const void *prepared, int rows,
                                                    int64_t out, const float *bias, void *y,
                                                    int y_is_bf16, int t, int n) {
     int height = block_height(rows);
     int64_t num_blocks = (out + height - 1) / height;
     int64_t begin = num_blocks * t / n * height, end = num_blocks * (t + 1) / n * height;
     if (end > out) end = out;
-    if (begin < end) matvec_range(m, x_fp32, rows, begin, end, out, bias, y, y_is_bf16);
+    if (begin < end) matvec_range(m, prepared, rows, begin, end, out, bias, y, y_is_bf16);
 }
 
 /* Returns 0 on success, a negative code naming the first bad argument otherwise:
@@ -190,14 +302,14 @@ int paphos_matvec(const void *x, int x_is_bf16, const void *weight, int weight_i
     if (out < 1) return -3;
     if (num_threads < 1) return -4;
     if (!x || !weight || !y) return -5;
-    Matrix m = matrix_for(weight, weight_is_bf16, in, (int)rows);
-    float *x_fp32 = (float *)malloc((size_t)(rows * in) * sizeof(float)); /* [rows, in] */
-    if (!x_fp32) return -6;
-    permute_inputs(x, x_is_bf16, &m, rows, x_fp32);
+    Matrix m = matrix_for(weight, weight_is_bf16, in, (int)rows, x_is_bf16);
+    void *prepared = malloc((size_t)(rows * in) * sizeof(float)); /* [rows, in] */
+    if (!prepared) return -6;
+    prepare_inputs(x, x_is_bf16, &m, rows, prepared);
     int threads = threads_for(out * in * (weight_is_bf16 ? 2 : 4), num_threads);
 #pragma omp parallel num_threads(threads) if (threads > 1)
-    matvec_share(&m, x_fp32, (int)rows, out, bias, y, y_is_bf16, omp_get_thread_num(),
+    matvec_share(&m, prepared, (int)rows, out, bias, y, y_is_bf16, omp_get_thread_num(),
                  omp_get_num_threads());
-    free(x_fp32);
+    free(prepared);
     return 0;
 }

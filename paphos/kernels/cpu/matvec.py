@@ -15,7 +15,6 @@ import torch
 from paphos.kernels.cpu import native
 
 SOURCE = Path(__file__).with_name("matvec.c")
-CFLAGS = native.CFLAGS
 MAX_ROWS = 4
 WEIGHT_DTYPES = (torch.bfloat16, torch.float32)
 _ERRORS = {-1: "rows", -2: "in", -3: "out", -4: "num_threads", -5: "pointer", -6: "memory"}
@@ -23,8 +22,8 @@ _ERRORS = {-1: "rows", -2: "in", -3: "out", -4: "num_threads", -5: "pointer", -6
 find_compiler = native.find_compiler  # module attributes, so tests can replace them
 
 
-def library_path(compiler: str, source: bytes) -> Path:
-    return native.library_path("matvec", compiler, source)
+def library_path(compiler: str, source: bytes, level: str) -> Path:
+    return native.library_path("matvec", compiler, source, level)
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -35,9 +34,10 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 @cache
-def load_library() -> ctypes.CDLL | None:
-    """The built kernel library, or None (logged once) where it cannot run here."""
-    return native.load_library("matvec", SOURCE, find_compiler(), library_path, bind)
+def load_library(level: str | None = None) -> ctypes.CDLL | None:
+    """The kernel library built for ISA `level` (default: this process's), or None (logged once)
+    where it cannot run here."""
+    return native.load_library("matvec", SOURCE, find_compiler(), library_path, bind, level)
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -8,7 +8,7 @@
 #include <math.h>
 #include <omp.h>
 
-#include "avx2_base.c"
+#include "simd_base.c"
 
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")

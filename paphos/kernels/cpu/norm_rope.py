@@ -19,16 +19,16 @@ from paphos.ops import rotary as reference_rotary
 SOURCE = Path(__file__).with_name("norm_rope.c")
 DTYPES = (torch.bfloat16, torch.float32)
 MAX_WIDTH = 16384
-# The C sum of squares follows torch's AVX2 reduction order; with other vector widths torch sums in
-# another order, so fp32 would differ in the last bit: there fp32 norms stay on torch.
-NORM_DTYPES = DTYPES if torch.backends.cpu.get_cpu_capability() == "AVX2" else (torch.bfloat16,)
+# The C sum of squares follows torch's AVX2 reduction order (bitwise equal to torch built for AVX2;
+# torch built for AVX-512 sums in another order, so fp32 may differ from it in the last bit).
+NORM_DTYPES = DTYPES
 _ERRORS = {-1: "size", -2: "num_threads", -3: "pointer", -4: "positions (outside the cache)"}
 
 find_compiler = native.find_compiler  # module attributes, so tests can replace them
 
 
-def library_path(compiler: str, source: bytes) -> Path:
-    return native.library_path("norm_rope", compiler, source)
+def library_path(compiler: str, source: bytes, level: str) -> Path:
+    return native.library_path("norm_rope", compiler, source, level)
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -49,9 +49,10 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 @cache
-def load_library() -> ctypes.CDLL | None:
-    """The built kernel library, or None (logged once) where it cannot run here."""
-    return native.load_library("norm_rope", SOURCE, find_compiler(), library_path, bind)
+def load_library(level: str | None = None) -> ctypes.CDLL | None:
+    """The kernel library built for ISA `level` (default: this process's), or None (logged once)
+    where it cannot run here."""
+    return native.load_library("norm_rope", SOURCE, find_compiler(), library_path, bind, level)
 
 
 def _check(code: int, name: str) -> None:

@@ -1,9 +1,11 @@
 /* What every CPU kernel file shares: bf16 <-> fp32 conversion, an 8-lane horizontal sum and the
- * exported CPU feature check. Included (not compiled alone) by matvec.c, attention.c, norm_rope.c
- * and decoder_layer.c; the guard keeps one copy when several of them form one translation unit.
+ * exported check that the CPU has every feature the build was compiled for (paphos.kernels.cpu.isa
+ * picks the level: AVX2+FMA, AVX-512 F/BW/VL/DQ, + VNNI/BF16). Included (not compiled alone) by
+ * matvec.c, attention.c, norm_rope.c and decoder_layer.c; the guard keeps one copy when several of
+ * them form one translation unit.
  */
-#ifndef PAPHOS_AVX2_BASE
-#define PAPHOS_AVX2_BASE
+#ifndef PAPHOS_SIMD_BASE
+#define PAPHOS_SIMD_BASE
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -37,7 +39,15 @@ PAPHOS_INLINE float horizontal_sum(__m256 v) {
 
 int paphos_cpu_supported(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#ifdef __AVX512F__
+    ok = ok && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#endif
+#ifdef __AVX512BF16__
+    ok = ok && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16");
+#endif
+    return ok;
 }
 
 #endif
