@@ -147,7 +147,18 @@ class RuntimeConfig:
     seed: int = field(default=0, metadata=_help("Seed for dummy weights and unseeded sampling."))
     enforce_eager: bool = field(default=False, metadata=_help("CUDA: never capture CUDA graphs."))
     num_threads: int | None = field(
-        default=None, metadata=_help("CPU: torch threads (default: all cores).")
+        default=None,
+        metadata=_help(
+            "CPU: compute threads per rank (default: OMP_NUM_THREADS if set, else one per "
+            "physical core this process may use, split between tensor-parallel ranks)."
+        ),
+    )
+    bind_cpu_threads: bool = field(
+        default=True,
+        metadata=_help(
+            "CPU: pin each compute thread to its own core, and run on fewer cores while other "
+            "processes keep some busy (checked every second)."
+        ),
     )
     disable_log_stats: bool = field(default=False, metadata=_help("Do not log engine stats."))
     async_scheduling: bool | None = field(

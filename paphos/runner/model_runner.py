@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from paphos.models.loader import load_model_weights
 from paphos.models.registry import ModelRegistry
 from paphos.ops.registry import describe_cpu_kernels
 from paphos.parallel import ParallelInfo
+from paphos.runner.cpu_threads import ThreadGovernor, plan_threads
 from paphos.runner.cuda_graph import MAX_SEQ_LEN_TO_CAPTURE, DecodeGraphs, batch_size_buckets
 from paphos.runner.inputs import InputBuffers, RunnerRequestState, StepInputs, build_step_inputs
 from paphos.runner.kv_cache import KVCacheSpec, allocate_kv_caches, num_blocks_for_device
@@ -81,9 +81,14 @@ class ModelRunner:
         self.parallel = parallel or ParallelInfo()
         self.device = resolve_device(config.runtime.device)
         self.dtype = resolve_dtype(config.model.dtype, config.model.hf_config, self.device)
+        self.threads: ThreadGovernor | None = None
         if self.device.type == "cpu":
-            torch.set_num_threads(config.runtime.num_threads or os.cpu_count() or 1)
-            logger.info("%s; %d threads", describe_cpu_kernels(), torch.get_num_threads())
+            runtime, p = config.runtime, self.parallel
+            plan = plan_threads(runtime.num_threads, runtime.bind_cpu_threads, p.rank, p.world_size)
+            torch.set_num_threads(len(plan.cores))
+            self.threads = ThreadGovernor(plan)
+            pinned = f"pinned to cores {list(plan.cores)}" if plan.bind else "not pinned"
+            logger.info("%s; %d threads %s", describe_cpu_kernels(), len(plan.cores), pinned)
         self.block_size = config.cache.block_size
         self.model = self._load_model()
         self.vocab_size = config.model.hf_config.vocab_size
@@ -186,6 +191,8 @@ class ModelRunner:
     def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         """Queue one step on the device; the handle's `result()` waits for it."""
         start = time.perf_counter()
+        if self.threads is not None:
+            self.threads.maybe_adjust()
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
             return StepHandle.done(RunnerOutput.empty())
