@@ -4,6 +4,9 @@ A model may hand its rotary embedding to the layer (`rotary_emb=`, `positions=`)
 rotates q and k itself, and where the device has a fused kernel (CUDA) the rotation and the cache
 write are one launch.
 
+A layer may attend within a sliding window (each query sees its last `sliding_window` positions)
+and soft-cap its scores (`logits_soft_cap`: c * tanh(s / c)); both travel to the attention op.
+
 The implementation (torch reference on CPU, Triton on CUDA) is picked once when the layer is built.
 A kernel that takes the batch's host-side bounds (`max_query_len`, `max_seq_len`) gets them from the
 metadata: with them the Triton path launches no prefill kernel for decode-only batches and sizes its
@@ -19,7 +22,7 @@ import torch
 from torch import nn
 
 from paphos.attention.metadata import AttentionMetadata
-from paphos.ops.registry import pick, pick_fast
+from paphos.ops.registry import pick, pick_fast, pick_paged_attention
 
 
 class Rotary(Protocol):
@@ -42,8 +45,16 @@ class Attention(nn.Module):
         scale: float,
         num_kv_heads: int | None = None,
         rotary_emb: Rotary | None = None,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> None:
         super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window={sliding_window} must be >= 1 (or None)")
+        if logits_soft_cap is not None and not logits_soft_cap > 0:
+            raise ValueError(f"logits_soft_cap={logits_soft_cap} must be > 0 (or None)")
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = scale
@@ -58,9 +69,16 @@ class Attention(nn.Module):
         self._rotary_and_write_kv = None
         if rotary_emb is not None:
             self._rotary_and_write_kv = pick_fast("rotary_and_write_kv", device_type)
-        self._paged_attention = pick("paged_attention", device_type)
+        self._paged_attention = pick_paged_attention(
+            device_type, head_size, sliding_window, logits_soft_cap
+        )
         params = inspect.signature(self._paged_attention).parameters
         self._takes_bounds = "max_query_len" in params and "max_seq_len" in params
+        self._limits: dict[str, float] = {}  # only the features this layer has: plain layers call as before
+        if sliding_window is not None:
+            self._limits["sliding_window"] = sliding_window
+        if logits_soft_cap is not None:
+            self._limits["soft_cap"] = logits_soft_cap
 
     def forward(
         self,
@@ -91,6 +109,7 @@ class Attention(nn.Module):
             attn_metadata.block_tables,
             self.scale,
             **bounds,
+            **self._limits,
         )  # [num_tokens, num_heads, head_size]
         return out.reshape(num_tokens, self.num_heads * self.head_size)
 

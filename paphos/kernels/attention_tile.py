@@ -1,8 +1,12 @@
 """One online-softmax step over a tile of paged KV, shared by the decode and prefill kernels.
 
-Invariant: a row's running max `m` is finite once its first tile was attended (the first tile of
-every program holds a key each row may see), so `exp2(m - m_new)` never sees -inf - -inf.
-Scores are kept in the log2 domain: `scale_log2 = scale * log2(e)`.
+Invariant: without a sliding window, a row's running max `m` is finite once its first tile was
+attended (the first tile of every program holds a key each row may see), so `exp2(m - m_new)`
+never sees -inf - -inf. With a window (WINDOW: keys > q_pos - window) a row may see nothing in a
+tile; its max stays -inf and 0 stands in for it in the exponentials (its probabilities are 0).
+Scores are kept in the log2 domain: `scale_log2 = scale * log2(e)`. With a soft-cap c (SOFT_CAP)
+the caller passes `scale_log2 = scale / c` and `cap_log2 = c * log2(e)`: the score is
+tanh(q.k * scale / c) * c * log2(e).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ def attend_tile(
     kv_end,
     q_pos,
     scale_log2,
+    window,
+    cap_log2,
     stride_kv,
     stride_blk,
     stride_tok,
@@ -42,6 +48,8 @@ def attend_tile(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     IEEE: tl.constexpr,
+    WINDOW: tl.constexpr = False,
+    SOFT_CAP: tl.constexpr = False,
 ):
     """q: [M, HEAD_PAD]; acc: [M, HEAD_PAD] f32; m, l_sum: [M] f32; keys start..start+BLOCK_N-1."""
     toks = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -53,14 +61,20 @@ def attend_tile(
     kv_ptrs = cache_ptr + offsets[:, None] + dims[None, :]  # [BLOCK_N, HEAD_PAD]
     k = tl.load(kv_ptrs, mask=kv_mask, other=0.0)
     s = _dot(q, tl.trans(k), IEEE) * scale_log2  # [M, BLOCK_N]
+    if SOFT_CAP:
+        s = (2.0 * tl.sigmoid(2.0 * s) - 1.0) * cap_log2  # tanh(s) * c * log2(e)
+    visible = tok_mask[None, :]  # [1, BLOCK_N]
     if CAUSAL:
-        visible = tok_mask[None, :] & (toks[None, :] <= q_pos[:, None])
-    else:
-        visible = tok_mask[None, :]
+        visible = visible & (toks[None, :] <= q_pos[:, None])
+    if WINDOW:
+        visible = visible & (toks[None, :] > q_pos[:, None] - window)
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))  # [M]
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(s - m_new[:, None])  # [M, BLOCK_N]
+    m_exp = m_new
+    if WINDOW:
+        m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet
+    alpha = tl.exp2(m - m_exp)
+    p = tl.exp2(s - m_exp[:, None])  # [M, BLOCK_N]
     l_sum = l_sum * alpha + tl.sum(p, axis=1)
     v = tl.load(kv_ptrs + stride_kv, mask=kv_mask, other=0.0)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)

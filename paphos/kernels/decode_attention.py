@@ -31,6 +31,8 @@ def _attend_tiles(
     tile_end,
     seq_len,
     scale_log2,
+    window,
+    cap_log2,
     stride_kv,
     stride_blk,
     stride_tok,
@@ -41,8 +43,12 @@ def _attend_tiles(
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
 ):
-    """Online softmax over tiles tile_start..tile_end-1, software-pipelined NUM_STAGES deep."""
+    """Online softmax over tiles tile_start..tile_end-1, software-pipelined NUM_STAGES deep.
+    The query sits at position seq_len - 1 (what a sliding window is measured from)."""
+    q_pos = tl.zeros_like(m).to(tl.int32) + seq_len - 1  # [GROUP_PAD]
     for tile in tl.range(tile_start, tile_end, num_stages=NUM_STAGES):
         acc, m, l_sum = attend_tile(
             q,
@@ -54,8 +60,10 @@ def _attend_tiles(
             kv_head,
             tile * BLOCK_N,
             seq_len,
-            m,
+            q_pos,
             scale_log2,
+            window,
+            cap_log2,
             stride_kv,
             stride_blk,
             stride_tok,
@@ -66,6 +74,8 @@ def _attend_tiles(
             BLOCK_N,
             False,
             IEEE,
+            WINDOW,
+            SOFT_CAP,
         )
     return acc, m, l_sum
 
@@ -91,6 +101,8 @@ def _decode_kernel(
     stride_head,
     stride_bt,
     scale_log2,
+    window,
+    cap_log2,
     num_heads,
     num_splits,
     GROUP: tl.constexpr,
@@ -105,6 +117,8 @@ def _decode_kernel(
     DEEP_STAGES: tl.constexpr,  # ... and of those with DEEP_MIN_TILES or more (0: STAGES)
     DEEP_MIN_TILES: tl.constexpr,
     USE_PDL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     seq = tl.program_id(0)
@@ -116,8 +130,11 @@ def _decode_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_start = split * tiles_per_split
+    first_tile = 0  # the first tile holding a key the query sees
+    if WINDOW:
+        first_tile = tl.maximum(seq_len - window, 0) // BLOCK_N
+    tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
+    tile_start = first_tile + split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
     g = tl.arange(0, GROUP_PAD)  # [GROUP_PAD]
     dims = tl.arange(0, HEAD_PAD)  # [HEAD_PAD]
@@ -148,6 +165,8 @@ def _decode_kernel(
             tile_end,
             seq_len,
             scale_log2,
+            window,
+            cap_log2,
             stride_kv,
             stride_blk,
             stride_tok,
@@ -158,6 +177,8 @@ def _decode_kernel(
             BLOCK_N,
             IEEE,
             DEEP_STAGES,
+            WINDOW,
+            SOFT_CAP,
         )
     else:
         acc, m, l_sum = _attend_tiles(
@@ -172,6 +193,8 @@ def _decode_kernel(
             tile_end,
             seq_len,
             scale_log2,
+            window,
+            cap_log2,
             stride_kv,
             stride_blk,
             stride_tok,
@@ -182,6 +205,8 @@ def _decode_kernel(
             BLOCK_N,
             IEEE,
             STAGES,
+            WINDOW,
+            SOFT_CAP,
         )
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # [GROUP_PAD, HEAD_PAD]
     if SPLIT:
@@ -245,6 +270,8 @@ class DecodeTiles:
     deep_min_tiles: int = 4
 
 
+LOG2_E = 1.4426950408889634
+
 # The deep loop's shared memory (54 KB at head size 64, 105 KB at 128, 64-key tiles) leaves room
 # for every program of a launch at once while programs x padded head size per SM stays within this.
 DEEP_PROGRAM_BUDGET = 4 * 64
@@ -270,6 +297,13 @@ def default_decode_tiles(
     )
 
 
+def score_scales(scale: float, soft_cap: float | None) -> tuple[float, float]:
+    """(scale_log2, cap_log2) as attend_tile takes them (see paphos.kernels.attention_tile)."""
+    if soft_cap is None:
+        return scale * LOG2_E, 0.0
+    return scale / soft_cap, soft_cap * LOG2_E
+
+
 def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """Split only when (seq, kv head) programs fill the chip less than twice; then aim at four
     programs per SM, no split shorter than 256 keys, at most 32 (H100 sweep: notes/cuda.md)."""
@@ -289,6 +323,8 @@ def decode_attention(
     out: torch.Tensor,
     num_splits: int,
     tiles: DecodeTiles | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> None:
     """Write `out` rows of the sequences with one query token; other rows are left untouched."""
     num_seqs = seq_lens.shape[0]
@@ -313,6 +349,7 @@ def decode_attention(
     )  # [num_seqs, heads, splits]
     part_l = torch.empty_like(part_m)  # [num_seqs, num_heads, num_splits]
     pdl = pdl_options(query.device)
+    scale_log2, cap_log2 = score_scales(scale, soft_cap)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query,
         kv_cache,
@@ -332,7 +369,9 @@ def decode_attention(
         kv_cache.stride(2),
         kv_cache.stride(3),
         block_tables.stride(0),
-        scale * 1.4426950408889634,
+        scale_log2,
+        sliding_window or 0,
+        cap_log2,
         num_heads,
         num_splits,
         GROUP=group,
@@ -348,6 +387,8 @@ def decode_attention(
         DEEP_MIN_TILES=tiles.deep_min_tiles,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
+        WINDOW=sliding_window is not None,
+        SOFT_CAP=soft_cap is not None,
         **pdl,
     )
     if split:

@@ -70,8 +70,11 @@ def paged_attention(
     *,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
-    """As paphos.ops.paged_attention.paged_attention; returns [num_tokens, num_heads, head_size].
+    """As paphos.ops.paged_attention.paged_attention (sliding window and soft-cap included);
+    returns [num_tokens, num_heads, head_size].
 
     max_query_len / max_seq_len: host-side upper bounds of this batch (optional; the reference
     ignores them). max_query_len == 1 skips the prefill kernel; max_seq_len sizes the decode
@@ -93,8 +96,9 @@ def paged_attention(
             f"max_query_len={max_query_len} and max_seq_len={max_seq_len} must be >= 1"
         )
     num_splits = num_decode_splits(num_seqs, kv_cache.shape[3], max_seq_len, num_sms(query.device))
+    limits = {"sliding_window": sliding_window, "soft_cap": soft_cap}
     decode_attention(
-        query, kv_cache, query_start_loc, seq_lens, block_tables, scale, out, num_splits
+        query, kv_cache, query_start_loc, seq_lens, block_tables, scale, out, num_splits, **limits
     )
     if max_query_len > 1:
         prefill_attention(
@@ -106,5 +110,6 @@ def paged_attention(
             scale,
             out,
             min(max_query_len, num_tokens),
+            **limits,
         )
     return out

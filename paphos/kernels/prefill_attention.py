@@ -2,7 +2,8 @@
 
 One program per (sequence, query block, kv head) holds BLOCK_Q query tokens times the GQA group as
 its rows. Query token i of a sequence sits at position seq_len - q_len + i; keys before the
-block's first position are attended without a mask, the rest with the causal mask.
+block's first position are attended without a mask, the rest with the causal mask; with a sliding
+window every tile from the first one the block's first query sees is masked.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import triton
 import triton.language as tl
 
 from paphos.kernels.attention_tile import attend_tile
+from paphos.kernels.decode_attention import score_scales
 
 
 @triton.jit
@@ -34,6 +36,8 @@ def _prefill_kernel(
     stride_head,
     stride_bt,
     scale_log2,
+    window,
+    cap_log2,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -42,6 +46,8 @@ def _prefill_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_block = tl.program_id(1)
@@ -71,8 +77,12 @@ def _prefill_kernel(
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     first_pos = context_len + q_block * BLOCK_Q
     kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
+    unmasked_start = 0
     unmasked_end = (first_pos // BLOCK_N) * BLOCK_N
-    for start in range(0, unmasked_end, BLOCK_N):
+    if WINDOW:  # every tile masked, from the first one the block's first row sees
+        unmasked_end = (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
+        unmasked_start = unmasked_end
+    for start in range(unmasked_start, unmasked_end, BLOCK_N):
         acc, m, l_sum = attend_tile(
             q,
             acc,
@@ -85,6 +95,8 @@ def _prefill_kernel(
             kv_end,
             q_pos,
             scale_log2,
+            window,
+            cap_log2,
             stride_kv,
             stride_blk,
             stride_tok,
@@ -95,6 +107,8 @@ def _prefill_kernel(
             BLOCK_N,
             False,
             IEEE,
+            False,
+            SOFT_CAP,
         )
     for start in range(unmasked_end, kv_end, BLOCK_N):
         acc, m, l_sum = attend_tile(
@@ -109,6 +123,8 @@ def _prefill_kernel(
             kv_end,
             q_pos,
             scale_log2,
+            window,
+            cap_log2,
             stride_kv,
             stride_blk,
             stride_tok,
@@ -119,6 +135,8 @@ def _prefill_kernel(
             BLOCK_N,
             True,
             IEEE,
+            WINDOW,
+            SOFT_CAP,
         )
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # [M, HEAD_PAD]
     dst = out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
@@ -153,6 +171,8 @@ def prefill_attention(
     out: torch.Tensor,
     max_query_len: int,
     tiles: PrefillTiles | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> None:
     """Write `out` rows of sequences with more than one query token; others stay untouched."""
     num_seqs = seq_lens.shape[0]
@@ -163,6 +183,7 @@ def prefill_attention(
     group_pad = triton.next_power_of_2(group)
     block_q = max(tiles.rows // group_pad, 1)
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    scale_log2, cap_log2 = score_scales(scale, soft_cap)
     _prefill_kernel[grid](
         query,
         kv_cache,
@@ -179,7 +200,9 @@ def prefill_attention(
         kv_cache.stride(2),
         kv_cache.stride(3),
         block_tables.stride(0),
-        scale * 1.4426950408889634,
+        scale_log2,
+        sliding_window or 0,
+        cap_log2,
         GROUP=group,
         GROUP_PAD=group_pad,
         BLOCK_Q=block_q,
@@ -188,6 +211,8 @@ def prefill_attention(
         PAGE_SIZE=page_size,
         BLOCK_N=tiles.block_n,
         IEEE=query.dtype == torch.float32,
+        WINDOW=sliding_window is not None,
+        SOFT_CAP=soft_cap is not None,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )

@@ -4,10 +4,14 @@ decodes.
 Sequence b owns query tokens query_start_loc[b]:query_start_loc[b+1]; its context (cached tokens
 plus this step's, already written to the cache) is seq_lens[b] tokens long, stored in the blocks
 block_tables[b]. Query token i of a sequence with q_len query tokens sits at position
-seq_len - q_len + i and attends causally to context positions <= its own.
+seq_len - q_len + i and attends causally to context positions <= its own; with a sliding window w
+only to the last w of them (positions > its own - w, as transformers' mask). A soft-cap c bounds
+every scaled score s as c * tanh(s / c) before the softmax (Gemma 2).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +24,9 @@ def paged_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """query: [num_tokens, num_heads, head_size]; kv_cache: [2, num_blocks, block_size,
     num_kv_heads, head_size]; query_start_loc: [num_seqs + 1]; seq_lens: [num_seqs]; block_tables:
@@ -27,8 +34,9 @@ def paged_attention(
 
     Computed in float32 whatever the cache dtype (CPUs without native bf16 run fp32 products faster,
     and the reference doubles as the test oracle)."""
+    limits = _Limits(sliding_window, soft_cap)
     if query.shape[0] == seq_lens.shape[0]:  # one query token per sequence: a pure decode step
-        return _decode_attention(query, kv_cache, seq_lens, block_tables, scale)
+        return _decode_attention(query, kv_cache, seq_lens, block_tables, scale, limits)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
@@ -37,13 +45,27 @@ def paged_attention(
     if decode_seqs:
         rows = torch.tensor([starts[b] for b in decode_seqs], device=query.device)
         out[rows] = _decode_attention(
-            query[rows], kv_cache, seq_lens[decode_seqs], block_tables[decode_seqs], scale
+            query[rows], kv_cache, seq_lens[decode_seqs], block_tables[decode_seqs], scale, limits
         )
     for b, q_len in enumerate(q_lens):
         if q_len > 1:
             s, e = starts[b], starts[b + 1]
-            out[s:e] = _prefill_attention(query[s:e], kv_cache, lens[b], block_tables[b], scale)
+            out[s:e] = _prefill_attention(
+                query[s:e], kv_cache, lens[b], block_tables[b], scale, limits
+            )
     return out
+
+
+class _Limits(NamedTuple):
+    """What bounds a query's scores besides causality: a sliding window, a soft-cap."""
+
+    sliding_window: int | None
+    soft_cap: float | None
+
+    def cap(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.soft_cap is None:
+            return scores
+        return torch.tanh(scores / self.soft_cap) * self.soft_cap
 
 
 def gather_context(
@@ -65,6 +87,7 @@ def _prefill_attention(
     seq_len: int,
     block_table: torch.Tensor,
     scale: float,
+    limits: _Limits,
 ) -> torch.Tensor:
     q_len = query.shape[0]
     k, v = gather_context(kv_cache, block_table, seq_len)
@@ -73,12 +96,21 @@ def _prefill_attention(
         k.float().transpose(0, 1),
         v.float().transpose(0, 1),
     )  # [num_kv_heads, seq_len, head_size]
-    if q_len == seq_len:
+    if q_len == seq_len and limits == _NO_LIMITS:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    else:
-        positions = torch.arange(seq_len - q_len, seq_len, device=query.device)  # [q_len]
-        mask = torch.arange(seq_len, device=query.device)[None, :] <= positions[:, None]
+        return o.transpose(0, 1).to(query.dtype)  # [q_len, num_heads, head_size]
+    positions = torch.arange(seq_len - q_len, seq_len, device=query.device)  # [q_len]
+    keys = torch.arange(seq_len, device=query.device)[None, :]  # [1, seq_len]
+    mask = keys <= positions[:, None]  # [q_len, seq_len]
+    if limits.sliding_window is not None:
+        mask &= keys > positions[:, None] - limits.sliding_window
+    if limits.soft_cap is None:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        group = q.shape[0] // k.shape[0]
+        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)  # [heads, len, head]
+        scores = limits.cap(torch.matmul(q, k.transpose(1, 2)) * scale)  # [heads, q_len, len]
+        o = torch.matmul(scores.masked_fill(~mask, float("-inf")).softmax(dim=-1), v)
     return o.transpose(0, 1).to(query.dtype)  # [q_len, num_heads, head_size]
 
 
@@ -88,6 +120,7 @@ def _decode_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    limits: _Limits,
 ) -> torch.Tensor:
     """One query token per sequence, batched: pad every context to the longest and mask the rest."""
     num_seqs, num_heads, head_size = query.shape
@@ -99,8 +132,15 @@ def _decode_attention(
     v = kv_cache[1, blocks].flatten(1, 2).float()
     q = query.float().view(num_seqs, num_kv_heads, group, head_size)
     scores = torch.matmul(q, k.permute(0, 2, 3, 1)) * scale  # [num_seqs, kv_heads, group, len]
-    padded = torch.arange(k.shape[1], device=query.device)[None, :] >= seq_lens[:, None]
+    scores = limits.cap(scores)
+    keys = torch.arange(k.shape[1], device=query.device)[None, :]  # [1, len]
+    padded = keys >= seq_lens[:, None]  # [num_seqs, len]
+    if limits.sliding_window is not None:
+        padded |= keys <= seq_lens[:, None] - 1 - limits.sliding_window
     scores.masked_fill_(padded[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1)
     o = torch.matmul(probs, v.transpose(1, 2))  # [num_seqs, num_kv_heads, group, head_size]
     return o.reshape(num_seqs, num_heads, head_size).to(query.dtype)
+
+
+_NO_LIMITS = _Limits(None, None)

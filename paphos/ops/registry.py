@@ -1,6 +1,9 @@
 """Choosing each op's implementation once, at start-up: the Triton kernel on CUDA, the C kernels on
 CPUs where they could be built (paged attention, RMSNorm, rotary, SiLU-and-mul), the reference
-elsewhere."""
+elsewhere.
+
+Paged attention is picked per layer (`pick_paged_attention`): a layer with a sliding window, a
+soft-cap or a head size the C kernel does not take runs the reference on the CPU."""
 
 from __future__ import annotations
 
@@ -27,6 +30,21 @@ REFERENCES: dict[str, Callable[..., Any]] = {
 def pick(name: str, device_type: str) -> Callable[..., Any]:
     """The implementation of op `name` for a device type ("cpu" or "cuda")."""
     return pick_fast(name, device_type) or REFERENCES[name]
+
+
+def pick_paged_attention(
+    device_type: str,
+    head_size: int,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> Callable[..., Any]:
+    """The paged attention of one layer. The Triton kernels take every feature; the C kernel
+    only plain causal attention over head sizes it supports, so other layers get the reference."""
+    if device_type == "cpu" and (
+        sliding_window is not None or soft_cap is not None or not _cpu_attention_takes(head_size)
+    ):
+        return REFERENCES["paged_attention"]
+    return pick("paged_attention", device_type)
 
 
 def pick_fast(name: str, device_type: str) -> Callable[..., Any] | None:
@@ -68,3 +86,9 @@ def describe_cpu_kernels() -> str:
     if level is None or not loaded:
         return "CPU kernels: torch references only (no AVX2/FMA, no compiler or no x86-64)"
     return f"CPU kernels: {level} ({isa.DESCRIPTIONS[level]}): {', '.join(loaded)}"
+
+
+def _cpu_attention_takes(head_size: int) -> bool:
+    """The head sizes `cpu_attention.supports` accepts (it also falls back per call, so a head
+    size routed here by mistake still computes the reference's result)."""
+    return 16 <= head_size <= cpu_attention.MAX_HEAD and head_size % 16 == 0

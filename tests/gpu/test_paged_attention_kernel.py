@@ -160,3 +160,47 @@ def test_decode_split_count_follows_occupancy_and_context(device):
     assert num_decode_splits(4, 8, 32768, 132) == 17  # 32 programs: about 4 per SM after splitting
     assert num_decode_splits(1, 1, 300, 132) == 2  # no split shorter than 256 keys
     assert num_decode_splits(1, 1, 10**6, 132) == 32  # capped
+
+
+# Windows shorter than, equal to and longer than contexts; block-unaligned; head sizes 32..256.
+LIMITED_BATCH = [(1, 1), (9, 9), (1, 100), (6, 70), (1, 300), (40, 40), (17, 64), (1, 33)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_size", [32, 80, 96, 256])
+@pytest.mark.parametrize(
+    "sliding_window, soft_cap", [(7, None), (64, None), (None, 5.0), (20, 30.0)]
+)
+def test_sliding_window_and_soft_cap_match_reference(
+    device, dtype, head_size, sliding_window, soft_cap
+):
+    """Gemma 2/3 and Mistral attention: a window shorter than most prompts, a soft-cap, both;
+    the mixed batch has decodes, prefill chunks with cached context and whole prompts."""
+    from paphos.kernels.paged_attention import paged_attention
+
+    skip_interpreted_bf16_dot(device, dtype)
+    batch = make_batch(LIMITED_BATCH, 8, 2, head_size, 16, dtype, device, 1)
+    batch["query"] = batch["query"] * 3  # large scores, so the cap bites
+    limits = dict(sliding_window=sliding_window, soft_cap=soft_cap)
+    out = paged_attention(**batch, max_query_len=40, **limits)
+    exact = ref_paged_attention(
+        **dict(batch, query=batch["query"].float(), kv_cache=batch["kv_cache"].float()), **limits
+    )
+    assert rel_error(out, exact) < ATTN_TOLERANCE[dtype]
+    plain = ref_paged_attention(**dict(batch, query=batch["query"].float(),
+                                       kv_cache=batch["kv_cache"].float()))  # fmt: skip
+    assert rel_error(plain, exact) > 10 * ATTN_TOLERANCE[dtype]  # the limits changed the result
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_splits_with_sliding_window_match_reference(device, num_splits):
+    """Splits share only the tiles inside the window; some splits see none."""
+    from paphos.kernels.decode_attention import decode_attention
+
+    lens = [(1, 700), (1, 1), (1, 513), (1, 64)]
+    batch = make_batch(lens, 8, 2, 128, 16, torch.float16, device)
+    out = torch.full_like(batch["query"], float("nan"))  # [num_seqs, heads, head_size], poisoned
+    decode_attention(**batch, out=out, num_splits=num_splits, sliding_window=100, soft_cap=20.0)
+    upcast = dict(batch, query=batch["query"].float(), kv_cache=batch["kv_cache"].float())
+    exact = ref_paged_attention(**upcast, sliding_window=100, soft_cap=20.0)
+    assert rel_error(out, exact) < ATTN_TOLERANCE[torch.float16]
