@@ -74,7 +74,7 @@ class Attention(nn.Module):
         )
         params = inspect.signature(self._paged_attention).parameters
         self._takes_bounds = "max_query_len" in params and "max_seq_len" in params
-        self._limits: dict[str, float] = {}  # only the features this layer has: plain layers call as before
+        self._limits: dict[str, float] = {}  # only this layer's features: plain calls unchanged
         if sliding_window is not None:
             self._limits["sliding_window"] = sliding_window
         if logits_soft_cap is not None:

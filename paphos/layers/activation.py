@@ -1,11 +1,47 @@
-"""Activation layers of MLP blocks."""
+"""Activation layers of MLP blocks, and the activations named in transformers configs."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from paphos.ops.activation import gelu_and_mul
 from paphos.ops.registry import pick
+
+# transformers' hidden_act names -> the elementwise function (all but silu: torch's own)
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+_GATED: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": gelu_and_mul,
+    "gelu_pytorch_tanh": functools.partial(gelu_and_mul, approximate="tanh"),
+    "gelu_tanh": functools.partial(gelu_and_mul, approximate="tanh"),
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The elementwise activation transformers calls `name`."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def gated_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """act(gate) * up over [num_tokens, 2 * d] = [gate | up] -> [num_tokens, d]."""
+    if name in ("silu", "swish"):
+        return pick("silu_and_mul", torch.empty(0).device.type)
+    if name not in _GATED:
+        raise ValueError(f"gated hidden_act={name!r} is not supported (silu, gelu, gelu_tanh)")
+    return _GATED[name]
 
 
 class SiluAndMul(nn.Module):

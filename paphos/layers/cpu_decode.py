@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -24,7 +24,13 @@ ENV_SWITCH = "PAPHOS_CPU_FUSED_DECODE"
 MAX_TOKENS = decoder_layer.MAX_TOKENS
 _OFF = ("0", "false", "off", "no")
 
-__all__ = ["ENV_SWITCH", "DecoderLayerWeights", "FusedDecode", "build_fused_decode"]
+__all__ = [
+    "ENV_SWITCH",
+    "DecoderLayerWeights",
+    "FusedDecode",
+    "FusedDecodeSlot",
+    "build_fused_decode",
+]
 
 
 def enabled_from_env() -> bool:
@@ -102,3 +108,32 @@ def build_fused_decode(
             logger.info("fused CPU decode off: layer %d: %s", index, reason)
             return None
     return FusedDecode(DecoderStack(lib, layers), anchor)  # type: ignore[arg-type]
+
+
+class FusedDecodeSlot:
+    """A model's fused path, built at first use (after loading), rebuilt when the weights moved;
+    `get` is None where it does not apply (then every step runs the layers). `allowed` is decided
+    at start-up: single process and not switched off by PAPHOS_CPU_FUSED_DECODE."""
+
+    def __init__(self, allowed: bool) -> None:
+        self.allowed = allowed
+        self._fused: FusedDecode | None = None
+        self._built = False
+
+    def get(
+        self, layers: Callable[[], Sequence[DecoderLayerWeights | None]], anchor: torch.Tensor
+    ) -> FusedDecode | None:
+        """`layers` gives each layer's weights (called only to build); `anchor` is a weight
+        whose address tells whether the weights moved."""
+        fused = self._fused
+        if fused is not None and fused.still_valid(anchor):
+            return fused
+        if fused is None and (self._built or not self.allowed):
+            return None
+        self._fused = build_fused_decode(layers(), anchor)
+        self._built = True
+        return self._fused
+
+    def reset(self) -> None:
+        """Forget the fused path (new weights were loaded); the next step builds it again."""
+        self._fused, self._built = None, False

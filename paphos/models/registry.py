@@ -25,6 +25,10 @@ _INIT_PARAMS = ("config", "linear_method", "parallel")
 
 _BUILTIN_MODELS: dict[str, str] = {
     "LlamaForCausalLM": "paphos.models.llama:LlamaForCausalLM",
+    # the configurable decoder's families (paphos.models.decoder)
+    "Qwen2ForCausalLM": "paphos.models.qwen:Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": "paphos.models.qwen:Qwen3ForCausalLM",
+    "MistralForCausalLM": "paphos.models.mistral:MistralForCausalLM",
 }
 
 

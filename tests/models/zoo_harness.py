@@ -1,0 +1,137 @@
+"""Shared checks of a native model against transformers on a tiny random checkpoint: logits of
+prompts and of every decode step through the paged cache in mixed batches, and greedy tokens of
+`LLM.generate` against HF `generate`. Each family's test module only describes its configs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from paphos import LLM, SamplingParams
+from paphos.config import EngineConfig
+from paphos.layers.sampler import RequestSamplingState
+from paphos.runner.inputs import RunnerRequestState, build_step_inputs
+from paphos.runner.model_runner import ModelRunner
+from paphos.sampling_params import SamplingParams as SP
+
+BLOCK_SIZE = 16
+VOCAB = 211
+LOGPROB_ATOL = 2e-4
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def make_tiny_model(path: Path, config_class: str, **overrides: Any) -> torch.nn.Module:
+    """A random float32 HF model of `config_class` (a transformers name), saved to `path`."""
+    config = getattr(transformers, config_class)(**{**TINY, **overrides})
+    config._attn_implementation = "eager"  # soft-caps and windows exactly as defined
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # zero-initialized norms and biases would hide a missing load or +1
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+def make_runner(path: Path) -> ModelRunner:
+    config = EngineConfig.from_kwargs(
+        model=str(path),
+        dtype="float32",
+        skip_tokenizer_init=True,
+        block_size=BLOCK_SIZE,
+        num_blocks_override=64,
+        device="cpu",
+    )
+    runner = ModelRunner(config)
+    runner.initialize_kv_cache(64)
+    return runner
+
+
+def _state(runner: ModelRunner, rid: str, tokens: list[int], blocks: list[int], computed: int):
+    sampling = RequestSamplingState(
+        SP(temperature=0), tokens, [], None, runner.vocab_size, runner.device
+    )
+    return RunnerRequestState(rid, list(tokens), len(tokens), blocks, computed, sampling)
+
+
+def _all_logits(runner: ModelRunner, states, counts) -> torch.Tensor:
+    """Logits of every scheduled token (not only the sampled ones)."""
+    inputs = build_step_inputs(states, counts, BLOCK_SIZE, runner.device)
+    num_tokens = inputs.input_ids.shape[0]
+    metadata = dataclasses.replace(inputs.attn_metadata, logits_indices=torch.arange(num_tokens))
+    with torch.inference_mode():
+        hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, metadata)
+        return runner.model.compute_logits(hidden, metadata)
+
+
+def _hf_logprobs(hf: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([tokens])).logits[0].float().log_softmax(-1)
+
+
+def _assert_logprobs(ours: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    got = ours.float().log_softmax(-1)
+    err = (got - expected).abs().max().item()
+    assert err <= LOGPROB_ATOL, f"{what}: max logprob error {err:.2e}"
+
+
+def check_paged_logits(hf: torch.nn.Module, runner: ModelRunner) -> None:
+    """Three sequences (45, 30, 40 tokens): prefill chunks beside decodes, then decodes of two
+    at once, every token's logprobs against transformers' forward of the whole sequence."""
+    gen = torch.Generator().manual_seed(3)
+    a, b, c = (torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (45, 30, 40))
+    ref = {name: _hf_logprobs(hf, toks) for name, toks in (("a", a), ("b", b), ("c", c))}
+    sa = _state(runner, "a", a, [20, 5, 21], 0)  # blocks deliberately not contiguous
+    sb = _state(runner, "b", b, [7, 30], 0)
+    sc = _state(runner, "c", c, [40, 11, 2], 0)
+    # step 1: a's first chunk (17) and b's prompt but its last token
+    _assert_logprobs(_all_logits(runner, [sa, sb], [17, 29])[:17], ref["a"][:17], "a[:17]")
+    sa.num_computed_tokens, sb.num_computed_tokens = 17, 29
+    # step 2: decode b, rest of a's prompt but 5, all of c's prompt but 10
+    out = _all_logits(runner, [sb, sa, sc], [1, 23, 30])
+    _assert_logprobs(out[0], ref["b"][29], "b[29]")
+    _assert_logprobs(out[1:24], ref["a"][17:40], "a[17:40]")
+    _assert_logprobs(out[24:], ref["c"][:30], "c[:30]")
+    sa.num_computed_tokens, sc.num_computed_tokens = 40, 30
+    for step in range(5):  # decodes of a and c together
+        out = _all_logits(runner, [sc, sa], [1, 1])
+        _assert_logprobs(out[0], ref["c"][30 + step], f"c[{30 + step}]")
+        _assert_logprobs(out[1], ref["a"][40 + step], f"a[{40 + step}]")
+        sa.num_computed_tokens += 1
+        sc.num_computed_tokens += 1
+
+
+def check_greedy(hf: torch.nn.Module, path: Path, max_tokens: int = 12) -> None:
+    """Greedy tokens of LLM.generate equal HF generate (EOS allowed through: min_tokens)."""
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (5, 33)]
+    llm = LLM(model=str(path), dtype="float32", skip_tokenizer_init=True, kv_cache_space=0.01)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
+        assert out.outputs[0].token_ids == ref
