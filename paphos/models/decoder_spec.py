@@ -125,6 +125,7 @@ def llama_like_layers(hf_config: Any, norm: NormSpec, **features: Any) -> list[L
     head_dim = head_dim_of(hf_config)
     rotary_dim = int(head_dim * partial_rotary_factor(hf_config))
     window = getattr(hf_config, "sliding_window", None)
+    features.setdefault("hidden_act", getattr(hf_config, "hidden_act", "silu"))
     layers = []
     for kind in layer_types(hf_config):
         theta, scaling = rope_settings(hf_config, kind)
@@ -139,7 +140,6 @@ def llama_like_layers(hf_config: Any, norm: NormSpec, **features: Any) -> list[L
                 head_dim=head_dim,
                 intermediate_size=hf_config.intermediate_size,
                 norm=norm,
-                hidden_act=getattr(hf_config, "hidden_act", "silu"),
                 rope=rope,
                 sliding_window=window if kind == "sliding_attention" else None,
                 **features,

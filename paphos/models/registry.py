@@ -29,6 +29,9 @@ _BUILTIN_MODELS: dict[str, str] = {
     "Qwen2ForCausalLM": "paphos.models.qwen:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "paphos.models.qwen:Qwen3ForCausalLM",
     "MistralForCausalLM": "paphos.models.mistral:MistralForCausalLM",
+    "GemmaForCausalLM": "paphos.models.gemma:GemmaForCausalLM",
+    "Gemma2ForCausalLM": "paphos.models.gemma:Gemma2ForCausalLM",
+    "Gemma3ForCausalLM": "paphos.models.gemma:Gemma3ForCausalLM",
 }
 
 

@@ -9,36 +9,77 @@ import pytest
 
 from tests.models.zoo_harness import check_greedy, check_paged_logits, make_runner, make_tiny_model
 
-# case id -> (transformers config class, config overrides)
+GEMMA3_ROPE = {
+    "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+}
+# case id -> (transformers config class, config overrides, whether greedy decoding is checked too)
 CASES = {
-    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False), True),
     "qwen2-window-1kv": (
         "Qwen2Config",
         dict(num_key_value_heads=1, use_sliding_window=True, sliding_window=8, max_window_layers=1,
              tie_word_embeddings=True),
+        False,
     ),
-    "qwen3-head-dim": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False)),
-    "qwen3-bias-tied": ("Qwen3Config", dict(attention_bias=True, tie_word_embeddings=True)),
-    "mistral-window": ("MistralConfig", dict(sliding_window=8, tie_word_embeddings=False)),
-    "mistral-no-window": ("MistralConfig", dict(sliding_window=None, head_dim=24)),
+    "qwen3-head-dim": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False), True),
+    "qwen3-bias-tied": ("Qwen3Config", dict(attention_bias=True, tie_word_embeddings=True), False),
+    "mistral-window": ("MistralConfig", dict(sliding_window=8, tie_word_embeddings=False), True),
+    "mistral-no-window": ("MistralConfig", dict(sliding_window=None, head_dim=24), False),
+    "gemma": ("GemmaConfig", dict(head_dim=32), True),
+    "gemma-mha": ("GemmaConfig", dict(num_key_value_heads=4, tie_word_embeddings=False), False),
+    "gemma2": (
+        "Gemma2Config",
+        dict(head_dim=32, sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+             final_logit_softcapping=5.0),
+        True,
+    ),
+    "gemma2-1kv-untied": (
+        "Gemma2Config",
+        dict(num_key_value_heads=1, sliding_window=20, tie_word_embeddings=False),
+        False,
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(head_dim=32, sliding_window=8, query_pre_attn_scalar=24, sliding_window_pattern=2,
+             rope_parameters=GEMMA3_ROPE),
+        True,
+    ),
+    "gemma3-1kv-cap": (
+        "Gemma3TextConfig",
+        dict(num_key_value_heads=1, sliding_window=12, final_logit_softcapping=3.0),
+        False,
+    ),
 }  # fmt: skip
-GREEDY_CASES = ["qwen2", "qwen3-head-dim", "mistral-window"]
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
-    config_class, overrides = CASES[request.param]
+    config_class, overrides, greedy = CASES[request.param]
     path = tmp_path_factory.mktemp(request.param)
-    return request.param, path, make_tiny_model(path, config_class, **overrides)
+    return path, make_tiny_model(path, config_class, **overrides), greedy
 
 
 def test_paged_logits_match_transformers(case):
-    _, path, hf = case
+    path, hf, _ = case
     check_paged_logits(hf, make_runner(path))
 
 
 def test_greedy_tokens_equal_hf_generate(case):
-    name, path, hf = case
-    if name not in GREEDY_CASES:
+    path, hf, greedy = case
+    if not greedy:
         pytest.skip("greedy decoding is checked on one variant per family")
     check_greedy(hf, path)
+
+
+@pytest.mark.parametrize("name, fused", [("qwen2", True), ("mistral-no-window", True),
+                                         ("mistral-window", False), ("qwen3-head-dim", False),
+                                         ("gemma", False)])  # fmt: skip
+def test_fused_cpu_decode_takes_the_layers_it_can_express(tmp_path, name, fused):
+    """Plain pre-norm RMSNorm / gated-SiLU / full-rope layers hand their weights to the fused C
+    decode (which runs them where it built: AVX2 CPUs); windows, q/k norms and Gemma's norms
+    run the layers."""
+    config_class, overrides, _ = CASES[name]
+    make_tiny_model(tmp_path, config_class, **overrides)
+    layers = make_runner(tmp_path).model.model.layers
+    assert all((layer.fused_weights() is not None) == fused for layer in layers)
