@@ -32,6 +32,9 @@ _BUILTIN_MODELS: dict[str, str] = {
     "GemmaForCausalLM": "paphos.models.gemma:GemmaForCausalLM",
     "Gemma2ForCausalLM": "paphos.models.gemma:Gemma2ForCausalLM",
     "Gemma3ForCausalLM": "paphos.models.gemma:Gemma3ForCausalLM",
+    "GraniteForCausalLM": "paphos.models.granite:GraniteForCausalLM",
+    "Olmo2ForCausalLM": "paphos.models.olmo:Olmo2ForCausalLM",
+    "Olmo3ForCausalLM": "paphos.models.olmo:Olmo3ForCausalLM",
 }
 
 

@@ -50,6 +50,20 @@ CASES = {
         dict(num_key_value_heads=1, sliding_window=12, final_logit_softcapping=3.0),
         False,
     ),
+    "granite": (
+        "GraniteConfig",
+        dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.3,
+             logits_scaling=2.5, attention_bias=True, tie_word_embeddings=False),
+        True,
+    ),
+    "olmo2": ("Olmo2Config", dict(tie_word_embeddings=False), True),
+    "olmo2-1kv-bias": ("Olmo2Config", dict(num_key_value_heads=1, attention_bias=True), False),
+    "olmo3": (
+        "Olmo3Config",
+        dict(sliding_window=8, layer_types=["sliding_attention", "sliding_attention",
+                                            "full_attention"]),
+        True,
+    ),
 }  # fmt: skip
 
 

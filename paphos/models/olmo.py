@@ -1,0 +1,27 @@
+"""OLMo 2 (norms after attention and MLP, none before; q/k RMSNorm over the whole projection)
+and OLMo 3 (the same with sliding-window layers from `layer_types`), on the configurable
+decoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from paphos.models.decoder import DecoderForCausalLM
+from paphos.models.decoder_spec import DecoderSpec, NormSpec, decoder_spec, llama_like_layers
+
+POST_NORMS = (("post_attn", "post_attention_layernorm"), ("post_mlp", "post_feedforward_layernorm"))
+
+
+class Olmo2ForCausalLM(DecoderForCausalLM):
+    @classmethod
+    def describe(cls, hf_config: Any) -> DecoderSpec:
+        norm = NormSpec("rms", hf_config.rms_norm_eps)
+        bias = bool(getattr(hf_config, "attention_bias", False))
+        layers = llama_like_layers(
+            hf_config, norm, norms=POST_NORMS, qkv_bias=bias, o_bias=bias, qk_norm="projection"
+        )
+        return decoder_spec(hf_config, layers)
+
+
+class Olmo3ForCausalLM(Olmo2ForCausalLM):
+    pass  # its sliding windows come with `layer_types`, which llama_like_layers reads
