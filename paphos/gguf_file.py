@@ -39,7 +39,7 @@ _SCALAR_FORMATS = {
 _STRING, _ARRAY = 8, 9
 
 # GGUF architecture -> transformers model_type, for the families whose tensors we know how to name.
-_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
 # Architectures whose q/k rows llama.cpp's converter permuted for its interleaved rotary.
 _PERMUTED_QK_ARCHS = frozenset({"llama"})
 # Per-dimension rotary frequency divisors llama.cpp writes for Llama 3.1+ (its form of "llama3" rope
@@ -61,6 +61,16 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Where an architecture names a layer tensor otherwise (Gemma 3's four norms per layer).
+_ARCH_LAYER_NAMES = {
+    "gemma3": {
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+}
+# Architectures whose zero-centred norm weights w (scale 1 + w) llama.cpp stores as 1 + w.
+_OFFSET_NORM_ARCHS = frozenset({"gemma3"})
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -226,11 +236,12 @@ def _mapped_config_fields(contents: GGUFContents, model_type: str) -> dict[str, 
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
     arch = contents.architecture
+    arch_table = model_type if model_type in GGUF_CONFIG_MAPPING else arch  # gemma3_text: gemma3
     config: dict[str, Any] = {}
     for key, value in contents.metadata.items():
         prefix, _, rest = key.partition(".")
         if prefix == arch:
-            prefix = model_type
+            prefix = arch_table
         target = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
         if target is None or target == -1:
             continue
@@ -260,12 +271,13 @@ def _fill_head_dim(contents: GGUFContents, config: dict[str, Any]) -> None:
         )
 
 
-def gguf_to_hf_name(name: str) -> str:
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str:
     """Map a llama.cpp tensor name to its HF name; unknown names raise ValueError."""
     if match := _LAYER_RE.fullmatch(name):
         layer, kind, suffix = match.groups()
-        if kind in _LAYER_NAMES:
-            return f"model.layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"
+        names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(arch, {})}
+        if kind in names:
+            return f"model.layers.{layer}.{names[kind]}.{suffix}"
     elif (match := _GLOBAL_RE.fullmatch(name)) and match.group(1) in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[match.group(1)]}.{match.group(2)}"
     raise ValueError(f"unknown GGUF tensor name {name!r}: no HF name is known for it")
@@ -294,7 +306,7 @@ def read_gguf_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     _model_type(contents)  # refuse unsupported architectures before any work
     weights = [t for t in contents.tensors if t.name != ROPE_FREQS]  # that one is config
     for info in weights:
-        gguf_to_hf_name(info.name)  # fail on an unknown name before dequantizing anything
+        gguf_to_hf_name(info.name, arch)  # fail on an unknown name before dequantizing anything
     num_heads = int(contents.metadata.get(f"{arch}.attention.head_count", 0))
     num_kv_heads = int(contents.metadata.get(f"{arch}.attention.head_count_kv", num_heads))
     file_data = np.memmap(path, dtype=np.uint8, mode="r")  # [file_size]
@@ -304,4 +316,6 @@ def read_gguf_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
             values = unpermute_rotary_rows(values, num_heads)
         elif arch in _PERMUTED_QK_ARCHS and ".attn_k." in info.name:
             values = unpermute_rotary_rows(values, num_kv_heads)
-        yield gguf_to_hf_name(info.name), torch.from_numpy(values)
+        elif arch in _OFFSET_NORM_ARCHS and info.name.endswith("norm.weight"):
+            values = values - 1.0  # back to the checkpoint's zero-centred weight
+        yield gguf_to_hf_name(info.name, arch), torch.from_numpy(values)
