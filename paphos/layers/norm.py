@@ -104,3 +104,40 @@ class ProjectionRMSNorm(nn.Module):
         squares = all_reduce(xf.pow(2).sum(-1, keepdim=True), self.parallel)  # [num_tokens, 1]
         variance = squares / (self.replicas * self.full_size)
         return (xf * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+
+
+class HeadwiseLayerNorm(nn.Module):
+    """LayerNorm (no bias) over each head with that head's own weight (StableLM's and Cohere's
+    q/k norms): weight [local_heads, head_dim], this rank's heads (`replicas` ranks share each
+    kv head when there are fewer kv heads than ranks). Loads a [total_heads, head_dim] tensor,
+    or one head's [head_dim] weight with its head index as the shard id."""
+
+    def __init__(
+        self,
+        local_heads: int,
+        head_dim: int,
+        eps: float,
+        parallel: ParallelInfo = SINGLE_PROCESS,
+        replicas: int = 1,
+    ) -> None:
+        super().__init__()
+        self.head_dim, self.eps = head_dim, eps
+        self.first_head = parallel.rank // replicas * local_heads  # this rank's first head
+        self.weight = nn.Parameter(torch.ones(local_heads, head_dim))  # [local_heads, head_dim]
+        set_weight_attrs(self.weight, {"weight_loader": self.weight_loader})
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None
+    ) -> None:
+        local = param.shape[0]
+        what = type(self).__name__
+        if shard_id is None:
+            copy_checked(param.data, loaded.narrow(0, self.first_head, local), what)
+        elif self.first_head <= shard_id < self.first_head + local:
+            copy_checked(param.data[shard_id - self.first_head], loaded, what)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [num_tokens, local_heads * head_dim] -> the same shape."""
+        heads = x.float().view(x.shape[0], -1, self.head_dim)  # [num_tokens, heads, head_dim]
+        normed = F.layer_norm(heads, (self.head_dim,), None, None, self.eps)
+        return (normed * self.weight.float()).to(x.dtype).view(x.shape)

@@ -29,7 +29,13 @@ from paphos.layers.linear import (
     RowParallelLinear,
 )
 from paphos.layers.logits import LogitsProcessor
-from paphos.layers.norm import LayerNorm, OffsetRMSNorm, ProjectionRMSNorm, RMSNorm
+from paphos.layers.norm import (
+    HeadwiseLayerNorm,
+    LayerNorm,
+    OffsetRMSNorm,
+    ProjectionRMSNorm,
+    RMSNorm,
+)
 from paphos.layers.rotary import RotaryEmbedding, get_rope
 from paphos.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from paphos.layers.weight_utils import default_weight_loader
@@ -99,6 +105,10 @@ class DecoderAttention(nn.Module):
         norm = spec.qk_norm_spec or spec.norm
         if spec.qk_norm == "head":
             self.q_norm, self.k_norm = make_norm(norm, head_dim), make_norm(norm, head_dim)
+        elif spec.qk_norm == "headwise":
+            replicas = self.qkv_proj.num_kv_head_replicas
+            self.q_norm = HeadwiseLayerNorm(num_heads, head_dim, norm.eps, parallel)
+            self.k_norm = HeadwiseLayerNorm(num_kv_heads, head_dim, norm.eps, parallel, replicas)
         elif spec.qk_norm == "projection":  # over all heads: a reduction across ranks under TP
             q_norm = ProjectionRMSNorm(spec.num_heads, num_heads, head_dim, norm.eps, parallel)
             self.q_norm = q_norm
@@ -124,7 +134,7 @@ class DecoderAttention(nn.Module):
         if self.qk_norm == "head":
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)  # [num_tokens, q_size]
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)  # [num_tokens, kv_size]
-        elif self.qk_norm == "projection":
+        elif self.qk_norm is not None:  # headwise or over the projection
             q, k = self.q_norm(q), self.k_norm(k)
         rope = {} if self.rotary_emb is None else {"positions": positions}
         return self.o_proj(self.attn(q, k, v.contiguous(), kv_cache, attn_metadata, **rope))

@@ -54,7 +54,9 @@ class LayerSpec:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: Literal["head", "projection"] | None = None  # per head, or over all q (k) heads
+    # q/k norm per head (one weight for all heads), per head with each head's own weight
+    # (a LayerNorm without bias: StableLM, Cohere), or over all q (k) heads at once (OLMo 2)
+    qk_norm: Literal["head", "headwise", "projection"] | None = None
     qk_norm_spec: NormSpec | None = None  # defaults to `norm`
     hidden_act: str = "silu"
     gated: bool = True  # act(gate) * up; else act(up)

@@ -35,6 +35,8 @@ _BUILTIN_MODELS: dict[str, str] = {
     "GraniteForCausalLM": "paphos.models.granite:GraniteForCausalLM",
     "Olmo2ForCausalLM": "paphos.models.olmo:Olmo2ForCausalLM",
     "Olmo3ForCausalLM": "paphos.models.olmo:Olmo3ForCausalLM",
+    "StableLmForCausalLM": "paphos.models.stablelm:StableLmForCausalLM",
+    "Starcoder2ForCausalLM": "paphos.models.stablelm:Starcoder2ForCausalLM",
 }
 
 

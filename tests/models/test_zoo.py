@@ -64,6 +64,21 @@ CASES = {
                                             "full_attention"]),
         True,
     ),
+    "stablelm": (
+        "StableLmConfig",
+        dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                              "partial_rotary_factor": 0.25}, use_qkv_bias=True,
+             tie_word_embeddings=False),
+        True,
+    ),
+    "stablelm-parallel-qknorm": (
+        "StableLmConfig",
+        dict(use_parallel_residual=True, qk_layernorm=True, num_key_value_heads=1),
+        False,
+    ),
+    "starcoder2": ("Starcoder2Config", dict(sliding_window=8, hidden_act="gelu_pytorch_tanh"),
+                   True),
+    "starcoder2-nobias": ("Starcoder2Config", dict(use_bias=False, head_dim=32), False),
 }  # fmt: skip
 
 
