@@ -37,6 +37,10 @@ _BUILTIN_MODELS: dict[str, str] = {
     "Olmo3ForCausalLM": "paphos.models.olmo:Olmo3ForCausalLM",
     "StableLmForCausalLM": "paphos.models.stablelm:StableLmForCausalLM",
     "Starcoder2ForCausalLM": "paphos.models.stablelm:Starcoder2ForCausalLM",
+    "Glm4ForCausalLM": "paphos.models.glm4:Glm4ForCausalLM",
+    "SmolLM3ForCausalLM": "paphos.models.smollm3:SmolLM3ForCausalLM",
+    "CohereForCausalLM": "paphos.models.cohere:CohereForCausalLM",
+    "Cohere2ForCausalLM": "paphos.models.cohere:Cohere2ForCausalLM",
 }
 
 

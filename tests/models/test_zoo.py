@@ -79,6 +79,23 @@ CASES = {
     "starcoder2": ("Starcoder2Config", dict(sliding_window=8, hidden_act="gelu_pytorch_tanh"),
                    True),
     "starcoder2-nobias": ("Starcoder2Config", dict(use_bias=False, head_dim=32), False),
+    "glm4": ("Glm4Config", dict(head_dim=32, tie_word_embeddings=False), True),
+    "glm4-1kv-nobias": ("Glm4Config", dict(num_key_value_heads=1, attention_bias=False,
+                                           head_dim=16), False),
+    "smollm3": ("SmolLM3Config", dict(num_hidden_layers=4, tie_word_embeddings=True), True),
+    "smollm3-window": (
+        "SmolLM3Config",
+        dict(num_hidden_layers=4, no_rope_layers=[1, 0, 1, 0], use_sliding_window=True,
+             sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2),
+        False,
+    ),
+    "cohere": ("CohereConfig", dict(logit_scale=0.5, tie_word_embeddings=False), True),
+    "cohere-qknorm-bias": (
+        "CohereConfig",
+        dict(use_qk_norm=True, attention_bias=True, num_key_value_heads=1),
+        False,
+    ),
+    "cohere2": ("Cohere2Config", dict(sliding_window=8, sliding_window_pattern=2), True),
 }  # fmt: skip
 
 

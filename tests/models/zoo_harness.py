@@ -119,11 +119,12 @@ def check_paged_logits(hf: torch.nn.Module, runner: ModelRunner) -> None:
 
 
 def check_greedy(hf: torch.nn.Module, path: Path, max_tokens: int = 12) -> None:
-    """Greedy tokens of LLM.generate equal HF generate (EOS allowed through: min_tokens)."""
+    """Greedy tokens of LLM.generate equal HF generate without EOS stops (ignore_eos: EOS may be
+    generated and decoding goes on, as HF with eos_token_id=None)."""
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (5, 33)]
     llm = LLM(model=str(path), dtype="float32", skip_tokenizer_init=True, kv_cache_space=0.01)
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
