@@ -41,6 +41,7 @@ _BUILTIN_MODELS: dict[str, str] = {
     "SmolLM3ForCausalLM": "paphos.models.smollm3:SmolLM3ForCausalLM",
     "CohereForCausalLM": "paphos.models.cohere:CohereForCausalLM",
     "Cohere2ForCausalLM": "paphos.models.cohere:Cohere2ForCausalLM",
+    "Exaone4ForCausalLM": "paphos.models.exaone4:Exaone4ForCausalLM",
 }
 
 

@@ -96,6 +96,11 @@ CASES = {
         False,
     ),
     "cohere2": ("Cohere2Config", dict(sliding_window=8, sliding_window_pattern=2), True),
+    "exaone4": ("Exaone4Config", dict(sliding_window=8, sliding_window_pattern=2,
+                                      num_hidden_layers=4), True),
+    "exaone4-global": ("Exaone4Config", dict(sliding_window=None, head_dim=32,
+                                             layer_types=["full_attention"] * 3,
+                                             tie_word_embeddings=False), False),
 }  # fmt: skip
 
 
