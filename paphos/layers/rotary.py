@@ -1,5 +1,6 @@
-"""Rotary position embeddings: a cos/sin table built once (default, linear and llama3 scaling, or
-llama.cpp's per-dimension frequency factors, its form of llama3 scaling in GGUF files)."""
+"""Rotary position embeddings: a cos/sin table built once (default, linear, llama3 and yarn
+scaling, or llama.cpp's per-dimension frequency factors, its form of llama3 scaling in GGUF files).
+Yarn also scales the table by its attention factor, as transformers scales cos and sin."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(max_position, dtype=torch.float32)  # [max_position]
         freqs = torch.outer(t, inv_freq)  # [max_position, rotary_dim // 2]
         cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [max_position, rotary_dim]
+        cache = cache * _attention_factor(rope_scaling)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
         self._op = pick("rotary_embedding", cache.device.type)
 
@@ -85,7 +87,9 @@ def _inv_freq(base: float, rotary_dim: int, rope_scaling: dict[str, Any] | None)
         return inv_freq / float(rope_scaling["factor"])
     if kind == "llama3":
         return _llama3_inv_freq(inv_freq, rope_scaling)
-    raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+    if kind == "yarn":
+        return _yarn_inv_freq(base, rotary_dim, rope_scaling)
+    raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3, yarn)")
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -102,3 +106,50 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
     blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     out = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, blended)
     return torch.where(wavelen < high_freq_wavelen, inv_freq, out)
+
+
+def _yarn_factor(scaling: dict[str, Any]) -> float:
+    factor = scaling.get("factor")
+    if factor is None:
+        return (
+            float(scaling["max_position_embeddings"]) / scaling["original_max_position_embeddings"]
+        )
+    return float(factor)
+
+
+def _attention_factor(rope_scaling: dict[str, Any] | None) -> float:
+    """Yarn's scale of cos and sin (its `attention_factor`, else one derived from mscale)."""
+    if _rope_type(rope_scaling) != "yarn":
+        return 1.0
+    assert rope_scaling is not None
+    if rope_scaling.get("attention_factor") is not None:
+        return float(rope_scaling["attention_factor"])
+    factor = _yarn_factor(rope_scaling)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    m, m_all = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
+    return mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+
+def _yarn_inv_freq(base: float, dim: int, scaling: dict[str, Any]) -> torch.Tensor:
+    """YaRN: frequencies interpolated by `factor` below the beta_slow..beta_fast band of
+    rotations over the original context, kept above it, ramped linearly in between."""
+    factor = _yarn_factor(scaling)
+    old_context = float(scaling["original_max_position_embeddings"])
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # [dim // 2]
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # 1: keep the original frequency
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation

@@ -117,6 +117,7 @@ class DecoderAttention(nn.Module):
                 replicas=self.qkv_proj.num_kv_head_replicas,
             )  # fmt: skip
         self.rotary_emb = rotary_emb  # shared by the layers with the same rope (no weights)
+        self.position_query_scale = spec.position_query_scale
         self.attn = Attention(
             num_heads, head_dim, spec.attention_scale, num_kv_heads, rotary_emb=rotary_emb,
             sliding_window=spec.sliding_window, logits_soft_cap=spec.soft_cap,
@@ -136,6 +137,10 @@ class DecoderAttention(nn.Module):
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)  # [num_tokens, kv_size]
         elif self.qk_norm is not None:  # headwise or over the projection
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.position_query_scale is not None:  # commutes with the rotation: applied first
+            beta, n = self.position_query_scale
+            scale = 1 + beta * torch.log1p(torch.floor(positions.float() / n))  # [num_tokens]
+            q = q * scale.to(q.dtype)[:, None]
         rope = {} if self.rotary_emb is None else {"positions": positions}
         return self.o_proj(self.attn(q, k, v.contiguous(), kv_cache, attn_metadata, **rope))
 
@@ -213,6 +218,7 @@ class DecoderLayer(nn.Module):
             and spec.sliding_window is None
             and spec.soft_cap is None
             and spec.residual_multiplier == 1.0
+            and spec.position_query_scale is None
         )
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj if spec.gated else None)
         if not plain or not all(

@@ -65,6 +65,8 @@ class LayerSpec:
     scale: float | None = None  # None: head_dim ** -0.5
     soft_cap: float | None = None  # attention scores: c * tanh(s / c)
     residual_multiplier: float = 1.0  # each branch's output is scaled before the residual add
+    # (beta, n): queries scaled by 1 + beta * log(1 + floor(position / n)) (Llama 4, Ministral 3)
+    position_query_scale: tuple[float, int] | None = None
 
     @property
     def attention_scale(self) -> float:

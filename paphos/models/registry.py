@@ -42,6 +42,7 @@ _BUILTIN_MODELS: dict[str, str] = {
     "CohereForCausalLM": "paphos.models.cohere:CohereForCausalLM",
     "Cohere2ForCausalLM": "paphos.models.cohere:Cohere2ForCausalLM",
     "Exaone4ForCausalLM": "paphos.models.exaone4:Exaone4ForCausalLM",
+    "Ministral3ForCausalLM": "paphos.models.mistral:Ministral3ForCausalLM",
 }
 
 

@@ -101,6 +101,23 @@ CASES = {
     "exaone4-global": ("Exaone4Config", dict(sliding_window=None, head_dim=32,
                                              layer_types=["full_attention"] * 3,
                                              tie_word_embeddings=False), False),
+    "ministral3": (  # yarn, and a query scale that changes every 16 positions
+        "Ministral3Config",
+        dict(head_dim=32, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+            "original_max_position_embeddings": 16, "max_position_embeddings": 512,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+            "llama_4_scaling_beta": 0.5}),
+        True,
+    ),
+    "ministral3-window": (
+        "Ministral3Config",
+        dict(sliding_window=8, num_key_value_heads=1, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+            "original_max_position_embeddings": 64, "beta_fast": 16.0, "beta_slow": 2.0,
+            "llama_4_scaling_beta": 0.1}),
+        False,
+    ),
 }  # fmt: skip
 
 
