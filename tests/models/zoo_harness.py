@@ -51,8 +51,13 @@ def make_tiny_model(path: Path, config_class: str, **overrides: Any) -> torch.nn
 
 
 def make_runner(path: Path) -> ModelRunner:
+    return make_runner_for(str(path))
+
+
+def make_runner_for(model: str) -> ModelRunner:
+    """A float32 CPU runner of `model` (a checkpoint directory or a .gguf file) with 64 blocks."""
     config = EngineConfig.from_kwargs(
-        model=str(path),
+        model=model,
         dtype="float32",
         skip_tokenizer_init=True,
         block_size=BLOCK_SIZE,
