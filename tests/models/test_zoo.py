@@ -145,9 +145,19 @@ def test_greedy_tokens_equal_hf_generate(case):
                                          ("gemma", False)])  # fmt: skip
 def test_fused_cpu_decode_takes_the_layers_it_can_express(tmp_path, name, fused):
     """Plain pre-norm RMSNorm / gated-SiLU / full-rope layers hand their weights to the fused C
-    decode (which runs them where it built: AVX2 CPUs); windows, q/k norms and Gemma's norms
-    run the layers."""
+    decode, which then runs the decode steps where the kernel takes them (Qwen 2: qkv bias, head
+    size 16) and matches transformers; windows, q/k norms and Gemma's norms run the layers."""
+    from paphos.kernels.cpu import decoder_layer
+
     config_class, overrides, _ = CASES[name]
-    make_tiny_model(tmp_path, config_class, **overrides)
-    layers = make_runner(tmp_path).model.model.layers
-    assert all((layer.fused_weights() is not None) == fused for layer in layers)
+    hf = make_tiny_model(tmp_path, config_class, **overrides)
+    runner = make_runner(tmp_path)
+    model = runner.model.model
+    weights = [layer.fused_weights() for layer in model.layers]
+    assert all((w is not None) == fused for w in weights)
+    if name != "qwen2" or decoder_layer.load_library() is None:
+        return
+    assert decoder_layer.unsupported_reason(weights[0]) is None
+    check_paged_logits(hf, runner)
+    ran = model.fused.get(lambda: weights, model.layers[0].self_attn.qkv_proj.weight)
+    assert ran is not None and ran.num_steps > 0
