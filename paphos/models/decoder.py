@@ -283,15 +283,15 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = make_norm(spec.final_norm, spec.hidden_size)
         self.fused = FusedDecodeSlot(parallel.world_size == 1 and cpu_decode.enabled_from_env())
+        self.embedding_multiplier = spec.embedding_multiplier  # a host float: graph-safe
+        if spec.embedding_multiplier is not None and spec.embedding_multiplier_in_dtype:
+            dtype = self.embed_tokens.weight.dtype  # Gemma: sqrt(hidden) rounded to it
+            self.embedding_multiplier = float(torch.tensor(spec.embedding_multiplier, dtype=dtype))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-        m = self.spec.embedding_multiplier
-        if m is None:
-            return hidden_states
-        if self.spec.embedding_multiplier_in_dtype:
-            return hidden_states * torch.tensor(m, dtype=hidden_states.dtype)
-        return hidden_states * m
+        m = self.embedding_multiplier
+        return hidden_states if m is None else hidden_states * m
 
     def forward(
         self,

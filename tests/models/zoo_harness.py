@@ -54,15 +54,15 @@ def make_runner(path: Path) -> ModelRunner:
     return make_runner_for(str(path))
 
 
-def make_runner_for(model: str) -> ModelRunner:
-    """A float32 CPU runner of `model` (a checkpoint directory or a .gguf file) with 64 blocks."""
+def make_runner_for(model: str, device: str = "cpu") -> ModelRunner:
+    """A float32 runner of `model` (a checkpoint directory or a .gguf file) with 64 blocks."""
     config = EngineConfig.from_kwargs(
         model=model,
         dtype="float32",
         skip_tokenizer_init=True,
         block_size=BLOCK_SIZE,
         num_blocks_override=64,
-        device="cpu",
+        device=device,
     )
     runner = ModelRunner(config)
     runner.initialize_kv_cache(64)
@@ -91,13 +91,17 @@ def _hf_logprobs(hf: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
         return hf(torch.tensor([tokens])).logits[0].float().log_softmax(-1)
 
 
-def _assert_logprobs(ours: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    got = ours.float().log_softmax(-1)
+def _assert_logprobs(
+    ours: torch.Tensor, expected: torch.Tensor, what: str, atol: float = LOGPROB_ATOL
+) -> None:
+    got = ours.float().cpu().log_softmax(-1)
     err = (got - expected).abs().max().item()
-    assert err <= LOGPROB_ATOL, f"{what}: max logprob error {err:.2e}"
+    assert err <= atol, f"{what}: max logprob error {err:.2e}"
 
 
-def check_paged_logits(hf: torch.nn.Module, runner: ModelRunner) -> None:
+def check_paged_logits(
+    hf: torch.nn.Module, runner: ModelRunner, atol: float = LOGPROB_ATOL
+) -> None:
     """Three sequences (45, 30, 40 tokens): prefill chunks beside decodes, then decodes of two
     at once, every token's logprobs against transformers' forward of the whole sequence."""
     gen = torch.Generator().manual_seed(3)
@@ -107,28 +111,38 @@ def check_paged_logits(hf: torch.nn.Module, runner: ModelRunner) -> None:
     sb = _state(runner, "b", b, [7, 30], 0)
     sc = _state(runner, "c", c, [40, 11, 2], 0)
     # step 1: a's first chunk (17) and b's prompt but its last token
-    _assert_logprobs(_all_logits(runner, [sa, sb], [17, 29])[:17], ref["a"][:17], "a[:17]")
+    _assert_logprobs(
+        _all_logits(runner, [sa, sb], [17, 29])[:17], ref["a"][:17], "a[:17]", atol=atol
+    )
     sa.num_computed_tokens, sb.num_computed_tokens = 17, 29
     # step 2: decode b, rest of a's prompt but 5, all of c's prompt but 10
     out = _all_logits(runner, [sb, sa, sc], [1, 23, 30])
-    _assert_logprobs(out[0], ref["b"][29], "b[29]")
-    _assert_logprobs(out[1:24], ref["a"][17:40], "a[17:40]")
-    _assert_logprobs(out[24:], ref["c"][:30], "c[:30]")
+    _assert_logprobs(out[0], ref["b"][29], "b[29]", atol=atol)
+    _assert_logprobs(out[1:24], ref["a"][17:40], "a[17:40]", atol=atol)
+    _assert_logprobs(out[24:], ref["c"][:30], "c[:30]", atol=atol)
     sa.num_computed_tokens, sc.num_computed_tokens = 40, 30
     for step in range(5):  # decodes of a and c together
         out = _all_logits(runner, [sc, sa], [1, 1])
-        _assert_logprobs(out[0], ref["c"][30 + step], f"c[{30 + step}]")
-        _assert_logprobs(out[1], ref["a"][40 + step], f"a[{40 + step}]")
+        _assert_logprobs(out[0], ref["c"][30 + step], f"c[{30 + step}]", atol=atol)
+        _assert_logprobs(out[1], ref["a"][40 + step], f"a[{40 + step}]", atol=atol)
         sa.num_computed_tokens += 1
         sc.num_computed_tokens += 1
 
 
-def check_greedy(hf: torch.nn.Module, path: Path, max_tokens: int = 12) -> None:
+def check_greedy(
+    hf: torch.nn.Module, path: Path, max_tokens: int = 12, device: str = "cpu"
+) -> None:
     """Greedy tokens of LLM.generate equal HF generate without EOS stops (ignore_eos: EOS may be
     generated and decoding goes on, as HF with eos_token_id=None)."""
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (5, 33)]
-    llm = LLM(model=str(path), dtype="float32", skip_tokenizer_init=True, kv_cache_space=0.01)
+    llm = LLM(
+        model=str(path),
+        dtype="float32",
+        skip_tokenizer_init=True,
+        kv_cache_space=0.01,
+        device=device,
+    )
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for prompt, out in zip(prompts, outs):

@@ -1,0 +1,42 @@
+"""The configurable decoder's families on CUDA (Triton attention with sliding windows, soft-caps
+and head sizes 16..32, CUDA graphs for decode) against transformers on the CPU, in float32:
+paged logprobs in mixed batches and greedy tokens. On the device:
+`pytest -m gpu tests/gpu/test_zoo_cuda.py`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.models.test_zoo import CASES
+from tests.models.zoo_harness import (
+    check_greedy,
+    check_paged_logits,
+    make_runner_for,
+    make_tiny_model,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+CUDA_LOGPROB_ATOL = 1e-3  # float32 Triton attention (IEEE dots), another summation order
+CUDA_CASES = [
+    "qwen2-window-1kv",
+    "qwen3-head-dim",
+    "mistral-window",
+    "gemma2",
+    "gemma3",
+    "olmo3",
+    "stablelm-parallel-qknorm",
+    "cohere2",
+    "ministral3",
+]
+
+
+@pytest.mark.parametrize("name", CUDA_CASES)
+def test_family_on_cuda_matches_transformers(tmp_path, name):
+    config_class, overrides, _ = CASES[name]
+    hf = make_tiny_model(tmp_path, config_class, **overrides)
+    check_paged_logits(hf, make_runner_for(str(tmp_path), "cuda"), atol=CUDA_LOGPROB_ATOL)
+    check_greedy(hf, tmp_path, device="cuda")
