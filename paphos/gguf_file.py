@@ -39,7 +39,13 @@ _SCALAR_FORMATS = {
 _STRING, _ARRAY = 8, 9
 
 # GGUF architecture -> transformers model_type, for the families whose tensors we know how to name.
-_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+_MODEL_TYPES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+}
 # Architectures whose q/k rows llama.cpp's converter permuted for its interleaved rotary.
 _PERMUTED_QK_ARCHS = frozenset({"llama"})
 # Per-dimension rotary frequency divisors llama.cpp writes for Llama 3.1+ (its form of "llama3" rope
@@ -61,16 +67,15 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-# Where an architecture names a layer tensor otherwise (Gemma 3's four norms per layer).
-_ARCH_LAYER_NAMES = {
-    "gemma3": {
-        "post_attention_norm": "post_attention_layernorm",
-        "ffn_norm": "pre_feedforward_layernorm",
-        "post_ffw_norm": "post_feedforward_layernorm",
-    },
+# Where an architecture names a layer tensor otherwise (Gemma 2/3's four norms per layer).
+_SANDWICH_NORM_NAMES = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
+_ARCH_LAYER_NAMES = {"gemma2": _SANDWICH_NORM_NAMES, "gemma3": _SANDWICH_NORM_NAMES}
 # Architectures whose zero-centred norm weights w (scale 1 + w) llama.cpp stores as 1 + w.
-_OFFSET_NORM_ARCHS = frozenset({"gemma3"})
+_OFFSET_NORM_ARCHS = frozenset({"gemma2", "gemma3"})
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",

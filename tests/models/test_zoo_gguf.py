@@ -34,6 +34,7 @@ _NAMES["gemma3"] = {
     "pre_feedforward_layernorm": "ffn_norm",
     "post_feedforward_layernorm": "post_ffw_norm",
 }
+_NAMES["gemma2"] = {k: v for k, v in _NAMES["gemma3"].items() if "_norm" not in k}
 _TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
@@ -61,7 +62,7 @@ def write_gguf(path: Path, arch: str, hf: torch.nn.Module) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     params = config.rope_parameters
     writer.add_rope_freq_base(params.get("full_attention", params)["rope_theta"])
-    if arch == "gemma3":
+    if arch in ("gemma2", "gemma3"):
         writer.add_sliding_window(config.sliding_window)
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
@@ -69,7 +70,7 @@ def write_gguf(path: Path, arch: str, hf: torch.nn.Module) -> None:
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         values = tensor.float().numpy()
-        if arch == "gemma3" and name.endswith("norm.weight"):
+        if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
             values = values + 1.0  # llama.cpp stores Gemma's zero-centred norms as 1 + w
         writer.add_tensor(_gguf_name(arch, name), np.ascontiguousarray(values))
     writer.write_header_to_file()
@@ -80,11 +81,16 @@ def write_gguf(path: Path, arch: str, hf: torch.nn.Module) -> None:
 
 CASES = {
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
+    "gemma2": (  # its soft-caps and query scalar are not in GGUF metadata: the defaults
+        "Gemma2Config",
+        dict(head_dim=32, sliding_window=8, query_pre_attn_scalar=256,
+             attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    ),
     "gemma3": (  # what the GGUF metadata implies: default scalar, window pattern, local base
         "Gemma3TextConfig",
         dict(head_dim=32, sliding_window=8, num_hidden_layers=7, query_pre_attn_scalar=256),
     ),
-}
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", list(CASES))
