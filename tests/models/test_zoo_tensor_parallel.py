@@ -1,7 +1,8 @@
 """Tensor parallelism of the configurable decoder on CPU over gloo: TP=2 gives the logits of TP=1
 (both ranks, a prefill and a decode step) for the features that shard in their own way: q/k norm
 over the whole projection (a cross-rank mean of squares, with one kv head replicated), per-head
-q/k LayerNorms and a parallel block, Gemma 3's sandwich norms and windows."""
+q/k LayerNorms (loaded head by head: StableLM; whole: Cohere) in a parallel block, Gemma 3's
+sandwich norms and windows."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from tests.models.test_zoo import CASES
 from tests.models.zoo_harness import make_tiny_model
 
 
-@pytest.mark.parametrize("name", ["olmo2-1kv-bias", "stablelm-parallel-qknorm", "gemma3"])
+@pytest.mark.parametrize(
+    "name", ["olmo2-1kv-bias", "stablelm-parallel-qknorm", "cohere-qknorm-bias", "gemma3"]
+)
 def test_two_ranks_give_the_logits_of_one_rank(tmp_path, name):
     config_class, overrides, _ = CASES[name]
     make_tiny_model(tmp_path, config_class, **overrides)
