@@ -1,0 +1,241 @@
+"""The configurable decoder's layer: attention, MLP and norms built from one `LayerSpec`
+(paphos.models.decoder_spec). Layers pass (hidden, residual) on, as Llama's do: the residual
+stream is their sum. A plain pre-norm RMSNorm / gated-SiLU / full-rope layer also hands its
+weights to the fused CPU decode (`fused_weights`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from paphos.attention import Attention, AttentionMetadata
+from paphos.layers.activation import activation, gated_activation
+from paphos.layers.cpu_decode import DecoderLayerWeights
+from paphos.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from paphos.layers.norm import (
+    HeadwiseLayerNorm,
+    LayerNorm,
+    OffsetRMSNorm,
+    ProjectionRMSNorm,
+    RMSNorm,
+)
+from paphos.layers.rotary import RotaryEmbedding
+from paphos.models.decoder_spec import LayerSpec, NormSpec
+from paphos.parallel import ParallelInfo
+from paphos.quant import UnquantizedLinearMethod
+from paphos.quant.base import LinearMethod
+
+Norm = RMSNorm | OffsetRMSNorm | LayerNorm
+
+
+def make_norm(spec: NormSpec, size: int) -> Norm:
+    if spec.kind == "rms":
+        return RMSNorm(size, spec.eps)
+    if spec.kind == "rms_offset":
+        return OffsetRMSNorm(size, spec.eps)
+    return LayerNorm(size, spec.eps, bias=spec.bias)
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, spec: LayerSpec, linear_method: LinearMethod | None, parallel: ParallelInfo):
+        super().__init__()
+        hidden, inter, bias = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
+        common = dict(linear_method=linear_method, parallel=parallel)
+        self.gated, self.is_silu = spec.gated, spec.hidden_act in ("silu", "swish")
+        if spec.gated:
+            self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias, **common)
+            self.act = gated_activation(spec.hidden_act)
+        else:
+            self.up_proj = ColumnParallelLinear(hidden, inter, bias, **common)
+            self.act = activation(spec.hidden_act)
+        self.down_proj = RowParallelLinear(inter, hidden, bias, **common)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return self.down_proj(self.act(self.up_proj(x)))
+        if self.is_silu:  # the product and SiLU-and-mul in one kernel where the method can
+            return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderAttention(nn.Module):
+    def __init__(
+        self,
+        spec: LayerSpec,
+        rotary_emb: RotaryEmbedding | None,
+        linear_method: LinearMethod | None,
+        parallel: ParallelInfo,
+    ):
+        super().__init__()
+        head_dim = spec.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            spec.hidden_size, head_dim, spec.num_heads, spec.num_kv_heads, spec.qkv_bias,
+            linear_method=linear_method, parallel=parallel,
+        )  # fmt: skip
+        self.o_proj = RowParallelLinear(
+            spec.num_heads * head_dim, spec.hidden_size, spec.o_bias,
+            linear_method=linear_method, parallel=parallel,
+        )  # fmt: skip
+        num_heads, num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size, self.head_dim = (
+            num_heads * head_dim,
+            num_kv_heads * head_dim,
+            head_dim,
+        )
+        self.qk_norm = spec.qk_norm
+        norm = spec.qk_norm_spec or spec.norm
+        if spec.qk_norm == "head":
+            self.q_norm, self.k_norm = make_norm(norm, head_dim), make_norm(norm, head_dim)
+        elif spec.qk_norm == "headwise":
+            replicas = self.qkv_proj.num_kv_head_replicas
+            self.q_norm = HeadwiseLayerNorm(num_heads, head_dim, norm.eps, parallel)
+            self.k_norm = HeadwiseLayerNorm(num_kv_heads, head_dim, norm.eps, parallel, replicas)
+        elif spec.qk_norm == "projection":  # over all heads: a reduction across ranks under TP
+            q_norm = ProjectionRMSNorm(spec.num_heads, num_heads, head_dim, norm.eps, parallel)
+            self.q_norm = q_norm
+            self.k_norm = ProjectionRMSNorm(
+                spec.num_kv_heads, num_kv_heads, head_dim, norm.eps, parallel,
+                replicas=self.qkv_proj.num_kv_head_replicas,
+            )  # fmt: skip
+        self.rotary_emb = rotary_emb  # shared by the layers with the same rope (no weights)
+        self.position_query_scale = spec.position_query_scale
+        self.attn = Attention(
+            num_heads, head_dim, spec.attention_scale, num_kv_heads, rotary_emb=rotary_emb,
+            sliding_window=spec.sliding_window, logits_soft_cap=spec.soft_cap,
+        )  # fmt: skip
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm == "head":
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)  # [num_tokens, q_size]
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)  # [num_tokens, kv_size]
+        elif self.qk_norm is not None:  # headwise or over the projection
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.position_query_scale is not None:  # commutes with the rotation: applied first
+            beta, n = self.position_query_scale
+            scale = 1 + beta * torch.log1p(torch.floor(positions.float() / n))  # [num_tokens]
+            q = q * scale.to(q.dtype)[:, None]
+        rope = {} if self.rotary_emb is None else {"positions": positions}
+        return self.o_proj(self.attn(q, k, v.contiguous(), kv_cache, attn_metadata, **rope))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self,
+        spec: LayerSpec,
+        rotary_emb: RotaryEmbedding | None,
+        linear_method: LinearMethod | None,
+        parallel: ParallelInfo,
+    ):
+        super().__init__()
+        self.spec = spec
+        self.self_attn = DecoderAttention(spec, rotary_emb, linear_method, parallel)
+        self.mlp = DecoderMLP(spec, linear_method, parallel)
+        self.norm_names = spec.norm_names()  # role -> attribute (the checkpoint's name)
+        for name in self.norm_names.values():
+            setattr(self, name, make_norm(spec.norm, spec.hidden_size))
+
+    def _norm(self, role: str) -> Norm | None:
+        name = self.norm_names.get(role)
+        return None if name is None else getattr(self, name)
+
+    def _add_and_norm(
+        self, role: str, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the normed stream, the stream x + residual); no norm in this role: both the stream."""
+        norm = self._norm(role)
+        if residual is None:
+            return (x if norm is None else norm(x)), x
+        if norm is None:
+            stream = x + residual
+            return stream, stream
+        return norm(x, residual)
+
+    def _finish_branch(self, role: str, out: torch.Tensor) -> torch.Tensor:
+        norm = self._norm(role)
+        out = out if norm is None else norm(out)
+        m = self.spec.residual_multiplier
+        return out if m == 1.0 else out * m
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) in and out: the stream after this layer is their sum."""
+        x, stream = self._add_and_norm("pre_attn", hidden_states, residual)
+        attn_out = self.self_attn(positions, x, kv_cache, attn_metadata)
+        if self.spec.parallel_block:  # attention and MLP both read the pre-attention norm
+            out = attn_out + self.mlp(x)
+            return self._finish_branch("post_mlp", out), stream
+        attn_out = self._finish_branch("post_attn", attn_out)
+        x, stream = self._add_and_norm("pre_mlp", attn_out, stream)
+        return self._finish_branch("post_mlp", self.mlp(x)), stream
+
+    def fused_weights(self) -> DecoderLayerWeights | None:
+        """This layer for the fused CPU decode kernel; None where it is not a plain pre-norm
+        RMSNorm / gated-SiLU / full-rope layer, or its linears are quantized."""
+        spec, attn, mlp = self.spec, self.self_attn, self.mlp
+        rope = spec.rope
+        plain = (
+            spec.norm.kind == "rms"
+            and set(self.norm_names) == {"pre_attn", "pre_mlp"}
+            and not spec.parallel_block
+            and spec.qk_norm is None
+            and spec.gated
+            and mlp.is_silu
+            and rope is not None
+            and rope.rotary_dim == spec.head_dim
+            and spec.sliding_window is None
+            and spec.soft_cap is None
+            and spec.residual_multiplier == 1.0
+            and spec.position_query_scale is None
+        )
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj if spec.gated else None)
+        if not plain or not all(
+            isinstance(lin.linear_method, UnquantizedLinearMethod)
+            for lin in (*linears, mlp.down_proj)
+        ):
+            return None
+        assert attn.rotary_emb is not None
+        pre_attn, pre_mlp = self._norm("pre_attn"), self._norm("pre_mlp")
+        return DecoderLayerWeights(
+            input_norm=pre_attn.weight.data,
+            input_eps=pre_attn.eps,
+            qkv=attn.qkv_proj.weight.data,
+            qkv_bias=_data(attn.qkv_proj.bias),
+            o=attn.o_proj.weight.data,
+            o_bias=_data(attn.o_proj.bias),
+            post_norm=pre_mlp.weight.data,
+            post_eps=pre_mlp.eps,
+            gate_up=mlp.gate_up_proj.weight.data,
+            gate_up_bias=_data(mlp.gate_up_proj.bias),
+            down=mlp.down_proj.weight.data,
+            down_bias=_data(mlp.down_proj.bias),
+            cos_sin_cache=attn.rotary_emb.cos_sin_cache,
+            is_neox=attn.rotary_emb.is_neox_style,
+            num_heads=attn.attn.num_heads,
+            num_kv_heads=attn.attn.num_kv_heads,
+            head_size=attn.attn.head_size,
+            scale=attn.attn.scale,
+        )
+
+
+def _data(param: torch.Tensor | None) -> torch.Tensor | None:
+    return None if param is None else param.data
