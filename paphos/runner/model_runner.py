@@ -61,6 +61,21 @@ def resolve_dtype(requested: str, hf_config: object, device: torch.device) -> to
     return found
 
 
+def describe_weight_memory(model: torch.nn.Module) -> str:
+    """Bytes of the parameters by dtype and of the fp32 copies kept for batched CPU products."""
+    by_dtype: dict[str, int] = {}
+    for param in model.parameters():
+        name = str(param.dtype).removeprefix("torch.")
+        by_dtype[name] = by_dtype.get(name, 0) + param.numel() * param.element_size()
+    copies = sum(
+        b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("weight_fp32")
+    )
+    parts = ", ".join(f"{size / 2**30:.3f} GiB {name}" for name, size in sorted(by_dtype.items()))
+    if copies:
+        parts += f", plus {copies / 2**30:.3f} GiB of fp32 copies for batched CPU products"
+    return parts or "none"
+
+
 @dataclass
 class HostStats:
     """Host-side time per step, from `execute` entry to the launch of the model (or graph)."""
@@ -109,6 +124,7 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(previous_dtype)
         load_model_weights(model, self.config.model, self.config.runtime.seed)
+        logger.info("weights: %s", describe_weight_memory(model))
         return model.eval()
 
     # ---- KV cache -------------------------------------------------------------------------------
