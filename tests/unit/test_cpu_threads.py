@@ -132,3 +132,16 @@ def test_bind_pins_the_calling_thread_and_unbind_frees_it() -> None:
         assert cpu_threads.unbind(allowed, 1)
     assert sorted(os.sched_getaffinity(0)) == allowed
     assert set(ct.read_cpu_busy()) >= set(allowed)
+
+
+def test_engine_shutdown_unpins_and_restores_the_thread_count(tiny_llama_dir) -> None:
+    from paphos import LLM, SamplingParams
+
+    if cpu_threads.load_library() is None:
+        pytest.skip("no C kernels here")
+    mask, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    llm = LLM(model=str(tiny_llama_dir), max_model_len=64, device="cpu", num_threads=1)
+    llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert len(os.sched_getaffinity(0)) == 1 and torch.get_num_threads() == 1
+    llm.close()
+    assert os.sched_getaffinity(0) == mask and torch.get_num_threads() == threads
