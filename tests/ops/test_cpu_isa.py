@@ -78,3 +78,22 @@ def test_registry_picks_the_c_silu_and_mul_on_cpu() -> None:
         pytest.skip("no C kernels here")
     assert registry.pick("silu_and_mul", "cpu") is activation.silu_and_mul
     assert registry.describe_cpu_kernels().startswith(f"CPU kernels: {isa.selected()} ")
+
+
+def test_a_level_that_fails_to_build_falls_back_to_the_level_below(monkeypatch, tmp_path) -> None:
+    if not isa.available():
+        pytest.skip("no AVX2 here")
+    real_build = native.build
+
+    def build(compiler, source, target, level):
+        if level != "avx2":
+            raise RuntimeError(f"cc: unknown flags for {level}")
+        real_build(compiler, source, target, level)
+
+    monkeypatch.setattr(native, "build", build)
+    target_for = lambda compiler, source, level: tmp_path / f"silu-{level}.so"  # noqa: E731
+    lib = native.load_library(
+        "activation", activation.SOURCE, "cc", target_for, activation.bind, "avx512_bf16"
+    )
+    assert lib is not None and lib.paphos_isa_level == "avx2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["silu-avx2.so"]

@@ -102,6 +102,30 @@ def load_library(
         logger.warning("CPU %s kernel off: no C compiler (cc/gcc) found; using torch", name)
         return None
     level = isa.kernel_level(level)
+    lib = None
+    for attempt in reversed(isa.LEVELS[: isa.LEVELS.index(level) + 1]):
+        # a compiler too old for a level's flags (or a failed build) falls back to the one below
+        lib = _build_and_load(name, source, compiler, target_for, bind, attempt)
+        if lib is not None:
+            break
+    if lib is None:
+        return None
+    if not lib.paphos_cpu_supported():
+        logger.warning(
+            "CPU %s kernel off: this CPU lacks %s; using torch", name, lib.paphos_isa_level
+        )
+        return None
+    return lib
+
+
+def _build_and_load(
+    name: str,
+    source: Path,
+    compiler: str,
+    target_for: Callable[[str, bytes, str], Path],
+    bind: Callable[[ctypes.CDLL], ctypes.CDLL],
+    level: str,
+) -> ctypes.CDLL | None:
     try:
         target = target_for(compiler, source_with_includes(source), level)
         if not target.exists():
@@ -111,10 +135,8 @@ def load_library(
         lib.paphos_cpu_supported.restype = ctypes.c_int
         lib = bind(lib)
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
-        logger.warning("CPU %s kernel off: build or load failed (%s); using torch", name, exc)
-        return None
-    if not lib.paphos_cpu_supported():
-        logger.warning("CPU %s kernel off: this CPU lacks %s; using torch", name, level)
+        below = "" if level == isa.LEVELS[0] else "; trying the level below"
+        logger.warning("CPU %s kernel at %s: build or load failed (%s)%s", name, level, exc, below)
         return None
     lib.paphos_isa_level = level  # type: ignore[attr-defined]
     return lib
