@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 # Samplers whose place in the pipeline can be chosen (`sampler_priority`), in Aphrodite's default
@@ -65,6 +65,88 @@ SAMPLER_ALIASES: dict[str, tuple[str, ...]] = {
     "no_repeat_ngram_size": ("no_repeat_ngram",),
 }
 DEFAULT_DRY_SEQUENCE_BREAKERS: tuple[str, ...] = ("\n", ":", '"', "*")
+# The kinds of constraint a request may give in `structured_outputs` (vLLM's names).
+STRUCTURED_OUTPUT_KINDS: tuple[str, ...] = (
+    "json",
+    "regex",
+    "choice",
+    "grammar",
+    "json_object",
+    "structural_tag",
+)
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """One constraint on a request's output (exactly one kind is set), enforced by xgrammar.
+
+    json: a JSON schema (dict or its text); regex; choice: the output is one of these strings;
+    grammar: EBNF/GBNF with a `root` rule; json_object: any JSON object; structural_tag: xgrammar's
+    structural tag (dict or its text). JSON whitespace is bounded (no runs of free whitespace)
+    unless `any_whitespace`. `reasoning_end_token_id`: the constraint starts after this token (set
+    by the server's reasoning parser: the thinking before it is free).
+    """
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: dict[str, Any] | str | None = None
+    any_whitespace: bool = False
+    reasoning_end_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                f"structured_outputs={self.describe()} is invalid: expected exactly one of "
+                f"{list(STRUCTURED_OUTPUT_KINDS)}, got {given or 'none'}"
+            )
+        if self.choice is not None:
+            ok = bool(self.choice) and all(isinstance(c, str) and c for c in self.choice)
+            _require(ok, "structured_outputs.choice", self.choice, "a list of non-empty strings")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None:
+                _require(
+                    isinstance(value, str) and bool(value),
+                    f"structured_outputs.{name}",
+                    value,
+                    "a non-empty string",
+                )
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False))
+
+    def describe(self) -> str:
+        """A short text of the constraint for error messages."""
+        fields = {k: getattr(self, k) for k in STRUCTURED_OUTPUT_KINDS}
+        text = repr({k: v for k, v in fields.items() if v not in (None, False)})
+        return text if len(text) < 120 else text[:117] + "..."
+
+    @classmethod
+    def from_any(cls, value: Any) -> StructuredOutputsParams:
+        """From an instance or a dict of its fields (an unknown key is a ValueError)."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"structured_outputs={value!r} is invalid: expected an object with one of "
+                f"{list(STRUCTURED_OUTPUT_KINDS)}"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(
+                f"structured_outputs={value!r} is invalid: unknown field(s) {unknown}; "
+                f"expected one of {list(STRUCTURED_OUTPUT_KINDS)}"
+            )
+        try:
+            return cls(**value)
+        except TypeError as e:
+            raise ValueError(f"structured_outputs={value!r} is invalid: {e}") from e
 
 
 @dataclass
@@ -123,10 +205,15 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     sampler_priority: list[int | str] | None = None
     sampler_order: list[int | str] | None = None  # alias of sampler_priority (Kobold's name)
+    # A grammar the output must follow (paphos.structured compiles it with xgrammar).
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
     # Filled by `resolve_token_ids`; init fields so that `dataclasses.replace` keeps them.
     _bad_words_ids: list[list[int]] | None = field(default=None, repr=False, compare=False)
     _dry_breaker_ids: list[int] | None = field(default=None, repr=False, compare=False)
     _custom_ban_ids: list[int] | None = field(default=None, repr=False, compare=False)
+    # The compiled grammar of structured_outputs (xgrammar's, set by the engine; not pickled:
+    # another process compiles its own from structured_outputs).
+    _grammar: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -144,6 +231,8 @@ class SamplingParams:
         if self.logit_bias is not None:
             self.logit_bias = _parse_logit_bias(self.logit_bias)
         self._merge_sampler_order()
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_any(self.structured_outputs)
         self.validate()
         if not any(isinstance(t, str) for t in self.custom_token_bans):
             self._custom_ban_ids = [int(t) for t in self.custom_token_bans]
@@ -350,7 +439,13 @@ class SamplingParams:
             and self.logprobs is None
             and self.prompt_logprobs is None
             and all(len(word) == 1 for word in self._bad_words_ids or ())
+            and self.structured_outputs is None  # its matcher reads every sampled token
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_grammar"] = None  # xgrammar's compiled grammars do not pickle
+        return state
 
     @property
     def sampler_names(self) -> tuple[str, ...]:

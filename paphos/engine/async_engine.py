@@ -6,6 +6,7 @@ event loop talks to it through a command queue, so add/abort never race with a s
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -76,8 +77,12 @@ class RequestStream:
 class AsyncEngine:
     """Async front of a synchronous engine (anything with the `Engine` API of docs/contracts.md)."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, grammar_compile_timeout_s: float = 30.0) -> None:
         self.engine = engine
+        # Grammars compile here, off the engine thread; a compile past the limit is refused (its
+        # thread finishes in the background and fills the cache).
+        self.grammar_compile_timeout_s = grammar_compile_timeout_s
+        self._compile_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stop = threading.Event()
@@ -103,6 +108,8 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        if self._compile_pool is not None:
+            self._compile_pool.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
 
     @property
@@ -129,6 +136,8 @@ class AsyncEngine:
         self._check_alive()
         if request_id in self._streams:
             raise ValueError(f"request_id={request_id!r} is already in use")
+        if params.structured_outputs is not None and params._grammar is None:
+            await self._compile_grammar(params)
         loop = asyncio.get_running_loop()
         added: asyncio.Future[None] = loop.create_future()
         stream = RequestStream(request_id, params, output_kind)
@@ -152,6 +161,24 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             raise
         return stream
+
+    async def _compile_grammar(self, params: SamplingParams) -> None:
+        compile_grammar = getattr(self.engine, "compile_grammar", None)
+        if compile_grammar is None:
+            return  # an engine without structured output
+        if self._compile_pool is None:
+            self._compile_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="paphos-grammar"
+            )
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._compile_pool, compile_grammar, params)
+        try:
+            await asyncio.wait_for(job, self.grammar_compile_timeout_s)
+        except asyncio.TimeoutError as e:
+            raise ValueError(
+                f"structured_outputs={params.structured_outputs.describe()} is invalid: "
+                f"compiling it took longer than {self.grammar_compile_timeout_s} s"
+            ) from e
 
     async def generate(
         self,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from paphos.models.registry import load_plugins
 from paphos.outputs import OutputKind, RequestMetrics, RequestOutput
 from paphos.request import Request, RequestStatus
 from paphos.sampling_params import SamplingParams
+from paphos.structured.compiler import GrammarCompilerCache
 from paphos.tokenizer import eos_token_ids, get_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,8 @@ class Engine:
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
+        self._grammars: GrammarCompilerCache | None = None  # built at the first constraint
+        self._grammars_lock = threading.Lock()
         self.num_overlapped_steps = 0  # steps launched while the one before them still ran
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens); max_model_len %d",
@@ -122,6 +126,8 @@ class Engine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self._tokenize_prompt(prompt)
         params = self._resolve_params(params, len(token_ids))
+        if params.structured_outputs is not None and params._grammar is None:
+            self.compile_grammar(params)  # offline path; servers compile before (off the loop)
         num_children = params.best_of or params.n
         metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else now())
         parent = ParentRequest(
@@ -194,6 +200,23 @@ class Engine:
         params.resolve_token_ids(self.tokenizer)
         params.verify_token_ids(self.vocab_size)
         return params
+
+    def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile `params.structured_outputs` (cached) and attach it to `params`; ValueError
+        naming the problem if it cannot be. Thread-safe: AsyncEngine runs it in a worker thread
+        so that a slow compile never stalls the step loop."""
+        spec = params.structured_outputs
+        if spec is None or params._grammar is not None:
+            return
+        if self.tokenizer is None:
+            raise ValueError("structured_outputs is invalid: it needs a tokenizer")
+        with self._grammars_lock:
+            if self._grammars is None:
+                stops = [
+                    t for t in (self.eos_token_id, *self.extra_stop_token_ids) if t is not None
+                ]
+                self._grammars = GrammarCompilerCache(self.tokenizer, self.vocab_size, stops)
+        params._grammar = self._grammars.compile(spec)
 
     def _detokenizer(
         self, prompt_ids: list[int], params: SamplingParams

@@ -39,6 +39,8 @@ class RunnerRequestState:
     num_seen_ahead: int = 0
     # Sampled by a plain argmax of the raw logits (see model_runner._is_plain_greedy).
     plain_greedy: bool = False
+    # The request's grammar matcher (paphos.structured.matcher.GrammarState), if constrained.
+    grammar: Any = None
 
 
 @dataclass

@@ -34,6 +34,10 @@ from paphos.runner.cuda_graph import MAX_SEQ_LEN_TO_CAPTURE, DecodeGraphs, batch
 from paphos.runner.inputs import InputBuffers, RunnerRequestState, StepInputs, build_step_inputs
 from paphos.runner.kv_cache import KVCacheSpec, allocate_kv_caches, num_blocks_for_device
 from paphos.runner.step_sampling import NextStep, StepSampling, is_plain_greedy
+from paphos.sampling_params import SamplingParams
+from paphos.structured.compiler import GrammarCompilerCache
+from paphos.structured.matcher import GrammarState
+from paphos.tokenizer import eos_token_ids, get_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +117,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.host_stats = HostStats()
         self.step_sampling = StepSampling(self.model, self.vocab_size, self.device)
+        self._grammars: GrammarCompilerCache | None = None  # built at the first constrained request
 
     def _load_model(self) -> torch.nn.Module:
         model_cls = ModelRegistry.resolve(self.config.model.architecture)
@@ -308,7 +313,9 @@ class ModelRunner:
                 ),
                 wants_prompt_logprobs=params.prompt_logprobs is not None,
             )
-            state.plain_greedy = is_plain_greedy(state.sampling)
+            if params.structured_outputs is not None:
+                state.grammar = self._grammar_state(params)
+            state.plain_greedy = is_plain_greedy(state.sampling) and state.grammar is None
             self.requests[new.request_id] = state
             self.buffers.add(state)
         for cached in out.cached_requests:
@@ -328,6 +335,21 @@ class ModelRunner:
             state.sampling.output_token_ids.extend(new_tokens[seen:])
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+
+    def _grammar_state(self, params: SamplingParams) -> GrammarState:
+        """A matcher for a constrained request: from the grammar the engine compiled, or (another
+        process: grammars do not pickle) compiled here, through this runner's own cache."""
+        spec = params.structured_outputs
+        assert spec is not None
+        compiled = params._grammar
+        if compiled is None:
+            if self._grammars is None:
+                model_config = self.config.model
+                tokenizer = get_tokenizer(model_config)
+                stops = eos_token_ids(model_config, tokenizer)
+                self._grammars = GrammarCompilerCache(tokenizer, self.vocab_size, stops)
+            compiled = self._grammars.compile(spec)
+        return GrammarState(compiled, spec.reasoning_end_token_id)
 
     def _eos_token_id(self) -> int | None:
         eos = getattr(self.config.model.hf_config, "eos_token_id", None)

@@ -23,6 +23,7 @@ from paphos.layers.sampler import (
 )
 from paphos.layers.sampling.batch import to_device
 from paphos.ops.argmax import argmax_rows
+from paphos.ops.token_bitmask import apply_token_bitmask
 from paphos.runner.inputs import RunnerRequestState, StepInputs
 
 # A multi-step decode's next step: sampled ids [num_seqs] in, (logits, graph argmax or None) out.
@@ -64,10 +65,12 @@ class StepSampling:
             behind = [
                 st
                 for st in sampling
-                if st.num_pending > st.num_seen_ahead and st.sampling.needs_history
+                if st.num_pending > st.num_seen_ahead
+                and (st.sampling.needs_history or st.grammar is not None)
             ]
             if behind:
                 self._read_previous_tokens(behind)
+            grammar_mask = self._grammar_bitmask(sampling, logits.device)
             plain = True
             for state in sampling:  # one pass: this runs for every request every step
                 # outputs before this step's that only the device has
@@ -91,6 +94,9 @@ class StepSampling:
                     for state in sampling:
                         state.sampling.num_unseen += 1  # seeds follow the number of outputs
                 rows = logits[:n]  # [n, vocab]
+                if grammar_mask is not None:  # constrained requests take single steps
+                    assert num_steps == 1, "a multi-step decode with a grammar"
+                    rows = apply_token_bitmask(rows, *grammar_mask)
                 if metadata is None:  # argmax: no sampler metadata, no logprobs
                     top = argmax[:n] if argmax is not None else argmax_rows(rows)  # [n]
                 else:
@@ -122,6 +128,25 @@ class StepSampling:
             return RunnerOutput(sampled, logprobs, prompt_logprobs)
 
         return finish
+
+    def _grammar_bitmask(
+        self, sampling: list[RunnerRequestState], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The step's token bitmask of the constrained rows, on the device: (bitmask [m, words]
+        int32, rows [m] long), or None when no row is constrained. Each matcher first takes the
+        outputs it has not seen (the previous step's token included: read ahead above)."""
+        constrained = [i for i, st in enumerate(sampling) if st.grammar is not None]
+        if not constrained:
+            return None
+        num_words = (self.vocab_size + 31) // 32
+        pin = device.type == "cuda"
+        bitmask = torch.empty((len(constrained), num_words), dtype=torch.int32, pin_memory=pin)
+        for row, i in enumerate(constrained):  # [m, words] on the host, filled by xgrammar
+            state = sampling[i]
+            state.grammar.advance(state.sampling.output_token_ids)
+            state.grammar.fill(bitmask, row)
+        rows = torch.tensor(constrained, dtype=torch.long, pin_memory=pin)  # [m]
+        return bitmask.to(device, non_blocking=True), rows.to(device, non_blocking=True)
 
     def _read_previous_tokens(self, states: list[RunnerRequestState]) -> None:
         """Append the previous step's token, which the scheduler has not handed back yet, to the
