@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from paphos.sampling_params import SamplingParams
 from paphos.serve.openai.errors import OpenAIError
+from paphos.serve.openai.structured import structured_outputs_of
 
 
 def _sampling_field_adapters() -> dict[str, TypeAdapter]:
@@ -44,6 +45,15 @@ class OpenAIRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Structured output (serve/openai/structured.py turns these into one constraint).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: Any = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
     def sampling_extras(self) -> dict[str, Any]:
         """The validated extra fields (None means: keep the default)."""
@@ -68,6 +78,9 @@ class OpenAIRequest(BaseModel):
             kwargs["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if self.seed is not None:
             kwargs["seed"] = self.seed
+        constraint = structured_outputs_of(self)
+        if constraint is not None:
+            kwargs["structured_outputs"] = constraint
         return kwargs
 
     @property
