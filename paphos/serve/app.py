@@ -34,7 +34,8 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     server_config = server_config or ServerConfig()
     stats = lambda: engine.stats  # noqa: E731 - latest snapshot published by the engine thread
     metrics = ServerMetrics(stats, served_model_names(engine.engine.model_config)[0])
-    ctx = ServingContext.from_engine(engine, metrics)
+    ctx = ServingContext.from_engine(engine, metrics, server_config)
+    engine.grammar_compile_timeout_s = server_config.grammar_compile_timeout_s
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

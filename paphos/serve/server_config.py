@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+# Kept here (not imported from the parsers) so that `paphos run --help` stays light.
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder")
+REASONING_PARSERS = ("deepseek_r1", "qwen3")
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -30,6 +33,30 @@ class ServerConfig:
     uvicorn_log_level: str = field(
         default="info", metadata=_help("uvicorn's log level.", choices=LOG_LEVELS)
     )
+    enable_auto_tool_choice: bool = field(
+        default=False,
+        metadata=_help("Let the model decide to call tools (tool_choice='auto'); needs a parser."),
+    )
+    tool_call_parser: str | None = field(
+        default=None,
+        metadata=_help(
+            "How tool calls are found in the model's text (tool_choice='auto').",
+            choices=TOOL_CALL_PARSERS,
+        ),
+    )
+    reasoning_parser: str | None = field(
+        default=None,
+        metadata=_help(
+            "Split <think> output into message.reasoning_content.", choices=REASONING_PARSERS
+        ),
+    )
+    kobold_api: bool = field(
+        default=True, metadata=_help("Serve the KoboldAI API (/api/v1, /api/extra) too.")
+    )
+    grammar_compile_timeout_s: float = field(
+        default=30.0,
+        metadata=_help("A structured output grammar compiling longer than this is refused."),
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -40,3 +67,17 @@ class ServerConfig:
             )
         if any(not key for key in self.api_keys):
             raise ValueError("api_keys holds an empty key")
+        if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+            raise ValueError(
+                f"tool_call_parser={self.tool_call_parser!r} is invalid: one of {TOOL_CALL_PARSERS}"
+            )
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice=True is invalid without a tool_call_parser")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(
+                f"reasoning_parser={self.reasoning_parser!r} is invalid: one of {REASONING_PARSERS}"
+            )
+        if not self.grammar_compile_timeout_s > 0:
+            raise ValueError(
+                f"grammar_compile_timeout_s={self.grammar_compile_timeout_s!r} is invalid: > 0"
+            )

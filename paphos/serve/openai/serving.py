@@ -10,7 +10,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -21,6 +21,7 @@ from paphos.outputs import Logprob, OutputKind, RequestOutput
 from paphos.sampling_params import SamplingParams
 from paphos.serve.metrics import ServerMetrics
 from paphos.serve.openai.errors import OpenAIError, error_body
+from paphos.serve.server_config import ServerConfig
 from paphos.tokenizer import load_chat_template
 
 
@@ -34,12 +35,19 @@ class ServingContext:
     tokenizer: Any
     chat_template: str | None
     metrics: ServerMetrics
+    server_config: ServerConfig = field(default_factory=ServerConfig)
 
     @classmethod
-    def from_engine(cls, engine: AsyncEngine, metrics: ServerMetrics) -> ServingContext:
+    def from_engine(
+        cls,
+        engine: AsyncEngine,
+        metrics: ServerMetrics,
+        server_config: ServerConfig | None = None,
+    ) -> ServingContext:
         sync = engine.engine
         model_config = sync.model_config
         return cls(
+            server_config=server_config or ServerConfig(),
             engine=engine,
             served_model_names=served_model_names(model_config),
             max_model_len=int(sync.max_model_len),
@@ -66,6 +74,14 @@ class ServingContext:
             param="model",
             code="model_not_found",
         )
+
+    def single_token_id(self, text: str) -> int | None:
+        """The id of `text` if the tokenizer has it as one token (e.g. an added </think>)."""
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            return None
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else None
 
     def require_tokenizer(self) -> Any:
         if self.tokenizer is None:
