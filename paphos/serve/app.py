@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI routes, /health, /version, /metrics, API-key check, error handlers.
+"""The FastAPI app: OpenAI routes, the KoboldAI routes (serve/kobold.py), /health, /version,
+/metrics, API-key check, error handlers.
 Invariant: the AsyncEngine's thread runs exactly while the app's lifespan does; with API keys set,
 no /v1 route does any work for a request without a valid key."""
 
@@ -14,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 import paphos
 from paphos.engine.async_engine import AsyncEngine
+from paphos.serve.kobold import add_kobold_routes
 from paphos.serve.metrics import CONTENT_TYPE, ServerMetrics
 from paphos.serve.openai import chat, completions, models, tokenize
 from paphos.serve.openai.errors import OpenAIError, install_error_handlers
@@ -51,6 +53,8 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     if server_config.api_keys:
         _install_api_key_check(app, server_config.api_keys)
     _add_routes(app, ctx)
+    if server_config.kobold_api:
+        add_kobold_routes(app, ctx)
     return app
 
 
