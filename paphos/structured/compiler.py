@@ -92,20 +92,36 @@ class GrammarCompilerCache:
                 return compiler.compile_json_schema(
                     schema, any_whitespace=spec.any_whitespace, strict_mode=True
                 )
-            if kind == "json_object":
-                return compiler.compile_builtin_json_grammar()
+            if kind == "json_object":  # any object, whitespace bounded like a schema's
+                return compiler.compile_json_schema(
+                    {"type": "object"}, any_whitespace=spec.any_whitespace, strict_mode=False
+                )
             if kind == "regex":
                 return compiler.compile_regex(spec.regex)
             if kind == "choice":
                 return compiler.compile_grammar(choice_grammar(spec.choice or []))
             if kind == "grammar":
                 return compiler.compile_grammar(spec.grammar)
-            tag = spec.structural_tag
-            return compiler.compile_structural_tag(tag if isinstance(tag, str) else json.dumps(tag))
+            return self._compile_structural_tag(spec.structural_tag)
         except ValueError:
             raise
         except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError with a C++ message
             raise ValueError(f"structured_outputs.{kind} is invalid: {clean_error(e)}") from e
+
+    def _compile_structural_tag(self, tag: dict[str, Any] | str | None) -> Any:
+        """xgrammar's structural tag ({"type": "structural_tag", "format": ...}), or the older
+        {"structures": [{"begin", "schema", "end"}], "triggers": [...]} that vLLM accepts."""
+        if isinstance(tag, dict) and "structures" in tag:
+            items = [
+                self._xgr.StructuralTagItem(
+                    begin=s["begin"], schema=json.dumps(s.get("schema", {})), end=s["end"]
+                )
+                for s in tag["structures"]
+            ]
+            return self._compiler.compile_structural_tag(items, list(tag.get("triggers", [])))
+        return self._compiler.compile_structural_tag(
+            tag if isinstance(tag, str) else json.dumps(tag)
+        )
 
 
 def choice_grammar(choices: Sequence[str]) -> str:

@@ -87,9 +87,10 @@ def _from_response_format(response_format: Any) -> dict[str, Any] | None:
             )
         # strict or not, the schema is enforced: the grammar is the only way we sample JSON
         return {"json": spec.get("schema", {})}
-    if kind == "structural_tag":
-        tag = {k: v for k, v in response_format.items() if k != "type"}
-        return {"structural_tag": tag.get("format", tag)}
+    if kind == "structural_tag":  # xgrammar's {"type", "format"} or {"structures", "triggers"}
+        if "format" in response_format:
+            return {"structural_tag": dict(response_format)}
+        return {"structural_tag": {k: v for k, v in response_format.items() if k != "type"}}
     raise OpenAIError(
         400,
         f"response_format.type={kind!r} is invalid: expected 'text', 'json_object', "
