@@ -23,7 +23,7 @@ from paphos.layers.sampler import (
 )
 from paphos.layers.sampling.batch import to_device
 from paphos.ops.argmax import argmax_rows
-from paphos.ops.token_bitmask import apply_token_bitmask
+from paphos.ops.token_bitmask import bitmask_op
 from paphos.runner.inputs import RunnerRequestState, StepInputs
 
 # A multi-step decode's next step: sampled ids [num_seqs] in, (logits, graph argmax or None) out.
@@ -42,6 +42,7 @@ class StepSampling:
         self.last_rows: dict[str, int] = {}
         # The last step's sampled ids on the host (once copied; rows as in last_rows), copy event.
         self._last_host: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self.apply_bitmask = bitmask_op(device)  # constrained rows' token bitmask, in place
 
     def sample(
         self,
@@ -96,7 +97,7 @@ class StepSampling:
                 rows = logits[:n]  # [n, vocab]
                 if grammar_mask is not None:  # constrained requests take single steps
                     assert num_steps == 1, "a multi-step decode with a grammar"
-                    rows = apply_token_bitmask(rows, *grammar_mask)
+                    rows = self.apply_bitmask(rows, *grammar_mask)
                 if metadata is None:  # argmax: no sampler metadata, no logprobs
                     top = argmax[:n] if argmax is not None else argmax_rows(rows)  # [n]
                 else:
@@ -132,19 +133,20 @@ class StepSampling:
     def _grammar_bitmask(
         self, sampling: list[RunnerRequestState], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The step's token bitmask of the constrained rows, on the device: (bitmask [m, words]
-        int32, rows [m] long), or None when no row is constrained. Each matcher first takes the
+        """The step's token bitmask, on the device: (bitmask [n, words] int32, the constrained
+        rows [m] long), or None when no row is constrained. Each matcher first takes the
         outputs it has not seen (the previous step's token included: read ahead above)."""
         constrained = [i for i, st in enumerate(sampling) if st.grammar is not None]
         if not constrained:
             return None
         num_words = (self.vocab_size + 31) // 32
         pin = device.type == "cuda"
-        bitmask = torch.empty((len(constrained), num_words), dtype=torch.int32, pin_memory=pin)
-        for row, i in enumerate(constrained):  # [m, words] on the host, filled by xgrammar
+        # [n, words]: xgrammar fills the constrained rows; the others are never read
+        bitmask = torch.empty((len(sampling), num_words), dtype=torch.int32, pin_memory=pin)
+        for i in constrained:
             state = sampling[i]
             state.grammar.advance(state.sampling.output_token_ids)
-            state.grammar.fill(bitmask, row)
+            state.grammar.fill(bitmask, i)
         rows = torch.tensor(constrained, dtype=torch.long, pin_memory=pin)  # [m]
         return bitmask.to(device, non_blocking=True), rows.to(device, non_blocking=True)
 

@@ -126,3 +126,27 @@ def test_a_bad_constraint_is_a_value_error_naming_it(overlapped: LLM) -> None:
     assert not overlapped.engine.parents  # nothing left behind
     out = overlapped.generate("x", SamplingParams(max_tokens=4, structured_outputs={"regex": "ab"}))
     assert out[0].outputs[0].text == "ab"
+
+
+SAMPLERS = [
+    {"temperature": 5.0},
+    {"temperature": 0.0},
+    {"top_k": 3, "top_p": 0.5, "min_p": 0.1},
+    {"typical_p": 0.5, "tfs": 0.5, "top_a": 0.2},
+    {"xtc_threshold": 0.01, "xtc_probability": 1.0},
+    {"dynatemp_min": 0.5, "dynatemp_max": 4.0, "smoothing_factor": 0.3},
+    {"repetition_penalty": 1.5, "presence_penalty": 1.0, "frequency_penalty": 1.0},
+    {"dry_multiplier": 1.0, "no_repeat_ngram_size": 2},
+    {"mirostat_mode": 2, "mirostat_tau": 3.0, "mirostat_eta": 0.5},
+    {"nsigma": 1.0, "skew": 1.0, "eta_cutoff": 3.0, "epsilon_cutoff": 3.0},
+    {"logit_bias": {40: 100.0, 41: 100.0}, "logprobs": 2},  # a huge bias on tokens the mask bans
+]
+
+
+def test_every_sampler_applies_on_top_of_the_mask(overlapped: LLM) -> None:
+    params = [
+        SamplingParams(seed=seed, max_tokens=20, structured_outputs={"regex": REGEX}, **sampler)
+        for sampler in SAMPLERS
+        for seed in range(2)
+    ]
+    _check(overlapped, params)

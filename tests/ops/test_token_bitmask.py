@@ -1,12 +1,18 @@
 """The token bitmask op against xgrammar's own CPU kernel (the layout's definition), on rows of a
-batch that mixes constrained and free rows; and on CUDA against the CPU result."""
+batch that mixes constrained and free rows; the CPU path picked for CPU runners is xgrammar's;
+and on CUDA against the CPU result."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from paphos.ops.token_bitmask import apply_token_bitmask, unpack_token_bitmask
+from paphos.ops.token_bitmask import (
+    apply_token_bitmask,
+    apply_token_bitmask_cpu,
+    bitmask_op,
+    unpack_token_bitmask,
+)
 
 
 def _random_bitmask(rows: int, vocab: int, seed: int) -> torch.Tensor:
@@ -17,17 +23,17 @@ def _random_bitmask(rows: int, vocab: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("vocab", [64, 100, 49152])
 def test_matches_xgrammar_on_chosen_rows(vocab: int) -> None:
-    xgr = pytest.importorskip("xgrammar")
+    pytest.importorskip("xgrammar")
     logits = torch.randn(5, vocab)  # [5, vocab]
-    bitmask = _random_bitmask(3, vocab, seed=vocab)  # rows 0, 2, 4 are constrained
-    rows = torch.tensor([0, 2, 4])
-    ours = apply_token_bitmask(logits, bitmask, rows)
-    full = torch.full((5, bitmask.shape[1]), -1, dtype=torch.int32)
-    full[rows] = bitmask
-    theirs = logits.clone()
-    xgr.apply_token_bitmask_inplace(theirs, full, indices=[0, 2, 4])
+    bitmask = _random_bitmask(5, vocab, seed=vocab)
+    rows = torch.tensor([0, 2, 4])  # 1 and 3 are free: their bitmask rows are never read
+    ours = apply_token_bitmask(logits.clone(), bitmask, rows)
+    theirs = apply_token_bitmask_cpu(logits.clone(), bitmask, rows)
     assert torch.equal(ours, theirs)
     assert torch.equal(ours[1], logits[1]) and torch.equal(ours[3], logits[3])
+    allowed = unpack_token_bitmask(bitmask[:1], vocab)[0]
+    assert torch.equal(ours[0].isfinite(), allowed)
+    assert bitmask_op(torch.device("cpu")) is apply_token_bitmask_cpu
 
 
 def test_unpack_pads_logits_wider_than_the_mask() -> None:
@@ -40,8 +46,9 @@ def test_unpack_pads_logits_wider_than_the_mask() -> None:
 @pytest.mark.gpu
 def test_cuda_equals_cpu() -> None:
     logits = torch.randn(8, 49152)
-    bitmask = _random_bitmask(4, 49152, seed=1)
+    bitmask = _random_bitmask(8, 49152, seed=1)
     rows = torch.tensor([1, 3, 5, 7])
-    expected = apply_token_bitmask(logits, bitmask, rows)
+    expected = apply_token_bitmask(logits.clone(), bitmask, rows)
     got = apply_token_bitmask(logits.cuda(), bitmask.cuda(), rows.cuda()).cpu()
     assert torch.equal(got, expected)
+    assert bitmask_op(torch.device("cuda")) is apply_token_bitmask

@@ -26,7 +26,7 @@ def _sampling_field_adapters() -> dict[str, TypeAdapter]:
     return {
         f.name: TypeAdapter(hints.get(f.name, Any))
         for f in dataclasses.fields(SamplingParams)
-        if f.init
+        if f.init and not f.name.startswith("_")  # private: filled by the engine, never sent
     }
 
 

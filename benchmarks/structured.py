@@ -1,0 +1,77 @@
+"""Structured-output benchmark: decode step time of a batch where 32 requests follow a JSON schema
+beside 32 free ones, against 64 free requests, in the same run (same engine, same lengths).
+
+Every request decodes the same number of tokens (free ones ignore EOS; the schema's string field is
+long enough that constrained ones never complete early), so the two batches differ only in the
+grammar work: filling 32 bitmask rows on the host and applying them on the sampling device.
+
+    python benchmarks/structured.py                     # SmolLM2 on CPU
+    python benchmarks/structured.py --device cuda --model path/to/model --num-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from paphos import LLM, SamplingParams
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "story": {"type": "string", "minLength": 2000, "maxLength": 4000},
+    },
+    "required": ["title", "story"],
+    "additionalProperties": False,
+}
+
+
+def step_times(llm: LLM, params: list[SamplingParams], num_tokens: int) -> list[float]:
+    """Seconds per engine step while every request decodes (the prefill steps are left out)."""
+    engine = llm.engine
+    for i, p in enumerate(params):
+        engine.add_request(f"r{i}", f"Write story number {i} as JSON:", p)
+    times = []
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return times[3 : 3 + num_tokens - 6]  # skip prompt steps and the draining tail
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--num-constrained", type=int, default=32)
+    parser.add_argument("--num-free", type=int, default=32)
+    parser.add_argument("--num-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    llm = LLM(model=args.model, device=args.device, max_model_len=512, num_scheduler_steps=1)
+    n, total = args.num_tokens, args.num_constrained + args.num_free
+    free = SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True)
+    constrained = SamplingParams(temperature=1.0, max_tokens=n, structured_outputs={"json": SCHEMA})
+    mixed = [constrained] * args.num_constrained + [free] * args.num_free
+    step_times(llm, [constrained], 8)  # compile (cached after) and warm up
+    rows: dict[str, list[float]] = {"free": [], "mixed": []}
+    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both
+        rows["free"] += step_times(llm, [free] * total, n)
+        rows["mixed"] += step_times(llm, mixed, n)
+    base = statistics.median(rows["free"])
+    print(f"| batch ({total} requests, {n} tokens each) | median step ms | p90 step ms | vs free |")
+    print("|---|---|---|---|")
+    labels = {
+        "free": f"{total} free",
+        "mixed": f"{args.num_constrained} json_schema + {args.num_free} free",
+    }
+    for name, times in rows.items():
+        median = statistics.median(times)
+        p90 = sorted(times)[int(0.9 * (len(times) - 1))]
+        print(f"| {labels[name]} | {1e3 * median:.1f} | {1e3 * p90:.1f} | {median / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
