@@ -3,7 +3,10 @@ beside 32 free ones, against 64 free requests, in the same run (same engine, sam
 
 Every request decodes the same number of tokens (free ones ignore EOS; the schema's string field is
 long enough that constrained ones never complete early), so the two batches differ only in the
-grammar work: filling 32 bitmask rows on the host and applying them on the sampling device.
+grammar work: filling 32 bitmask rows on the host and applying them on the sampling device. That
+work is also timed on its own (host time of the matchers and of the mask; on CPU the mask runs
+synchronously, so its time is all there), which stays meaningful on a shared machine where step
+times drift.
 
     python benchmarks/structured.py                     # SmolLM2 on CPU
     python benchmarks/structured.py --device cuda --model path/to/model --num-tokens 128
@@ -14,6 +17,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 from paphos import LLM, SamplingParams
 
@@ -41,6 +46,21 @@ def step_times(llm: LLM, params: list[SamplingParams], num_tokens: int) -> list[
     return times[3 : 3 + num_tokens - 6]  # skip prompt steps and the draining tail
 
 
+def timed(owner: Any, name: str, spent: list[float]) -> None:
+    """Wrap owner.name so that each call adds its seconds to spent[0] and one to spent[1]."""
+    inner: Callable[..., Any] = getattr(owner, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+            spent[1] += 1
+
+    setattr(owner, name, wrapper)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="")
@@ -56,6 +76,10 @@ def main() -> None:
     constrained = SamplingParams(temperature=1.0, max_tokens=n, structured_outputs={"json": SCHEMA})
     mixed = [constrained] * args.num_constrained + [free] * args.num_free
     step_times(llm, [constrained], 8)  # compile (cached after) and warm up
+    sampling = llm.engine.executor.runner.step_sampling  # in-process runner (one rank)
+    fill, mask = [0.0, 0], [0.0, 0]  # [seconds, calls]: matchers + bitmask, applying it
+    timed(sampling, "_grammar_bitmask", fill)
+    timed(sampling, "apply_bitmask", mask)
     rows: dict[str, list[float]] = {"free": [], "mixed": []}
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both
         rows["free"] += step_times(llm, [free] * total, n)
@@ -71,6 +95,12 @@ def main() -> None:
         median = statistics.median(times)
         p90 = sorted(times)[int(0.9 * (len(times) - 1))]
         print(f"| {labels[name]} | {1e3 * median:.1f} | {1e3 * p90:.1f} | {median / base:.2f}x |")
+    per_step = (fill[0] + mask[0]) / max(mask[1], 1)  # per step that applied a mask
+    print(
+        f"\ngrammar work (matchers + mask) per mixed step: {1e3 * per_step:.2f} ms "
+        f"= {per_step / base:.3f} of a free step -> constrained step time "
+        f"~{1 + per_step / base:.2f}x free"
+    )
 
 
 if __name__ == "__main__":

@@ -164,3 +164,11 @@ def test_reasoning_split_whole_and_streamed(
         r, c = streamer.feed(ch, final=i == len(text) - 1)
         got_r, got_c = got_r + r, got_c + c
     assert got_r.strip("\n") == reasoning and got_c == content
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    plan = ToolPlan("auto", TOOLS, get_tool_parser("hermes", TOOLS), max_calls=1)
+    text = RECORDED[0][1]
+    _, calls = whole_calls(plan, text)
+    assert [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert [name for name, _ in _stream(plan, list(text))[1]] == ["get_weather"]

@@ -34,6 +34,7 @@ class ToolPlan:
     tools: list[dict[str, Any]]  # handed to the chat template
     parse: ToolParser
     constraint: StructuredOutputsParams | None = None
+    max_calls: int | None = None  # 1 with parallel_tool_calls=false
 
 
 def plan_tools(
@@ -59,7 +60,8 @@ def plan_tools(
                 "--tool-call-parser",
                 param="tool_choice",
             )
-        return ToolPlan("auto", checked, get_tool_parser(parser_name, checked))
+        max_calls = 1 if parallel_tool_calls is False else None
+        return ToolPlan("auto", checked, get_tool_parser(parser_name, checked), None, max_calls)
     if choice == "required":
         schema = _required_schema(checked, parallel_tool_calls is not False)
         return ToolPlan("required", checked, parse_required, StructuredOutputsParams(json=schema))
@@ -145,7 +147,7 @@ def whole_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[dict[str, A
             "type": "function",
             "function": {"name": c.name, "arguments": _normalized(c.arguments)},
         }
-        for c in parsed.calls
+        for c in parsed.calls[: plan.max_calls]
         if c.complete and c.name
     ]
     content = parsed.content if parsed.content.strip() or not calls else None
@@ -187,7 +189,7 @@ class ToolCallStreamer:
         if final and self.sent and not content.strip():
             content = ""
         deltas = []
-        for index, call in enumerate(parsed.calls):
+        for index, call in enumerate(parsed.calls[: self.plan.max_calls]):
             if call.name is None:
                 break
             if index == len(self.sent):
