@@ -117,11 +117,13 @@ def _run_two_ranks(model_dir: Path) -> dict[int, list[torch.Tensor]]:
 
 @pytest.fixture(autouse=True)
 def no_process_left_behind():
+    # Processes alive before the test (a session-scoped server of tests/serve) are not its own.
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
     yield
     left = [
         c
         for c in psutil.Process().children(recursive=True)
-        if "resource_tracker" not in " ".join(c.cmdline())
+        if c.pid not in before and "resource_tracker" not in " ".join(c.cmdline())
     ]
     for child in left:
         child.kill()
