@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import re
 import socket
 import traceback
 from pathlib import Path
@@ -210,3 +211,21 @@ def test_multi_step_decodes_at_tp2_give_the_tokens_of_single_steps_at_tp1(
     assert max(num_steps) == 4  # both ranks ran four decode steps per message
     for one, two in zip(tp1[1:], outputs, strict=True):
         assert two.outputs[0].token_ids == one.outputs[0].token_ids
+
+
+def test_structured_output_at_tp2(tiny_llama_dir):
+    """Rank 1 gets SamplingParams without the compiled grammar (it does not pickle) and compiles
+    its own; both ranks mask alike, so TP2 gives TP1's constrained tokens."""
+    pytest.importorskip("xgrammar")
+    kwargs = {k: v for k, v in ENGINE_KWARGS.items() if k != "skip_tokenizer_init"}
+    params = [
+        SamplingParams(seed=s, max_tokens=20, structured_outputs={"regex": r"[a-c]{2,4}-[0-9]{2}"})
+        for s in range(3)
+    ]
+    outputs = {}
+    for tp in (1, 2):
+        with LLM(str(tiny_llama_dir), tensor_parallel_size=tp, **kwargs) as llm:
+            outs = llm.generate(["The quick brown fox"] * 3, params, use_tqdm=False)
+            outputs[tp] = [o.outputs[0].text for o in outs]
+    assert outputs[2] == outputs[1]
+    assert all(re.fullmatch(r"[a-c]{2,4}-[0-9]{2}", text) for text in outputs[2])

@@ -136,3 +136,22 @@ def test_bad_flag_values_exit_with_a_clear_message(
         main(["run", *argv])
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_tool_reasoning_kobold_and_grammar_flags() -> None:
+    _, server = parse(
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "qwen3_coder",
+        "--reasoning-parser",
+        "qwen3",
+        "--no-kobold-api",
+        "--grammar-compile-timeout-s",
+        "5",
+    )
+    assert server.enable_auto_tool_choice and server.tool_call_parser == "qwen3_coder"
+    assert server.reasoning_parser == "qwen3" and not server.kobold_api
+    assert server.grammar_compile_timeout_s == 5.0
+    assert parse()[1].kobold_api  # on by default
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        parse("--enable-auto-tool-choice")
