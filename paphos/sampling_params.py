@@ -286,6 +286,11 @@ class SamplingParams:
         _finite_at_least("mirostat_eta", self.mirostat_eta, 0.0)
         if self.sampler_priority is not None:
             parse_sampler_priority(self.sampler_priority)
+        if self.structured_outputs is not None and self.min_tokens:
+            raise ValueError(
+                f"min_tokens={self.min_tokens} is invalid with structured_outputs: the grammar "
+                "decides where the output ends (EOS is allowed exactly when it is complete)"
+            )
 
     def _validate_truncation(self) -> None:
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")

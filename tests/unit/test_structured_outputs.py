@@ -38,6 +38,8 @@ def test_params_validate_and_pickle_without_the_grammar() -> None:
     params = SamplingParams(structured_outputs={"regex": "[ab]+"})
     assert isinstance(params.structured_outputs, StructuredOutputsParams)
     assert params.structured_outputs.kind == "regex" and not params.samples_on_device_alone
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=2, structured_outputs={"regex": "a"})
     params._grammar = object()
     assert pickle.loads(pickle.dumps(params))._grammar is None
     for bad, words in [
