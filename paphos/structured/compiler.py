@@ -16,7 +16,9 @@ from typing import Any
 
 from paphos.sampling_params import StructuredOutputsParams
 
-# JSON-schema keywords xgrammar accepts but does not enforce: output would break them silently.
+# JSON-schema keywords xgrammar 0.2 accepts but does not enforce (output would break them silently)
+# or enforces wrongly (uniqueItems and contains reject every non-empty array), found by feeding
+# matchers outputs that break each one.
 UNENFORCED_SCHEMA_KEYWORDS = frozenset(
     {
         "not",
@@ -33,13 +35,30 @@ UNENFORCED_SCHEMA_KEYWORDS = frozenset(
         "dependencies",
         "unevaluatedProperties",
         "unevaluatedItems",
-        "propertyNames",
-        "patternProperties",
     }
 )
-_SCHEMA_MAPS = ("properties", "$defs", "definitions")
+# String formats whose matchers reject a malformed value; any other `format` is a 400.
+ENFORCED_FORMATS = frozenset(
+    {
+        "date",
+        "time",
+        "date-time",
+        "duration",
+        "email",
+        "hostname",
+        "ipv4",
+        "ipv6",
+        "uri",
+        "uri-reference",
+        "uri-template",
+        "uuid",
+        "json-pointer",
+        "relative-json-pointer",
+    }
+)
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SCHEMA_ONES = ("items", "additionalProperties")
+_SCHEMA_ONES = ("items", "additionalProperties", "propertyNames")
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: " (and sometimes a check text).
 _CXX_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*(Check failed: .*? is false: )?")
 MAX_CACHED_GRAMMARS = 512
@@ -160,6 +179,12 @@ def check_schema_enforceable(schema: Any, path: str = "#") -> None:
                 f"structured_outputs.json is invalid: the schema keyword {key!r} at {path} "
                 "cannot be enforced by the grammar engine (xgrammar)"
             )
+    fmt = schema.get("format")
+    if fmt is not None and fmt not in ENFORCED_FORMATS:
+        raise ValueError(
+            f"structured_outputs.json is invalid: format {fmt!r} at {path} cannot be enforced "
+            f"by the grammar engine (xgrammar); supported: {sorted(ENFORCED_FORMATS)}"
+        )
     for key in _SCHEMA_MAPS:
         for name, sub in (schema.get(key) or {}).items():
             check_schema_enforceable(sub, f"{path}/{key}/{name}")

@@ -73,6 +73,11 @@ def test_unenforceable_schema_keywords_are_named_with_their_place() -> None:
     with pytest.raises(ValueError, match=r"'uniqueItems' at #/properties/xs"):
         check_schema_enforceable(schema)  # a property called "not" is fine
     check_schema_enforceable({"type": "object", "properties": {"not": {"type": "string"}}})
+    check_schema_enforceable({"type": "string", "format": "email"})
+    with pytest.raises(ValueError, match=r"format 'idn-email' at #/items"):
+        check_schema_enforceable({"type": "array", "items": {"format": "idn-email"}})
+    with pytest.raises(ValueError, match=r"'not' at #/patternProperties/\^a"):
+        check_schema_enforceable({"patternProperties": {"^a": {"not": {}}}})
 
 
 def test_choice_with_quotes_and_unicode(cache: GrammarCompilerCache, tokenizer) -> None:  # noqa: ANN001
