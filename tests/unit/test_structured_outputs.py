@@ -122,3 +122,20 @@ def test_eos_only_when_complete_and_start_after_reasoning(
     outputs += tokenizer.encode("fox", add_special_tokens=False)
     state.advance(outputs)
     assert _allowed(state, vocab) == {eos}
+
+
+def test_xgrammar_stays_out_of_the_import_path() -> None:
+    """GPU images may lack xgrammar: the engine, runner and server import without it, and only a
+    constrained request loads it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import paphos.engine.engine, paphos.runner.model_runner, paphos.serve.app\n"
+        "print('xgrammar' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "False"
