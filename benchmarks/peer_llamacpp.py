@@ -39,4 +39,4 @@ total = sum(generate(p, job["max_tokens"])[2] for p in job["prompts"])
 elapsed = time.perf_counter() - start
 ttft, rest, count = generate(job["prompts"][job["latency_index"]], job["max_tokens"])
 result = {"tok_s": total / elapsed, "ttft_ms": ttft * 1e3, "tpot_ms": rest / (count - 1) * 1e3}
-print(json.dumps(result))
+print("PEER_RESULT", json.dumps(result), flush=True)

