@@ -1,0 +1,96 @@
+"""Loader and Python entries of the GGUF block kernels in gguf_matvec.c (AVX2 + FMA).
+
+Invariant: `load_library()` builds and loads the library at most once per process, or returns None
+(after one logged warning); callers then use the reference (dequantize with the `gguf` package,
+then matmul). A weight is `[rows, row_bytes]` uint8, its rows stored as in the GGUF file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from paphos.kernels.cpu import native
+
+SOURCE = Path(__file__).with_name("gguf_matvec.c")
+MAX_ROWS = 4
+_ERRORS = {
+    -1: "type",
+    -2: "in (not a positive multiple of the block)",
+    -3: "rows",
+    -4: "num_threads",
+    -5: "pointer",
+    -6: "memory",
+    -7: "out",
+}
+
+find_compiler = native.find_compiler  # module attributes, so tests can replace them
+
+
+def library_path(compiler: str, source: bytes) -> Path:
+    return native.library_path("gguf_matvec", compiler, source)
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.paphos_gguf_dequantize.argtypes = [c_int, ptr, i64, i64, ptr, c_int]
+    lib.paphos_gguf_dequantize.restype = c_int
+    lib.paphos_gguf_matvec.argtypes = [c_int, ptr, i64, ptr, i64, i64, ptr, i64, c_int]
+    lib.paphos_gguf_matvec.restype = c_int
+    lib.paphos_gguf_supports.argtypes = [c_int]
+    lib.paphos_gguf_supports.restype = c_int
+    return lib
+
+
+@cache
+def load_library() -> ctypes.CDLL | None:
+    """The built kernel library, or None (logged once) where it cannot run here."""
+    return native.load_library("gguf_matvec", SOURCE, find_compiler(), library_path, bind)
+
+
+def _check(code: int, name: str) -> None:
+    if code != 0:
+        raise ValueError(f"{name} rejected its {_ERRORS.get(code, code)} argument")
+
+
+def dequantize(
+    lib: ctypes.CDLL, ggml_type: int, weight: torch.Tensor, in_features: int, num_threads: int
+) -> torch.Tensor:
+    """weight [rows, row_bytes] uint8 of `ggml_type` -> float32 [rows, in_features]."""
+    weight = weight.contiguous()
+    out = torch.empty(weight.shape[0], in_features, dtype=torch.float32)  # [rows, in]
+    code = lib.paphos_gguf_dequantize(
+        int(ggml_type), weight.data_ptr(), weight.shape[0], in_features, out.data_ptr(), num_threads
+    )
+    _check(code, "paphos_gguf_dequantize")
+    return out
+
+
+def matvec_into(
+    lib: ctypes.CDLL,
+    ggml_type: int,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    y: torch.Tensor,
+    num_threads: int,
+) -> None:
+    """y [rows, out] (rows contiguous, any row stride) = x [rows <= 4, in] fp32 @ W.T, W given as
+    weight [out, row_bytes] uint8 blocks of `ggml_type`; activations stay fp32."""
+    rows, in_features = x.shape
+    assert x.dtype == torch.float32 and x.is_contiguous() and weight.is_contiguous()
+    assert y.dtype == torch.float32 and y.stride(1) == 1 and y.shape == (rows, weight.shape[0])
+    code = lib.paphos_gguf_matvec(
+        int(ggml_type),
+        x.data_ptr(),
+        rows,
+        weight.data_ptr(),
+        weight.shape[0],
+        in_features,
+        y.data_ptr(),
+        y.stride(0),
+        num_threads,
+    )
+    _check(code, "paphos_gguf_matvec")
