@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from paphos.quantization import QUANTIZATIONS, resolve_quant_method
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
@@ -61,9 +63,21 @@ class ModelConfig:
     revision: str | None = field(
         default=None, metadata=_help("Unused offline; kept for CLI parity.")
     )
-    # Filled by `resolve_model_config`, not by users.
+    quantization: str = field(
+        default="auto",
+        metadata=_help(
+            "Weight format: auto (what the checkpoint says: a quantized GGUF file keeps its "
+            "blocks on CPU), none (dense; a GGUF file is dequantized at load), gguf (keep GGUF "
+            "blocks).",
+            choices=QUANTIZATIONS,
+            short="-q",
+        ),
+    )
+    # Filled by `resolve_model_config` / `EngineConfig.from_kwargs`, not by users.
     hf_config: Any = field(default=None, repr=False, compare=False, metadata={"cli": False})
     gguf_file: str | None = field(default=None, metadata={"cli": False})
+    # The linear method the model is built with ("gguf"), None for dense weights.
+    quant_method: str | None = field(default=None, metadata={"cli": False})
 
     @property
     def architecture(self) -> str:
@@ -188,8 +202,16 @@ class EngineConfig:
                 raise ValueError(f"unknown engine argument {key!r}")
             parts[part][key] = value
         model_config = resolve_model_config(ModelConfig(**parts["model"]))
+        device = parts["runtime"].get("device", "auto")
+        quant_method = resolve_quant_method(
+            model_config.quantization,
+            model_config.model,
+            model_config.gguf_file,
+            model_config.hf_config,
+            auto_device(device),
+        )
+        model_config = dataclasses.replace(model_config, quant_method=quant_method)
         if not parts["scheduler"].get("max_num_batched_tokens"):
-            device = parts["runtime"].get("device", "auto")
             parts["scheduler"]["max_num_batched_tokens"] = default_token_budget(device)
         config = cls(
             model=model_config,

@@ -1,4 +1,5 @@
-"""GGUF files: metadata, the transformers config it implies, and dequantized HF-named weights.
+"""GGUF files: metadata, the transformers config it implies, and HF-named weights (dequantized, or
+kept as stored in `GGUFQuantizedTensor`s).
 
 Invariant: what this module yields equals what transformers reads from the same file (config fields,
 tensor names, values after undoing llama.cpp's rotary permutation of attn_q/attn_k rows).
@@ -83,6 +84,64 @@ _GLOBAL_NAMES = {
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
+
+
+# Types stored as plain floats: yielded as float32 tensors, never kept as blocks.
+FLOAT_TYPES = frozenset(
+    {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+)
+
+
+@dataclass(frozen=True)
+class GGUFQuantizedTensor:
+    """A quantized GGUF matrix kept as stored: row r of `data` holds the blocks of row r.
+
+    `shape`, `dim`, `narrow` and `split` speak in elements, so layers cut it as they cut a dense
+    weight (whole rows; along the input only at whole blocks). `dequantize` is the reference.
+    """
+
+    ggml_type: GGMLQuantizationType
+    data: torch.Tensor  # [rows, row_bytes] uint8
+    shape: tuple[int, int]  # (rows, cols) in elements
+
+    @property
+    def block_elements(self) -> int:
+        return GGML_QUANT_SIZES[self.ggml_type][0]
+
+    @property
+    def block_bytes(self) -> int:
+        return GGML_QUANT_SIZES[self.ggml_type][1]
+
+    def dim(self) -> int:
+        return 2
+
+    def narrow(self, dim: int, start: int, length: int) -> GGUFQuantizedTensor:
+        rows, cols = self.shape
+        if dim == 0:
+            return GGUFQuantizedTensor(
+                self.ggml_type, self.data.narrow(0, start, length), (length, cols)
+            )
+        if dim != 1:
+            raise ValueError(f"a GGUF matrix has dims 0 and 1, not {dim}")
+        block = self.block_elements
+        if start % block or length % block:
+            raise ValueError(
+                f"cannot cut columns [{start}, {start + length}) of a {self.ggml_type.name} "
+                f"matrix: cuts must fall on whole blocks of {block} elements"
+            )
+        data = self.data.narrow(
+            1, start // block * self.block_bytes, length // block * self.block_bytes
+        )
+        return GGUFQuantizedTensor(self.ggml_type, data, (rows, length))
+
+    def split(self, sizes: list[int], dim: int = 0) -> list[GGUFQuantizedTensor]:
+        starts = np.cumsum([0, *sizes[:-1]])
+        return [self.narrow(dim, int(s), n) for s, n in zip(starts, sizes, strict=True)]
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [rows, cols] through the `gguf` package's dequantizers (the reference)."""
+        values = dequantize(self.data.contiguous().numpy(), self.ggml_type)
+        return torch.from_numpy(np.array(values, dtype=np.float32).reshape(self.shape))
 
 
 class GGUFTensorInfo(NamedTuple):
@@ -304,8 +363,19 @@ def dequantize_tensor(file_data: np.ndarray, info: GGUFTensorInfo) -> np.ndarray
     return np.array(values, dtype=np.float32).reshape(info.shape)  # [*info.shape]
 
 
-def read_gguf_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, float32 tensor) for every tensor in the file, q/k rows un-permuted."""
+def quantized_tensor(file_data: np.ndarray, info: GGUFTensorInfo) -> GGUFQuantizedTensor:
+    """One quantized matrix's blocks, copied out of the file's memory map."""
+    rows = int(np.prod(info.shape[:-1], dtype=np.int64))
+    raw = file_data[info.data_offset : info.data_offset + info.num_bytes]  # [num_bytes] uint8
+    data = torch.from_numpy(np.array(raw).reshape(rows, -1))  # [rows, row_bytes]
+    return GGUFQuantizedTensor(info.ggml_type, data, (rows, info.shape[-1]))
+
+
+def read_gguf_tensors(
+    path: str, keep_quantized: bool = False
+) -> Iterator[tuple[str, torch.Tensor | GGUFQuantizedTensor]]:
+    """Yield (HF name, tensor) for every tensor in the file, q/k rows un-permuted: float32, or
+    with `keep_quantized` each quantized matrix as a `GGUFQuantizedTensor` (its blocks)."""
     contents = read_gguf_metadata(path)
     arch = contents.architecture
     _model_type(contents)  # refuse unsupported architectures before any work
@@ -316,11 +386,25 @@ def read_gguf_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     num_kv_heads = int(contents.metadata.get(f"{arch}.attention.head_count_kv", num_heads))
     file_data = np.memmap(path, dtype=np.uint8, mode="r")  # [file_size]
     for info in weights:
-        values = dequantize_tensor(file_data, info)
+        kept = keep_quantized and info.ggml_type not in FLOAT_TYPES and len(info.shape) == 2
+        values = quantized_tensor(file_data, info).data.numpy() if kept else None
+        if values is None:
+            values = dequantize_tensor(file_data, info)
+        # rows of blocks permute like rows of values: a block never spans two rows
         if arch in _PERMUTED_QK_ARCHS and ".attn_q." in info.name:
             values = unpermute_rotary_rows(values, num_heads)
         elif arch in _PERMUTED_QK_ARCHS and ".attn_k." in info.name:
             values = unpermute_rotary_rows(values, num_kv_heads)
         elif arch in _OFFSET_NORM_ARCHS and info.name.endswith("norm.weight"):
             values = values - 1.0  # back to the checkpoint's zero-centred weight
-        yield gguf_to_hf_name(info.name, arch), torch.from_numpy(values)
+        tensor = torch.from_numpy(values)
+        if kept:
+            packed = GGUFQuantizedTensor(info.ggml_type, tensor, info.shape)
+            yield gguf_to_hf_name(info.name, arch), packed
+        else:
+            yield gguf_to_hf_name(info.name, arch), tensor
+
+
+def tensor_types(path: str) -> dict[str, GGMLQuantizationType]:
+    """GGUF tensor name -> its ggml type, from the tensor table alone."""
+    return {t.name: t.ggml_type for t in read_gguf_metadata(path).tensors}

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from paphos.layers.weight_utils import copy_checked
+from paphos.layers.weight_utils import param_shape, store_slice
 from paphos.ops import dense
 from paphos.parallel import SINGLE_PROCESS, ParallelInfo, all_reduce, round_up
-from paphos.quant import set_weight_attrs
+from paphos.quant import LinearMethod, set_weight_attrs
 
 DEFAULT_VOCAB_PADDING = 64
 
@@ -29,6 +29,7 @@ class VocabParallelEmbedding(nn.Module):
         parallel: ParallelInfo = SINGLE_PROCESS,
         params_dtype: torch.dtype | None = None,
         padding_size: int = DEFAULT_VOCAB_PADDING,
+        linear_method: LinearMethod | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -47,10 +48,24 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = parallel.rank * self.rows_per_rank
         # Real (non-padding) rows of this rank: ids [vocab_start, vocab_start + num_real_rows).
         self.num_real_rows = max(0, min(self.rows_per_rank, num_embeddings - self.vocab_start))
-        # [rows_per_rank, embedding_dim]
-        data = torch.empty(self.rows_per_rank, embedding_dim, dtype=self.params_dtype)
-        self.weight = nn.Parameter(data, requires_grad=False)
-        set_weight_attrs(self.weight, {"output_dim": 0, "weight_loader": self.weight_loader})
+        # Only methods that can look rows up (quantized ones) hold the weight; else it is dense.
+        packed = linear_method is not None and hasattr(linear_method, "embedding")
+        self.linear_method = linear_method if packed else None
+        if self.linear_method is not None:
+            self.linear_method.create_weights(
+                self,
+                embedding_dim,
+                [self.rows_per_rank],
+                embedding_dim,
+                num_embeddings,
+                self.params_dtype,
+            )
+        else:
+            # [rows_per_rank, embedding_dim]
+            data = torch.empty(self.rows_per_rank, embedding_dim, dtype=self.params_dtype)
+            self.weight = nn.Parameter(data, requires_grad=False)
+            set_weight_attrs(self.weight, {"output_dim": 0})
+        set_weight_attrs(self.weight, {"weight_loader": self.weight_loader})
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None
@@ -59,7 +74,7 @@ class VocabParallelEmbedding(nn.Module):
         what = type(self).__name__
         if shard_id is not None:
             raise ValueError(f"{what} has no shards; got shard_id={shard_id!r}")
-        expected = (self.num_embeddings, *param.shape[1:])
+        expected = (self.num_embeddings, *param_shape(param)[1:])
         if tuple(loaded_weight.shape) != expected:
             raise ValueError(
                 f"{what}: checkpoint tensor of shape {tuple(loaded_weight.shape)} should have "
@@ -67,16 +82,22 @@ class VocabParallelEmbedding(nn.Module):
             )
         start = min(self.vocab_start, self.num_embeddings)
         rows = loaded_weight.narrow(0, start, self.num_real_rows)  # [num_real_rows, ...]
-        param.data.zero_()
-        copy_checked(param.data.narrow(0, 0, self.num_real_rows), rows, what)
+        if getattr(param, "store_slice", None) is None:
+            param.data.zero_()  # padding rows (a packed weight pads itself after loading)
+        store_slice(param, rows, 0, 0, what)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.linear_method is not None:
+            return self.linear_method.embedding(self, ids, self.params_dtype)
+        return F.embedding(ids, self.weight)  # [*ids.shape, embedding_dim]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.parallel.world_size == 1:
-            return F.embedding(input_ids, self.weight)  # [*input_ids.shape, embedding_dim]
+            return self._lookup(input_ids)  # [*input_ids.shape, embedding_dim]
         local_ids = input_ids - self.vocab_start
         in_shard = (local_ids >= 0) & (local_ids < self.rows_per_rank)
         local_ids = torch.where(in_shard, local_ids, 0)  # [*input_ids.shape]
-        out = F.embedding(local_ids, self.weight)  # [*input_ids.shape, embedding_dim]
+        out = self._lookup(local_ids)  # [*input_ids.shape, embedding_dim]
         out = out.masked_fill(~in_shard.unsqueeze(-1), 0)
         return all_reduce(out, self.parallel)
 
@@ -98,8 +119,12 @@ class ParallelLMHead(VocabParallelEmbedding):
         parallel: ParallelInfo = SINGLE_PROCESS,
         params_dtype: torch.dtype | None = None,
         padding_size: int = DEFAULT_VOCAB_PADDING,
+        linear_method: LinearMethod | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, parallel, params_dtype, padding_size)
+        super().__init__(
+            num_embeddings, embedding_dim, parallel, params_dtype, padding_size, linear_method
+        )
+        self.tied_embedding: VocabParallelEmbedding | None = None
         if bias:
             data = torch.empty(self.rows_per_rank, dtype=self.params_dtype)  # [rows_per_rank]
             self.bias = nn.Parameter(data, requires_grad=False)
@@ -117,7 +142,14 @@ class ParallelLMHead(VocabParallelEmbedding):
                 f"embedding's {theirs}"
             )
         self.weight = embedding.weight
+        if embedding.linear_method is not None:  # packed rows live on the embedding module
+            self.tied_embedding = embedding
         return self
+
+    def projection(self) -> tuple[nn.Module, LinearMethod | None]:
+        """(module holding the weight, its packed linear method or None for a dense weight)."""
+        source = self.tied_embedding or self
+        return source, source.linear_method
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("ParallelLMHead is applied by LogitsProcessor, not called directly")

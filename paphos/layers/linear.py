@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from paphos.layers.weight_utils import copy_checked, narrow_checked
+from paphos.layers.weight_utils import narrow_checked, param_shape, store_slice
 from paphos.ops.registry import pick
 from paphos.parallel import SINGLE_PROCESS, ParallelInfo, all_gather, all_reduce, divide
 from paphos.quant import LinearMethod, UnquantizedLinearMethod, set_weight_attrs
@@ -71,11 +71,11 @@ class LinearBase(nn.Module):
         what = type(self).__name__
         dim = getattr(param, dim_attr, None)
         if dim is not None:
-            size = param.shape[dim]
+            size = param_shape(param)[dim]
             start = self.parallel.rank * size
             full = size * self.parallel.world_size
             loaded_weight = narrow_checked(loaded_weight, dim, start, size, full, what)
-        copy_checked(param.data, loaded_weight, what)
+        store_slice(param, loaded_weight, dim, 0, what)
 
     def _reject_shard_id(self, shard_id: object) -> None:
         if shard_id is not None:
@@ -107,7 +107,7 @@ class ReplicatedLinear(LinearBase):
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None
     ) -> None:
         self._reject_shard_id(shard_id)
-        copy_checked(param.data, loaded_weight, type(self).__name__)
+        store_slice(param, loaded_weight, None, 0, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_method.apply(self, x, self.bias)  # [num_tokens, output_size]
@@ -183,7 +183,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         dim = getattr(param, "output_dim", None)
         if shard_id is None:  # a checkpoint that stores the parts already fused
             if dim is None:
-                return copy_checked(param.data, loaded_weight, type(self).__name__)
+                return store_slice(param, loaded_weight, None, 0, type(self).__name__)
             total = self.output_size
             full = narrow_checked(loaded_weight, dim, 0, total, total, "fused merged weight")
             for index, part in enumerate(full.split(self.output_sizes, dim=dim)):
@@ -213,10 +213,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         """Copy shard `source_index` (width `size`) of `loaded` into param rows [offset, +size)."""
         what = f"{type(self).__name__} shard {shard_id!r}"
         if dim is None:  # a per-tensor quantity, identical for every part
-            return copy_checked(param.data, loaded, what)
+            return store_slice(param, loaded, None, 0, what)
         expected = self._part_full_size(shard_id)
         src = narrow_checked(loaded, dim, source_index * size, size, expected, what)
-        copy_checked(param.data.narrow(dim, offset, size), src, what)
+        store_slice(param, src, dim, offset, what)
         return None
 
     def _part_full_size(self, shard_id: object) -> int:
@@ -290,7 +290,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         dim = getattr(param, "output_dim", None)
         if shard_id is None:  # a checkpoint with a fused qkv tensor
             if dim is None:
-                return copy_checked(param.data, loaded_weight, type(self).__name__)
+                return store_slice(param, loaded_weight, None, 0, type(self).__name__)
             sizes = [self.checkpoint_sizes[s] for s in QKV_SHARD_IDS]
             full = narrow_checked(loaded_weight, dim, 0, sum(sizes), sum(sizes), "fused qkv")
             for sid, part in zip(QKV_SHARD_IDS, full.split(sizes, dim=dim), strict=True):

@@ -1,7 +1,9 @@
 """Copying checkpoint tensors into parameters: shape-checked copies and shard cutting.
 
 Invariant: a parameter is only ever written with a tensor of exactly its shape; anything else is a
-ValueError that names both shapes, never a silent broadcast.
+ValueError that names both shapes, never a silent broadcast. A packed checkpoint tensor (a GGUF
+matrix kept as blocks) goes to a parameter that stores it its own way (`store_slice`, set by its
+linear method), or is dequantized first.
 """
 
 from __future__ import annotations
@@ -12,12 +14,32 @@ from torch import nn
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     """dst.copy_(src) after checking that the shapes agree (dtype and device may differ)."""
+    if not isinstance(src, torch.Tensor):  # packed (gguf_file.GGUFQuantizedTensor): unpack
+        src = src.dequantize()
     if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(
             f"{what}: cannot load a tensor of shape {tuple(src.shape)} "
             f"into a parameter (slice) of shape {tuple(dst.shape)}"
         )
     dst.copy_(src)
+
+
+def param_shape(param: nn.Parameter) -> tuple[int, ...]:
+    """The shape a parameter stands for: its own, or, for packed weights, `logical_shape`."""
+    return tuple(getattr(param, "logical_shape", param.shape))
+
+
+def store_slice(
+    param: nn.Parameter, src: torch.Tensor, dim: int | None, offset: int, what: str
+) -> None:
+    """Write `src` into `param` at [offset, offset + len) along `dim` (the whole parameter when
+    dim is None); a parameter with `store_slice` (a packed format's) takes it its own way."""
+    store = getattr(param, "store_slice", None)
+    if store is not None:
+        store(src, dim, offset)
+        return
+    dst = param.data if dim is None else param.data.narrow(dim, offset, src.shape[dim])
+    copy_checked(dst, src, what)
 
 
 def narrow_checked(
@@ -36,4 +58,4 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> N
     """Load a replicated (unsharded) parameter; a 1-element tensor may fill a 0-d parameter."""
     if param.dim() == 0 and loaded_weight.numel() == 1:
         loaded_weight = loaded_weight.reshape(())  # []
-    copy_checked(param.data, loaded_weight, "default_weight_loader")
+    store_slice(param, loaded_weight, None, 0, "default_weight_loader")

@@ -168,7 +168,10 @@ class LlamaModel(nn.Module):
     def __init__(self, hf_config: Any, linear_method: LinearMethod | None, parallel: ParallelInfo):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(
-            hf_config.vocab_size, hf_config.hidden_size, parallel=parallel
+            hf_config.vocab_size,
+            hf_config.hidden_size,
+            parallel=parallel,
+            linear_method=linear_method,
         )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(hf_config, linear_method, parallel)
@@ -244,7 +247,10 @@ class LlamaForCausalLM(nn.Module):
         self.hf_config = hf_config
         self.model = LlamaModel(hf_config, linear_method, parallel)
         self.lm_head = ParallelLMHead(
-            hf_config.vocab_size, hf_config.hidden_size, parallel=parallel
+            hf_config.vocab_size,
+            hf_config.hidden_size,
+            parallel=parallel,
+            linear_method=linear_method,
         )
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:

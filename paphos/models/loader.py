@@ -33,7 +33,8 @@ def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tens
         # imported here: the gguf package is needed only for .gguf files (GPU hosts may lack it)
         from paphos.gguf_file import read_gguf_tensors
 
-        return read_gguf_tensors(model_config.gguf_file)
+        keep_quantized = model_config.quant_method == "gguf"
+        return read_gguf_tensors(model_config.gguf_file, keep_quantized=keep_quantized)
     if load_format == "safetensors":
         return _iterate_safetensors(_checkpoint_files(model_config.model, "*.safetensors"))
     return _iterate_pt(_checkpoint_files(model_config.model, "*.bin"))

@@ -29,6 +29,7 @@ from paphos.models.loader import load_model_weights
 from paphos.models.registry import ModelRegistry
 from paphos.ops.registry import describe_cpu_kernels
 from paphos.parallel import ParallelInfo
+from paphos.quant import create_linear_method
 from paphos.runner.cpu_threads import ThreadGovernor, plan_threads
 from paphos.runner.cuda_graph import MAX_SEQ_LEN_TO_CAPTURE, DecodeGraphs, batch_size_buckets
 from paphos.runner.inputs import InputBuffers, RunnerRequestState, StepInputs, build_step_inputs
@@ -42,6 +43,20 @@ from paphos.tokenizer import eos_token_ids, get_tokenizer
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's weights: parameters and weight buffers (packed blocks, fp32 copies),
+    each storage counted once."""
+    seen, total = set(), 0
+    tensors = [t for _, t in model.named_parameters()]
+    tensors += [t for name, t in model.named_buffers() if "weight" in name or "gguf_part" in name]
+    for tensor in tensors:
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -74,6 +89,9 @@ def describe_weight_memory(model: torch.nn.Module) -> str:
     copies = sum(
         b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("weight_fp32")
     )
+    packed = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "gguf_part" in n)
+    if packed:
+        by_dtype["GGUF blocks"] = packed
     parts = ", ".join(f"{size / 2**30:.3f} GiB {name}" for name, size in sorted(by_dtype.items()))
     if copies:
         parts += f", plus {copies / 2**30:.3f} GiB of fp32 copies for batched CPU products"
@@ -121,15 +139,22 @@ class ModelRunner:
 
     def _load_model(self) -> torch.nn.Module:
         model_cls = ModelRegistry.resolve(self.config.model.architecture)
+        linear_method = create_linear_method(self.config.model.quant_method)
         previous_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = model_cls(self.config.model, None, self.parallel)
+                model = model_cls(self.config.model, linear_method, self.parallel)
         finally:
             torch.set_default_dtype(previous_dtype)
         load_model_weights(model, self.config.model, self.config.runtime.seed)
-        logger.info("weights: %s", describe_weight_memory(model))
+        logger.info(
+            "weights: %s, %.1f MiB on rank %d (%s)",
+            type(linear_method).__name__ if linear_method else "UnquantizedLinearMethod",
+            weight_bytes(model) / 2**20,
+            self.parallel.rank,
+            describe_weight_memory(model),
+        )
         return model.eval()
 
     # ---- KV cache -------------------------------------------------------------------------------

@@ -52,7 +52,10 @@ def add_dataclass_flags(group: Any, cls: type, skip: Sequence[str] = ()) -> list
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli", True) is False or f.name in skip:
             continue
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **_flag_kwargs(f))
+        flags = ["--" + f.name.replace("_", "-")]
+        if "short" in f.metadata:
+            flags.insert(0, f.metadata["short"])
+        group.add_argument(*flags, dest=f.name, **_flag_kwargs(f))
         names.append(f.name)
     return names
 

@@ -1,0 +1,221 @@
+"""GGUF weights kept as stored: each linear layer holds its rows as the file's blocks.
+
+Invariant: a layer's output rows are covered, in order, by parts; each part is one ggml type
+(llama.cpp's mixes put several types in one file, and a fused qkv may hold q/k in Q4_K and v in
+Q6_K) stored as `[rows, row_bytes]` uint8, or dense rows for float tensors. `apply` equals
+dequantize-then-matmul (`reference_apply`): 1-4 rows multiply the blocks in C, more rows multiply
+fp32 tiles dequantized per call (no dense copy is kept: memory stays the file's).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from torch import nn
+
+from paphos.gguf_file import GGUFQuantizedTensor
+from paphos.kernels.cpu import gguf_matvec
+from paphos.quant.base import set_weight_attrs
+
+T = GGMLQuantizationType
+KEPT_TYPES = (
+    *(T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0),
+    *(T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS),
+)
+# fp32 bytes of one dequantized tile of the batched path (fits in L2 beside its output)
+TILE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class GGUFPart:
+    """Output rows [row_start, row_start + rows) of a layer, in buffer `name`."""
+
+    row_start: int
+    rows: int
+    ggml_type: GGMLQuantizationType | None  # None: dense rows in the layer's dtype
+    name: str
+
+
+class GGUFLinearMethod:
+    """Linear (and embedding) weights from a GGUF file, kept in their blocks."""
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+    ) -> None:
+        # A placeholder the loader finds by name; the shards it is given land in layer.gguf_slices.
+        weight = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)  # [0]
+        shape = (sum(output_partition_sizes), input_size_per_partition)
+        store = functools.partial(_store_slice, layer)
+        attrs = {"input_dim": 1, "output_dim": 0, "logical_shape": shape, "store_slice": store}
+        set_weight_attrs(weight, attrs)
+        layer.register_parameter("weight", weight)
+        layer.gguf_shape = shape
+        layer.gguf_dtype = params_dtype
+        layer.gguf_slices = []
+        layer.gguf_parts = ()
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Order the loaded slices by row, pad missing trailing rows (vocabulary padding) with
+        zero blocks, merge neighbours of one type and register each part as a buffer."""
+        slices = sorted(layer.gguf_slices, key=lambda s: s[0])
+        layer.gguf_slices = []
+        if not slices:
+            return  # tied to an embedding that holds the blocks, or nothing loaded yet
+        total_rows, in_features = layer.gguf_shape
+        row = 0
+        merged: list[tuple[int, torch.Tensor | GGUFQuantizedTensor]] = []
+        for start, src in slices:
+            if start != row:
+                raise ValueError(f"GGUF weight rows [{row}, {start}) were never loaded")
+            row += src.shape[0]
+            if merged and _same_kind(merged[-1][1], src):
+                merged[-1] = (merged[-1][0], _cat(merged[-1][1], src))
+            else:
+                merged.append((start, src))
+        if row < total_rows:  # zero bytes are zero values in every ggml type
+            merged[-1] = (
+                merged[-1][0],
+                _cat(merged[-1][1], _zeros_like(merged[-1][1], total_rows - row)),
+            )
+        parts = []
+        for index, (start, src) in enumerate(merged):
+            name = f"gguf_part{index}"
+            if isinstance(src, GGUFQuantizedTensor):
+                layer.register_buffer(name, src.data.contiguous(), persistent=False)
+                parts.append(GGUFPart(start, src.shape[0], src.ggml_type, name))
+            else:
+                layer.register_buffer(name, src.contiguous(), persistent=False)
+                parts.append(GGUFPart(start, src.shape[0], None, name))
+        layer.gguf_parts = tuple(parts)
+
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [num_tokens, in] -> [num_tokens, out] in x's dtype (fp32 sums)."""
+        lib = gguf_matvec.load_library() if x.is_cpu else None
+        x_fp32 = x.float().contiguous()  # [num_tokens, in]
+        total_rows = layer.gguf_shape[0]
+        out = torch.empty(x.shape[0], total_rows, dtype=torch.float32)  # [num_tokens, out]
+        threads = torch.get_num_threads()
+        for part in layer.gguf_parts:
+            y = out if len(layer.gguf_parts) == 1 else out.narrow(1, part.row_start, part.rows)
+            _part_product(lib, part, getattr(layer, part.name), x_fp32, y, threads)
+        if bias is not None:
+            out += bias.float()
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def embedding(self, layer: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of the weight, dequantized: [*ids.shape] -> [*ids.shape, in] in `dtype`."""
+        flat = ids.reshape(-1)  # [num_ids]
+        in_features = layer.gguf_shape[1]
+        out = torch.empty(flat.shape[0], in_features, dtype=dtype)  # [num_ids, in]
+        lib = gguf_matvec.load_library()
+        for part in layer.gguf_parts:
+            local = flat - part.row_start
+            inside = (local >= 0) & (local < part.rows)
+            if not bool(inside.any()):
+                continue
+            rows = getattr(layer, part.name).index_select(0, local[inside])  # [n, row_bytes]
+            out[inside] = _dequantize(lib, part.ggml_type, rows, in_features).to(dtype)
+        return out.reshape(*ids.shape, in_features)
+
+
+def reference_apply(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+    """The oracle: every part dequantized by the `gguf` package, then one fp32 matmul."""
+    weight = torch.cat([dequantized_part(layer, part) for part in layer.gguf_parts])  # [out, in]
+    out = x.float() @ weight.T  # [num_tokens, out]
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)
+
+
+def dequantized_part(layer: nn.Module, part: GGUFPart) -> torch.Tensor:
+    data = getattr(layer, part.name)
+    if part.ggml_type is None:
+        return data.float()
+    return GGUFQuantizedTensor(part.ggml_type, data, (part.rows, layer.gguf_shape[1])).dequantize()
+
+
+def weight_bytes(layer: nn.Module) -> int:
+    return sum(getattr(layer, p.name).nbytes for p in layer.gguf_parts)
+
+
+def _store_slice(
+    layer: nn.Module, src: torch.Tensor | GGUFQuantizedTensor, dim: int | None, offset: int
+) -> None:
+    """The layer's weight loader hands this rank's rows (or columns) here, in elements."""
+    rows, cols = layer.gguf_shape
+    if tuple(src.shape) != (src.shape[0], cols) or (dim is None and src.shape[0] != rows):
+        raise ValueError(
+            f"GGUF weight slice of shape {tuple(src.shape)} does not fit {(rows, cols)}"
+        )
+    start = offset if dim == 0 else 0
+    if isinstance(src, GGUFQuantizedTensor):
+        if src.ggml_type not in KEPT_TYPES:
+            raise ValueError(f"GGUF type {src.ggml_type.name} cannot be kept quantized")
+        kept = GGUFQuantizedTensor(src.ggml_type, src.data.contiguous().clone(), tuple(src.shape))
+        layer.gguf_slices.append((start, kept))
+    else:
+        layer.gguf_slices.append((start, src.to(layer.gguf_dtype).contiguous().clone()))
+
+
+def _same_kind(
+    a: torch.Tensor | GGUFQuantizedTensor, b: torch.Tensor | GGUFQuantizedTensor
+) -> bool:
+    return getattr(a, "ggml_type", None) == getattr(b, "ggml_type", None)
+
+
+def _cat(a, b):
+    if isinstance(a, GGUFQuantizedTensor):
+        data = torch.cat([a.data, b.data])  # [rows_a + rows_b, row_bytes]
+        return GGUFQuantizedTensor(a.ggml_type, data, (a.shape[0] + b.shape[0], a.shape[1]))
+    return torch.cat([a, b])
+
+
+def _zeros_like(src, rows: int):
+    if isinstance(src, GGUFQuantizedTensor):
+        data = torch.zeros(rows, src.data.shape[1], dtype=torch.uint8)  # [rows, row_bytes]
+        return GGUFQuantizedTensor(src.ggml_type, data, (rows, src.shape[1]))
+    return torch.zeros(rows, src.shape[1], dtype=src.dtype)
+
+
+def _dequantize(lib, ggml_type, data: torch.Tensor, in_features: int) -> torch.Tensor:
+    """float32 [rows, in] of a part's rows: the C kernel, or the gguf package where it did not
+    load."""
+    if ggml_type is None:
+        return data.float()
+    if lib is None:
+        return GGUFQuantizedTensor(ggml_type, data, (data.shape[0], in_features)).dequantize()
+    return gguf_matvec.dequantize(lib, ggml_type, data, in_features, torch.get_num_threads())
+
+
+def _part_product(
+    lib, part: GGUFPart, data: torch.Tensor, x: torch.Tensor, y: torch.Tensor, threads: int
+) -> None:
+    """y [num_tokens, part.rows] = x [num_tokens, in] fp32 @ part.T."""
+    in_features = x.shape[1]
+    if part.ggml_type is None:
+        y.copy_(x @ data.float().T)
+        return
+    if lib is not None and x.shape[0] <= gguf_matvec.MAX_ROWS:
+        gguf_matvec.matvec_into(lib, part.ggml_type, x, data, y, threads)
+        return
+    tile = max(16, TILE_BYTES // (4 * in_features))
+    for start in range(0, part.rows, tile):
+        rows = min(tile, part.rows - start)
+        weight = _dequantize(lib, part.ggml_type, data.narrow(0, start, rows), in_features)
+        y.narrow(1, start, rows).copy_(x @ weight.T)  # [num_tokens, rows]
+
+
+def gguf_type_sizes(ggml_type: GGMLQuantizationType) -> tuple[int, int]:
+    """(elements, bytes) of one block."""
+    return GGML_QUANT_SIZES[ggml_type]

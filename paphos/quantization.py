@@ -1,0 +1,105 @@
+"""Which weight format (linear method) a model runs with: from `-q/--quantization`, else from the
+checkpoint (GGUF tensor types; `quantization_config.quant_method` in config.json).
+
+Invariant: a format or type paphos cannot run fails here, at start-up, with a ValueError naming
+the format, the field it came from and the supported formats; never later at load or run time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# User-facing values of `quantization`: auto = what the checkpoint says; none = dense weights
+# (a GGUF file is dequantized at load, the reference path); gguf = GGUF blocks kept (CPU).
+QUANTIZATIONS = ("auto", "none", "gguf")
+# GGUF tensor types the kept-quantized path runs (F32/F16/BF16 tensors load as dense parts).
+GGUF_KEPT_TYPE_NAMES = (
+    *("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"),
+    *("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"),
+)
+GGUF_FLOAT_TYPE_NAMES = ("F32", "F16", "BF16")
+# config.json quant_method values paphos loads (none yet: GPTQ/AWQ/FP8 are issue 17's next part).
+HF_QUANT_METHODS: tuple[str, ...] = ()
+
+
+def resolve_quant_method(
+    requested: str, model: str, gguf_file: str | None, hf_config: Any, device: str
+) -> str | None:
+    """The linear method to build ('gguf') or None for dense weights. `device` is the device
+    type ('cpu'/'cuda'): kept GGUF blocks run on CPU only."""
+    if requested not in QUANTIZATIONS:
+        raise ValueError(f"quantization={requested!r} is invalid: expected one of {QUANTIZATIONS}")
+    _check_hf_quantization(model, hf_config, gguf_file)
+    if gguf_file is None:
+        if requested == "gguf":
+            raise ValueError(
+                f"quantization='gguf' but {model!r} is not a GGUF file; supported for it: "
+                f"{_supported(hf_config)}"
+            )
+        return None
+    if requested == "none":
+        return None
+    quantized = _quantized_gguf_types(gguf_file)
+    if requested == "auto" and not quantized:
+        return None
+    if device != "cpu":
+        if requested == "gguf":
+            raise ValueError(
+                f"quantization='gguf' runs on CPU only (device={device!r}); use "
+                "--quantization none to dequantize the file at load"
+            )
+        logger.info("GGUF blocks run on CPU only: dequantizing %s at load on %s", model, device)
+        return None
+    return "gguf"
+
+
+def _quantized_gguf_types(gguf_file: str) -> set[str]:
+    """The quantized types of the file's matrices; an unsupported one raises."""
+    from paphos.gguf_file import tensor_types  # the gguf package only for GGUF files
+
+    found = set()
+    for name, ggml_type in tensor_types(gguf_file).items():
+        type_name = ggml_type.name
+        if type_name in GGUF_FLOAT_TYPE_NAMES:
+            continue
+        if type_name not in GGUF_KEPT_TYPE_NAMES:
+            raise ValueError(
+                f"GGUF tensor type {type_name} (field: the tensor table's ggml type of {name!r} "
+                f"in {gguf_file!r}) is not supported kept quantized; supported GGUF types: "
+                f"{', '.join(GGUF_KEPT_TYPE_NAMES + GGUF_FLOAT_TYPE_NAMES)} (or --quantization "
+                "none to dequantize at load)"
+            )
+        found.add(type_name)
+    return found
+
+
+def _check_hf_quantization(model: str, hf_config: Any, gguf_file: str | None) -> None:
+    """A config.json `quantization_config` paphos cannot load fails here."""
+    if gguf_file is not None:
+        return
+    config = getattr(hf_config, "quantization_config", None)
+    if config is None:
+        return
+    if not isinstance(config, dict):
+        config = config.to_dict() if hasattr(config, "to_dict") else vars(config)
+    method = config.get("quant_method")
+    if method in HF_QUANT_METHODS:
+        return
+    bits = config.get("bits", config.get("w_bit"))
+    described = f"{method!r}" + (f" ({bits}-bit)" if bits is not None else "")
+    raise ValueError(
+        f"quantization format {described} (field: quantization_config.quant_method in "
+        f"{model}/config.json) is not supported; supported: {_supported(hf_config)}"
+    )
+
+
+def _supported(hf_config: Any) -> str:
+    del hf_config
+    return (
+        "unquantized safetensors/.bin checkpoints, and GGUF files with tensor types "
+        f"{', '.join(GGUF_KEPT_TYPE_NAMES + GGUF_FLOAT_TYPE_NAMES)}"
+        + (f", config.json quant_method {', '.join(HF_QUANT_METHODS)}" if HF_QUANT_METHODS else "")
+    )
