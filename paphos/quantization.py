@@ -42,9 +42,6 @@ def resolve_quant_method(
         return None
     if requested == "none":
         return None
-    quantized = _quantized_gguf_types(gguf_file)
-    if requested == "auto" and not quantized:
-        return None
     if device != "cpu":
         if requested == "gguf":
             raise ValueError(
@@ -52,6 +49,9 @@ def resolve_quant_method(
                 "--quantization none to dequantize the file at load"
             )
         logger.info("GGUF blocks run on CPU only: dequantizing %s at load on %s", model, device)
+        return None
+    quantized = _quantized_gguf_types(gguf_file)
+    if requested == "auto" and not quantized:
         return None
     return "gguf"
 

@@ -1,0 +1,61 @@
+"""The GGUF block kernels (kernels/cpu/gguf_matvec.c) against the `gguf` package's dequantizers:
+dequantization bit for bit, products from the blocks within fp32 summation error (activations are
+not quantized: the reference is dequantize-then-matmul in float64), for 1-4 rows and every type."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize
+from gguf_blocks import ALL_TYPES, random_blocks
+
+from paphos.kernels.cpu import gguf_matvec
+
+# |kernel - float64 reference| <= RTOL * max |reference| (fp32 sums over <= 768 products)
+RTOL = 2e-6
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = gguf_matvec.load_library()
+    if lib is None:
+        pytest.skip("the GGUF C kernel does not build here")
+    return lib
+
+
+@pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
+def test_dequantize_equals_the_gguf_package_bit_for_bit(lib, ggml_type):
+    rng = np.random.default_rng(int(ggml_type))
+    blocks = random_blocks(ggml_type, 33, 512, rng)
+    expected = dequantize(blocks, ggml_type).reshape(33, 512)
+    for threads in (1, 2):
+        got = gguf_matvec.dequantize(lib, ggml_type, torch.from_numpy(blocks), 512, threads)
+        assert np.array_equal(got.numpy(), expected)
+
+
+@pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_matvec_from_the_blocks_equals_dequantize_then_matmul(lib, ggml_type, rows):
+    rng = np.random.default_rng(rows * 100 + int(ggml_type))
+    out, cols = 70, 768
+    blocks = torch.from_numpy(random_blocks(ggml_type, out, cols, rng))
+    weight = torch.from_numpy(dequantize(blocks.numpy(), ggml_type).reshape(out, cols))
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))
+    expected = x.double() @ weight.double().T  # [rows, out]
+    wide = torch.full((rows, out + 5), float("nan"))  # written through a strided view
+    for threads in (1, 2):
+        y = wide.narrow(1, 2, out)
+        gguf_matvec.matvec_into(lib, ggml_type, x, blocks, y, threads)
+        error = (y.double() - expected).abs().max() / expected.abs().max()
+        assert error <= RTOL, f"{ggml_type.name}: relative error {error:.2e}"
+    assert wide[:, :2].isnan().all() and wide[:, -3:].isnan().all()
+
+
+def test_bad_arguments_raise_naming_them(lib):
+    blocks = torch.zeros(4, 20, dtype=torch.uint8)  # 4 rows of one Q4_1 block
+    x, y = torch.zeros(1, 32), torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="type"):
+        gguf_matvec.matvec_into(lib, 99, x, blocks, y, 1)
+    with pytest.raises(ValueError, match="multiple of the block"):
+        gguf_matvec.dequantize(lib, 3, blocks, 31, 1)

@@ -1,0 +1,195 @@
+"""GGUFLinearMethod: layers keep GGUF blocks; `apply` equals dequantize-then-matmul for every type
+and batch size (one part or several types in one fused layer); embeddings look rows up from the
+blocks; a tiny quantized Llama kept quantized gives the logits and greedy tokens of the same file
+dequantized at load, at TP=1 and TP=2; start-up selection and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import dequantize
+from gguf_blocks import ALL_TYPES, random_blocks, write_tiny_quantized_llama
+
+from paphos import LLM, SamplingParams
+from paphos.config import EngineConfig
+from paphos.gguf_file import GGUFQuantizedTensor
+from paphos.layers.embedding import VocabParallelEmbedding
+from paphos.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+from paphos.parallel import ParallelInfo
+from paphos.quant.gguf import GGUFLinearMethod, reference_apply
+from paphos.serve.cli import build_parser
+
+T = GGMLQuantizationType
+ATOL = 1e-4  # fp32 products of <= 512 terms of magnitude <= ~1
+
+
+def _packed(ggml_type, rows, cols, seed):
+    blocks = random_blocks(ggml_type, rows, cols, np.random.default_rng(seed))
+    values = torch.from_numpy(dequantize(blocks, ggml_type).reshape(rows, cols))
+    return GGUFQuantizedTensor(ggml_type, torch.from_numpy(blocks), (rows, cols)), values
+
+
+def _loaded(layer):
+    layer.linear_method.process_weights_after_loading(layer)
+    return layer
+
+
+@pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("num_tokens", [1, 4, 19])
+def test_apply_equals_dequantize_then_matmul(ggml_type, num_tokens):
+    layer = ReplicatedLinear(256, 48, bias=True, linear_method=GGUFLinearMethod())
+    packed, values = _packed(ggml_type, 48, 256, int(ggml_type))
+    layer.weight.weight_loader(layer.weight, packed)
+    layer.bias.data.normal_()
+    _loaded(layer)
+    x = torch.randn(num_tokens, 256)
+    expected = x.double() @ values.double().T + layer.bias.double()
+    torch.testing.assert_close(layer(x).double(), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        reference_apply(layer, x, layer.bias).double(), expected, atol=ATOL, rtol=0
+    )
+
+
+@pytest.mark.parametrize("num_tokens", [2, 7])
+def test_a_fused_qkv_of_two_types_keeps_one_part_per_type(num_tokens):
+    layer = QKVParallelLinear(256, 64, 4, 2, linear_method=GGUFLinearMethod())
+    parts = {}
+    for shard, ggml_type, rows in (("q", T.Q4_K, 256), ("k", T.Q4_K, 128), ("v", T.Q6_K, 128)):
+        packed, parts[shard] = _packed(ggml_type, rows, 256, rows + len(shard))
+        layer.weight.weight_loader(layer.weight, packed, shard)
+    _loaded(layer)
+    assert [(p.row_start, p.rows, p.ggml_type) for p in layer.gguf_parts] == [
+        (0, 384, T.Q4_K),
+        (384, 128, T.Q6_K),
+    ]
+    x = torch.randn(num_tokens, 256)
+    weight = torch.cat([parts["q"], parts["k"], parts["v"]])
+    torch.testing.assert_close(layer(x), x @ weight.T, atol=ATOL, rtol=0)
+
+
+def test_row_parallel_shards_cut_along_whole_blocks():
+    packed, values = _packed(T.Q4_K, 32, 1024, 3)
+    for rank in (0, 1):
+        layer = RowParallelLinear(
+            1024, 32, linear_method=GGUFLinearMethod(), parallel=ParallelInfo(rank, 2)
+        )
+        layer.weight.weight_loader(layer.weight, packed)
+        _loaded(layer)
+        x = torch.randn(3, 512)
+        torch.testing.assert_close(
+            layer.linear_method.apply(layer, x),
+            x @ values[:, rank * 512 : (rank + 1) * 512].T,
+            atol=ATOL,
+            rtol=0,
+        )
+    with pytest.raises(ValueError, match="whole blocks of 256"):
+        layer = RowParallelLinear(
+            256, 32, linear_method=GGUFLinearMethod(), parallel=ParallelInfo(1, 2)
+        )
+        layer.weight.weight_loader(layer.weight, _packed(T.Q4_K, 32, 256, 4)[0])
+
+
+def test_embedding_rows_are_dequantized_on_lookup_and_padding_is_zero():
+    layer = VocabParallelEmbedding(100, 64, linear_method=GGUFLinearMethod())
+    packed, values = _packed(T.Q8_0, 100, 64, 5)
+    layer.weight.weight_loader(layer.weight, packed)
+    _loaded(layer)
+    assert layer.gguf_parts[0].rows == 128  # padded to a multiple of 64 with zero blocks
+    ids = torch.tensor([[0, 99], [42, 7]])
+    torch.testing.assert_close(layer(ids), values[ids].to(layer.params_dtype))
+    x = torch.randn(2, 64)
+    logits = layer.linear_method.apply(layer, x)  # as the (tied) LM head
+    torch.testing.assert_close(logits[:, :100], x @ values.T, atol=ATOL, rtol=0)
+    assert (logits[:, 100:] == 0).all()
+
+
+# ---- a tiny Llama in a mix of GGUF types ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized_gguf(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("gguf") / "tiny-q.gguf")
+    write_tiny_quantized_llama(path)
+    return path
+
+
+ENGINE = dict(dtype="float32", skip_tokenizer_init=True, kv_cache_space=0.01, device="cpu")
+PROMPT = torch.randint(3, 96, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def _run(path: str, quantization: str, **kwargs):
+    params = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=1, logprobs=1)
+    with LLM(model=path, quantization=quantization, **ENGINE, **kwargs) as llm:
+        assert llm.engine.config.model.quant_method == (None if quantization == "none" else "gguf")
+        return llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
+
+
+def _prompt_logprobs(out) -> list[float]:
+    return [entry[PROMPT[i]].logprob for i, entry in enumerate(out.prompt_logprobs) if entry]
+
+
+@pytest.fixture(scope="module")
+def dequantized_run(tiny_quantized_gguf):
+    return _run(tiny_quantized_gguf, "none")
+
+
+def test_kept_quantized_model_gives_the_dequantized_models_logits_and_tokens(
+    tiny_quantized_gguf, dequantized_run
+):
+    kept = _run(tiny_quantized_gguf, "auto")
+    assert kept.outputs[0].token_ids == dequantized_run.outputs[0].token_ids
+    np.testing.assert_allclose(
+        _prompt_logprobs(kept), _prompt_logprobs(dequantized_run), atol=1e-3, rtol=0
+    )
+
+
+def test_tp2_kept_quantized_equals_tp1(tiny_quantized_gguf, dequantized_run):
+    two = _run(tiny_quantized_gguf, "gguf", tensor_parallel_size=2)
+    assert two.outputs[0].token_ids == dequantized_run.outputs[0].token_ids
+    np.testing.assert_allclose(
+        _prompt_logprobs(two), _prompt_logprobs(dequantized_run), atol=1e-3, rtol=0
+    )
+
+
+# ---- selection ---------------------------------------------------------------------------------
+
+
+def test_cli_has_a_short_quantization_flag():
+    parser, _ = build_parser()
+    assert parser.parse_args(["run", "-q", "none"]).quantization == "none"
+    assert parser.parse_args(["run"]).quantization == "auto"
+
+
+def test_an_unsupported_gguf_type_fails_at_start_up_naming_it(tmp_path):
+    path = str(tmp_path / "iq2.gguf")
+    writer = GGUFWriter(path, "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 66), np.uint8), raw_dtype=T.IQ2_XXS)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    from paphos.quantization import resolve_quant_method
+
+    with pytest.raises(ValueError, match=r"IQ2_XXS.*token_embd.weight.*supported GGUF types: Q4_0"):
+        resolve_quant_method("auto", path, path, None, "cpu")
+    assert resolve_quant_method("none", path, path, None, "cpu") is None
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_quant_method("gguf", path, path, None, "cuda")
+
+
+def test_a_quantized_hf_checkpoint_fails_at_start_up_naming_its_field(tiny_llama_dir, tmp_path):
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 3, "group_size": 128}
+    (tiny_llama_dir / "config.json").write_text(json.dumps(config))
+    try:
+        with pytest.raises(ValueError, match=r"'gptq' \(3-bit\).*quantization_config.quant_method"):
+            EngineConfig.from_kwargs(model=str(tiny_llama_dir))
+    finally:
+        del config["quantization_config"]
+        (tiny_llama_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        EngineConfig.from_kwargs(model=str(tiny_llama_dir), quantization="gguf")
