@@ -18,6 +18,7 @@ from torch import nn
 
 from paphos.gguf_file import GGUFQuantizedTensor
 from paphos.kernels.cpu import gguf_matvec
+from paphos.ops import dense
 from paphos.quant.base import set_weight_attrs
 
 T = GGMLQuantizationType
@@ -40,7 +41,13 @@ class GGUFPart:
 
 
 class GGUFLinearMethod:
-    """Linear (and embedding) weights from a GGUF file, kept in their blocks."""
+    """Linear (and embedding) weights from a GGUF file, kept in their blocks.
+
+    Holds one scratch tile for the batched path, reused by every call (a fresh 1 MiB tensor per
+    tile would be a fresh mapping: its page faults cost more than the dequantization)."""
+
+    def __init__(self) -> None:
+        self._tiles: dict[torch.dtype, torch.Tensor] = {}  # dtype -> [tile elements]
 
     def create_weights(
         self,
@@ -108,10 +115,42 @@ class GGUFLinearMethod:
         threads = torch.get_num_threads()
         for part in layer.gguf_parts:
             y = out if len(layer.gguf_parts) == 1 else out.narrow(1, part.row_start, part.rows)
-            _part_product(lib, part, getattr(layer, part.name), x_fp32, y, threads)
+            data = getattr(layer, part.name)
+            if part.ggml_type is None:
+                y.copy_(x_fp32 @ data.float().T)
+            elif lib is not None and x.shape[0] <= gguf_matvec.BLOCK_PRODUCT_MAX_ROWS:
+                gguf_matvec.matvec_into(lib, part.ggml_type, x_fp32, data, y, threads)
+            else:
+                # bf16 activations multiply bf16 tiles where the CPU has bf16 GEMMs (AMX or
+                # AVX512-BF16: ~10x its fp32 GEMM); else fp32 (exact dequantize-then-matmul)
+                x_tile = (
+                    x if x.dtype == torch.bfloat16 and dense.cpu_has_native_half_gemm() else x_fp32
+                )
+                self._tiled_product(lib, part.ggml_type, data, x_tile.contiguous(), y, threads)
         if bias is not None:
             out += bias.float()
         return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def _tiled_product(
+        self, lib, ggml_type, data: torch.Tensor, x: torch.Tensor, y: torch.Tensor, threads: int
+    ) -> None:
+        """y [num_tokens, rows] = x [num_tokens, in] @ W.T, W dequantized (in x's dtype) one tile
+        at a time into a reused buffer."""
+        in_features = x.shape[1]
+        tile_rows = max(16, TILE_BYTES // (4 * in_features))
+        buffer = self._tiles.get(x.dtype)
+        if lib is not None and (buffer is None or buffer.numel() < tile_rows * in_features):
+            buffer = torch.empty(tile_rows * in_features, dtype=x.dtype)  # [tile elements]
+            self._tiles[x.dtype] = buffer
+        for start in range(0, data.shape[0], tile_rows):
+            rows = min(tile_rows, data.shape[0] - start)
+            part = data.narrow(0, start, rows)  # [rows, row_bytes]
+            if lib is None or buffer is None:
+                weight = _dequantize(None, ggml_type, part, in_features).to(x.dtype)  # [rows, in]
+            else:
+                tile = buffer[: rows * in_features].view(rows, in_features)
+                weight = gguf_matvec.dequantize(lib, ggml_type, part, in_features, threads, tile)
+            y.narrow(1, start, rows).copy_(x @ weight.T)  # [num_tokens, rows]
 
     def embedding(self, layer: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of the weight, dequantized: [*ids.shape] -> [*ids.shape, in] in `dtype`."""
@@ -196,24 +235,6 @@ def _dequantize(lib, ggml_type, data: torch.Tensor, in_features: int) -> torch.T
     if lib is None:
         return GGUFQuantizedTensor(ggml_type, data, (data.shape[0], in_features)).dequantize()
     return gguf_matvec.dequantize(lib, ggml_type, data, in_features, torch.get_num_threads())
-
-
-def _part_product(
-    lib, part: GGUFPart, data: torch.Tensor, x: torch.Tensor, y: torch.Tensor, threads: int
-) -> None:
-    """y [num_tokens, part.rows] = x [num_tokens, in] fp32 @ part.T."""
-    in_features = x.shape[1]
-    if part.ggml_type is None:
-        y.copy_(x @ data.float().T)
-        return
-    if lib is not None and x.shape[0] <= gguf_matvec.MAX_ROWS:
-        gguf_matvec.matvec_into(lib, part.ggml_type, x, data, y, threads)
-        return
-    tile = max(16, TILE_BYTES // (4 * in_features))
-    for start in range(0, part.rows, tile):
-        rows = min(tile, part.rows - start)
-        weight = _dequantize(lib, part.ggml_type, data.narrow(0, start, rows), in_features)
-        y.narrow(1, start, rows).copy_(x @ weight.T)  # [num_tokens, rows]
 
 
 def gguf_type_sizes(ggml_type: GGMLQuantizationType) -> tuple[int, int]:

@@ -32,10 +32,13 @@ def test_dequantize_equals_the_gguf_package_bit_for_bit(lib, ggml_type):
     for threads in (1, 2):
         got = gguf_matvec.dequantize(lib, ggml_type, torch.from_numpy(blocks), 512, threads)
         assert np.array_equal(got.numpy(), expected)
+    half = torch.empty(33, 512, dtype=torch.bfloat16)  # rounded as torch rounds
+    gguf_matvec.dequantize(lib, ggml_type, torch.from_numpy(blocks), 512, 2, half)
+    assert torch.equal(half, torch.from_numpy(expected).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7])
 def test_matvec_from_the_blocks_equals_dequantize_then_matmul(lib, ggml_type, rows):
     rng = np.random.default_rng(rows * 100 + int(ggml_type))
     out, cols = 70, 768

@@ -54,6 +54,19 @@ def test_apply_equals_dequantize_then_matmul(ggml_type, num_tokens):
     )
 
 
+@pytest.mark.parametrize("ggml_type", [T.Q4_1, T.Q6_K], ids=lambda t: t.name)
+def test_bf16_activations_of_a_batch_stay_within_bf16_rounding(ggml_type):
+    layer = ReplicatedLinear(256, 48, linear_method=GGUFLinearMethod())
+    packed, values = _packed(ggml_type, 48, 256, 9)
+    layer.weight.weight_loader(layer.weight, packed)
+    _loaded(layer)
+    x = torch.randn(40, 256).to(torch.bfloat16)
+    got = layer(x)
+    assert got.dtype == torch.bfloat16
+    expected = x.double() @ values.double().T
+    torch.testing.assert_close(got.double(), expected, atol=0.02 * expected.abs().max(), rtol=0.02)
+
+
 @pytest.mark.parametrize("num_tokens", [2, 7])
 def test_a_fused_qkv_of_two_types_keeps_one_part_per_type(num_tokens):
     layer = QKVParallelLinear(256, 64, 4, 2, linear_method=GGUFLinearMethod())

@@ -2,17 +2,21 @@
  *
  * A weight W [out, in] is kept as stored: each row is in / block_elements blocks of type_bytes.
  * paphos_gguf_dequantize widens rows to fp32 (the batched path multiplies such tiles with torch);
- * paphos_gguf_matvec computes y[b, o] = sum_i x[b, i] * W[o, i] for b < rows <= 4 from the blocks
- * directly, activations in fp32 (not quantized). Invariant: every dequantized value equals the
+ * paphos_gguf_matvec computes y[b, o] = sum_i x[b, i] * W[o, i] from the blocks directly, x rows in
+ * groups of up to 4 per pass over a few weight rows (the later groups read them from L1),
+ * activations in fp32 (not quantized). Needs F16C besides AVX2 + FMA (every AVX2 CPU has it; checked
+ * by paphos_gguf_cpu_supported). Invariant: every dequantized value equals the
  * `gguf` package's dequantizer bit for bit (same fp32 operations, no contraction into FMAs); every
  * output of the product is summed in one fixed order per row, whatever the thread count.
  */
+#pragma GCC target("f16c")
 #include <omp.h>
 #include <stdlib.h>
 
 #include "avx2_base.c"
 
-#define MAX_ROWS 4
+#define MAX_ROWS 4          /* x rows per pass */
+#define ROWS_PER_CHUNK 8    /* weight rows shared by the passes over all x rows */
 #define QK 32    /* elements per block of the 32-element formats */
 #define QK_K 256 /* elements per super-block of the K-quants and IQ4_XS */
 #define MIN_BYTES_PER_THREAD (64 * 1024)
@@ -36,28 +40,17 @@ enum {
 static const int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
                                       1,    13,   25,  38,  53,  69,  89,  113};
 
-/* IEEE half -> float, exact (subnormals included); no F16C needed. */
+/* IEEE half (little-endian bytes) -> float, exact (F16C). */
 PAPHOS_INLINE float half_to_float(const uint8_t *at) {
-    uint16_t h = (uint16_t)(at[0] | (at[1] << 8));
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
-    uint32_t bits;
-    if (exp == 0 && mant == 0) {
-        bits = sign;
-    } else if (exp == 0) { /* subnormal: shift until the implicit bit appears */
-        int shifts = 0;
-        while (!(mant & 0x400u)) {
-            mant <<= 1;
-            shifts++;
-        }
-        bits = sign | ((uint32_t)(113 - shifts) << 23) | ((mant & 0x3ffu) << 13);
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (mant << 13);
-    } else {
-        bits = sign | ((exp + 112) << 23) | (mant << 13);
-    }
-    float value;
-    memcpy(&value, &bits, sizeof(value));
-    return value;
+    uint16_t h;
+    memcpy(&h, at, sizeof(h));
+    return _cvtsh_ss(h);
+}
+
+int paphos_gguf_cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
 }
 
 /* (elements, bytes) of one block; 0 elements for a type this file does not know. */
@@ -293,10 +286,12 @@ static int blocks_for(int type, int64_t in, Blocks *m) {
     return 0;
 }
 
-/* Returns 0, or -1 an unknown type, -2 in not a positive multiple of the block, -3 rows,
+/* Rows of blocks -> out [rows, in], fp32 or (out_is_bf16) bf16 rounded to nearest even, as torch's
+ * conversion: the tiles of the batched path on CPUs with native bf16 GEMMs.
+ * Returns 0, or -1 an unknown type, -2 in not a positive multiple of the block, -3 rows,
  * -4 num_threads, -5 a null pointer. */
-int paphos_gguf_dequantize(int type, const uint8_t *weight, int64_t rows, int64_t in, float *out,
-                           int num_threads) {
+int paphos_gguf_dequantize(int type, const uint8_t *weight, int64_t rows, int64_t in, void *out,
+                           int out_is_bf16, int num_threads) {
     Blocks m;
     int code = blocks_for(type, in, &m);
     if (code) return code;
@@ -307,9 +302,18 @@ int paphos_gguf_dequantize(int type, const uint8_t *weight, int64_t rows, int64_
     int threads = threads_for(rows * m.row_bytes, num_threads);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        for (int64_t k = 0; k < m.blocks_per_row; k++)
-            dequant(weight + r * m.row_bytes + k * m.block_bytes,
-                    out + r * in + k * m.block_elements);
+        float buf[QK_K];
+        for (int64_t k = 0; k < m.blocks_per_row; k++) {
+            const uint8_t *block = weight + r * m.row_bytes + k * m.block_bytes;
+            int64_t at = r * in + k * m.block_elements;
+            if (!out_is_bf16) {
+                dequant(block, (float *)out + at);
+                continue;
+            }
+            dequant(block, buf);
+            uint16_t *dst = (uint16_t *)out + at;
+            for (int i = 0; i < m.block_elements; i++) dst[i] = float_to_bf16(buf[i]);
+        }
     }
     return 0;
 }
@@ -374,15 +378,10 @@ PAPHOS_INLINE __attribute__((always_inline)) void row_dot_affine32(
         switch (m->type) {
         case T_Q4_0: nibbles32(blk + 2, q); mn = -8.0f * d; break;
         case T_Q4_1: nibbles32(blk + 4, q); mn = half_to_float(blk + 2); break;
-        case T_Q8_0: {
-            __m128i a = _mm_loadu_si128((const __m128i *)(blk + 2));
-            __m128i c = _mm_loadu_si128((const __m128i *)(blk + 18));
-            q[0] = widen_i8(a);
-            q[1] = widen_i8(_mm_srli_si128(a, 8));
-            q[2] = widen_i8(c);
-            q[3] = widen_i8(_mm_srli_si128(c, 8));
+        case T_Q8_0:
+            for (int g = 0; g < 4; g++)
+                q[g] = widen_i8(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * g)));
             break;
-        }
         default: { /* Q5_0 / Q5_1 */
             int has_min = m->type == T_Q5_1;
             uint32_t qh = load_u32(blk + 2 + 2 * has_min);
@@ -437,27 +436,41 @@ PAPHOS_INLINE __attribute__((always_inline)) void matvec_rows(
     for (int64_t o = begin; o < end; o++) {
         const uint8_t *row = weight + o * m->row_bytes;
         float dots[MAX_ROWS];
-        _mm_prefetch((const char *)(row + 4 * m->row_bytes), _MM_HINT_T0);
         if (affine) row_dot_affine32(m, row, x, xsum, rows, dots);
         else row_dot_generic(m, dequant, row, x, rows, dots);
         for (int b = 0; b < rows; b++) y[b * y_stride + o] = dots[b];
     }
 }
 
-static __attribute__((noinline)) void matvec_share(const Blocks *m, const uint8_t *weight,
-                                                   const float *x, const float *xsum, int rows,
-                                                   int64_t out, float *y, int64_t y_stride,
-                                                   int t, int n) {
-    int64_t begin = out * t / n, end = out * (t + 1) / n;
-    switch (rows) {
-    case 1: matvec_rows(m, weight, x, xsum, 1, begin, end, y, y_stride); break;
-    case 2: matvec_rows(m, weight, x, xsum, 2, begin, end, y, y_stride); break;
-    case 3: matvec_rows(m, weight, x, xsum, 3, begin, end, y, y_stride); break;
-    default: matvec_rows(m, weight, x, xsum, 4, begin, end, y, y_stride); break;
+/* Output rows [begin, end) for x rows [0, rows): groups of MAX_ROWS over chunks of weight rows. */
+static void matvec_range(const Blocks *m, const uint8_t *weight, const float *x,
+                         const float *xsum, int64_t rows, int64_t begin, int64_t end, float *y,
+                         int64_t y_stride) {
+    for (int64_t o = begin; o < end; o += ROWS_PER_CHUNK) {
+        int64_t chunk_end = o + ROWS_PER_CHUNK < end ? o + ROWS_PER_CHUNK : end;
+        for (int64_t b = 0; b < rows; b += MAX_ROWS) {
+            const float *xb = x + b * m->in, *sb = xsum + b * m->blocks_per_row;
+            float *yb = y + b * y_stride;
+            switch (rows - b < MAX_ROWS ? rows - b : MAX_ROWS) {
+            case 1: matvec_rows(m, weight, xb, sb, 1, o, chunk_end, yb, y_stride); break;
+            case 2: matvec_rows(m, weight, xb, sb, 2, o, chunk_end, yb, y_stride); break;
+            case 3: matvec_rows(m, weight, xb, sb, 3, o, chunk_end, yb, y_stride); break;
+            default: matvec_rows(m, weight, xb, sb, 4, o, chunk_end, yb, y_stride); break;
+            }
+        }
     }
 }
 
-/* y[b, o] (row stride y_stride) = x[b] . W[o] for b < rows, x fp32 [rows, in] contiguous.
+static __attribute__((noinline)) void matvec_share(const Blocks *m, const uint8_t *weight,
+                                                   const float *x, const float *xsum,
+                                                   int64_t rows, int64_t out, float *y,
+                                                   int64_t y_stride, int t, int n) {
+    int64_t begin = out * t / n, end = out * (t + 1) / n;
+    if (begin < end) matvec_range(m, weight, x, xsum, rows, begin, end, y, y_stride);
+}
+
+/* y[b, o] (row stride y_stride) = x[b] . W[o] for b < rows, x fp32 [rows, in] contiguous; the
+ * sums of each output do not depend on rows or threads.
  * Returns 0, or -1 an unknown type, -2 in, -3 rows, -4 num_threads, -5 a null pointer,
  * -6 out of memory, -7 out. */
 int paphos_gguf_matvec(int type, const float *x, int64_t rows, const uint8_t *weight,
@@ -465,7 +478,7 @@ int paphos_gguf_matvec(int type, const float *x, int64_t rows, const uint8_t *we
     Blocks m;
     int code = blocks_for(type, in, &m);
     if (code) return code;
-    if (rows < 1 || rows > MAX_ROWS) return -3;
+    if (rows < 1) return -3;
     if (num_threads < 1) return -4;
     if (!x || !weight || !y) return -5;
     if (out < 1 || y_stride < out) return -7;
@@ -479,9 +492,9 @@ int paphos_gguf_matvec(int type, const float *x, int64_t rows, const uint8_t *we
                 xsum[b * m.blocks_per_row + k] = s;
             }
     }
-    int threads = threads_for(out * m.row_bytes, num_threads);
+    int threads = threads_for(out * m.row_bytes * ((rows + MAX_ROWS - 1) / MAX_ROWS), num_threads);
 #pragma omp parallel num_threads(threads) if (threads > 1)
-    matvec_share(&m, weight, x, xsum, (int)rows, out, y, y_stride, omp_get_thread_num(),
+    matvec_share(&m, weight, x, xsum, rows, out, y, y_stride, omp_get_thread_num(),
                  omp_get_num_threads());
     free(xsum);
     return 0;

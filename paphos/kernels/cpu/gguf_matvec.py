@@ -16,7 +16,8 @@ import torch
 from paphos.kernels.cpu import native
 
 SOURCE = Path(__file__).with_name("gguf_matvec.c")
-MAX_ROWS = 4
+# Up to this many x rows the product runs from the blocks; more rows multiply dequantized tiles.
+BLOCK_PRODUCT_MAX_ROWS = 16
 _ERRORS = {
     -1: "type",
     -2: "in (not a positive multiple of the block)",
@@ -36,19 +37,25 @@ def library_path(compiler: str, source: bytes) -> Path:
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.paphos_gguf_dequantize.argtypes = [c_int, ptr, i64, i64, ptr, c_int]
+    lib.paphos_gguf_dequantize.argtypes = [c_int, ptr, i64, i64, ptr, c_int, c_int]
     lib.paphos_gguf_dequantize.restype = c_int
     lib.paphos_gguf_matvec.argtypes = [c_int, ptr, i64, ptr, i64, i64, ptr, i64, c_int]
     lib.paphos_gguf_matvec.restype = c_int
     lib.paphos_gguf_supports.argtypes = [c_int]
     lib.paphos_gguf_supports.restype = c_int
+    lib.paphos_gguf_cpu_supported.argtypes = []
+    lib.paphos_gguf_cpu_supported.restype = c_int
     return lib
 
 
 @cache
 def load_library() -> ctypes.CDLL | None:
     """The built kernel library, or None (logged once) where it cannot run here."""
-    return native.load_library("gguf_matvec", SOURCE, find_compiler(), library_path, bind)
+    lib = native.load_library("gguf_matvec", SOURCE, find_compiler(), library_path, bind)
+    if lib is not None and not lib.paphos_gguf_cpu_supported():
+        native.logger.warning("CPU gguf_matvec kernel off: this CPU lacks F16C; using torch")
+        return None
+    return lib
 
 
 def _check(code: int, name: str) -> None:
@@ -57,13 +64,28 @@ def _check(code: int, name: str) -> None:
 
 
 def dequantize(
-    lib: ctypes.CDLL, ggml_type: int, weight: torch.Tensor, in_features: int, num_threads: int
+    lib: ctypes.CDLL,
+    ggml_type: int,
+    weight: torch.Tensor,
+    in_features: int,
+    num_threads: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """weight [rows, row_bytes] uint8 of `ggml_type` -> float32 [rows, in_features]."""
+    """weight [rows, row_bytes] uint8 of `ggml_type` -> [rows, in_features] float32 (or into
+    `out`, a contiguous float32 or bfloat16 tensor of that shape: bf16 rounds as torch does)."""
     weight = weight.contiguous()
-    out = torch.empty(weight.shape[0], in_features, dtype=torch.float32)  # [rows, in]
+    if out is None:
+        out = torch.empty(weight.shape[0], in_features, dtype=torch.float32)  # [rows, in]
+    assert out.dtype in (torch.float32, torch.bfloat16) and out.is_contiguous()
+    assert out.shape == (weight.shape[0], in_features)
     code = lib.paphos_gguf_dequantize(
-        int(ggml_type), weight.data_ptr(), weight.shape[0], in_features, out.data_ptr(), num_threads
+        int(ggml_type),
+        weight.data_ptr(),
+        weight.shape[0],
+        in_features,
+        out.data_ptr(),
+        out.dtype == torch.bfloat16,
+        num_threads,
     )
     _check(code, "paphos_gguf_dequantize")
     return out
@@ -77,7 +99,7 @@ def matvec_into(
     y: torch.Tensor,
     num_threads: int,
 ) -> None:
-    """y [rows, out] (rows contiguous, any row stride) = x [rows <= 4, in] fp32 @ W.T, W given as
+    """y [rows, out] (rows contiguous, any row stride) = x [rows, in] fp32 @ W.T, W given as
     weight [out, row_bytes] uint8 blocks of `ggml_type`; activations stay fp32."""
     rows, in_features = x.shape
     assert x.dtype == torch.float32 and x.is_contiguous() and weight.is_contiguous()
