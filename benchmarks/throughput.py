@@ -51,8 +51,15 @@ def run_paphos(model: str, dtype: str, prompts, max_tokens: int, latency_index: 
         tensor_parallel_size=args.tensor_parallel_size,
         max_num_seqs=max(len(prompts), 1),
         skip_tokenizer_init=args.load_format == "dummy",  # token-id prompts; a config dir
+        quantization=getattr(args, "quantization", "auto"),
     )
     startup = time.perf_counter() - start
+    runner = getattr(llm.engine.executor, "runner", None)  # one process: weights are countable
+    weight_mib = None
+    if runner is not None:
+        from paphos.runner.model_runner import weight_bytes
+
+        weight_mib = weight_bytes(runner.model) / 2**20
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate(
         [{"prompt_token_ids": prompts[0]}],
@@ -73,6 +80,7 @@ def run_paphos(model: str, dtype: str, prompts, max_tokens: int, latency_index: 
         "ttft_ms": ttft * 1e3,
         "tpot_ms": tpot * 1e3,
         "startup_s": startup,
+        "weight_mib": weight_mib,
         "outputs": [o.outputs[0].token_ids for o in outs],
     }
 
@@ -159,6 +167,7 @@ def main() -> None:
     parser.add_argument("--load-format", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--quantization", default="auto", help="-q of paphos (auto/none/gguf)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--peers", default="", help="also run: llamacpp, vllm (comma-separated)")
     args = parser.parse_args()

@@ -37,9 +37,14 @@ def test_dequantize_equals_the_gguf_package_bit_for_bit(lib, ggml_type):
     assert torch.equal(half, torch.from_numpy(expected).to(torch.bfloat16))
 
 
+def _isas(lib) -> list[int]:
+    return [gguf_matvec.AVX2] + ([gguf_matvec.AVX512] if lib.paphos_gguf_has_avx512() else [])
+
+
 @pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7])
 def test_matvec_from_the_blocks_equals_dequantize_then_matmul(lib, ggml_type, rows):
+    """Both code paths where the CPU has AVX-512 (this project's machine does), else AVX2."""
     rng = np.random.default_rng(rows * 100 + int(ggml_type))
     out, cols = 70, 768
     blocks = torch.from_numpy(random_blocks(ggml_type, out, cols, rng))
@@ -47,11 +52,11 @@ def test_matvec_from_the_blocks_equals_dequantize_then_matmul(lib, ggml_type, ro
     x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))
     expected = x.double() @ weight.double().T  # [rows, out]
     wide = torch.full((rows, out + 5), float("nan"))  # written through a strided view
-    for threads in (1, 2):
+    for threads, isa in [(t, i) for t in (1, 2) for i in _isas(lib)]:
         y = wide.narrow(1, 2, out)
-        gguf_matvec.matvec_into(lib, ggml_type, x, blocks, y, threads)
+        gguf_matvec.matvec_into(lib, ggml_type, x, blocks, y, threads, isa)
         error = (y.double() - expected).abs().max() / expected.abs().max()
-        assert error <= RTOL, f"{ggml_type.name}: relative error {error:.2e}"
+        assert error <= RTOL, f"{ggml_type.name} isa {isa}: relative error {error:.2e}"
     assert wide[:, :2].isnan().all() and wide[:, -3:].isnan().all()
 
 

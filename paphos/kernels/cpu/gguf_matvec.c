@@ -442,16 +442,111 @@ PAPHOS_INLINE __attribute__((always_inline)) void matvec_rows(
     }
 }
 
+/* ---- AVX-512 (F/BW/VL/DQ) twin of the affine 32-element path, chosen at run time ---------- */
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+
+#define AVX512_INLINE static inline __attribute__((always_inline))
+
+AVX512_INLINE __m512 fifth_bits16(uint32_t qh, int j) {
+    __m512i shifts = _mm512_add_epi32(_mm512_set1_epi32(j),
+                                      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                        13, 14, 15));
+    __m512i bits = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)qh), shifts),
+                                    _mm512_set1_epi32(1));
+    return _mm512_cvtepi32_ps(_mm512_slli_epi32(bits, 4));
+}
+
+/* row_dot_affine32 with 16 lanes: a block is two vectors. */
+AVX512_INLINE void row_dot_affine32_512(const Blocks *m, const uint8_t *row, const float *x,
+                                        const float *xsum, int rows, float dots[MAX_ROWS]) {
+    __m512 total[MAX_ROWS];
+    float offset[MAX_ROWS];
+    for (int b = 0; b < rows; b++) {
+        total[b] = _mm512_setzero_ps();
+        offset[b] = 0.0f;
+    }
+    __m128i mask = _mm_set1_epi8(0x0f);
+    for (int64_t k = 0; k < m->blocks_per_row; k++) {
+        const uint8_t *blk = row + k * m->block_bytes;
+        __m512 q0, q1;
+        float d = half_to_float(blk), mn = 0.0f;
+        if (m->type == T_Q8_0) {
+            q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
+            q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
+        } else {
+            int has_min = m->type == T_Q4_1 || m->type == T_Q5_1;
+            int five = m->type == T_Q5_0 || m->type == T_Q5_1;
+            const uint8_t *qs = blk + 2 + 2 * has_min + 4 * five;
+            __m128i v = _mm_loadu_si128((const __m128i *)qs);
+            q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, mask)));
+            q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), mask)));
+            if (five) {
+                uint32_t qh = load_u32(blk + 2 + 2 * has_min);
+                q0 = _mm512_add_ps(q0, fifth_bits16(qh, 0));
+                q1 = _mm512_add_ps(q1, fifth_bits16(qh, 16));
+            }
+            mn = has_min ? half_to_float(blk + 2) : (five ? -16.0f : -8.0f) * d;
+        }
+        __m512 dv = _mm512_set1_ps(d);
+        for (int b = 0; b < rows; b++) {
+            const float *xb = x + b * m->in + k * QK;
+            __m512 acc = _mm512_mul_ps(q0, _mm512_loadu_ps(xb));
+            acc = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16), acc);
+            total[b] = _mm512_fmadd_ps(dv, acc, total[b]);
+            offset[b] += mn * xsum[b * m->blocks_per_row + k];
+        }
+    }
+    for (int b = 0; b < rows; b++) dots[b] = _mm512_reduce_add_ps(total[b]) + offset[b];
+}
+
+AVX512_INLINE void matvec_rows_512(const Blocks *m, const uint8_t *weight, const float *x,
+                                   const float *xsum, int rows, int64_t begin, int64_t end,
+                                   float *y, int64_t y_stride) {
+    for (int64_t o = begin; o < end; o++) {
+        float dots[MAX_ROWS];
+        row_dot_affine32_512(m, weight + o * m->row_bytes, x, xsum, rows, dots);
+        for (int b = 0; b < rows; b++) y[b * y_stride + o] = dots[b];
+    }
+}
+
+static __attribute__((noinline)) void matvec_group_512(const Blocks *m, const uint8_t *weight,
+                                                       const float *x, const float *xsum,
+                                                       int rows, int64_t begin, int64_t end,
+                                                       float *y, int64_t y_stride) {
+    switch (rows) {
+    case 1: matvec_rows_512(m, weight, x, xsum, 1, begin, end, y, y_stride); break;
+    case 2: matvec_rows_512(m, weight, x, xsum, 2, begin, end, y, y_stride); break;
+    case 3: matvec_rows_512(m, weight, x, xsum, 3, begin, end, y, y_stride); break;
+    default: matvec_rows_512(m, weight, x, xsum, 4, begin, end, y, y_stride); break;
+    }
+}
+
+#pragma GCC pop_options
+
+/* 1 when this CPU runs the AVX-512 path (isa = 1 in paphos_gguf_matvec). */
+int paphos_gguf_has_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
 /* Output rows [begin, end) for x rows [0, rows): groups of MAX_ROWS over chunks of weight rows. */
 static void matvec_range(const Blocks *m, const uint8_t *weight, const float *x,
                          const float *xsum, int64_t rows, int64_t begin, int64_t end, float *y,
-                         int64_t y_stride) {
+                         int64_t y_stride, int isa) {
+    int wide = isa == 1 && is_affine32(m->type);
     for (int64_t o = begin; o < end; o += ROWS_PER_CHUNK) {
         int64_t chunk_end = o + ROWS_PER_CHUNK < end ? o + ROWS_PER_CHUNK : end;
         for (int64_t b = 0; b < rows; b += MAX_ROWS) {
             const float *xb = x + b * m->in, *sb = xsum + b * m->blocks_per_row;
             float *yb = y + b * y_stride;
-            switch (rows - b < MAX_ROWS ? rows - b : MAX_ROWS) {
+            int group = rows - b < MAX_ROWS ? (int)(rows - b) : MAX_ROWS;
+            if (wide) {
+                matvec_group_512(m, weight, xb, sb, group, o, chunk_end, yb, y_stride);
+                continue;
+            }
+            switch (group) {
             case 1: matvec_rows(m, weight, xb, sb, 1, o, chunk_end, yb, y_stride); break;
             case 2: matvec_rows(m, weight, xb, sb, 2, o, chunk_end, yb, y_stride); break;
             case 3: matvec_rows(m, weight, xb, sb, 3, o, chunk_end, yb, y_stride); break;
@@ -464,17 +559,19 @@ static void matvec_range(const Blocks *m, const uint8_t *weight, const float *x,
 static __attribute__((noinline)) void matvec_share(const Blocks *m, const uint8_t *weight,
                                                    const float *x, const float *xsum,
                                                    int64_t rows, int64_t out, float *y,
-                                                   int64_t y_stride, int t, int n) {
+                                                   int64_t y_stride, int isa, int t, int n) {
     int64_t begin = out * t / n, end = out * (t + 1) / n;
-    if (begin < end) matvec_range(m, weight, x, xsum, rows, begin, end, y, y_stride);
+    if (begin < end) matvec_range(m, weight, x, xsum, rows, begin, end, y, y_stride, isa);
 }
 
 /* y[b, o] (row stride y_stride) = x[b] . W[o] for b < rows, x fp32 [rows, in] contiguous; the
  * sums of each output do not depend on rows or threads.
  * Returns 0, or -1 an unknown type, -2 in, -3 rows, -4 num_threads, -5 a null pointer,
- * -6 out of memory, -7 out. */
+ * -6 out of memory, -7 out, -8 isa. isa: 0 AVX2 (every CPU this library loads on), 1 AVX-512 for
+ * the 32-element affine formats (only where paphos_gguf_has_avx512). */
 int paphos_gguf_matvec(int type, const float *x, int64_t rows, const uint8_t *weight,
-                       int64_t out, int64_t in, float *y, int64_t y_stride, int num_threads) {
+                       int64_t out, int64_t in, float *y, int64_t y_stride, int isa,
+                       int num_threads) {
     Blocks m;
     int code = blocks_for(type, in, &m);
     if (code) return code;
@@ -482,6 +579,7 @@ int paphos_gguf_matvec(int type, const float *x, int64_t rows, const uint8_t *we
     if (num_threads < 1) return -4;
     if (!x || !weight || !y) return -5;
     if (out < 1 || y_stride < out) return -7;
+    if (isa != 0 && !(isa == 1 && paphos_gguf_has_avx512())) return -8;
     float *xsum = (float *)malloc((size_t)(rows * m.blocks_per_row + 1) * sizeof(float));
     if (!xsum) return -6;
     if (is_affine32(type)) {
@@ -494,7 +592,7 @@ int paphos_gguf_matvec(int type, const float *x, int64_t rows, const uint8_t *we
     }
     int threads = threads_for(out * m.row_bytes * ((rows + MAX_ROWS - 1) / MAX_ROWS), num_threads);
 #pragma omp parallel num_threads(threads) if (threads > 1)
-    matvec_share(&m, weight, x, xsum, rows, out, y, y_stride, omp_get_thread_num(),
+    matvec_share(&m, weight, x, xsum, rows, out, y, y_stride, isa, omp_get_thread_num(),
                  omp_get_num_threads());
     free(xsum);
     return 0;

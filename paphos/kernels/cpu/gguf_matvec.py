@@ -26,7 +26,9 @@ _ERRORS = {
     -5: "pointer",
     -6: "memory",
     -7: "out",
+    -8: "isa (AVX-512 asked of a CPU without it)",
 }
+AVX2, AVX512 = 0, 1  # the `isa` argument of paphos_gguf_matvec
 
 find_compiler = native.find_compiler  # module attributes, so tests can replace them
 
@@ -39,12 +41,14 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.paphos_gguf_dequantize.argtypes = [c_int, ptr, i64, i64, ptr, c_int, c_int]
     lib.paphos_gguf_dequantize.restype = c_int
-    lib.paphos_gguf_matvec.argtypes = [c_int, ptr, i64, ptr, i64, i64, ptr, i64, c_int]
+    lib.paphos_gguf_matvec.argtypes = [c_int, ptr, i64, ptr, i64, i64, ptr, i64, c_int, c_int]
     lib.paphos_gguf_matvec.restype = c_int
     lib.paphos_gguf_supports.argtypes = [c_int]
     lib.paphos_gguf_supports.restype = c_int
     lib.paphos_gguf_cpu_supported.argtypes = []
     lib.paphos_gguf_cpu_supported.restype = c_int
+    lib.paphos_gguf_has_avx512.argtypes = []
+    lib.paphos_gguf_has_avx512.restype = c_int
     return lib
 
 
@@ -56,6 +60,12 @@ def load_library() -> ctypes.CDLL | None:
         native.logger.warning("CPU gguf_matvec kernel off: this CPU lacks F16C; using torch")
         return None
     return lib
+
+
+@cache
+def best_isa(lib: ctypes.CDLL) -> int:
+    """AVX512 where this CPU has AVX-512 F/BW/VL/DQ, else AVX2: asked once per process."""
+    return AVX512 if lib.paphos_gguf_has_avx512() else AVX2
 
 
 def _check(code: int, name: str) -> None:
@@ -98,9 +108,11 @@ def matvec_into(
     weight: torch.Tensor,
     y: torch.Tensor,
     num_threads: int,
+    isa: int | None = None,
 ) -> None:
     """y [rows, out] (rows contiguous, any row stride) = x [rows, in] fp32 @ W.T, W given as
-    weight [out, row_bytes] uint8 blocks of `ggml_type`; activations stay fp32."""
+    weight [out, row_bytes] uint8 blocks of `ggml_type`; activations stay fp32. `isa` (AVX2 or
+    AVX512; default `best_isa`) picks the code path of the 32-element affine formats."""
     rows, in_features = x.shape
     assert x.dtype == torch.float32 and x.is_contiguous() and weight.is_contiguous()
     assert y.dtype == torch.float32 and y.stride(1) == 1 and y.shape == (rows, weight.shape[0])
@@ -113,6 +125,7 @@ def matvec_into(
         in_features,
         y.data_ptr(),
         y.stride(0),
+        best_isa(lib) if isa is None else isa,
         num_threads,
     )
     _check(code, "paphos_gguf_matvec")
