@@ -68,7 +68,8 @@ class ModelConfig:
         metadata=_help(
             "Weight format: auto (what the checkpoint says: a quantized GGUF file keeps its "
             "blocks on CPU), none (dense; a GGUF file is dequantized at load), gguf (keep GGUF "
-            "blocks).",
+            "blocks), q8_0/q5_1/q5_0/q4_1/q4_0 (quantize a float checkpoint into those GGUF "
+            "blocks at load; CPU).",
             choices=QUANTIZATIONS,
             short="-q",
         ),

@@ -13,8 +13,10 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # User-facing values of `quantization`: auto = what the checkpoint says; none = dense weights
-# (a GGUF file is dequantized at load, the reference path); gguf = GGUF blocks kept (CPU).
-QUANTIZATIONS = ("auto", "none", "gguf")
+# (a GGUF file is dequantized at load, the reference path); gguf = GGUF blocks kept (CPU);
+# q8_0 ... q4_0 = a float checkpoint quantized into those GGUF blocks at load (CPU).
+RUNTIME_GGUF = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+QUANTIZATIONS = ("auto", "none", "gguf", *RUNTIME_GGUF)
 # GGUF tensor types the kept-quantized path runs (F32/F16/BF16 tensors load as dense parts).
 GGUF_KEPT_TYPE_NAMES = (
     *("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"),
@@ -33,6 +35,15 @@ def resolve_quant_method(
     if requested not in QUANTIZATIONS:
         raise ValueError(f"quantization={requested!r} is invalid: expected one of {QUANTIZATIONS}")
     _check_hf_quantization(model, hf_config, gguf_file)
+    if requested in RUNTIME_GGUF:
+        if gguf_file is not None:
+            raise ValueError(
+                f"quantization={requested!r} quantizes float checkpoints; {model!r} is a GGUF "
+                "file (its own types run with --quantization auto/gguf)"
+            )
+        if device != "cpu":
+            raise ValueError(f"quantization={requested!r} runs on CPU only (device={device!r})")
+        return requested
     if gguf_file is None:
         if requested == "gguf":
             raise ValueError(

@@ -14,12 +14,18 @@ def create_linear_method(quant_method: str | None) -> LinearMethod | None:
     for dense weights (each layer then uses UnquantizedLinearMethod)."""
     if quant_method is None:
         return None
-    if quant_method == "gguf":
-        # imported here: the gguf package is needed only for GGUF files
-        from paphos.quant.gguf import GGUFLinearMethod
+    # imported here: the gguf package is needed only for GGUF formats
+    from paphos.quant.gguf import RUNTIME_TYPES, GGUFLinearMethod
 
+    if quant_method == "gguf":
         return GGUFLinearMethod()
-    raise ValueError(f"quant_method={quant_method!r} is invalid: expected None or 'gguf'")
+    runtime = {t.name.lower(): t for t in RUNTIME_TYPES}
+    if quant_method in runtime:  # a float checkpoint quantized into GGUF blocks at load
+        return GGUFLinearMethod(quantize_to=runtime[quant_method])
+    raise ValueError(
+        f"quant_method={quant_method!r} is invalid: expected None, 'gguf' or one of "
+        f"{sorted(runtime)}"
+    )
 
 
 __all__ = ["LinearMethod", "UnquantizedLinearMethod", "create_linear_method", "set_weight_attrs"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import quantize
 from torch import nn
 
 from paphos.gguf_file import GGUFQuantizedTensor
@@ -26,6 +27,8 @@ KEPT_TYPES = (
     *(T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0),
     *(T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS),
 )
+# Types the gguf package quantizes (runtime quantization of float checkpoints).
+RUNTIME_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
 # fp32 bytes of one dequantized tile of the batched path (fits in L2 beside its output)
 TILE_BYTES = 1 << 20
 
@@ -46,7 +49,12 @@ class GGUFLinearMethod:
     Holds one scratch tile for the batched path, reused by every call (a fresh 1 MiB tensor per
     tile would be a fresh mapping: its page faults cost more than the dequantization)."""
 
-    def __init__(self) -> None:
+    def __init__(self, quantize_to: GGMLQuantizationType | None = None) -> None:
+        """quantize_to: dense matrices loaded from a float checkpoint become blocks of this type
+        after loading (runtime `-q q8_0` etc.), where their rows are whole blocks."""
+        if quantize_to is not None and quantize_to not in RUNTIME_TYPES:
+            raise ValueError(f"quantize_to={quantize_to!r}: expected one of {RUNTIME_TYPES}")
+        self.quantize_to = quantize_to
         self._tiles: dict[torch.dtype, torch.Tensor] = {}  # dtype -> [tile elements]
 
     def create_weights(
@@ -76,7 +84,12 @@ class GGUFLinearMethod:
         slices = sorted(layer.gguf_slices, key=lambda s: s[0])
         layer.gguf_slices = []
         if not slices:
-            return  # tied to an embedding that holds the blocks, or nothing loaded yet
+            if getattr(layer, "tied_embedding", None) is not None:
+                return  # a tied LM head: the embedding holds the blocks
+            raise ValueError(
+                f"{type(layer).__name__}: no weights were loaded into its GGUF blocks (quantized "
+                "weights need a checkpoint, not load_format='dummy')"
+            )
         total_rows, in_features = layer.gguf_shape
         row = 0
         merged: list[tuple[int, torch.Tensor | GGUFQuantizedTensor]] = []
@@ -93,6 +106,8 @@ class GGUFLinearMethod:
                 merged[-1][0],
                 _cat(merged[-1][1], _zeros_like(merged[-1][1], total_rows - row)),
             )
+        if self.quantize_to is not None:
+            merged = [(start, self._quantized(src)) for start, src in merged]
         parts = []
         for index, (start, src) in enumerate(merged):
             name = f"gguf_part{index}"
@@ -103,6 +118,19 @@ class GGUFLinearMethod:
                 layer.register_buffer(name, src.contiguous(), persistent=False)
                 parts.append(GGUFPart(start, src.shape[0], None, name))
         layer.gguf_parts = tuple(parts)
+
+    def _quantized(
+        self, src: torch.Tensor | GGUFQuantizedTensor
+    ) -> torch.Tensor | GGUFQuantizedTensor:
+        """Dense rows as blocks of `quantize_to` (by the gguf package), where rows are whole
+        blocks; anything else unchanged."""
+        ggml_type = self.quantize_to
+        if isinstance(src, GGUFQuantizedTensor) or ggml_type is None:
+            return src
+        if src.shape[1] % GGML_QUANT_SIZES[ggml_type][0]:
+            return src
+        blocks = quantize(src.float().numpy(), ggml_type)  # [rows, row_bytes] uint8
+        return GGUFQuantizedTensor(ggml_type, torch.from_numpy(blocks), tuple(src.shape))
 
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 from gguf_blocks import ALL_TYPES, random_blocks, write_tiny_quantized_llama
 
 from paphos import LLM, SamplingParams
-from paphos.config import EngineConfig
+from paphos.config import EngineConfig, default_model_path
 from paphos.gguf_file import GGUFQuantizedTensor
 from paphos.layers.embedding import VocabParallelEmbedding
 from paphos.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
@@ -206,3 +206,38 @@ def test_a_quantized_hf_checkpoint_fails_at_start_up_naming_its_field(tiny_llama
         (tiny_llama_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="not a GGUF file"):
         EngineConfig.from_kwargs(model=str(tiny_llama_dir), quantization="gguf")
+
+
+# ---- runtime quantization of a float checkpoint into GGUF blocks (-q q8_0 ...) ----------------
+
+
+@pytest.mark.parametrize("ggml_type", [T.Q8_0, T.Q4_1], ids=lambda t: t.name)
+def test_runtime_quantization_applies_the_gguf_packages_blocks(ggml_type):
+    layer = ReplicatedLinear(64, 40, linear_method=GGUFLinearMethod(quantize_to=ggml_type))
+    dense = torch.randn(40, 64)
+    layer.weight.weight_loader(layer.weight, dense)
+    _loaded(layer)
+    assert [p.ggml_type for p in layer.gguf_parts] == [ggml_type]
+    values = torch.from_numpy(dequantize(quantize(dense.numpy(), ggml_type), ggml_type))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), x @ values.reshape(40, 64).T, atol=ATOL, rtol=0)
+
+
+def test_q8_0_at_load_stays_close_to_the_float_model(tiny_llama_dir):
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    prompt = {"prompt_token_ids": PROMPT[:24]}
+    runs = {}
+    for quantization in ("none", "q8_0"):
+        with LLM(model=str(tiny_llama_dir), quantization=quantization, **ENGINE) as llm:
+            runs[quantization] = llm.generate(prompt, params, use_tqdm=False)[0]
+            model = llm.engine.executor.runner.model
+            if quantization == "q8_0":
+                down = model.model.layers[0].mlp.down_proj
+                assert [p.ggml_type for p in down.gguf_parts] == [T.Q8_0]
+    got, want = (
+        [e[PROMPT[i]].logprob for i, e in enumerate(runs[q].prompt_logprobs) if e]
+        for q in ("q8_0", "none")
+    )
+    np.testing.assert_allclose(got, want, atol=0.02, rtol=0)
+    with pytest.raises(ValueError, match="quantizes float checkpoints"):
+        EngineConfig.from_kwargs(model=default_model_path(), quantization="q8_0")
