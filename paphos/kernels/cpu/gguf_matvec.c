@@ -144,13 +144,15 @@ static void dequant_iq4_nl(const uint8_t *b, float *out) {
 static void dequant_q2_k(const uint8_t *b, float *out) {
     const uint8_t *scales = b, *qs = b + 16;
     float d = half_to_float(b + 80), dmin = half_to_float(b + 82);
-    for (int e = 0; e < QK_K; e++) {
-        int half = e / 128, shift = (e % 128) / 32, l = e % 32;
-        int q = (qs[half * 32 + l] >> (2 * shift)) & 3;
-        uint8_t sc = scales[e / 16];
-        float dl = d * (float)(sc & 0x0f), ml = dmin * (float)(sc >> 4);
-        out[e] = dl * (float)q - ml;
-    }
+    for (int half = 0; half < 2; half++)
+        for (int shift = 0; shift < 4; shift++)
+            for (int g = 0; g < 2; g++) { /* 16 elements sharing one scale */
+                uint8_t sc = scales[half * 8 + shift * 2 + g];
+                float dl = d * (float)(sc & 0x0f), ml = dmin * (float)(sc >> 4);
+                const uint8_t *q = qs + half * 32 + g * 16;
+                float *o = out + half * 128 + shift * 32 + g * 16;
+                for (int l = 0; l < 16; l++) o[l] = dl * (float)((q[l] >> (2 * shift)) & 3) - ml;
+            }
 }
 
 /* Q3_K: 16 signed 6-bit scales packed in 12 bytes; the high bit of each value is stored
@@ -164,12 +166,18 @@ static void dequant_q3_k(const uint8_t *b, float *out) {
         int high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
         dl[i] = d * (float)((low | (high << 4)) - 32);
     }
-    for (int e = 0; e < QK_K; e++) {
-        int half = e / 128, shift = (e % 128) / 32, l = e % 32;
-        int low = (qs[half * 32 + l] >> (2 * shift)) & 3;
-        int high = (hmask[l] >> (e / 32)) & 1;
-        out[e] = dl[e / 16] * (float)(low - ((high ^ 1) << 2));
-    }
+    for (int half = 0; half < 2; half++)
+        for (int shift = 0; shift < 4; shift++)
+            for (int g = 0; g < 2; g++) { /* e = half * 128 + shift * 32 + g * 16 + l */
+                int bit = half * 4 + shift; /* e / 32: the hmask bit of these elements */
+                float scale = dl[half * 8 + shift * 2 + g];
+                const uint8_t *q = qs + half * 32 + g * 16, *h = hmask + g * 16;
+                float *o = out + half * 128 + shift * 32 + g * 16;
+                for (int l = 0; l < 16; l++) {
+                    int low = (q[l] >> (2 * shift)) & 3, high = (h[l] >> bit) & 1;
+                    o[l] = scale * (float)(low - ((high ^ 1) << 2));
+                }
+            }
 }
 
 /* The 8 (scale, min) pairs of Q4_K/Q5_K, 6 bits each in 12 bytes. */
@@ -217,13 +225,20 @@ static void dequant_q6_k(const uint8_t *b, float *out) {
     const uint8_t *ql = b, *qh = b + 128;
     const int8_t *scales = (const int8_t *)(b + 192);
     float d = half_to_float(b + 208);
-    for (int e = 0; e < QK_K; e++) {
-        int half = e / 128, r = e % 128;
-        int low = (ql[half * 64 + r % 64] >> (4 * (r / 64))) & 0x0f;
-        int high = (qh[half * 32 + r % 32] >> (2 * (r / 32))) & 3;
-        float dl = d * (float)scales[e / 16];
-        out[e] = dl * (float)((low | (high << 4)) - 32);
-    }
+    for (int half = 0; half < 2; half++)
+        for (int quarter = 0; quarter < 4; quarter++) /* r = quarter * 32 + l of this half */
+            for (int g = 0; g < 2; g++) {
+                float dl = d * (float)scales[half * 8 + quarter * 2 + g];
+                const uint8_t *low_bytes = ql + half * 64 + (quarter % 2) * 32 + g * 16;
+                const uint8_t *high_bytes = qh + half * 32 + g * 16;
+                int low_shift = 4 * (quarter / 2), high_shift = 2 * quarter;
+                float *o = out + half * 128 + quarter * 32 + g * 16;
+                for (int l = 0; l < 16; l++) {
+                    int low = (low_bytes[l] >> low_shift) & 0x0f;
+                    int high = (high_bytes[l] >> high_shift) & 3;
+                    o[l] = dl * (float)((low | (high << 4)) - 32);
+                }
+            }
 }
 
 static void dequant_iq4_xs(const uint8_t *b, float *out) {
@@ -283,38 +298,6 @@ static int blocks_for(int type, int64_t in, Blocks *m) {
     m->in = in;
     m->blocks_per_row = in / m->block_elements;
     m->row_bytes = m->blocks_per_row * m->block_bytes;
-    return 0;
-}
-
-/* Rows of blocks -> out [rows, in], fp32 or (out_is_bf16) bf16 rounded to nearest even, as torch's
- * conversion: the tiles of the batched path on CPUs with native bf16 GEMMs.
- * Returns 0, or -1 an unknown type, -2 in not a positive multiple of the block, -3 rows,
- * -4 num_threads, -5 a null pointer. */
-int paphos_gguf_dequantize(int type, const uint8_t *weight, int64_t rows, int64_t in, void *out,
-                           int out_is_bf16, int num_threads) {
-    Blocks m;
-    int code = blocks_for(type, in, &m);
-    if (code) return code;
-    if (rows < 0) return -3;
-    if (num_threads < 1) return -4;
-    if (!weight || !out) return -5;
-    DequantBlock dequant = dequant_for(type);
-    int threads = threads_for(rows * m.row_bytes, num_threads);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        float buf[QK_K];
-        for (int64_t k = 0; k < m.blocks_per_row; k++) {
-            const uint8_t *block = weight + r * m.row_bytes + k * m.block_bytes;
-            int64_t at = r * in + k * m.block_elements;
-            if (!out_is_bf16) {
-                dequant(block, (float *)out + at);
-                continue;
-            }
-            dequant(block, buf);
-            uint16_t *dst = (uint16_t *)out + at;
-            for (int i = 0; i < m.block_elements; i++) dst[i] = float_to_bf16(buf[i]);
-        }
-    }
     return 0;
 }
 
@@ -595,6 +578,91 @@ int paphos_gguf_matvec(int type, const float *x, int64_t rows, const uint8_t *we
     matvec_share(&m, weight, x, xsum, rows, out, y, y_stride, isa, omp_get_thread_num(),
                  omp_get_num_threads());
     free(xsum);
+    return 0;
+}
+
+/* ---- vectorized dequantization of the 32-element affine formats (the batched path's tiles) - */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+/* 8 floats -> 8 bf16 at `dst`, rounded to nearest even as float_to_bf16 (NaN stays quiet). */
+PAPHOS_INLINE void store_bf16x8(uint16_t *dst, __m256 v) {
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+    __m256i quiet = _mm256_or_si256(bits, _mm256_set1_epi32(0x00400000));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    __m256i high = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, quiet, nan), 16);
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(high, high), 0x08);
+    _mm_storeu_si128((__m128i *)dst, _mm256_castsi256_si128(packed));
+}
+
+/* One block of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 -> 32 values at out + at (fp32 or bf16), with the gguf
+ * package's operations: Q8_0 q * d, Q4_0/Q5_0 d * (q - offset), Q4_1/Q5_1 d * q + m. */
+PAPHOS_INLINE void dequant_affine32(int type, const uint8_t *blk, void *out, int64_t at,
+                                    int out_is_bf16) {
+    __m256 q[4];
+    __m256 d = _mm256_set1_ps(half_to_float(blk));
+    int has_min = type == T_Q4_1 || type == T_Q5_1, five = type == T_Q5_0 || type == T_Q5_1;
+    if (type == T_Q8_0) {
+        for (int g = 0; g < 4; g++)
+            q[g] = widen_i8(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * g)));
+    } else {
+        nibbles32(blk + 2 + 2 * has_min + 4 * five, q);
+        if (five) {
+            uint32_t qh = load_u32(blk + 2 + 2 * has_min);
+            for (int g = 0; g < 4; g++) q[g] = _mm256_add_ps(q[g], fifth_bits(qh, 8 * g));
+        }
+        if (!has_min) {
+            __m256 offset = _mm256_set1_ps(five ? 16.0f : 8.0f);
+            for (int g = 0; g < 4; g++) q[g] = _mm256_sub_ps(q[g], offset);
+        }
+    }
+    __m256 mn = _mm256_set1_ps(has_min ? half_to_float(blk + 2) : 0.0f);
+    for (int g = 0; g < 4; g++) {
+        __m256 v = _mm256_mul_ps(d, q[g]);
+        if (has_min) v = _mm256_add_ps(v, mn);
+        if (out_is_bf16) store_bf16x8((uint16_t *)out + at + 8 * g, v);
+        else _mm256_storeu_ps((float *)out + at + 8 * g, v);
+    }
+}
+
+#pragma GCC pop_options
+
+/* Rows of blocks -> out [rows, in], fp32 or (out_is_bf16) bf16 rounded to nearest even, as torch's
+ * conversion: the tiles of the batched path on CPUs with native bf16 GEMMs.
+ * Returns 0, or -1 an unknown type, -2 in not a positive multiple of the block, -3 rows,
+ * -4 num_threads, -5 a null pointer. */
+int paphos_gguf_dequantize(int type, const uint8_t *weight, int64_t rows, int64_t in, void *out,
+                           int out_is_bf16, int num_threads) {
+    Blocks m;
+    int code = blocks_for(type, in, &m);
+    if (code) return code;
+    if (rows < 0) return -3;
+    if (num_threads < 1) return -4;
+    if (!weight || !out) return -5;
+    DequantBlock dequant = dequant_for(type);
+    int affine = is_affine32(type);
+    int threads = threads_for(rows * m.row_bytes, num_threads);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float buf[QK_K];
+        for (int64_t k = 0; k < m.blocks_per_row; k++) {
+            const uint8_t *block = weight + r * m.row_bytes + k * m.block_bytes;
+            int64_t at = r * in + k * m.block_elements;
+            if (affine) {
+                dequant_affine32(type, block, out, at, out_is_bf16);
+                continue;
+            }
+            if (!out_is_bf16) {
+                dequant(block, (float *)out + at);
+                continue;
+            }
+            dequant(block, buf);
+            uint16_t *dst = (uint16_t *)out + at;
+            for (int i = 0; i < m.block_elements; i++) dst[i] = float_to_bf16(buf[i]);
+        }
+    }
     return 0;
 }
 
