@@ -1,6 +1,7 @@
 """The GGUF block kernels (kernels/cpu/gguf_matvec.c) against the `gguf` package's dequantizers:
 dequantization bit for bit, products from the blocks within fp32 summation error (activations are
-not quantized: the reference is dequantize-then-matmul in float64), for 1-4 rows and every type."""
+not quantized: the reference is dequantize-then-matmul in float64), for 1-7 rows and every type,
+in every ISA build this CPU runs and on both code paths of the affine formats (AVX2, AVX-512)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ import torch
 from gguf.quants import dequantize
 from gguf_blocks import ALL_TYPES, random_blocks
 
-from paphos.kernels.cpu import gguf_matvec
+from paphos.kernels.cpu import gguf_matvec, isa
 
 # |kernel - float64 reference| <= RTOL * max |reference| (fp32 sums over <= 768 products)
 RTOL = 2e-6
 
 
-@pytest.fixture(scope="module")
-def lib():
-    lib = gguf_matvec.load_library()
+@pytest.fixture(scope="module", params=isa.available() or ["none"])
+def lib(request):
+    lib = None if request.param == "none" else gguf_matvec.load_library(request.param)
     if lib is None:
         pytest.skip("the GGUF C kernel does not build here")
     return lib
@@ -38,6 +39,9 @@ def test_dequantize_equals_the_gguf_package_bit_for_bit(lib, ggml_type):
 
 
 def _isas(lib) -> list[int]:
+    assert gguf_matvec.best_isa(lib) == (
+        gguf_matvec.AVX2 if lib.paphos_isa_level == "avx2" else gguf_matvec.AVX512
+    )
     return [gguf_matvec.AVX2] + ([gguf_matvec.AVX512] if lib.paphos_gguf_has_avx512() else [])
 
 
@@ -52,11 +56,11 @@ def test_matvec_from_the_blocks_equals_dequantize_then_matmul(lib, ggml_type, ro
     x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))
     expected = x.double() @ weight.double().T  # [rows, out]
     wide = torch.full((rows, out + 5), float("nan"))  # written through a strided view
-    for threads, isa in [(t, i) for t in (1, 2) for i in _isas(lib)]:
+    for threads, path in [(t, p) for t in (1, 2) for p in _isas(lib)]:
         y = wide.narrow(1, 2, out)
-        gguf_matvec.matvec_into(lib, ggml_type, x, blocks, y, threads, isa)
+        gguf_matvec.matvec_into(lib, ggml_type, x, blocks, y, threads, path)
         error = (y.double() - expected).abs().max() / expected.abs().max()
-        assert error <= RTOL, f"{ggml_type.name} isa {isa}: relative error {error:.2e}"
+        assert error <= RTOL, f"{ggml_type.name} path {path}: relative error {error:.2e}"
     assert wide[:, :2].isnan().all() and wide[:, -3:].isnan().all()
 
 

@@ -4,16 +4,16 @@
  * paphos_gguf_dequantize widens rows to fp32 (the batched path multiplies such tiles with torch);
  * paphos_gguf_matvec computes y[b, o] = sum_i x[b, i] * W[o, i] from the blocks directly, x rows in
  * groups of up to 4 per pass over a few weight rows (the later groups read them from L1),
- * activations in fp32 (not quantized). Needs F16C besides AVX2 + FMA (every AVX2 CPU has it; checked
- * by paphos_gguf_cpu_supported). Invariant: every dequantized value equals the
+ * activations in fp32 (not quantized). Built per ISA level like every kernel here (the floor: AVX2,
+ * FMA, F16C); the AVX-512 twin of the affine products is compiled in every build (target pragma)
+ * and chosen by the caller. Invariant: every dequantized value equals the
  * `gguf` package's dequantizer bit for bit (same fp32 operations, no contraction into FMAs); every
  * output of the product is summed in one fixed order per row, whatever the thread count.
  */
-#pragma GCC target("f16c")
 #include <omp.h>
 #include <stdlib.h>
 
-#include "avx2_base.c"
+#include "simd_base.c"
 
 #define MAX_ROWS 4          /* x rows per pass */
 #define ROWS_PER_CHUNK 8    /* weight rows shared by the passes over all x rows */
@@ -47,11 +47,6 @@ PAPHOS_INLINE float half_to_float(const uint8_t *at) {
     return _cvtsh_ss(h);
 }
 
-int paphos_gguf_cpu_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-}
 
 /* (elements, bytes) of one block; 0 elements for a type this file does not know. */
 static void block_geometry(int type, int *elements, int *bytes) {

@@ -33,8 +33,8 @@ AVX2, AVX512 = 0, 1  # the `isa` argument of paphos_gguf_matvec
 find_compiler = native.find_compiler  # module attributes, so tests can replace them
 
 
-def library_path(compiler: str, source: bytes) -> Path:
-    return native.library_path("gguf_matvec", compiler, source)
+def library_path(compiler: str, source: bytes, level: str) -> Path:
+    return native.library_path("gguf_matvec", compiler, source, level)
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -45,27 +45,24 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.paphos_gguf_matvec.restype = c_int
     lib.paphos_gguf_supports.argtypes = [c_int]
     lib.paphos_gguf_supports.restype = c_int
-    lib.paphos_gguf_cpu_supported.argtypes = []
-    lib.paphos_gguf_cpu_supported.restype = c_int
     lib.paphos_gguf_has_avx512.argtypes = []
     lib.paphos_gguf_has_avx512.restype = c_int
     return lib
 
 
 @cache
-def load_library() -> ctypes.CDLL | None:
-    """The built kernel library, or None (logged once) where it cannot run here."""
-    lib = native.load_library("gguf_matvec", SOURCE, find_compiler(), library_path, bind)
-    if lib is not None and not lib.paphos_gguf_cpu_supported():
-        native.logger.warning("CPU gguf_matvec kernel off: this CPU lacks F16C; using torch")
-        return None
-    return lib
+def load_library(level: str | None = None) -> ctypes.CDLL | None:
+    """The kernel library built for ISA `level` (default: this process's), or None (logged once)
+    where it cannot run here."""
+    return native.load_library("gguf_matvec", SOURCE, find_compiler(), library_path, bind, level)
 
 
 @cache
 def best_isa(lib: ctypes.CDLL) -> int:
-    """AVX512 where this CPU has AVX-512 F/BW/VL/DQ, else AVX2: asked once per process."""
-    return AVX512 if lib.paphos_gguf_has_avx512() else AVX2
+    """AVX512 where the library's ISA level is AVX-512 or above (so PAPHOS_CPU_ISA=avx2 lowers
+    it) and the CPU has it, else AVX2: asked once per library."""
+    level = getattr(lib, "paphos_isa_level", "avx2")
+    return AVX512 if level != "avx2" and lib.paphos_gguf_has_avx512() else AVX2
 
 
 def _check(code: int, name: str) -> None:
