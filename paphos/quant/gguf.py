@@ -3,8 +3,8 @@
 Invariant: a layer's output rows are covered, in order, by parts; each part is one ggml type
 (llama.cpp's mixes put several types in one file, and a fused qkv may hold q/k in Q4_K and v in
 Q6_K) stored as `[rows, row_bytes]` uint8, or dense rows for float tensors. `apply` equals
-dequantize-then-matmul (`reference_apply`): 1-4 rows multiply the blocks in C, more rows multiply
-fp32 tiles dequantized per call (no dense copy is kept: memory stays the file's).
+dequantize-then-matmul (`reference_apply`): up to 16 rows multiply the blocks in C, more rows
+multiply tiles dequantized per call (no dense copy is kept: memory stays the file's).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ KEPT_TYPES = (
 )
 # Types the gguf package quantizes (runtime quantization of float checkpoints).
 RUNTIME_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
-# fp32 bytes of one dequantized tile of the batched path (fits in L2 beside its output)
-TILE_BYTES = 1 << 20
+# fp32 bytes of one dequantized tile of the batched path: large enough that the Python loop over
+# tiles (~30 us each) stays small beside the GEMMs (~150 tiles per SmolLM2 step), in L2/L3
+TILE_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,9 @@ class GGUFPart:
 class GGUFLinearMethod:
     """Linear (and embedding) weights from a GGUF file, kept in their blocks.
 
-    Holds one scratch tile for the batched path, reused by every call (a fresh 1 MiB tensor per
-    tile would be a fresh mapping: its page faults cost more than the dequantization)."""
+    Holds one scratch tile per dtype for the batched path, reused by every call (a fresh tile
+    tensor per call would be a fresh mapping: its page faults cost more than the dequantization).
+    """
 
     def __init__(self, quantize_to: GGMLQuantizationType | None = None) -> None:
         """quantize_to: dense matrices loaded from a float checkpoint become blocks of this type
