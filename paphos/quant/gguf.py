@@ -146,8 +146,9 @@ class GGUFLinearMethod:
         for part in layer.gguf_parts:
             y = out if len(layer.gguf_parts) == 1 else out.narrow(1, part.row_start, part.rows)
             data = getattr(layer, part.name)
-            if part.ggml_type is None:
-                y.copy_(x_fp32 @ data.float().T)
+            if part.ggml_type is None:  # float rows (an F16/F32 tensor): the dense CPU policy
+                x_dense = x_fp32 if data.dtype == torch.float32 else x.to(data.dtype)
+                y.copy_(dense.linear(x_dense.contiguous(), data))
             elif lib is not None and x.shape[0] <= gguf_matvec.BLOCK_PRODUCT_MAX_ROWS:
                 gguf_matvec.matvec_into(lib, part.ggml_type, x_fp32, data, y, threads)
             else:

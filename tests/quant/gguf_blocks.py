@@ -63,7 +63,7 @@ TINY_TYPES = {
     "ffn_up": T.Q5_0,
     "ffn_down": T.Q4_K,
     "token_embd": T.Q8_0,
-    "output": T.Q6_K,
+    "output": T.F16,  # a float matrix among blocks: a dense part
 }
 
 
@@ -117,6 +117,9 @@ def write_tiny_quantized_llama(path: str, types: dict = TINY_TYPES, seed: int = 
             writer.add_tensor(f"{name}.weight", tensor.float().numpy())
             continue
         rows, cols = tensor.shape
+        if types[kind] == T.F16:
+            writer.add_tensor(f"{name}.weight", tensor.numpy().astype(np.float16))
+            continue
         blocks = random_blocks(types[kind], rows, cols, rng)
         writer.add_tensor(f"{name}.weight", blocks, raw_dtype=types[kind])
     writer.write_header_to_file()

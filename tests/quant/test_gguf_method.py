@@ -138,6 +138,9 @@ def _run(path: str, quantization: str, **kwargs):
     params = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=1, logprobs=1)
     with LLM(model=path, quantization=quantization, **ENGINE, **kwargs) as llm:
         assert llm.engine.config.model.quant_method == (None if quantization == "none" else "gguf")
+        runner = getattr(llm.engine.executor, "runner", None)
+        if runner is not None and quantization != "none":  # the F16 LM head is a dense part
+            assert [p.ggml_type for p in runner.model.lm_head.gguf_parts] == [None]
         return llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
 
 
