@@ -23,8 +23,11 @@ GGUF_KEPT_TYPE_NAMES = (
     *("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"),
 )
 GGUF_FLOAT_TYPE_NAMES = ("F32", "F16", "BF16")
-# config.json quant_method values paphos loads (none yet: GPTQ/AWQ/FP8 are issue 17's next part).
-HF_QUANT_METHODS: tuple[str, ...] = ()
+# config.json quant_method values paphos loads (GPTQ: a CPU/GPU reference path; AWQ, FP8 and
+# compressed-tensors are issue 17's next part), and the GPTQ settings it takes.
+HF_QUANT_METHODS: tuple[str, ...] = ("gptq",)
+GPTQ_BITS = (4, 8)
+GPTQ_FORMATS = ("gptq", "gptq_v2")
 
 
 def resolve_quant_method(
@@ -34,7 +37,14 @@ def resolve_quant_method(
     type ('cpu'/'cuda'): kept GGUF blocks run on CPU only."""
     if requested not in QUANTIZATIONS:
         raise ValueError(f"quantization={requested!r} is invalid: expected one of {QUANTIZATIONS}")
-    _check_hf_quantization(model, hf_config, gguf_file)
+    hf_method = _hf_quant_method(model, hf_config, gguf_file)
+    if hf_method is not None:
+        if requested != "auto":
+            raise ValueError(
+                f"quantization={requested!r} but {model!r} is a {hf_method} checkpoint (field: "
+                "quantization_config.quant_method in its config.json); use --quantization auto"
+            )
+        return hf_method
     if requested in RUNTIME_GGUF:
         if gguf_file is not None:
             raise ValueError(
@@ -87,30 +97,47 @@ def _quantized_gguf_types(gguf_file: str) -> set[str]:
     return found
 
 
-def _check_hf_quantization(model: str, hf_config: Any, gguf_file: str | None) -> None:
-    """A config.json `quantization_config` paphos cannot load fails here."""
-    if gguf_file is not None:
-        return
-    config = getattr(hf_config, "quantization_config", None)
+def _hf_quant_method(model: str, hf_config: Any, gguf_file: str | None) -> str | None:
+    """The config.json `quantization_config` method paphos runs (None: the checkpoint is not
+    quantized); one it cannot run raises, naming the format and its field."""
+    config = hf_quantization_config(hf_config) if gguf_file is None else None
     if config is None:
-        return
-    if not isinstance(config, dict):
-        config = config.to_dict() if hasattr(config, "to_dict") else vars(config)
+        return None
     method = config.get("quant_method")
-    if method in HF_QUANT_METHODS:
-        return
     bits = config.get("bits", config.get("w_bit"))
     described = f"{method!r}" + (f" ({bits}-bit)" if bits is not None else "")
-    raise ValueError(
-        f"quantization format {described} (field: quantization_config.quant_method in "
-        f"{model}/config.json) is not supported; supported: {_supported(hf_config)}"
-    )
+    field = f"quantization_config.quant_method in {model}/config.json"
+    if method not in HF_QUANT_METHODS:
+        raise ValueError(
+            f"quantization format {described} (field: {field}) is not supported; supported: "
+            f"{_supported(hf_config)}"
+        )
+    if bits not in GPTQ_BITS:
+        raise ValueError(
+            f"quantization format {described} (field: quantization_config.bits in "
+            f"{model}/config.json) is not supported; supported GPTQ bits: {GPTQ_BITS}"
+        )
+    checkpoint_format = config.get("checkpoint_format") or "gptq"
+    if checkpoint_format not in GPTQ_FORMATS:
+        raise ValueError(
+            f"GPTQ checkpoint_format={checkpoint_format!r} (field: quantization_config."
+            f"checkpoint_format in {model}/config.json) is not supported; supported: {GPTQ_FORMATS}"
+        )
+    return method
+
+
+def hf_quantization_config(hf_config: Any) -> dict[str, Any] | None:
+    """config.json's `quantization_config` as a dict, or None."""
+    config = getattr(hf_config, "quantization_config", None)
+    if config is None or isinstance(config, dict):
+        return config
+    return config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
 
 
 def _supported(hf_config: Any) -> str:
     del hf_config
     return (
-        "unquantized safetensors/.bin checkpoints, and GGUF files with tensor types "
+        "unquantized safetensors/.bin checkpoints, GGUF files with tensor types "
         f"{', '.join(GGUF_KEPT_TYPE_NAMES + GGUF_FLOAT_TYPE_NAMES)}"
-        + (f", config.json quant_method {', '.join(HF_QUANT_METHODS)}" if HF_QUANT_METHODS else "")
+        + f", and config.json quant_method {', '.join(HF_QUANT_METHODS)} (bits {GPTQ_BITS})"
     )

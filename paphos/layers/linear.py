@@ -215,6 +215,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         if dim is None:  # a per-tensor quantity, identical for every part
             return store_slice(param, loaded, None, 0, what)
         expected = self._part_full_size(shard_id)
+        if getattr(param, "packed_dim", None) == dim:  # several features per stored element
+            factor = param.packed_factor
+            offset, size, expected = offset // factor, size // factor, expected // factor
         src = narrow_checked(loaded, dim, source_index * size, size, expected, what)
         store_slice(param, src, dim, offset, what)
         return None

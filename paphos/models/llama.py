@@ -186,7 +186,9 @@ class LlamaModel(nn.Module):
     def fused_decode(self) -> FusedDecode | None:
         """The fused CPU decode path, built at first use (after loading), rebuilt when the
         weights moved; None where it does not apply (then every step runs the layers)."""
-        anchor = self.layers[0].self_attn.qkv_proj.weight
+        anchor = getattr(self.layers[0].self_attn.qkv_proj, "weight", None)
+        if anchor is None:  # a packed format without a `weight` (GPTQ): the layers run
+            return None
         fused = self._fused_decode
         if fused is not None and fused.still_valid(anchor):
             return fused

@@ -5,15 +5,29 @@ Invariant: layers never know a weight format; their linear method creates and ap
 
 from __future__ import annotations
 
+from typing import Any
+
 from paphos.quant.base import LinearMethod, set_weight_attrs
 from paphos.quant.unquantized import UnquantizedLinearMethod
+from paphos.quantization import hf_quantization_config
 
 
-def create_linear_method(quant_method: str | None) -> LinearMethod | None:
-    """The method named by `ModelConfig.quant_method` (resolved by paphos.quantization); None
-    for dense weights (each layer then uses UnquantizedLinearMethod)."""
+def create_linear_method(quant_method: str | None, hf_config: Any = None) -> LinearMethod | None:
+    """The method named by `ModelConfig.quant_method` (resolved by paphos.quantization, which
+    validated the checkpoint's settings); None for dense weights (each layer then uses
+    UnquantizedLinearMethod)."""
     if quant_method is None:
         return None
+    if quant_method == "gptq":
+        from paphos.quant.gptq import GPTQLinearMethod
+
+        config = hf_quantization_config(hf_config) or {}
+        return GPTQLinearMethod(
+            bits=int(config["bits"]),
+            group_size=int(config.get("group_size", -1)),
+            desc_act=bool(config.get("desc_act", False)),
+            zero_offset=0 if config.get("checkpoint_format") == "gptq_v2" else 1,
+        )
     # imported here: the gguf package is needed only for GGUF formats
     from paphos.quant.gguf import RUNTIME_TYPES, GGUFLinearMethod
 

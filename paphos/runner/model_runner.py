@@ -139,7 +139,9 @@ class ModelRunner:
 
     def _load_model(self) -> torch.nn.Module:
         model_cls = ModelRegistry.resolve(self.config.model.architecture)
-        linear_method = create_linear_method(self.config.model.quant_method)
+        linear_method = create_linear_method(
+            self.config.model.quant_method, self.config.model.hf_config
+        )
         previous_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
