@@ -2,7 +2,10 @@
 
 Invariant: a method creates every parameter on the layer and tags each with `input_dim` and
 `output_dim` (the tensor dimension that follows the layer's input/output features, or None if none
-does), so the layer's weight loader can cut each parameter's shard without knowing the format.
+does), so the layer's weight loader can cut each parameter's shard without knowing the format. A
+parameter that stores several output features per element (GPTQ's qzeros) also has `packed_dim`
+and `packed_factor`; one that stores its data its own way (GGUF blocks) has `store_slice` and
+`logical_shape` (see layers/weight_utils.py).
 
 A method may also have `apply_silu_and_mul(layer, x, bias)`: silu_and_mul(apply(layer, x, bias))
 for a [gate | up] layer, in one kernel (UnquantizedLinearMethod's, on CUDA);
