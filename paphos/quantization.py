@@ -25,9 +25,11 @@ GGUF_KEPT_TYPE_NAMES = (
 GGUF_FLOAT_TYPE_NAMES = ("F32", "F16", "BF16")
 # config.json quant_method values paphos loads (GPTQ: a CPU/GPU reference path; AWQ, FP8 and
 # compressed-tensors are issue 17's next part), and the GPTQ settings it takes.
-HF_QUANT_METHODS: tuple[str, ...] = ("gptq",)
+HF_QUANT_METHODS: tuple[str, ...] = ("gptq", "awq")
 GPTQ_BITS = (4, 8)
 GPTQ_FORMATS = ("gptq", "gptq_v2")
+AWQ_BITS = (4,)
+AWQ_VERSIONS = ("gemm",)
 
 
 def resolve_quant_method(
@@ -112,18 +114,31 @@ def _hf_quant_method(model: str, hf_config: Any, gguf_file: str | None) -> str |
             f"quantization format {described} (field: {field}) is not supported; supported: "
             f"{_supported(hf_config)}"
         )
-    if bits not in GPTQ_BITS:
+    allowed_bits = GPTQ_BITS if method == "gptq" else AWQ_BITS
+    if bits not in allowed_bits:
         raise ValueError(
             f"quantization format {described} (field: quantization_config.bits in "
-            f"{model}/config.json) is not supported; supported GPTQ bits: {GPTQ_BITS}"
+            f"{model}/config.json) is not supported; supported {method} bits: {allowed_bits}"
         )
-    checkpoint_format = config.get("checkpoint_format") or "gptq"
-    if checkpoint_format not in GPTQ_FORMATS:
-        raise ValueError(
-            f"GPTQ checkpoint_format={checkpoint_format!r} (field: quantization_config."
-            f"checkpoint_format in {model}/config.json) is not supported; supported: {GPTQ_FORMATS}"
-        )
+    if method == "gptq":
+        _check_setting(model, config, "checkpoint_format", "gptq", GPTQ_FORMATS)
+    else:
+        _check_setting(model, config, "version", "gemm", AWQ_VERSIONS)
+        _check_setting(model, config, "zero_point", True, (True,))
     return method
+
+
+def _check_setting(
+    model: str, config: dict[str, Any], key: str, default: Any, allowed: tuple[Any, ...]
+) -> None:
+    value = config.get(key)
+    value = default if value is None else value
+    value = value.lower() if isinstance(value, str) else value
+    if value not in allowed:
+        raise ValueError(
+            f"{config.get('quant_method')} {key}={value!r} (field: quantization_config.{key} in "
+            f"{model}/config.json) is not supported; supported: {allowed}"
+        )
 
 
 def hf_quantization_config(hf_config: Any) -> dict[str, Any] | None:
@@ -139,5 +154,6 @@ def _supported(hf_config: Any) -> str:
     return (
         "unquantized safetensors/.bin checkpoints, GGUF files with tensor types "
         f"{', '.join(GGUF_KEPT_TYPE_NAMES + GGUF_FLOAT_TYPE_NAMES)}"
-        + f", and config.json quant_method {', '.join(HF_QUANT_METHODS)} (bits {GPTQ_BITS})"
+        + f", and config.json quant_method gptq (bits {GPTQ_BITS}) or awq (bits {AWQ_BITS}, "
+        "GEMM layout)"
     )

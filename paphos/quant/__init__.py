@@ -28,6 +28,13 @@ def create_linear_method(quant_method: str | None, hf_config: Any = None) -> Lin
             desc_act=bool(config.get("desc_act", False)),
             zero_offset=0 if config.get("checkpoint_format") == "gptq_v2" else 1,
         )
+    if quant_method == "awq":
+        from paphos.quant.awq import AWQLinearMethod
+
+        config = hf_quantization_config(hf_config) or {}
+        return AWQLinearMethod(
+            group_size=int(config.get("group_size", config.get("q_group_size", -1)))
+        )
     # imported here: the gguf package is needed only for GGUF formats
     from paphos.quant.gguf import RUNTIME_TYPES, GGUFLinearMethod
 
