@@ -199,7 +199,9 @@ class GGUFLinearMethod:
         return out.reshape(*ids.shape, in_features)
 
 
-def reference_apply(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+def reference_apply(
+    layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """The oracle: every part dequantized by the `gguf` package, then one fp32 matmul."""
     weight = torch.cat([dequantized_part(layer, part) for part in layer.gguf_parts])  # [out, in]
     out = x.float() @ weight.T  # [num_tokens, out]
@@ -215,16 +217,12 @@ def dequantized_part(layer: nn.Module, part: GGUFPart) -> torch.Tensor:
     return GGUFQuantizedTensor(part.ggml_type, data, (part.rows, layer.gguf_shape[1])).dequantize()
 
 
-def weight_bytes(layer: nn.Module) -> int:
-    return sum(getattr(layer, p.name).nbytes for p in layer.gguf_parts)
-
-
 def _store_slice(
     layer: nn.Module, src: torch.Tensor | GGUFQuantizedTensor, dim: int | None, offset: int
 ) -> None:
     """The layer's weight loader hands this rank's rows (or columns) here, in elements."""
     rows, cols = layer.gguf_shape
-    if tuple(src.shape) != (src.shape[0], cols) or (dim is None and src.shape[0] != rows):
+    if len(src.shape) != 2 or src.shape[1] != cols or (dim is None and src.shape[0] != rows):
         raise ValueError(
             f"GGUF weight slice of shape {tuple(src.shape)} does not fit {(rows, cols)}"
         )
@@ -266,8 +264,3 @@ def _dequantize(lib, ggml_type, data: torch.Tensor, in_features: int) -> torch.T
     if lib is None:
         return GGUFQuantizedTensor(ggml_type, data, (data.shape[0], in_features)).dequantize()
     return gguf_matvec.dequantize(lib, ggml_type, data, in_features, torch.get_num_threads())
-
-
-def gguf_type_sizes(ggml_type: GGMLQuantizationType) -> tuple[int, int]:
-    """(elements, bytes) of one block."""
-    return GGML_QUANT_SIZES[ggml_type]
