@@ -44,7 +44,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.embed_tokens = VocabParallelEmbedding(
-            spec.vocab_size, spec.hidden_size, parallel=parallel
+            spec.vocab_size, spec.hidden_size, parallel=parallel, linear_method=linear_method
         )
         ropes: list[tuple[RopeSpec, RotaryEmbedding]] = []  # one table per distinct rope
         layers = []
@@ -61,7 +61,7 @@ class DecoderModel(nn.Module):
         self.fused = FusedDecodeSlot(parallel.world_size == 1 and cpu_decode.enabled_from_env())
         self.embedding_multiplier = spec.embedding_multiplier  # a host float: graph-safe
         if spec.embedding_multiplier is not None and spec.embedding_multiplier_in_dtype:
-            dtype = self.embed_tokens.weight.dtype  # Gemma: sqrt(hidden) rounded to it
+            dtype = self.embed_tokens.params_dtype  # Gemma: sqrt(hidden) rounded to it
             self.embedding_multiplier = float(torch.tensor(spec.embedding_multiplier, dtype=dtype))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -78,8 +78,8 @@ class DecoderModel(nn.Module):
     ) -> torch.Tensor:
         hidden_states = self.embed(input_ids)  # [num_tokens, hidden_size]
         fused = None
-        if input_ids.is_cpu:
-            anchor = self.layers[0].self_attn.qkv_proj.weight
+        anchor = getattr(self.layers[0].self_attn.qkv_proj, "weight", None)  # None: GPTQ/AWQ
+        if input_ids.is_cpu and anchor is not None:
             fused = self.fused.get(lambda: [layer.fused_weights() for layer in self.layers], anchor)
         residual: torch.Tensor | None
         if fused is not None and fused.takes(hidden_states, kv_caches, attn_metadata):
@@ -129,7 +129,10 @@ class DecoderForCausalLM(nn.Module):
         self.spec = self.describe(config.hf_config)
         self.model = DecoderModel(self.spec, linear_method, parallel)
         self.lm_head = ParallelLMHead(
-            self.spec.vocab_size, self.spec.hidden_size, parallel=parallel
+            self.spec.vocab_size,
+            self.spec.hidden_size,
+            parallel=parallel,
+            linear_method=linear_method,
         )
         self.tie_word_embeddings = self.spec.tie_word_embeddings
         if self.tie_word_embeddings:
