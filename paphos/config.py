@@ -20,6 +20,7 @@ from paphos.quantization import QUANTIZATIONS, resolve_quant_method
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
+MODEL_IMPLS = ("auto", "paphos", "transformers")
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 MAX_SCHEDULER_STEPS = 64  # a multi-step run allocates this many slots ahead per request
 
@@ -56,6 +57,14 @@ class ModelConfig:
     chat_template: str | None = field(
         default=None,
         metadata=_help("Jinja chat template, or a path to one (default: the model's)."),
+    )
+    model_impl: str = field(
+        default="auto",
+        metadata=_help(
+            "Model implementation: paphos's own (paphos), transformers' modeling code with "
+            "paphos's paged attention (transformers), or auto: paphos's where it has one.",
+            choices=MODEL_IMPLS,
+        ),
     )
     skip_tokenizer_init: bool = field(
         default=False, metadata=_help("Token ids in, token ids out; no tokenizer is loaded.")
@@ -230,6 +239,7 @@ class EngineConfig:
         _check(
             m.load_format in LOAD_FORMATS, "load_format", m.load_format, f"one of {LOAD_FORMATS}"
         )
+        _check(m.model_impl in MODEL_IMPLS, "model_impl", m.model_impl, f"one of {MODEL_IMPLS}")
         _check(r.device in DEVICES, "device", r.device, f"one of {DEVICES}")
         _check(
             c.block_size > 0 and c.block_size % 8 == 0,

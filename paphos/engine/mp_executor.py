@@ -78,7 +78,7 @@ class MultiprocExecutor:
     def _start(self, config: EngineConfig, timeout_s: float) -> None:
         backend = _backend(config, self.world_size)
         init_method = f"tcp://127.0.0.1:{_free_port()}"
-        path = worker.model_class_path(ModelRegistry.resolve(config.model.architecture))
+        path = worker.model_class_path(ModelRegistry.resolve_for(config.model))
         context = multiprocessing.get_context("spawn")
         for rank in range(1, self.world_size):
             spec = worker.WorkerSpec(

@@ -6,6 +6,7 @@ class is checked against the model contract before it is handed out. Plugins run
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import logging
@@ -16,12 +17,17 @@ from typing import ClassVar
 
 from torch import nn
 
+from paphos.config import ModelConfig
+
 logger = logging.getLogger(__name__)
 
 PLUGIN_GROUP = "paphos.plugins"
 _CLASS_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _FORWARD_PARAMS = ("input_ids", "positions", "kv_caches", "attn_metadata")
 _INIT_PARAMS = ("config", "linear_method", "parallel")
+# Any decoder transformers can build, with paphos's paged attention (--model-impl transformers).
+TRANSFORMERS_FALLBACK = "paphos.models.transformers_impl:TransformersForCausalLM"
+_NUM_CLOSEST = 3
 
 _BUILTIN_MODELS: dict[str, str] = {
     "LlamaForCausalLM": "paphos.models.llama:LlamaForCausalLM",
@@ -43,6 +49,15 @@ _BUILTIN_MODELS: dict[str, str] = {
     "Cohere2ForCausalLM": "paphos.models.cohere:Cohere2ForCausalLM",
     "Exaone4ForCausalLM": "paphos.models.exaone4:Exaone4ForCausalLM",
     "Ministral3ForCausalLM": "paphos.models.mistral:Ministral3ForCausalLM",
+    # GPT-style and Phi families (one contiguous block)
+    "GPT2LMHeadModel": "paphos.models.gpt2:GPT2LMHeadModel",
+    "GPTBigCodeForCausalLM": "paphos.models.gpt2:GPTBigCodeForCausalLM",
+    "GPTNeoXForCausalLM": "paphos.models.gpt_neox:GPTNeoXForCausalLM",
+    "GPTJForCausalLM": "paphos.models.gptj:GPTJForCausalLM",
+    "OPTForCausalLM": "paphos.models.opt:OPTForCausalLM",
+    "FalconForCausalLM": "paphos.models.falcon:FalconForCausalLM",
+    "PhiForCausalLM": "paphos.models.phi:PhiForCausalLM",
+    "Phi3ForCausalLM": "paphos.models.phi:Phi3ForCausalLM",
 }
 
 
@@ -135,6 +150,11 @@ class ModelRegistry:
         return sorted(cls._models)
 
     @classmethod
+    def builtin_architectures(cls) -> list[str]:
+        """paphos's own architectures, in registry order (what the README's table lists)."""
+        return list(_BUILTIN_MODELS)
+
+    @classmethod
     def is_supported(cls, arch: str) -> bool:
         return arch in cls._models
 
@@ -143,10 +163,7 @@ class ModelRegistry:
         """The model class of `arch`, imported (and checked) on first use."""
         entry = cls._models.get(arch)
         if entry is None:
-            raise ValueError(
-                f"architecture {arch!r} is not supported; supported: "
-                + ", ".join(cls.supported_architectures())
-            )
+            raise cls.unsupported_error(arch)
         if isinstance(entry, str):
             entry = _import_class(arch, entry)
             problems = contract_problems(entry)
@@ -154,6 +171,43 @@ class ModelRegistry:
                 raise _contract_error(arch, entry, problems)
             cls._models[arch] = entry
         return entry
+
+    @classmethod
+    def unsupported_error(cls, arch: str, fallback_possible: bool = True) -> ValueError:
+        """The error for an architecture paphos has no class for: the closest supported names,
+        and the transformers fallback (when transformers could build it)."""
+        supported = cls.supported_architectures()
+        closest = difflib.get_close_matches(arch, supported, n=_NUM_CLOSEST, cutoff=0.0)
+        hint = (
+            "; or run transformers' implementation with paphos's paged attention: "
+            "--model-impl transformers"
+            if fallback_possible
+            else "; transformers has no such architecture either"
+        )
+        return ValueError(
+            f"architecture {arch!r} is not supported; closest supported: {', '.join(closest)}"
+            f"{hint} (all supported: {', '.join(supported)})"
+        )
+
+    @classmethod
+    def resolve_for(cls, model_config: ModelConfig) -> type:
+        """The class that serves `model_config` under its `model_impl`: paphos's own, the
+        transformers fallback, or (auto) paphos's where registered, else the fallback."""
+        arch, impl = model_config.architecture, model_config.model_impl
+        if impl == "paphos" or (impl == "auto" and arch in cls._models):
+            return cls.resolve(arch)
+        if impl not in ("auto", "transformers"):
+            raise ValueError(f"model_impl={impl!r} is invalid: expected auto/paphos/transformers")
+        if not _transformers_has(arch):
+            raise cls.unsupported_error(arch, fallback_possible=False)
+        if impl == "auto":
+            logger.info("%s has no paphos implementation: running transformers' (the fallback)",
+                        arch)  # fmt: skip
+        fallback = _import_class(arch, TRANSFORMERS_FALLBACK)
+        problems = contract_problems(fallback)
+        if problems:
+            raise _contract_error(arch, fallback, problems)
+        return fallback
 
     @classmethod
     def load_plugins(cls, group: str = PLUGIN_GROUP) -> list[str]:
@@ -184,6 +238,16 @@ def _import_class(arch: str, path: str) -> type:
     if found is None:
         raise ValueError(f"cannot import {path!r} for architecture {arch!r}: no {class_name}")
     return found
+
+
+def _transformers_has(arch: str) -> bool:
+    """Whether transformers (imported here: the registry itself stays light) defines `arch`."""
+    import transformers
+
+    try:
+        return isinstance(getattr(transformers, arch, None), type)
+    except (ImportError, AttributeError, RuntimeError):  # a model whose optional deps are missing
+        return False
 
 
 def load_plugins() -> list[str]:

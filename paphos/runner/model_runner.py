@@ -138,7 +138,7 @@ class ModelRunner:
         self._grammars: GrammarCompilerCache | None = None  # built at the first constrained request
 
     def _load_model(self) -> torch.nn.Module:
-        model_cls = ModelRegistry.resolve(self.config.model.architecture)
+        model_cls = ModelRegistry.resolve_for(self.config.model)
         linear_method = create_linear_method(
             self.config.model.quant_method, self.config.model.hf_config
         )
@@ -212,7 +212,9 @@ class ModelRunner:
             self.block_size,
             self.device,
         )
-        if self.device.type == "cuda" and not self.config.runtime.enforce_eager:
+        # a model class may opt out of graphs (the transformers fallback: HF code may sync)
+        graphs_ok = getattr(self.model, "supports_cuda_graphs", True)
+        if self.device.type == "cuda" and not self.config.runtime.enforce_eager and graphs_ok:
             self.graphs = DecodeGraphs(
                 self.model,
                 self.kv_caches,

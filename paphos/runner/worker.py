@@ -84,7 +84,7 @@ def _prepare(spec: WorkerSpec) -> None:
     load_plugins()
     arch = spec.config.model.architecture
     try:
-        current = model_class_path(ModelRegistry.resolve(arch))
+        current = model_class_path(ModelRegistry.resolve_for(spec.config.model))
     except ValueError:
         current = None  # not registered here, or not importable: the engine's class decides
     if current != spec.model_class_path:

@@ -105,9 +105,18 @@ def test_unsupported_architecture_error_lists_supported_ones():
     # other tests in the same process may have registered more architectures: list them all
     supported = ModelRegistry.supported_architectures()
     assert {"GoodForCausalLM", "LlamaForCausalLM"} <= set(supported)
-    assert str(info.value) == (
-        f"architecture 'NopeForCausalLM' is not supported; supported: {', '.join(supported)}"
+    message = str(info.value)
+    assert message.startswith(
+        "architecture 'NopeForCausalLM' is not supported; closest supported: "
     )
+    assert "--model-impl transformers" in message
+    assert message.endswith(f"(all supported: {', '.join(supported)})")
+
+
+def test_unsupported_architecture_error_names_the_closest_families_first():
+    message = str(ModelRegistry.unsupported_error("LlamaForCausalLLM"))
+    closest = message.split("closest supported: ")[1].split(";")[0].split(", ")
+    assert closest[0] == "LlamaForCausalLM" and len(closest) <= 3
 
 
 def test_registered_class_resolves_to_itself():
@@ -226,3 +235,26 @@ def test_plugin_models_exist_in_a_fresh_worker_process(plugin_dir):
     assert run.returncode == 0, run.stderr
     out = run
     assert out.stdout.strip() == "paphos_test_plugin"
+
+
+def _model_config(arch: str, impl: str):
+    from types import SimpleNamespace
+
+    from paphos.config import ModelConfig
+
+    return ModelConfig(model="x", model_impl=impl, hf_config=SimpleNamespace(architectures=[arch]))
+
+
+def test_model_impl_picks_native_fallback_or_refuses():
+    from paphos.models.transformers_impl import TransformersForCausalLM
+
+    llama = ModelRegistry.resolve("LlamaForCausalLM")
+    assert ModelRegistry.resolve_for(_model_config("LlamaForCausalLM", "auto")) is llama
+    assert ModelRegistry.resolve_for(_model_config("LlamaForCausalLM", "paphos")) is llama
+    fallback = ModelRegistry.resolve_for(_model_config("LlamaForCausalLM", "transformers"))
+    assert fallback is TransformersForCausalLM
+    assert ModelRegistry.resolve_for(_model_config("HeliumForCausalLM", "auto")) is fallback
+    with pytest.raises(ValueError, match="--model-impl transformers"):
+        ModelRegistry.resolve_for(_model_config("HeliumForCausalLM", "paphos"))
+    with pytest.raises(ValueError, match="transformers has no such architecture either"):
+        ModelRegistry.resolve_for(_model_config("NopeForCausalLM", "auto"))
