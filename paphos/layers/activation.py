@@ -53,3 +53,13 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._op(x)
+
+
+# GPT-2-era names: tanh approximations of GELU, and CLIP's quick_gelu
+ACTIVATIONS.update(
+    {
+        "gelu_new": functools.partial(F.gelu, approximate="tanh"),
+        "gelu_fast": functools.partial(F.gelu, approximate="tanh"),
+        "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    }
+)

@@ -27,6 +27,13 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_size = head_size
         self.is_neox_style = is_neox_style
+        build_table = _TABLE_BUILDERS.get(_rope_type(rope_scaling))
+        if build_table is not None:
+            assert rope_scaling is not None and freq_factors is None
+            cache = build_table(base, rotary_dim, max_position, rope_scaling)
+            self.register_buffer("cos_sin_cache", cache, persistent=False)
+            self._op = pick("rotary_embedding", cache.device.type)
+            return
         inv_freq = _inv_freq(base, rotary_dim, rope_scaling)  # [rotary_dim // 2]
         if freq_factors is not None:
             if len(freq_factors) != rotary_dim // 2:
@@ -64,6 +71,82 @@ def get_rope(
     return RotaryEmbedding(
         head_size, rotary_dim, max_position, base, is_neox_style, rope_scaling, freq_factors
     )
+
+
+# ---- LongRoPE and dynamic NTK: scalings that build the whole table (per-position factors) ----
+
+
+def _default_inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
+    return 1.0 / (base**exponents)  # [rotary_dim // 2]
+
+
+def _table(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """cos | sin of positions x inv_freq ([rotary_dim // 2], or one row per position), scaled."""
+    if inv_freq.dim() == 1:
+        freqs = torch.outer(positions, inv_freq)  # [num_positions, rotary_dim // 2]
+    else:
+        freqs = positions[:, None] * inv_freq  # [num_positions, rotary_dim // 2]
+    return torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1)  # [num_pos, rotary_dim]
+
+
+def longrope_table(
+    base: float, rotary_dim: int, max_position: int, scaling: dict[str, Any]
+) -> torch.Tensor:
+    """Phi-3's LongRoPE ("su"): per-dimension factors, `short_factor` for positions within the
+    pretrained context and `long_factor` beyond it; cos and sin scaled by the attention factor.
+    (HF picks one factor set per forward by the batch's length; per position, a cached key keeps
+    the rotation it was written with.)"""
+    original = int(scaling["original_max_position_embeddings"])
+    factor = scaling.get("factor") or max_position / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = (
+            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        )
+    inv_freq = _default_inv_freq(base, rotary_dim)
+    tables = []
+    for key, start, stop in (
+        ("short_factor", 0, original),
+        ("long_factor", original, max_position),
+    ):
+        if stop <= start:
+            continue
+        ext = torch.tensor(scaling[key], dtype=torch.float32)  # [rotary_dim // 2]
+        if ext.shape != inv_freq.shape:
+            raise ValueError(f"longrope {key}: {ext.numel()} values, expected {inv_freq.numel()}")
+        positions = torch.arange(start, stop, dtype=torch.float32)
+        tables.append(_table(positions, inv_freq / ext, float(attention_factor)))
+    return torch.cat(tables)  # [max(max_position, original), rotary_dim]
+
+
+def dynamic_ntk_table(
+    base: float, rotary_dim: int, max_position: int, scaling: dict[str, Any]
+) -> torch.Tensor:
+    """Dynamic NTK: unscaled within `max_position`; position p beyond it rotates with the base HF
+    uses for a sequence of p + 1 tokens (what HF's cached decode gives that token). The table
+    covers factor x max_position."""
+    factor = float(scaling["factor"])
+    inside = _table(
+        torch.arange(max_position, dtype=torch.float32), _default_inv_freq(base, rotary_dim)
+    )
+    beyond = torch.arange(max_position, int(max_position * factor), dtype=torch.float32)
+    if beyond.numel() == 0:
+        return inside
+    seq_len = beyond + 1  # [num_beyond]
+    scaled_base = base * ((factor * seq_len / max_position) - (factor - 1)) ** (
+        rotary_dim / (rotary_dim - 2)
+    )  # [num_beyond]
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
+    inv_freq = 1.0 / scaled_base[:, None] ** exponents  # [num_beyond, rotary_dim // 2]
+    return torch.cat((inside, _table(beyond, inv_freq)))
+
+
+_TABLE_BUILDERS = {
+    "longrope": longrope_table,
+    "su": longrope_table,
+    "dynamic": dynamic_ntk_table,
+}
 
 
 def _rope_type(rope_scaling: dict[str, Any] | None) -> str:
