@@ -9,8 +9,8 @@ ARCHITECTURE = "GPTNeoXForCausalLM"
 
 
 def register() -> None:
-    """Serve HF `GPTNeoXForCausalLM` checkpoints with this package's model (imported lazily)."""
+    """Serve HF `GPTNeoXForCausalLM` checkpoints with this package's model (imported lazily),
+    in place of paphos's built-in GPT-NeoX: the example shows the out-of-tree path."""
     from paphos import ModelRegistry
 
-    if not ModelRegistry.is_supported(ARCHITECTURE):
-        ModelRegistry.register_model(ARCHITECTURE, f"{__name__}.gpt_neox:GPTNeoXForCausalLM")
+    ModelRegistry.register_model(ARCHITECTURE, f"{__name__}.gpt_neox:GPTNeoXForCausalLM")
