@@ -1,7 +1,7 @@
 """The GPT-style and Phi families and the transformers fallback on CUDA (Triton attention; CUDA
 graphs for the native families' decode, eager for the fallback's), float32, against transformers
 on the CPU: logprobs of a mixed prefill/decode batch, and greedy tokens of `LLM.generate`.
-On the device: `pytest -m gpu tests/gpu/test_zoo_models_cuda.py`.
+On the device: `pytest -m gpu tests/gpu/test_gpt_phi_fallback_cuda.py`.
 """
 
 from __future__ import annotations
