@@ -121,9 +121,9 @@ def check_greedy(path: Path, hf: PreTrainedModel, max_tokens: int = 16, **llm_kw
     vocab = hf.config.get_text_config().vocab_size
     prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (5, 19, 33)]
     kwargs = dict(dtype="float32", skip_tokenizer_init=True, kv_cache_space=0.01, device="cpu")
-    llm = LLM(model=str(path), **{**kwargs, **llm_kwargs})
     params = SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    with LLM(model=str(path), **{**kwargs, **llm_kwargs}) as llm:  # closed: threads unpinned
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
             ref = hf.generate(
