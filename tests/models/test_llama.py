@@ -142,9 +142,11 @@ def test_greedy_tokens_equal_hf_generate(tmp_path, variant):
     hf = make_tiny_llama(tmp_path, variant)
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 211, (n,), generator=gen).tolist() for n in (5, 17, 33)]
-    llm = LLM(model=str(tmp_path), dtype="float32", skip_tokenizer_init=True, kv_cache_space=0.01)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    with LLM(
+        model=str(tmp_path), dtype="float32", skip_tokenizer_init=True, kv_cache_space=0.01
+    ) as llm:  # closed: a left-open engine keeps this process's threads pinned
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
             ref = hf.generate(

@@ -49,10 +49,10 @@ def test_chat_continuations_equal_live_transformers():
     chats = [[{"role": "user", "content": q}] for q in questions]
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
     outs = llm.chat(chats, params, use_tqdm=False)
+    tokenizer = llm.tokenizer
+    llm.close()  # an open engine keeps the process's threads pinned
     for chat, out in zip(chats, outs):
-        prompt_ids = llm.tokenizer.apply_chat_template(
-            chat, add_generation_prompt=True, tokenize=True
-        )
+        prompt_ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
         prompt_ids = list(getattr(prompt_ids, "input_ids", prompt_ids))
         assert out.prompt_token_ids == prompt_ids
         with torch.no_grad():
@@ -85,6 +85,7 @@ def test_workload_greedy_equals_fp32_reference_under_any_batching(workload, engi
     for i, tokens in enumerate(expected):
         assert got[i] == tokens, f"prompt {i}"
     stats = llm.engine.get_stats()
+    llm.close()  # an open engine keeps the process's threads pinned
     if "num_blocks_override" in engine_kwargs:
         assert stats.num_preemptions > 0
     assert stats.num_free_kv_blocks == stats.num_kv_blocks
