@@ -220,6 +220,11 @@ class TransformersForCausalLM(nn.Module):
         parallel = parallel or ParallelInfo()
         AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
         arch = config.architecture
+        if linear_method is not None:
+            raise ValueError(
+                f"{arch}: quantized checkpoints ({type(linear_method).__name__}) are not run by "
+                "the transformers fallback (its linears are transformers' own)"
+            )
         hf_class = getattr(transformers, arch, None)
         if not isinstance(hf_class, type):
             raise ValueError(f"transformers {transformers.__version__} has no class {arch!r}")
