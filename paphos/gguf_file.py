@@ -399,7 +399,8 @@ def read_gguf_tensors(
             values = values - 1.0  # back to the checkpoint's zero-centred weight
         tensor = torch.from_numpy(values)
         if kept:
-            packed = GGUFQuantizedTensor(info.ggml_type, tensor, info.shape)
+            rows, cols = info.shape  # a kept tensor is a matrix
+            packed = GGUFQuantizedTensor(info.ggml_type, tensor, (rows, cols))
             yield gguf_to_hf_name(info.name, arch), packed
         else:
             yield gguf_to_hf_name(info.name, arch), tensor

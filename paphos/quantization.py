@@ -105,7 +105,7 @@ def _hf_quant_method(model: str, hf_config: Any, gguf_file: str | None) -> str |
     config = hf_quantization_config(hf_config) if gguf_file is None else None
     if config is None:
         return None
-    method = config.get("quant_method")
+    method = str(config.get("quant_method"))
     bits = config.get("bits", config.get("w_bit"))
     described = f"{method!r}" + (f" ({bits}-bit)" if bits is not None else "")
     field = f"quantization_config.quant_method in {model}/config.json"

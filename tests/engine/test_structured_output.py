@@ -60,7 +60,7 @@ def _workload(n: int = 1) -> list[SamplingParams]:
 def _check(llm: LLM, params: list[SamplingParams]) -> None:
     # two prompts of 2+ full blocks each, so that repeats hit the prefix cache
     texts = ["The quick brown fox jumps over the lazy dog. " * 2, "Hello world! How are you? " * 2]
-    prompts = texts * (len(params) // 2)
+    prompts = [texts[i % 2] for i in range(len(params))]
     outs = llm.generate(prompts, params, use_tqdm=False)
     for out, p in zip(outs, params):
         spec = p.structured_outputs

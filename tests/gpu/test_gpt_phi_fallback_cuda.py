@@ -33,12 +33,23 @@ def tiny(request, tmp_path_factory):
     return path, save_tiny(getattr(transformers, arch), _config(arch, kwargs), path), impl
 
 
+def _runner_or_skip(path, impl):
+    """The runner; a skip where this transformers version's class bypasses the attention
+    interface (CodeGen did before 5.2x), which the fallback refuses with that reason."""
+    try:
+        return build_runner(path, model_impl=impl, device="cuda")
+    except ValueError as e:
+        if "never called transformers' attention interface" not in str(e):
+            raise
+        pytest.skip(f"transformers {transformers.__version__}: {e}")
+
+
 def test_mixed_batch_logprobs_on_cuda_equal_transformers(tiny):
     path, hf, impl = tiny
-    runner = build_runner(path, model_impl=impl, device="cuda")
-    check_mixed_batch(hf, runner, atol=ATOL)
+    check_mixed_batch(hf, _runner_or_skip(path, impl), atol=ATOL)
 
 
 def test_greedy_tokens_on_cuda_equal_hf_generate(tiny):
     path, hf, impl = tiny
+    _runner_or_skip(path, impl)
     check_greedy(path, hf, model_impl=impl, **CUDA)

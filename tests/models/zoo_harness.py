@@ -80,7 +80,8 @@ def _all_logits(runner: ModelRunner, states, counts) -> torch.Tensor:
     """Logits of every scheduled token (not only the sampled ones)."""
     inputs = build_step_inputs(states, counts, BLOCK_SIZE, runner.device)
     num_tokens = inputs.input_ids.shape[0]
-    metadata = dataclasses.replace(inputs.attn_metadata, logits_indices=torch.arange(num_tokens))
+    every_token = torch.arange(num_tokens, device=runner.device)  # [num_tokens]
+    metadata = dataclasses.replace(inputs.attn_metadata, logits_indices=every_token)
     with torch.inference_mode():
         hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, metadata)
         return runner.model.compute_logits(hidden, metadata)
