@@ -227,6 +227,7 @@ def _greedy_tokens(path: Path, dtype: torch.dtype, block_size: int) -> tuple[lis
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     fused = llm.engine.executor.runner.model.model.fused_decode()
+    llm.close()  # unpins this thread's compute threads for the tests after it
     return [o.outputs[0].token_ids for o in outs], 0 if fused is None else fused.num_steps
 
 
