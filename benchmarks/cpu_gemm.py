@@ -8,28 +8,17 @@ SmolLM2-135M's shapes; one table, with the ratios and which one ops.dense picks 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 import torch.utils.mkldnn as mkldnn
+from cpu_matvec import median_ms  # benchmarks/: one warm-up, then the median of the repeats
 from torch import nn
 
 from paphos.kernels.cpu import isa
 from paphos.ops import dense
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def products(x: torch.Tensor, weights: list[torch.Tensor], out_dtype: torch.dtype | None):
