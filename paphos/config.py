@@ -207,6 +207,8 @@ class EngineConfig:
         """Build from flat keyword arguments (`LLM(model=..., dtype=..., block_size=...)`)."""
         parts: dict[str, dict[str, Any]] = {name: {} for name in PART_CLASSES}
         for key, value in kwargs.items():
+            if key in ("model", "tokenizer") and isinstance(value, os.PathLike):
+                value = os.fspath(value)  # pathlib.Path and friends; str methods are used below
             part = FIELD_TO_PART.get(key)
             if part is None:
                 raise ValueError(f"unknown engine argument {key!r}")

@@ -54,7 +54,8 @@ def _tokenizer_from_dir(directory: str) -> PreTrainedTokenizerBase:
     if not present:
         raise ValueError(
             f"{directory!r} holds no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)}); "
-            "pass tokenizer=<dir> or skip_tokenizer_init=True to work with token ids only"
+            "pass tokenizer=<dir> or skip_tokenizer_init=True (CLI: --tokenizer DIR or "
+            "--skip-tokenizer-init) to work with token ids only"
         )
     try:
         return AutoTokenizer.from_pretrained(directory, local_files_only=True)

@@ -186,7 +186,8 @@ class ModelRegistry:
         )
         return ValueError(
             f"architecture {arch!r} is not supported; closest supported: {', '.join(closest)}"
-            f"{hint} (all supported: {', '.join(supported)})"
+            f"{hint}; to add it, see docs/adding_a_model.md, or register an out-of-tree class "
+            f"with ModelRegistry.register_model (all supported: {', '.join(supported)})"
         )
 
     @classmethod

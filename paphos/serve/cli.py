@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import logging
 import sys
 from collections.abc import Sequence
@@ -55,14 +56,27 @@ def add_dataclass_flags(group: Any, cls: type, skip: Sequence[str] = ()) -> list
         flags = ["--" + f.name.replace("_", "-")]
         if "short" in f.metadata:
             flags.insert(0, f.metadata["short"])
-        group.add_argument(*flags, dest=f.name, **_flag_kwargs(f))
+        action = group.add_argument(*flags, dest=f.name, **_flag_kwargs(f))
+        if isinstance(action, argparse.BooleanOptionalAction) and "default" not in action.help:
+            action.help += f" (default: {action.default})"  # Python < 3.11 adds it itself
         names.append(f.name)
     return names
+
+
+def package_version() -> str:
+    """The installed distribution's version, else the source tree's `paphos.__version__`."""
+    try:
+        return importlib.metadata.version("paphos")
+    except importlib.metadata.PackageNotFoundError:
+        import paphos
+
+        return getattr(paphos, "__version__", "unknown")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     """The parser and, per config part ('model', ..., 'server'), the dests of its flags."""
     parser = argparse.ArgumentParser(prog="paphos", description="paphos: serve open-weight LLMs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
         "run",
