@@ -4,11 +4,14 @@ defaults and choices, --x/--no-x for bools), parse into EngineConfig kwargs and 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import subprocess
 import sys
 
 import pytest
+
+import paphos
 
 from paphos.config import PART_CLASSES
 from paphos.serve.cli import build_parser, configs_from_args, main
@@ -155,3 +158,17 @@ def test_tool_reasoning_kobold_and_grammar_flags() -> None:
     assert parse()[1].kobold_api  # on by default
     with pytest.raises(ValueError, match="tool_call_parser"):
         parse("--enable-auto-tool-choice")
+
+
+def test_version_prints_the_package_version_and_exits_0(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser()[0].parse_args(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"paphos {paphos.__version__}"
+
+
+def test_boolean_flags_show_their_default_in_help() -> None:
+    run = build_parser()[0]._subparsers._group_actions[0].choices["run"]
+    for action in run._actions:
+        if isinstance(action, argparse.BooleanOptionalAction):
+            assert "(default: " in action.help, action.option_strings

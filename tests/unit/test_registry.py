@@ -258,3 +258,9 @@ def test_model_impl_picks_native_fallback_or_refuses():
         ModelRegistry.resolve_for(_model_config("HeliumForCausalLM", "paphos"))
     with pytest.raises(ValueError, match="transformers has no such architecture either"):
         ModelRegistry.resolve_for(_model_config("NopeForCausalLM", "auto"))
+
+
+def test_unsupported_architecture_error_says_what_to_do() -> None:
+    message = str(ModelRegistry.unsupported_error("NoSuchForCausalLM"))
+    for hint in ("--model-impl transformers", "docs/adding_a_model.md", "register_model"):
+        assert hint in message

@@ -65,6 +65,11 @@ def test_directory_without_tokenizer_files_suggests_skip_tokenizer_init(tmp_path
         get_tokenizer(ModelConfig(model=str(tmp_path)))
 
 
+def test_missing_tokenizer_hint_names_the_cli_flags(tmp_path):
+    with pytest.raises(ValueError, match="--tokenizer DIR or --skip-tokenizer-init"):
+        get_tokenizer(ModelConfig(model=str(tmp_path)))
+
+
 def test_missing_tokenizer_source_raises_naming_it(tmp_path):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="nowhere"):
