@@ -12,7 +12,6 @@ import sys
 import pytest
 
 import paphos
-
 from paphos.config import PART_CLASSES
 from paphos.serve.cli import build_parser, configs_from_args, main
 from paphos.serve.server_config import ServerConfig
