@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+import paphos
 from paphos.config import PART_CLASSES, EngineConfig
 from paphos.serve.server_config import ServerConfig
 
@@ -63,20 +63,10 @@ def add_dataclass_flags(group: Any, cls: type, skip: Sequence[str] = ()) -> list
     return names
 
 
-def package_version() -> str:
-    """The installed distribution's version, else the source tree's `paphos.__version__`."""
-    try:
-        return importlib.metadata.version("paphos")
-    except importlib.metadata.PackageNotFoundError:
-        import paphos
-
-        return getattr(paphos, "__version__", "unknown")
-
-
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     """The parser and, per config part ('model', ..., 'server'), the dests of its flags."""
     parser = argparse.ArgumentParser(prog="paphos", description="paphos: serve open-weight LLMs.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {paphos.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
         "run",
