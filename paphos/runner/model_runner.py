@@ -152,8 +152,7 @@ class ModelRunner:
         load_model_weights(model, self.config.model, self.config.runtime.seed)
         sampler = getattr(model, "sampler", None)
         if sampler is not None:  # unseeded rows draw from the engine seed's generator: runs repeat
-            generator = torch.Generator(device=self.device)
-            sampler.generator = generator.manual_seed(self.config.runtime.seed)
+            sampler.generator = torch.Generator(self.device).manual_seed(self.config.runtime.seed)
         logger.info(
             "weights: %s, %.1f MiB on rank %d (%s)",
             type(linear_method).__name__ if linear_method else "UnquantizedLinearMethod",
