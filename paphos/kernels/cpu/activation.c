@@ -44,28 +44,25 @@ static inline __m256 sleef_exp(__m256 d) {
 }
 
 /* act = silu(gate) * up for one row of gate_up [gate | up] (width 2 * n), as torch's
- * F.silu(gate) * up: silu rounded to the dtype, then the product rounded. */
+ * F.silu(gate) * up: silu rounded to the dtype, then the product rounded. Eight elements per
+ * vector step up to where torch's vectorized loop ends; the rest one at a time with libm's exp. */
 static void silu_and_mul_row(const char *gate_up, int64_t n, int bf16, char *act) {
-    const char *up = gate_up + n * (bf16 ? 2 : 4);
-    int64_t vectorized = n - n % (bf16 ? SILU_STEP_BF16 : SILU_STEP_FP32);
-    float silu[8];
-    for (int64_t i = 0; i < n; i += 8) {
-        int64_t lanes = n - i < 8 ? n - i : 8;
-        for (int64_t j = 0; j < lanes; j++) silu[j] = load_elem(gate_up, bf16, i + j);
-        if (i < vectorized) {
-            __m256 x = _mm256_loadu_ps(silu);
-            __m256 e = sleef_exp(_mm256_sub_ps(_mm256_setzero_ps(), x));
-            _mm256_storeu_ps(silu, _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
-        } else {
-            for (int64_t j = 0; j < lanes; j++) silu[j] = silu[j] / (1.0f + expf(-silu[j]));
-        }
-        for (int64_t j = 0; j < lanes; j++) {
-            float value = silu[j];
-            if (bf16) value = bf16_to_float(float_to_bf16(value));
-            value *= load_elem(up, bf16, i + j);
-            if (bf16) ((uint16_t *)act)[i + j] = float_to_bf16(value);
-            else ((float *)act)[i + j] = value;
-        }
+    int64_t elem = bf16 ? 2 : 4;
+    const char *up = gate_up + n * elem;
+    int64_t vectorized = n - n % (bf16 ? SILU_STEP_BF16 : SILU_STEP_FP32), i = 0;
+    for (; i < vectorized; i += 8) {
+        __m256 x = load8(gate_up + i * elem, bf16);
+        __m256 e = sleef_exp(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        __m256 silu = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        if (bf16) silu = round_bf16x8(silu);
+        store8(act + i * elem, bf16, _mm256_mul_ps(silu, load8(up + i * elem, bf16)));
+    }
+    for (; i < n; i++) {
+        float x = load_elem(gate_up, bf16, i), silu = x / (1.0f + expf(-x));
+        if (bf16) silu = bf16_to_float(float_to_bf16(silu));
+        float value = silu * load_elem(up, bf16, i);
+        if (bf16) ((uint16_t *)act)[i] = float_to_bf16(value);
+        else ((float *)act)[i] = value;
     }
 }
 

@@ -580,18 +580,6 @@ int paphos_gguf_matvec(int type, const float *x, int64_t rows, const uint8_t *we
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 
-/* 8 floats -> 8 bf16 at `dst`, rounded to nearest even as float_to_bf16 (NaN stays quiet). */
-PAPHOS_INLINE void store_bf16x8(uint16_t *dst, __m256 v) {
-    __m256i bits = _mm256_castps_si256(v);
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
-    __m256i quiet = _mm256_or_si256(bits, _mm256_set1_epi32(0x00400000));
-    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    __m256i high = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, quiet, nan), 16);
-    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(high, high), 0x08);
-    _mm_storeu_si128((__m128i *)dst, _mm256_castsi256_si128(packed));
-}
-
 /* One block of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 -> 32 values at out + at (fp32 or bf16), with the gguf
  * package's operations: Q8_0 q * d, Q4_0/Q5_0 d * (q - offset), Q4_1/Q5_1 d * q + m. */
 PAPHOS_INLINE void dequant_affine32(int type, const uint8_t *blk, void *out, int64_t at,

@@ -125,17 +125,30 @@ typedef struct {
     int is_neox, is_bf16;
 } Rope;
 
-/* One head: rotate its first rot_dim dims by (cos, sin), copy the rest. */
+/* One head: rotate its first rot_dim dims by (cos, sin), copy the rest. The neox layout's halves
+ * are contiguous: eight pairs per vector step there, one at a time elsewhere. */
 static void rope_head(const Rope *p, const void *in, void *out, const float *cos,
                       const float *sin) {
-    for (int64_t j = 0; j < p->half; j++) {
+    int64_t elem = p->is_bf16 ? 2 : 4, j = 0;
+    if (p->is_neox) {
+        const char *in1 = in, *in2 = (const char *)in + p->half * elem;
+        char *out1 = out, *out2 = (char *)out + p->half * elem;
+        for (; j + LANES <= p->half; j += LANES) {
+            __m256 x1 = load8(in1 + j * elem, p->is_bf16), x2 = load8(in2 + j * elem, p->is_bf16);
+            __m256 c = _mm256_loadu_ps(cos + j), s = _mm256_loadu_ps(sin + j);
+            store8(out1 + j * elem, p->is_bf16,
+                   _mm256_sub_ps(_mm256_mul_ps(x1, c), _mm256_mul_ps(x2, s)));
+            store8(out2 + j * elem, p->is_bf16,
+                   _mm256_add_ps(_mm256_mul_ps(x2, c), _mm256_mul_ps(x1, s)));
+        }
+    }
+    for (; j < p->half; j++) {
         int64_t i1 = p->is_neox ? j : 2 * j, i2 = p->is_neox ? j + p->half : 2 * j + 1;
         float x1 = load(in, p->is_bf16, i1), x2 = load(in, p->is_bf16, i2);
         float a = x1 * cos[j], b = x2 * sin[j], c = x2 * cos[j], d = x1 * sin[j];
         store(out, p->is_bf16, i1, a - b);
         store(out, p->is_bf16, i2, c + d);
     }
-    int64_t elem = p->is_bf16 ? 2 : 4;
     int64_t rest = p->head_size - p->rot_dim;
     if (rest > 0)
         memcpy((char *)out + p->rot_dim * elem, (const char *)in + p->rot_dim * elem,
