@@ -33,6 +33,7 @@ from paphos.layers.sampling.batch import (
     used_samplers,
 )
 from paphos.layers.sampling.logprobs import LogprobsTensors, gather_logprobs
+from paphos.ops.argmax import argmax_rows
 from paphos.sampling_params import SamplingParams
 
 __all__ = [
@@ -172,7 +173,7 @@ class Sampler(torch.nn.Module):
         md = metadata
         raw = logits.float()  # [rows, vocab]
         x = self.process_logits(raw, md)
-        tokens = x.argmax(dim=-1)  # [rows]
+        tokens = argmax_rows(x)  # [rows]
         if not md.all_greedy:
             drawn = self._draw(x, md)
             tokens = torch.where(md.greedy, tokens, drawn)
@@ -216,7 +217,7 @@ class Sampler(torch.nn.Module):
             if state.generator is not None and not state.is_greedy:
                 gen = state.generator if "xtc" in state.samplers else state.step_generator()
                 q[i].exponential_(generator=gen)
-        return (probs / q.clamp_(min=1e-20)).argmax(dim=-1)
+        return argmax_rows(probs / q.clamp_(min=1e-20))  # [rows]
 
 
 def compute_prompt_logprobs(
