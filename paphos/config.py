@@ -184,6 +184,13 @@ class RuntimeConfig:
             "processes keep some busy (checked every second)."
         ),
     )
+    cpu_prepack_weights: bool | None = field(
+        default=None,
+        metadata=_help(
+            "CPU: keep a second, oneDNN-prepacked copy of half-precision weights for batches of "
+            "more than 4 rows; it doubles their memory (default: on where the CPU has AMX)."
+        ),
+    )
     disable_log_stats: bool = field(default=False, metadata=_help("Do not log engine stats."))
     async_scheduling: bool | None = field(
         default=None,

@@ -155,7 +155,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         raise RuntimeError("ParallelLMHead is applied by LogitsProcessor, not called directly")
 
     def process_weights_after_loading(self) -> None:
-        """Keep an fp32 copy for large batches where half-precision GEMMs are slow (see
-        ops.dense)."""
-        if dense.wants_fp32_copy(self.weight):
-            self.register_buffer("weight_fp32", self.weight.float(), persistent=False)
+        """Keep the copy of the weight that large CPU batches use, if any (ops.dense.batch_copy)."""
+        copy = dense.batch_copy(self.weight)
+        if copy is not None:
+            self.register_buffer("batch_weight", copy, persistent=False)

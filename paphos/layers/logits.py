@@ -33,10 +33,10 @@ class LogitsProcessor(nn.Module):
         if method is not None:  # packed (quantized) rows
             logits = method.apply(source, hidden_states.float(), lm_head.bias)  # [num, rows] fp32
         else:
-            weight_fp32 = getattr(lm_head, "weight_fp32", None)
+            batch_weight = getattr(lm_head, "batch_weight", None)
             # [num, rows_per_rank] float32, stored so by the CUDA GEMV/skinny GEMM (no conversion)
             logits = dense.linear(
-                hidden_states, lm_head.weight, lm_head.bias, weight_fp32, out_dtype=torch.float32
+                hidden_states, lm_head.weight, lm_head.bias, batch_weight, out_dtype=torch.float32
             )
         logits = all_gather(logits, self.parallel, dim=-1)  # [num, num_embeddings_padded]
         return logits[..., : self.vocab_size]  # [num, vocab_size] float32

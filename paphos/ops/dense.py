@@ -1,12 +1,17 @@
-"""Dense products on CPUs without native bf16/fp16 matrix units (no AVX512-BF16/AMX).
+"""Dense products, and the batch copy a CPU layer may keep of its weight for large batches.
 
-There, torch's bf16 GEMM is several times slower than its fp32 GEMM (measured on this project's AVX2
-machine: 6x for a 64-row batch), while a bf16 matrix-vector product is as fast as fp32 (it is bound
-by memory, and bf16 halves the bytes). So a layer with half-precision weights keeps an fp32 copy for
-batches of more than SMALL_BATCH_ROWS rows and uses its own weights for small batches. Results are
-the fp32 product rounded to the activation dtype: at least as accurate as the bf16 one.
-Small batches on the CPU go to the AVX2 kernel in paphos.kernels.cpu.matvec (~1.5x torch's read
-rate for bf16 weights) where it could be built; `reference_linear` is the torch path and the oracle.
+Small batches on the CPU (up to SMALL_BATCH_ROWS rows) go to the C kernel in
+paphos.kernels.cpu.matvec (~1.5x torch's read rate for bf16 weights) where it could be built. A
+layer with half-precision weights may keep a second copy for batches of more rows (`batch_copy`):
+- an fp32 copy on CPUs without native bf16/fp16 matrix units (no AVX512-BF16/AMX): there torch's
+  bf16 GEMM is several times slower than its fp32 GEMM (measured on this project's AVX2 machine: 6x
+  for a 64-row batch), while a bf16 matrix-vector product is as fast as fp32 (it is bound by
+  memory, and bf16 halves the bytes). Results are the fp32 product rounded to the activation
+  dtype: at least as accurate as the bf16 one;
+- oneDNN's prepacked (blocked) layout where `set_cpu_prepack` turned it on (by default on AMX
+  CPUs): oneDNN then skips reordering the weight on every call (a 64-row SmolLM2 decode step 41.3
+  -> 33.4 ms on a 2-core AMX host; no gain seen on a Zen 4 with AVX512-BF16).
+`reference_linear` is the torch path and the oracle.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ from paphos.ops.registry import pick
 SMALL_BATCH_ROWS = matvec.MAX_ROWS  # 4
 
 
+# Process-wide, as the thread count: the runner sets it from --cpu-prepack-weights before loading.
+_cpu_prepack = {"enabled": False}
+
+
 @cache
 def cpu_has_native_half_gemm() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -34,16 +43,42 @@ def wants_fp32_copy(weight: torch.Tensor) -> bool:
     return half and weight.device.type == "cpu" and not cpu_has_native_half_gemm()
 
 
+def set_cpu_prepack(enabled: bool | None) -> bool:
+    """Whether half-precision CPU weights loaded from now on keep a oneDNN-prepacked batch copy
+    (None: where the CPU has AMX, the only kind on which it was measured to pay). Returns it."""
+    if enabled is None:
+        from paphos.kernels.cpu import isa
+
+        enabled = isa.selected() == "amx" and cpu_has_native_half_gemm()
+    _cpu_prepack["enabled"] = bool(enabled)
+    return _cpu_prepack["enabled"]
+
+
+def batch_copy(weight: torch.Tensor) -> torch.Tensor | None:
+    """The copy of `weight` [out, in] that products of more than SMALL_BATCH_ROWS rows use
+    (module docstring), or None: they use the weight itself."""
+    if wants_fp32_copy(weight):
+        return weight.float()
+    half = weight.dtype in (torch.bfloat16, torch.float16)
+    if half and weight.device.type == "cpu" and _cpu_prepack["enabled"]:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    return None
+
+
 def reference_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    weight_fp32: torch.Tensor | None = None,
+    batch_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """torch only: x [num_tokens, in]; weight [out, in] -> [num_tokens, out] in x's dtype."""
-    if weight_fp32 is None or x.shape[0] <= SMALL_BATCH_ROWS:
+    """torch only: x [num_tokens, in]; weight [out, in] -> [num_tokens, out] in x's dtype;
+    batch_weight: the layer's `batch_copy`, for more than SMALL_BATCH_ROWS rows."""
+    if batch_weight is None or x.shape[0] <= SMALL_BATCH_ROWS:
         return F.linear(x, weight, bias)
-    out = F.linear(x.float(), weight_fp32, None if bias is None else bias.float())
+    if batch_weight.is_mkldnn:  # prepacked: the product in the weight's dtype, as F.linear
+        x = x.to(weight.dtype).contiguous()
+        return torch.ops.mkldnn._linear_pointwise(x, batch_weight, bias, "none", [], "")
+    out = F.linear(x.float(), batch_weight, None if bias is None else bias.float())
     return out.to(x.dtype)
 
 
@@ -51,7 +86,7 @@ def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    weight_fp32: torch.Tensor | None = None,
+    batch_weight: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """x: [num_tokens, in]; weight: [out, in] -> [num_tokens, out] in out_dtype (default: x's).
@@ -73,14 +108,14 @@ def linear(
         lib = matvec.load_library()
         if lib is not None:
             return _cast(matvec.launch(lib, x, weight, bias, torch.get_num_threads()), out_dtype)
-    return _cast(reference_linear(x, weight, bias, weight_fp32), out_dtype)
+    return _cast(reference_linear(x, weight, bias, batch_weight), out_dtype)
 
 
 def linear_silu_and_mul(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    weight_fp32: torch.Tensor | None = None,
+    batch_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """silu_and_mul(linear(x, weight, bias)) for a [gate | up] weight [2N, K] -> [num_tokens, N]:
     an MLP's gate_up product and activation. On CUDA one kernel where the GEMV or the skinny GEMM
@@ -92,7 +127,7 @@ def linear_silu_and_mul(
             return kernels["gemv_silu_and_mul"](x, weight, bias)
         if "skinny_gemm_silu_and_mul" in kernels and takes_skinny_gemm(x, weight):
             return kernels["skinny_gemm_silu_and_mul"](x, weight, bias)
-    return pick("silu_and_mul", x.device.type)(linear(x, weight, bias, weight_fp32))
+    return pick("silu_and_mul", x.device.type)(linear(x, weight, bias, batch_weight))
 
 
 def _cast(out: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

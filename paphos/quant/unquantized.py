@@ -36,18 +36,18 @@ class UnquantizedLinearMethod:
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        weight_fp32 = getattr(layer, "weight_fp32", None)
-        return dense.linear(x, layer.weight, bias, weight_fp32)  # [..., output_size_per_partition]
+        batch_weight = getattr(layer, "batch_weight", None)
+        return dense.linear(x, layer.weight, bias, batch_weight)  # [..., output_size_per_partition]
 
     def apply_silu_and_mul(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """silu_and_mul(apply(x)) for a [gate | up] layer: one kernel on CUDA (ops.dense)."""
-        weight_fp32 = getattr(layer, "weight_fp32", None)
-        return dense.linear_silu_and_mul(x, layer.weight, bias, weight_fp32)
+        batch_weight = getattr(layer, "batch_weight", None)
+        return dense.linear_silu_and_mul(x, layer.weight, bias, batch_weight)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        """Keep an fp32 copy for large batches where half-precision GEMMs are slow (see
-        ops.dense)."""
-        if dense.wants_fp32_copy(layer.weight):
-            layer.register_buffer("weight_fp32", layer.weight.float(), persistent=False)
+        """Keep the copy of the weight that large CPU batches use, if any (ops.dense.batch_copy)."""
+        copy = dense.batch_copy(layer.weight)
+        if copy is not None:
+            layer.register_buffer("batch_weight", copy, persistent=False)

@@ -27,6 +27,7 @@ from paphos.layers.sampler import (
 )
 from paphos.models.loader import load_model_weights
 from paphos.models.registry import ModelRegistry
+from paphos.ops import dense
 from paphos.ops.registry import describe_cpu_kernels
 from paphos.parallel import ParallelInfo
 from paphos.quant import create_linear_method
@@ -52,6 +53,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
     tensors = [t for _, t in model.named_parameters()]
     tensors += [t for name, t in model.named_buffers() if "weight" in name or "gguf_part" in name]
     for tensor in tensors:
+        if tensor.is_mkldnn:  # an opaque prepacked copy: its own memory, no shareable storage
+            total += tensor.numel() * tensor.element_size()
+            continue
         key = tensor.untyped_storage().data_ptr()
         if key not in seen:
             seen.add(key)
@@ -81,20 +85,20 @@ def resolve_dtype(requested: str, hf_config: object, device: torch.device) -> to
 
 
 def describe_weight_memory(model: torch.nn.Module) -> str:
-    """Bytes of the parameters by dtype and of the fp32 copies kept for batched CPU products."""
+    """Bytes of the parameters by dtype and of the batch copies kept for batched CPU products."""
     by_dtype: dict[str, int] = {}
     for param in model.parameters():
         name = str(param.dtype).removeprefix("torch.")
         by_dtype[name] = by_dtype.get(name, 0) + param.numel() * param.element_size()
     copies = sum(
-        b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("weight_fp32")
+        b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("batch_weight")
     )
     packed = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "gguf_part" in n)
     if packed:
         by_dtype["GGUF blocks"] = packed
     parts = ", ".join(f"{size / 2**30:.3f} GiB {name}" for name, size in sorted(by_dtype.items()))
     if copies:
-        parts += f", plus {copies / 2**30:.3f} GiB of fp32 copies for batched CPU products"
+        parts += f", plus {copies / 2**30:.3f} GiB of batch copies (ops.dense.batch_copy)"
     return parts or "none"
 
 
@@ -142,6 +146,8 @@ class ModelRunner:
         linear_method = create_linear_method(
             self.config.model.quant_method, self.config.model.hf_config
         )
+        if self.device.type == "cpu":
+            dense.set_cpu_prepack(self.config.runtime.cpu_prepack_weights)
         previous_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
