@@ -168,7 +168,14 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     device: str = field(default="auto", metadata=_help("Device to run on.", choices=DEVICES))
-    seed: int = field(default=0, metadata=_help("Seed for dummy weights and unseeded sampling."))
+    seed: int = field(
+        default=0,
+        metadata=_help(
+            "Seed of dummy weights and of the generator that requests without their own seed "
+            "sample from: rerunning the same requests in the same batches gives the same tokens "
+            "(other batch compositions draw differently; a request's seed holds in any batch)."
+        ),
+    )
     enforce_eager: bool = field(default=False, metadata=_help("CUDA: never capture CUDA graphs."))
     num_threads: int | None = field(
         default=None,
@@ -191,7 +198,17 @@ class RuntimeConfig:
             "more than 4 rows; it doubles their memory (default: on where the CPU has AMX)."
         ),
     )
-    disable_log_stats: bool = field(default=False, metadata=_help("Do not log engine stats."))
+    disable_log_stats: bool = field(
+        default=False, metadata=_help("Server: do not log the periodic stats line.")
+    )
+    log_stats_interval: float = field(
+        default=10.0,
+        metadata=_help(
+            "Server: seconds between stats lines (prompt and generation tok/s, running and "
+            "waiting requests, KV cache use, prefix cache hit rate, preemptions), logged while "
+            "requests run."
+        ),
+    )
     async_scheduling: bool | None = field(
         default=None,
         metadata=_help(
@@ -214,12 +231,14 @@ class EngineConfig:
         """Build from flat keyword arguments (`LLM(model=..., dtype=..., block_size=...)`)."""
         parts: dict[str, dict[str, Any]] = {name: {} for name in PART_CLASSES}
         for key, value in kwargs.items():
-            if key in ("model", "tokenizer") and isinstance(value, os.PathLike):
-                value = os.fspath(value)  # pathlib.Path and friends; str methods are used below
+            if key in ("model", "tokenizer") and isinstance(value, (str, os.PathLike)):
+                # pathlib.Path and friends (str methods are used below), and ~ for the home
+                value = os.path.expanduser(os.fspath(value))
             part = FIELD_TO_PART.get(key)
             if part is None:
                 raise ValueError(f"unknown engine argument {key!r}")
             parts[part][key] = value
+        _validate_unresolved(cls, parts)  # cheap checks first: before the model is read
         model_config = resolve_model_config(ModelConfig(**parts["model"]))
         device = parts["runtime"].get("device", "auto")
         quant_method = resolve_quant_method(
@@ -277,6 +296,7 @@ class EngineConfig:
             ">= 1",
         )
         _check(p.tensor_parallel_size >= 1, "tensor_parallel_size", p.tensor_parallel_size, ">= 1")
+        _check(r.log_stats_interval > 0, "log_stats_interval", r.log_stats_interval, "> 0 s")
         if m.max_model_len is not None:
             _check(m.max_model_len >= 1, "max_model_len", m.max_model_len, ">= 1")
         if not s.enable_chunked_prefill and m.max_model_len is not None:
@@ -296,6 +316,22 @@ class EngineConfig:
                 if f.metadata.get("cli", True):
                     out[f.name] = getattr(part, f.name)
         return out
+
+
+def _validate_unresolved(cls: type[EngineConfig], parts: dict[str, dict[str, Any]]) -> None:
+    """Validate the given values before the model is read and torch imported, so a bad value
+    fails at once; the token budget, decided by the device, stands in as the larger default."""
+    scheduler = dict(parts["scheduler"])
+    scheduler["max_num_batched_tokens"] = scheduler.get("max_num_batched_tokens") or max(
+        CPU_TOKEN_BUDGET, CUDA_TOKEN_BUDGET
+    )
+    cls(
+        model=ModelConfig(**parts["model"]),
+        cache=CacheConfig(**parts["cache"]),
+        scheduler=SchedulerConfig(**scheduler),
+        parallel=ParallelConfig(**parts["parallel"]),
+        runtime=RuntimeConfig(**parts["runtime"]),
+    ).validate()
 
 
 PART_CLASSES: dict[str, type] = {
@@ -356,7 +392,10 @@ def resolve_model_config(config: ModelConfig) -> ModelConfig:
     path."""
     model = config.model or default_model_path()
     if not os.path.exists(model):
-        raise ValueError(f"model path {model!r} does not exist (paphos loads local files only)")
+        raise ValueError(
+            f"model={model!r} does not exist: give an HF model directory or a .gguf file "
+            "(paphos loads local files only)"
+        )
     gguf_file = None
     if model.endswith(".gguf"):
         gguf_file = model

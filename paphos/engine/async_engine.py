@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from paphos.engine.deltas import merge_delta
+from paphos.engine.stats_logger import StatsLogger
 from paphos.outputs import OutputKind, RequestOutput
 from paphos.sampling_params import SamplingParams
 
@@ -77,7 +78,13 @@ class RequestStream:
 class AsyncEngine:
     """Async front of a synchronous engine (anything with the `Engine` API of docs/contracts.md)."""
 
-    def __init__(self, engine: Any, grammar_compile_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        grammar_compile_timeout_s: float = 30.0,
+        log_stats_interval_s: float | None = None,
+    ) -> None:
+        """`log_stats_interval_s`: log a stats line that often while requests run (None: never)."""
         self.engine = engine
         # Grammars compile here, off the engine thread; a compile past the limit is refused (its
         # thread finishes in the background and fills the cache).
@@ -91,6 +98,11 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._dead: BaseException | None = None
         self.stats: Any = engine.get_stats()
+        self._stats_logger = (
+            None
+            if log_stats_interval_s is None
+            else StatsLogger(log_stats_interval_s, self.stats, time.monotonic())
+        )
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -243,14 +255,22 @@ class AsyncEngine:
                 self._run_commands()
                 if not self.engine.has_unfinished_requests():
                     self.stats = self.engine.get_stats()
+                    self._log_stats()
                     self._wakeup.wait(_IDLE_WAIT_S)
                     self._wakeup.clear()
                     continue
                 self._step()
+                self._log_stats()
         except BaseException as e:  # the loop itself broke (not a step): every stream must know
             logger.exception("engine thread died")
             self._dead = e
             self._publish_failure(EngineDeadError(f"engine thread died: {e!r}"), None)
+
+    def _log_stats(self) -> None:
+        if self._stats_logger is not None:
+            line = self._stats_logger.line(self.stats, time.monotonic())
+            if line is not None:
+                logger.info("%s", line)
 
     def _run_commands(self) -> None:
         while True:

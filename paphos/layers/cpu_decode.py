@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
 from paphos.attention import AttentionMetadata
 from paphos.kernels.cpu import decoder_layer
 from paphos.kernels.cpu.decoder_layer import DecoderLayerWeights, DecoderStack
+from paphos.quant import UnquantizedLinearMethod
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,8 @@ __all__ = [
     "FusedDecode",
     "FusedDecodeSlot",
     "build_fused_decode",
+    "layer_weights",
+    "quantized_reason",
 ]
 
 
@@ -90,22 +94,48 @@ class FusedDecode:
         )
 
 
+def quantized_reason(linears: Iterable[Any]) -> str | None:
+    """The reason a layer with these linears (None entries skipped) cannot be fused, when one
+    of them is quantized: the kernel multiplies dense weights only."""
+    for lin in linears:
+        method = getattr(lin, "linear_method", None)
+        if lin is not None and not isinstance(method, UnquantizedLinearMethod):
+            return (
+                f"its weights are quantized ({type(method).__name__}); the fused kernel "
+                "multiplies dense bfloat16/float32 weights only"
+            )
+    return None
+
+
+def layer_weights(layers: Iterable[Any]) -> list[DecoderLayerWeights | str]:
+    """Each decoder layer's weights for the fused stack (its `fused_weights()`), or the reason,
+    in words, it has none (its `fused_unfit_reason()`)."""
+    return [
+        layer.fused_weights() or layer.fused_unfit_reason() or "its layout is not supported"
+        for layer in layers
+    ]
+
+
 def build_fused_decode(
-    layers: Sequence[DecoderLayerWeights | None], anchor: torch.Tensor
+    layers: Sequence[DecoderLayerWeights | str], anchor: torch.Tensor
 ) -> FusedDecode | None:
-    """The fused path for these layers, or None (logged) where it does not apply: the kernel did
-    not build, a layer is missing (None: e.g. quantized) or a layer is not supported."""
-    if any(layer is None for layer in layers) or not layers:
-        logger.info("fused CPU decode off: a layer is not an unquantized single-process layer")
-        return None
-    lib = decoder_layer.load_library()
-    if lib is None:
+    """The fused path for these layers, or None (logged with the reason) where it does not apply:
+    the kernel did not build, a layer cannot be fused (a str: why) or the kernel refuses it."""
+    off = "fused CPU decode off (decode steps run layer by layer): layer %d: %s"
+    if not layers:
         return None
     for index, layer in enumerate(layers):
-        assert layer is not None
+        if isinstance(layer, str):
+            logger.info(off, index, layer)
+            return None
+    lib = decoder_layer.load_library()
+    if lib is None:
+        return None  # load_library logged why
+    for index, layer in enumerate(layers):
+        assert not isinstance(layer, str)
         reason = decoder_layer.unsupported_reason(layer)
         if reason is not None:
-            logger.info("fused CPU decode off: layer %d: %s", index, reason)
+            logger.info(off, index, reason)
             return None
     return FusedDecode(DecoderStack(lib, layers), anchor)  # type: ignore[arg-type]
 

@@ -80,7 +80,7 @@ class DecoderModel(nn.Module):
         fused = None
         anchor = getattr(self.layers[0].self_attn.qkv_proj, "weight", None)  # None: GPTQ/AWQ
         if input_ids.is_cpu and anchor is not None:
-            fused = self.fused.get(lambda: [layer.fused_weights() for layer in self.layers], anchor)
+            fused = self.fused.get(lambda: cpu_decode.layer_weights(self.layers), anchor)
         residual: torch.Tensor | None
         if fused is not None and fused.takes(hidden_states, kv_caches, attn_metadata):
             hidden_states, residual = fused.forward(

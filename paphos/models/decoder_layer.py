@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from paphos.attention import Attention, AttentionMetadata
+from paphos.layers import cpu_decode
 from paphos.layers.activation import activation, gated_activation
 from paphos.layers.cpu_decode import DecoderLayerWeights
 from paphos.layers.linear import (
@@ -28,7 +29,6 @@ from paphos.layers.norm import (
 from paphos.layers.rotary import RotaryEmbedding
 from paphos.models.decoder_spec import LayerSpec, NormSpec
 from paphos.parallel import ParallelInfo
-from paphos.quant import UnquantizedLinearMethod
 from paphos.quant.base import LinearMethod
 
 Norm = RMSNorm | OffsetRMSNorm | LayerNorm
@@ -188,31 +188,38 @@ class DecoderLayer(nn.Module):
         x, stream = self._add_and_norm("pre_mlp", attn_out, stream)
         return self._finish_branch("post_mlp", self.mlp(x)), stream
 
-    def fused_weights(self) -> DecoderLayerWeights | None:
-        """This layer for the fused CPU decode kernel; None where it is not a plain pre-norm
-        RMSNorm / gated-SiLU / full-rope layer, or its linears are quantized."""
+    def fused_unfit_reason(self) -> str | None:
+        """Why the fused CPU decode kernel cannot run this layer, in plain words (None: it can:
+        a pre-norm RMSNorm / gated-SiLU / full-rope layer with dense weights)."""
         spec, attn, mlp = self.spec, self.self_attn, self.mlp
-        rope = spec.rope
-        plain = (
-            spec.norm.kind == "rms"
-            and set(self.norm_names) == {"pre_attn", "pre_mlp"}
-            and not spec.parallel_block
-            and spec.qk_norm is None
-            and spec.gated
-            and mlp.is_silu
-            and rope is not None
-            and rope.rotary_dim == spec.head_dim
-            and spec.sliding_window is None
-            and spec.soft_cap is None
-            and spec.residual_multiplier == 1.0
-            and spec.position_query_scale is None
-        )
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj if spec.gated else None)
-        if not plain or not all(
-            isinstance(lin.linear_method, UnquantizedLinearMethod)
-            for lin in (*linears, mlp.down_proj)
-        ):
+        quantized = cpu_decode.quantized_reason((*linears, mlp.down_proj))
+        if quantized is not None:
+            return quantized
+        rope = spec.rope
+        features = {
+            f"{spec.norm.kind} norms": spec.norm.kind != "rms",
+            f"norms {sorted(self.norm_names)}": set(self.norm_names) != {"pre_attn", "pre_mlp"},
+            "a parallel attention + MLP block": spec.parallel_block,
+            "q/k norms": spec.qk_norm is not None,
+            "an ungated or non-SiLU MLP": not (spec.gated and mlp.is_silu),
+            "partial or no rotary embedding": rope is None or rope.rotary_dim != spec.head_dim,
+            "a sliding window": spec.sliding_window is not None,
+            "attention soft-capping": spec.soft_cap is not None,
+            "a residual multiplier": spec.residual_multiplier != 1.0,
+            "position-scaled queries": spec.position_query_scale is not None,
+        }
+        found = [name for name, present in features.items() if present]
+        if found:
+            return f"it has {', '.join(found)}, which the fused kernel does not compute"
+        return None
+
+    def fused_weights(self) -> DecoderLayerWeights | None:
+        """This layer for the fused CPU decode kernel; None where `fused_unfit_reason` says why
+        not."""
+        if self.fused_unfit_reason() is not None:
             return None
+        attn, mlp = self.self_attn, self.mlp
         assert attn.rotary_emb is not None
         pre_attn, pre_mlp = self._norm("pre_attn"), self._norm("pre_mlp")
         return DecoderLayerWeights(

@@ -26,7 +26,6 @@ from paphos.layers.rotary import get_rope
 from paphos.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from paphos.layers.weight_utils import default_weight_loader
 from paphos.parallel import ParallelInfo
-from paphos.quant import UnquantizedLinearMethod
 from paphos.quant.base import LinearMethod
 
 
@@ -136,12 +135,18 @@ class LlamaDecoderLayer(nn.Module):
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
+    def fused_unfit_reason(self) -> str | None:
+        """Why the fused CPU decode kernel cannot run this layer, in plain words (None: it can)."""
+        attn, mlp = self.self_attn, self.mlp
+        return cpu_decode.quantized_reason(
+            (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        )
+
     def fused_weights(self) -> DecoderLayerWeights | None:
         """This layer for the fused CPU decode kernel; None where its linears are quantized."""
-        attn, mlp = self.self_attn, self.mlp
-        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if not all(isinstance(lin.linear_method, UnquantizedLinearMethod) for lin in linears):
+        if self.fused_unfit_reason() is not None:
             return None
+        attn, mlp = self.self_attn, self.mlp
         return DecoderLayerWeights(
             input_norm=self.input_layernorm.weight.data,
             input_eps=self.input_layernorm.eps,
@@ -194,8 +199,9 @@ class LlamaModel(nn.Module):
             return fused
         if fused is None and (self._fused_decode_built or not self.fused_decode_allowed):
             return None
-        layers = [layer.fused_weights() for layer in self.layers]
-        self._fused_decode = cpu_decode.build_fused_decode(layers, anchor)
+        self._fused_decode = cpu_decode.build_fused_decode(
+            cpu_decode.layer_weights(self.layers), anchor
+        )
         self._fused_decode_built = True
         return self._fused_decode
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm import tqdm
 
 from paphos.config import ModelConfig
 
@@ -23,6 +24,7 @@ _PT_INDEX = "pytorch_model.bin.index.json"
 _NON_WEIGHT_BINS = frozenset({"training_args.bin", "optimizer.bin", "scheduler.bin"})
 _DUMMY_RANGE = 1e-3  # dummy weights ~ U(-1e-3, 1e-3): small enough that logits stay finite
 _MAX_LISTED_NAMES = 20
+PROGRESS_DELAY_S = 2.0  # the loading bar shows only for loads that take longer than this
 
 
 def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -38,6 +40,23 @@ def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tens
     if load_format == "safetensors":
         return _iterate_safetensors(_checkpoint_files(model_config.model, "*.safetensors"))
     return _iterate_pt(_checkpoint_files(model_config.model, "*.bin"))
+
+
+def count_checkpoint_tensors(model_config: ModelConfig) -> int | None:
+    """How many tensors `iterate_weights` yields (None for .bin files: only unpickling says)."""
+    load_format = resolve_load_format(model_config)
+    if load_format == "gguf":
+        from paphos.gguf_file import ROPE_FREQS, read_gguf_metadata
+
+        assert model_config.gguf_file is not None
+        return sum(t.name != ROPE_FREQS for t in read_gguf_metadata(model_config.gguf_file).tensors)
+    if load_format == "safetensors":
+        total = 0
+        for path in _checkpoint_files(model_config.model, "*.safetensors"):
+            with safe_open(path, framework="pt", device="cpu") as f:  # reads the header only
+                total += len(f.keys())
+        return total
+    return None
 
 
 def resolve_load_format(model_config: ModelConfig) -> str:
@@ -116,13 +135,22 @@ def _iterate_pt(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         del state
 
 
-def load_model_weights(model: nn.Module, model_config: ModelConfig, seed: int = 0) -> set[str]:
-    """Fill every parameter from the checkpoint (or dummy values); return the names loaded."""
+def load_model_weights(
+    model: nn.Module, model_config: ModelConfig, seed: int = 0, show_progress: bool = False
+) -> set[str]:
+    """Fill every parameter from the checkpoint (or dummy values); return the names loaded.
+    With `show_progress`, a bar over the checkpoint's tensors appears once loading has taken
+    PROGRESS_DELAY_S (short loads print nothing)."""
     if model_config.load_format == "dummy":
         initialize_dummy_weights(model, seed)
         loaded = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     else:
-        loaded = set(model.load_weights(iterate_weights(model_config)))
+        weights = iterate_weights(model_config)
+        if show_progress:
+            total = count_checkpoint_tensors(model_config)
+            weights = tqdm(weights, total=total, desc="Loading weights", unit=" tensors",
+                           delay=PROGRESS_DELAY_S)  # fmt: skip
+        loaded = set(model.load_weights(weights))
         check_all_loaded(model, loaded)
     process_weights_after_loading(model)
     return loaded

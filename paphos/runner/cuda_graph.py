@@ -12,6 +12,7 @@ import logging
 import time
 
 import torch
+from tqdm import tqdm
 
 from paphos.attention import AttentionMetadata
 from paphos.ops.argmax import argmax_rows
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 # captured in the graph; longer sequences run eagerly.
 MAX_SEQ_LEN_TO_CAPTURE = 8192
 LARGEST_BUCKET = 512
+PROGRESS_DELAY_S = 2.0  # the capture bar shows only when capturing takes longer
 
 
 def batch_size_buckets(max_num_seqs: int) -> list[int]:
@@ -75,7 +77,9 @@ class DecodeGraphs:
         """Warm up and capture every bucket, largest first, all in one memory pool."""
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        for bs in reversed(self.batch_sizes):
+        sizes = tqdm(list(reversed(self.batch_sizes)), desc="Capturing CUDA graphs",
+                     unit=" graphs", delay=PROGRESS_DELAY_S)  # fmt: skip
+        for bs in sizes:
             input_ids, positions, metadata = self._dummy_decode(bs)
             self._forward(bs, input_ids, positions, metadata)  # compiles kernels, picks GEMMs
             torch.cuda.synchronize()

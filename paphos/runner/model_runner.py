@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from paphos.layers.sampler import (
     RequestSamplingState,
 )
 from paphos.models.loader import load_model_weights
-from paphos.models.registry import ModelRegistry
+from paphos.models.registry import TRANSFORMERS_FALLBACK, ModelRegistry
 from paphos.ops import dense
 from paphos.ops.registry import describe_cpu_kernels
 from paphos.parallel import ParallelInfo
@@ -66,7 +67,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def resolve_device(requested: str) -> torch.device:
     name = auto_device(requested)
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is available")
+        raise ValueError("device='cuda' but no CUDA device is available: use device='cpu'")
     return torch.device(name)
 
 
@@ -96,10 +97,38 @@ def describe_weight_memory(model: torch.nn.Module) -> str:
     packed = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "gguf_part" in n)
     if packed:
         by_dtype["GGUF blocks"] = packed
-    parts = ", ".join(f"{size / 2**30:.3f} GiB {name}" for name, size in sorted(by_dtype.items()))
+    parts = ", ".join(
+        f"{_size(size)} {name}" for name, size in sorted(by_dtype.items()) if size >= 2**20
+    )
     if copies:
-        parts += f", plus {copies / 2**30:.3f} GiB of batch copies (ops.dense.batch_copy)"
+        parts += f", plus {_size(copies)} of batch copies (ops.dense.batch_copy)"
     return parts or "none"
+
+
+def describe_model(
+    config: EngineConfig, model_cls: type, dtype: torch.dtype, device: torch.device
+) -> str:
+    """The start-up line naming what runs: file, architecture, implementation (and its class
+    where the name differs), dtype, quantization, device."""
+    model = config.model
+    fallback = model_cls.__module__ == TRANSFORMERS_FALLBACK.split(":")[0]
+    impl = "transformers' implementation (fallback)" if fallback else "paphos's implementation"
+    if model_cls.__name__ != model.architecture:
+        impl += f" ({model_cls.__name__})"
+    parts = [
+        f"model {os.path.basename(model.model.rstrip(os.sep))}: {model.architecture}, {impl}",
+        f"dtype {str(dtype).removeprefix('torch.')}",
+        f"quantization {model.quant_method or 'none'}",
+        f"device {device.type}",
+    ]
+    tp = config.parallel.tensor_parallel_size
+    if tp > 1:
+        parts.append(f"tensor parallel over {tp} ranks")
+    return "; ".join(parts)
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
 
 
 @dataclass
@@ -122,6 +151,9 @@ class ModelRunner:
         self.parallel = parallel or ParallelInfo()
         self.device = resolve_device(config.runtime.device)
         self.dtype = resolve_dtype(config.model.dtype, config.model.hf_config, self.device)
+        model_cls = ModelRegistry.resolve_for(config.model)
+        if self.parallel.rank == 0:
+            logger.info("%s", describe_model(config, model_cls, self.dtype, self.device))
         self.threads: ThreadGovernor | None = None
         if self.device.type == "cpu":
             runtime, p = config.runtime, self.parallel
@@ -131,7 +163,7 @@ class ModelRunner:
             pinned = f"pinned to cores {list(plan.cores)}" if plan.bind else "not pinned"
             logger.info("%s; %d threads %s", describe_cpu_kernels(), len(plan.cores), pinned)
         self.block_size = config.cache.block_size
-        self.model = self._load_model()
+        self.model = self._load_model(model_cls)
         self.vocab_size = config.model.hf_config.vocab_size
         self.kv_caches: list[torch.Tensor] = []
         self.requests: dict[str, RunnerRequestState] = {}
@@ -141,13 +173,13 @@ class ModelRunner:
         self.step_sampling = StepSampling(self.model, self.vocab_size, self.device)
         self._grammars: GrammarCompilerCache | None = None  # built at the first constrained request
 
-    def _load_model(self) -> torch.nn.Module:
-        model_cls = ModelRegistry.resolve_for(self.config.model)
+    def _load_model(self, model_cls: type) -> torch.nn.Module:
         linear_method = create_linear_method(
             self.config.model.quant_method, self.config.model.hf_config
         )
         if self.device.type == "cpu":
             dense.set_cpu_prepack(self.config.runtime.cpu_prepack_weights)
+        start = time.perf_counter()
         previous_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -155,15 +187,18 @@ class ModelRunner:
                 model = model_cls(self.config.model, linear_method, self.parallel)
         finally:
             torch.set_default_dtype(previous_dtype)
-        load_model_weights(model, self.config.model, self.config.runtime.seed)
+        seed = self.config.runtime.seed
+        load_model_weights(model, self.config.model, seed, show_progress=self.parallel.rank == 0)
         sampler = getattr(model, "sampler", None)
         if sampler is not None:  # unseeded rows draw from the engine seed's generator: runs repeat
-            sampler.generator = torch.Generator(self.device).manual_seed(self.config.runtime.seed)
+            sampler.generator = torch.Generator(self.device).manual_seed(seed)
+        rank = f" on rank {self.parallel.rank}" if self.parallel.world_size > 1 else ""
         logger.info(
-            "weights: %s, %.1f MiB on rank %d (%s)",
+            "loaded %.2f GiB of weights%s in %.1f s (%s: %s)",
+            weight_bytes(model) / 2**30,
+            rank,
+            time.perf_counter() - start,
             type(linear_method).__name__ if linear_method else "UnquantizedLinearMethod",
-            weight_bytes(model) / 2**20,
-            self.parallel.rank,
             describe_weight_memory(model),
         )
         return model.eval()

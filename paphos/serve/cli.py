@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import paphos
 from paphos.config import PART_CLASSES, EngineConfig
+from paphos.serve import client_commands
 from paphos.serve.server_config import ServerConfig
 
 logger = logging.getLogger("paphos.serve")
@@ -88,6 +90,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     for part, cls in PART_CLASSES.items():
         group = run.add_argument_group(part)
         dests[part] = add_dataclass_flags(group, cls)
+    client_commands.add_commands(commands)
     return parser, dests
 
 
@@ -109,50 +112,37 @@ def configs_from_args(
     return engine_kwargs, ServerConfig(**server_kwargs)
 
 
-def _load_plugins() -> None:
-    """Out-of-tree models register themselves through the model registry's plugin hook."""
-    from paphos.models import registry
-
-    load = getattr(registry, "load_plugins", None)
-    if load is not None:
-        load()
-
-
-def log_startup(config: EngineConfig, engine: Any, server_config: ServerConfig) -> None:
-    logger.info("paphos engine config:")
-    for key, value in config.to_dict().items():
-        logger.info("  %-28s %s", key, value)
-    stats = engine.get_stats()
-    block_size = config.cache.block_size
-    max_len = int(engine.max_model_len)
-    concurrent = stats.num_kv_blocks * block_size // max_len
-    logger.info(
-        "KV cache: %d blocks of %d tokens (%d tokens); max_model_len %d; "
-        "%d sequences of max_model_len fit at once",
-        stats.num_kv_blocks,
-        block_size,
-        stats.num_kv_blocks * block_size,
-        max_len,
-        concurrent,
-    )
-    host = f"[{server_config.host}]" if ":" in server_config.host else server_config.host
-    logger.info("serving on http://%s:%d/v1", host, server_config.port)
+def flag_names(message: str, dests: dict[str, list[str]]) -> str:
+    """`message` with config field names written as the flags that set them: `name=` of any field,
+    and bare multi-word names (`kv_cache_space/gpu_memory_utilization`)."""
+    names = sorted({n for names in dests.values() for n in names}, key=len, reverse=True)
+    for name in names:
+        flag = "--" + name.replace("_", "-")
+        pattern = rf"(?<![\w\-]){name}(?==)" if "_" not in name else rf"(?<![\w\-]){name}(?!\w)"
+        message = re.sub(pattern, flag, message)
+    return message
 
 
 def run_server(engine_kwargs: dict[str, Any], server_config: ServerConfig) -> None:
-    """Build the engine, log what was resolved, and serve until interrupted."""
+    """Build the engine, log what was resolved, and serve until interrupted. The config is
+    resolved before the server stack is imported, so a bad path or value fails at once."""
+    config = EngineConfig.from_kwargs(**engine_kwargs)
+
     import uvicorn
 
     from paphos.engine.async_engine import AsyncEngine
     from paphos.engine.engine import Engine
     from paphos.serve.app import build_app
+    from paphos.serve.openai.serving import served_model_names
+    from paphos.serve.startup_log import log_startup
 
-    _load_plugins()
-    config = EngineConfig.from_kwargs(**engine_kwargs)
     engine = Engine(config)
-    log_startup(config, engine, server_config)
+    runtime = config.runtime
+    interval = None if runtime.disable_log_stats else runtime.log_stats_interval
     try:
-        app = build_app(AsyncEngine(engine), server_config)
+        async_engine = AsyncEngine(engine, log_stats_interval_s=interval)
+        app = build_app(async_engine, server_config)
+        log_startup(config, engine, server_config, served_model_names(config.model)[0])
         uvicorn.run(
             app,
             host=server_config.host,
@@ -164,17 +154,25 @@ def run_server(engine_kwargs: dict[str, Any], server_config: ServerConfig) -> No
         engine.shutdown()  # stops tensor-parallel workers too
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser, dests = build_parser()
-    args = parser.parse_args(argv)
+def configure_logging(level: str) -> None:
+    """paphos's own loggers at `level` (debug adds the resolved config); others at info."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("paphos").setLevel(level.upper())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, dests = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        return args.handler(args)
     try:
         engine_kwargs, server_config = configs_from_args(args, dests)
+        configure_logging(server_config.log_level)
         run_server(engine_kwargs, server_config)
     except ValueError as e:
-        parser.exit(2, f"paphos: error: {e}\n")
+        parser.exit(2, f"paphos: error: {flag_names(str(e), dests)}\n")
     return 0
 
 

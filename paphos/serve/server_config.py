@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+PAPHOS_LOG_LEVELS = ("error", "warning", "info", "debug")
 # Kept here (not imported from the parsers) so that `paphos run --help` stays light.
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder")
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
@@ -32,6 +33,12 @@ class ServerConfig:
     )
     uvicorn_log_level: str = field(
         default="info", metadata=_help("uvicorn's log level.", choices=LOG_LEVELS)
+    )
+    log_level: str = field(
+        default="info",
+        metadata=_help(
+            "paphos's log level (debug adds the resolved engine config).", choices=PAPHOS_LOG_LEVELS
+        ),
     )
     enable_auto_tool_choice: bool = field(
         default=False,
@@ -61,6 +68,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port!r} is invalid: expected 0..65535")
+        if self.log_level not in PAPHOS_LOG_LEVELS:
+            raise ValueError(f"log_level={self.log_level!r} is invalid: one of {PAPHOS_LOG_LEVELS}")
         if self.uvicorn_log_level not in LOG_LEVELS:
             raise ValueError(
                 f"uvicorn_log_level={self.uvicorn_log_level!r} is invalid: one of {LOG_LEVELS}"

@@ -126,7 +126,7 @@ def test_help_is_readable_and_lists_the_flags() -> None:
     [
         (["--dtype", "float8"], "invalid choice"),
         (["--port", "http"], "invalid int value"),
-        (["--block-size", "12"], "block_size=12"),
+        (["--block-size", "12"], "--block-size=12"),
         (["--port", "70000"], "port=70000"),
         (["/no/such/model"], "does not exist"),
     ],

@@ -119,7 +119,8 @@ def unsupported_reason(layer: DecoderLayerWeights) -> str | None:
     dtype, hidden = layer.qkv.dtype, layer.qkv.shape[-1]
     tensors = [layer.input_norm, layer.post_norm, layer.qkv, layer.o, layer.gate_up, layer.down]
     if dtype not in DTYPES or any(t.dtype != dtype for t in tensors):
-        return f"weights in {sorted({str(t.dtype) for t in tensors})}, not one of {DTYPES}"
+        found = sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
+        return f"its weights are {'/'.join(found)}; the kernel runs bfloat16 or float32 weights"
     if not all(t.is_cpu and t.is_contiguous() for t in tensors):
         return "weights not contiguous CPU tensors"
     q, kv = layer.num_heads * layer.head_size, layer.num_kv_heads * layer.head_size
