@@ -60,6 +60,13 @@ class ServerConfig:
     kobold_api: bool = field(
         default=True, metadata=_help("Serve the KoboldAI API (/api/v1, /api/extra) too.")
     )
+    return_tokens_as_token_ids: bool = field(
+        default=False,
+        metadata=_help(
+            'Write tokens in logprobs as "token_id:N" (a request\'s return_tokens_as_token_ids '
+            "overrides this); for clients that need ids where a token's text is ambiguous."
+        ),
+    )
     grammar_compile_timeout_s: float = field(
         default=30.0,
         metadata=_help("A structured output grammar compiling longer than this is refused."),

@@ -155,6 +155,10 @@ def test_fused_cpu_decode_takes_the_layers_it_can_express(tmp_path, name, fused)
     model = runner.model.model
     weights = [layer.fused_weights() for layer in model.layers]
     assert all((w is not None) == fused for w in weights)
+    # the log line that says the fused path is off names the layer's feature in words
+    reason = model.layers[0].fused_unfit_reason()
+    words = {"mistral-window": "a sliding window", "qwen3-head-dim": "q/k norms", "gemma": "norms"}
+    assert (reason is None) == fused and (fused or words[name] in reason), reason
     if name != "qwen2" or decoder_layer.load_library() is None:
         return
     assert decoder_layer.unsupported_reason(weights[0]) is None

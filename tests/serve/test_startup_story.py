@@ -201,3 +201,17 @@ def test_home_paths_expand_for_the_model(tiny_llama_dir, monkeypatch) -> None:
     monkeypatch.setenv("HOME", str(tiny_llama_dir.parent))
     config = EngineConfig.from_kwargs(model=f"~/{tiny_llama_dir.name}", device="cpu")
     assert config.model.model == str(tiny_llama_dir)
+
+
+def test_fused_decode_off_message_says_why_in_words(caplog) -> None:
+    from paphos.layers import cpu_decode
+    from paphos.quant.gguf import GGUFLinearMethod
+
+    quantized = SimpleNamespace(linear_method=object.__new__(GGUFLinearMethod))
+    reason = cpu_decode.quantized_reason([None, quantized])
+    assert reason is not None and "quantized (GGUFLinearMethod)" in reason
+    with caplog.at_level(logging.INFO, logger="paphos.layers.cpu_decode"):
+        assert cpu_decode.build_fused_decode([reason], anchor=None) is None
+    assert caplog.messages == [
+        "fused CPU decode off (decode steps run layer by layer): layer 0: " + reason
+    ]

@@ -83,18 +83,24 @@ async def create_chat_completion(
             ChatChoice(
                 index=completion.index,
                 message=message,
-                logprobs=_logprobs(ctx, completion, body.top_logprobs or 0)
-                if body.logprobs
-                else None,
+                logprobs=_logprobs(ctx, body, completion) if body.logprobs else None,
                 finish_reason=finish_reason,
                 stop_reason=completion.stop_reason,
+                token_ids=list(completion.token_ids) if body.return_token_ids else None,
             )
         )
-    num_prompt = len(deltas[0].prompt_token_ids)
+    prompt_ids = list(deltas[0].prompt_token_ids)
+    num_prompt = len(prompt_ids)
     usage = Usage(
         prompt_tokens=num_prompt, completion_tokens=num_output, total_tokens=num_prompt + num_output
     )
-    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
+    return ChatCompletionResponse(
+        id=request_id,
+        model=model,
+        choices=choices,
+        usage=usage,
+        prompt_token_ids=prompt_ids if body.return_token_ids else None,
+    )
 
 
 def _add_constraints(ctx: ServingContext, kwargs: dict[str, Any], plan: ToolPlan | None) -> None:
@@ -213,21 +219,24 @@ def _call_for_template(call: Any) -> Any:
     return {**call, "function": function}
 
 
-def _logprobs(ctx: ServingContext, completion: CompletionOutput, num_top: int) -> ChatLogprobs:
+def _logprobs(
+    ctx: ServingContext, body: ChatCompletionRequest, completion: CompletionOutput
+) -> ChatLogprobs:
+    num_top, as_ids = body.top_logprobs or 0, serving.tokens_as_ids(ctx, body)
     content = []
     for token_id, position in zip(completion.token_ids, completion.logprobs or [], strict=False):
-        content.append(_token_logprob(ctx, token_id, position, num_top))
+        content.append(_token_logprob(ctx, token_id, position, num_top, as_ids))
     return ChatLogprobs(content=content)
 
 
 def _token_logprob(
-    ctx: ServingContext, token_id: int, position: LogprobsDict, num_top: int
+    ctx: ServingContext, token_id: int, position: LogprobsDict, num_top: int, as_ids: bool
 ) -> TokenLogprob:
     """The sampled token and the `num_top` most likely ones (the sampled one among them if its
-    rank is within `num_top`)."""
+    rank is within `num_top`); tokens as "token_id:N" with `as_ids`."""
 
     def entry(tid: int) -> TopLogprob:
-        token = serving.decode_token(ctx, tid, position[tid])
+        token = serving.decode_token(ctx, tid, position[tid], as_ids)
         logprob = max(position[tid].logprob, -9999.0)
         return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
 
@@ -244,11 +253,18 @@ async def _stream(
     model: str,
     plan: ToolPlan | None,
 ) -> AsyncIterator[str]:
-    def chunk(choices: list[ChatStreamChoice], usage: Usage | None = None) -> str:
-        data = ChatCompletionChunk(id=request_id, model=model, choices=choices, usage=usage)
+    def chunk(
+        choices: list[ChatStreamChoice],
+        usage: Usage | None = None,
+        prompt_ids: list[int] | None = None,
+    ) -> str:
+        data = ChatCompletionChunk(
+            id=request_id, model=model, choices=choices, usage=usage, prompt_token_ids=prompt_ids
+        )
         return serving.sse(data if body.include_usage else data.model_dump(exclude={"usage"}))
 
     num_prompt = num_output = 0
+    prompt_sent = not body.return_token_ids
     pieces = [_ChoicePieces(ctx.server_config.reasoning_parser, plan) for _ in range(body.n)]
     try:
         yield chunk(
@@ -259,6 +275,7 @@ async def _stream(
         )
         async for delta in stream:
             num_prompt = len(delta.prompt_token_ids)
+            prompt_ids = None if prompt_sent else list(delta.prompt_token_ids)
             choices = []
             for completion in delta.outputs:
                 num_output += len(completion.token_ids)
@@ -267,15 +284,15 @@ async def _stream(
                     ChatStreamChoice(
                         index=completion.index,
                         delta=message,
-                        logprobs=_logprobs(ctx, completion, body.top_logprobs or 0)
-                        if body.logprobs
-                        else None,
+                        logprobs=_logprobs(ctx, body, completion) if body.logprobs else None,
                         finish_reason=finish_reason,
                         stop_reason=completion.stop_reason,
+                        token_ids=list(completion.token_ids) if body.return_token_ids else None,
                     )
                 )
             if choices:
-                yield chunk(choices)
+                yield chunk(choices, prompt_ids=prompt_ids)
+                prompt_sent = True
         if body.include_usage:
             total = num_prompt + num_output
             usage = Usage(

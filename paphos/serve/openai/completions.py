@@ -19,6 +19,7 @@ from paphos.serve.openai.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprob,
     Usage,
 )
 from paphos.serve.openai.serving import ServingContext
@@ -139,6 +140,9 @@ class _ChoiceBuilder:
         self.ctx = ctx
         self.body = body
         self.prompts = prompts
+        self.as_ids = serving.tokens_as_ids(ctx, body)
+        self.wants_prompt_logprobs = (body.model_extra or {}).get("prompt_logprobs") is not None
+        self.prompt_logprobs_sent: set[int] = set()  # choice indices
 
     def choice(
         self,
@@ -162,13 +166,41 @@ class _ChoiceBuilder:
         formatted = None
         if self.body.logprobs is not None:
             formatted = self._logprobs(token_ids, logprobs)
+        ids = self.body.return_token_ids
         return CompletionChoice(
             index=index,
             text=text,
             logprobs=formatted,
             finish_reason=completion.finish_reason,
             stop_reason=completion.stop_reason,
+            prompt_token_ids=list(output.prompt_token_ids) if ids and first else None,
+            token_ids=list(completion.token_ids) if ids else None,
+            prompt_logprobs=self._prompt_logprobs(index, output),
         )
+
+    def _prompt_logprobs(
+        self, index: int, output: RequestOutput
+    ) -> list[dict[str, PromptLogprob] | None] | None:
+        """The prompt's logprobs, once per choice, as soon as every position has them."""
+        found = output.prompt_logprobs
+        if not self.wants_prompt_logprobs or index in self.prompt_logprobs_sent or found is None:
+            return None
+        if len(found) < len(output.prompt_token_ids):
+            return None  # a stream whose prompt is still being computed (chunked prefill)
+        self.prompt_logprobs_sent.add(index)
+        return [
+            None
+            if position is None
+            else {
+                str(tid): PromptLogprob(
+                    logprob=max(lp.logprob, -9999.0),
+                    rank=lp.rank,
+                    decoded_token=serving.decode_token(self.ctx, tid, lp, self.as_ids),
+                )
+                for tid, lp in position.items()
+            }
+            for position in found
+        ]
 
     def _logprobs(
         self, token_ids: list[int], logprobs: list[LogprobsDict | None]
@@ -177,17 +209,17 @@ class _ChoiceBuilder:
         offset = 0
         for token_id, position in zip(token_ids, logprobs, strict=False):
             if position is None or token_id not in position:  # first prompt token: no logprob
-                token = self.ctx.tokenizer.decode([token_id]) if self.ctx.tokenizer else ""
+                token = serving.decode_token(self.ctx, token_id, None, self.as_ids)
                 out.tokens.append(token)
                 out.token_logprobs.append(None)
                 out.top_logprobs.append(None)
             else:
-                token = serving.decode_token(self.ctx, token_id, position[token_id])
+                token = serving.decode_token(self.ctx, token_id, position[token_id], self.as_ids)
                 out.tokens.append(token)
                 out.token_logprobs.append(max(position[token_id].logprob, -9999.0))
                 top: dict[str, float] = {}
                 for tid, lp in position.items():  # tokens sharing a text keep the best logprob
-                    key = serving.decode_token(self.ctx, tid, lp)
+                    key = serving.decode_token(self.ctx, tid, lp, self.as_ids)
                     top[key] = max(top.get(key, -9999.0), lp.logprob)
                 out.top_logprobs.append(top)
             out.text_offset.append(offset)

@@ -54,6 +54,10 @@ class OpenAIRequest(BaseModel):
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None
+    # vLLM's extras: the token ids of the prompt and of each choice in the response; tokens in
+    # logprobs written as "token_id:N" (None: the server's --return-tokens-as-token-ids).
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool | None = None
 
     def sampling_extras(self) -> dict[str, Any]:
         """The validated extra fields (None means: keep the default)."""
@@ -161,12 +165,28 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+def _only_if_set() -> Any:
+    """A response field left out of the JSON unless the request asked for it (set: not None)."""
+    return Field(default=None, exclude_if=lambda value: value is None)
+
+
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # return_token_ids (the prompt's in the first piece of a stream)
+    prompt_token_ids: list[int] | None = _only_if_set()
+    token_ids: list[int] | None = _only_if_set()
+    # prompt_logprobs=N: per prompt position, {token id: logprob} (None for the first token)
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = _only_if_set()
 
 
 class CompletionResponse(BaseModel):
@@ -205,6 +225,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = _only_if_set()  # return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -214,6 +235,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_token_ids: list[int] | None = _only_if_set()  # return_token_ids
 
 
 class DeltaMessage(BaseModel):
@@ -229,6 +251,7 @@ class ChatStreamChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = _only_if_set()  # return_token_ids: this chunk's ids
 
 
 class ChatCompletionChunk(BaseModel):
@@ -238,6 +261,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = _only_if_set()  # return_token_ids: first chunk
 
 
 class ModelCard(BaseModel):

@@ -241,8 +241,19 @@ def sse_error(error: BaseException) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def decode_token(ctx: ServingContext, token_id: int, logprob: Logprob) -> str:
-    if logprob.decoded_token is not None:
+def tokens_as_ids(ctx: ServingContext, body: Any) -> bool:
+    """Whether logprobs write tokens as "token_id:N": the request's choice, else the server's."""
+    wanted = body.return_tokens_as_token_ids
+    return ctx.server_config.return_tokens_as_token_ids if wanted is None else wanted
+
+
+def decode_token(
+    ctx: ServingContext, token_id: int, logprob: Logprob | None, as_id: bool = False
+) -> str:
+    """A token's text for logprobs; "token_id:N" when asked (`as_id`) or without a tokenizer."""
+    if as_id:
+        return f"token_id:{token_id}"
+    if logprob is not None and logprob.decoded_token is not None:
         return logprob.decoded_token
     if ctx.tokenizer is None:
         return f"token_id:{token_id}"
