@@ -171,3 +171,20 @@ def test_boolean_flags_show_their_default_in_help() -> None:
     for action in run._actions:
         if isinstance(action, argparse.BooleanOptionalAction):
             assert "(default: " in action.help, action.option_strings
+
+
+def test_docs_serving_flag_list_equals_the_parsers_flags() -> None:
+    """docs/serving.md's copy of `paphos run --help` lists exactly the flags the parser has."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "serving.md").read_text()
+    start = text.index("This is the output of `paphos run --help`:")
+    block = text[text.index("```\n", start) + 4 : text.index("\n```", start + 50)]
+    documented = set()
+    for line in block.splitlines():
+        if line.startswith("  -"):  # an option line (help text is indented further)
+            documented |= set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", line.split("  ", 2)[1]))
+    run = build_parser()[0]._subparsers._group_actions[0].choices["run"]
+    flags = {s for a in run._actions for s in a.option_strings} - {"-h", "--help"}
+    assert documented == flags
