@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import logging
 import re
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -123,9 +124,26 @@ def flag_names(message: str, dests: dict[str, list[str]]) -> str:
     return message
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail before the model loads when the port is taken (as uvicorn would bind it)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ValueError(
+                f"cannot listen on {host}:{port} ({e.strerror}): another server may be using "
+                "it; pick another port=N or host=ADDRESS"
+            ) from e
+
+
 def run_server(engine_kwargs: dict[str, Any], server_config: ServerConfig) -> None:
     """Build the engine, log what was resolved, and serve until interrupted. The config is
     resolved before the server stack is imported, so a bad path or value fails at once."""
+    check_port_free(server_config.host, server_config.port)
     config = EngineConfig.from_kwargs(**engine_kwargs)
 
     import uvicorn

@@ -215,3 +215,19 @@ def test_fused_decode_off_message_says_why_in_words(caplog) -> None:
     assert caplog.messages == [
         "fused CPU decode off (decode steps run layer by layer): layer 0: " + reason
     ]
+
+
+def test_a_taken_port_fails_before_the_model_loads_naming_the_flag() -> None:
+    import socket
+
+    from paphos.serve.cli import build_parser, check_port_free, flag_names
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError) as error:
+            check_port_free("127.0.0.1", port)
+    message = flag_names(str(error.value), build_parser()[1])
+    assert f"cannot listen on 127.0.0.1:{port}" in message and "--port=N" in message
+    check_port_free("127.0.0.1", port)  # free again
