@@ -10,7 +10,8 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     """`numerator // denominator`, or a ValueError naming `what` if it does not divide evenly."""
     if denominator < 1 or numerator % denominator != 0:
         raise ValueError(
-            f"{what}={numerator} is not divisible by the tensor-parallel world size {denominator}"
+            f"{what}={numerator} is not divisible by the tensor-parallel world size "
+            f"{denominator}: use a tensor_parallel_size that divides it"
         )
     return numerator // denominator
 
