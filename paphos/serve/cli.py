@@ -113,15 +113,21 @@ def configs_from_args(
     return engine_kwargs, ServerConfig(**server_kwargs)
 
 
+_QUOTED = re.compile(r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+
+
 def flag_names(message: str, dests: dict[str, list[str]]) -> str:
     """`message` with config field names written as the flags that set them: `name=` of any field,
-    and bare multi-word names (`kv_cache_space/gpu_memory_utilization`)."""
+    and bare multi-word names (`kv_cache_space/gpu_memory_utilization`); quoted values (paths)
+    stay as they are."""
     names = sorted({n for names in dests.values() for n in names}, key=len, reverse=True)
-    for name in names:
-        flag = "--" + name.replace("_", "-")
-        pattern = rf"(?<![\w\-]){name}(?==)" if "_" not in name else rf"(?<![\w\-]){name}(?!\w)"
-        message = re.sub(pattern, flag, message)
-    return message
+    pieces = _QUOTED.split(message)  # odd indices: quoted values
+    for index in range(0, len(pieces), 2):
+        for name in names:
+            flag = "--" + name.replace("_", "-")
+            after = "(?==)" if "_" not in name else r"(?!\w)"
+            pieces[index] = re.sub(rf"(?<![\w\-]){name}{after}", flag, pieces[index])
+    return "".join(pieces)
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from paphos.config import PART_CLASSES, EngineConfig
+from paphos.models.registry import TRANSFORMERS_FALLBACK
 from paphos.serve.server_config import ServerConfig
 
 logger = logging.getLogger("paphos.serve")
@@ -34,7 +35,7 @@ def resolved_settings(config: EngineConfig, engine: Any, served_name: str) -> di
     model = config.model
     threads = getattr(runner, "threads", None)
     backend = config.parallel.distributed_executor_backend
-    fallback = type(runner.model).__module__.endswith("transformers_impl")
+    fallback = type(runner.model).__module__ == TRANSFORMERS_FALLBACK.split(":")[0]
     resolved = {
         "tokenizer": "none (skip_tokenizer_init)"
         if model.skip_tokenizer_init

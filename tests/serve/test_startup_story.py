@@ -195,6 +195,8 @@ def test_flag_names_rewrites_field_names_as_flags() -> None:
         "--max-model-len=9 does not fit: raise --kv-cache-space/--gpu-memory-utilization"
     )
     assert flag_names("the model path", dests) == "the model path"  # prose stays prose
+    quoted = "model='/data/kv_cache_space/m' holds no block_size=3"
+    assert flag_names(quoted, dests) == "--model='/data/kv_cache_space/m' holds no --block-size=3"
 
 
 def test_home_paths_expand_for_the_model(tiny_llama_dir, monkeypatch) -> None:
