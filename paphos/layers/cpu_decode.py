@@ -16,9 +16,11 @@ from typing import Any
 import torch
 
 from paphos.attention import AttentionMetadata
+from paphos.gguf_file import GGUFQuantizedTensor
 from paphos.kernels.cpu import decoder_layer
-from paphos.kernels.cpu.decoder_layer import DecoderLayerWeights, DecoderStack
+from paphos.kernels.cpu.decoder_layer import DecoderLayerWeights, DecoderStack, Weight
 from paphos.quant import UnquantizedLinearMethod
+from paphos.quant.gguf import GGUFLinearMethod
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ __all__ = [
     "FusedDecode",
     "FusedDecodeSlot",
     "build_fused_decode",
+    "fused_weight",
     "layer_weights",
     "quantized_reason",
 ]
@@ -94,15 +97,27 @@ class FusedDecode:
         )
 
 
+def fused_weight(linear: Any) -> Weight | None:
+    """What the fused kernel multiplies for this linear layer: its dense weight, or its GGUF
+    blocks where they are one part of one block type; None where it cannot (other methods)."""
+    method = getattr(linear, "linear_method", None)
+    if isinstance(method, UnquantizedLinearMethod):
+        return linear.weight.data
+    parts = getattr(linear, "gguf_parts", ())
+    if isinstance(method, GGUFLinearMethod) and len(parts) == 1 and parts[0].ggml_type is not None:
+        part = parts[0]
+        return GGUFQuantizedTensor(part.ggml_type, getattr(linear, part.name), linear.gguf_shape)
+    return None
+
+
 def quantized_reason(linears: Iterable[Any]) -> str | None:
     """The reason a layer with these linears (None entries skipped) cannot be fused, when one
-    of them is quantized: the kernel multiplies dense weights only."""
+    of them is quantized in a way the kernel does not multiply (`fused_weight`)."""
     for lin in linears:
-        method = getattr(lin, "linear_method", None)
-        if lin is not None and not isinstance(method, UnquantizedLinearMethod):
+        if lin is not None and fused_weight(lin) is None:
             return (
-                f"its weights are quantized ({type(method).__name__}); the fused kernel "
-                "multiplies dense bfloat16/float32 weights only"
+                f"its weights are quantized ({type(lin.linear_method).__name__}); the fused "
+                "kernel multiplies dense bfloat16/float32 weights and single-type GGUF blocks only"
             )
     return None
 

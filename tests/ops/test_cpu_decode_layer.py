@@ -63,7 +63,7 @@ def model_dir(request, tmp_path_factory) -> Path:
     return path
 
 
-def _runner(path: Path, dtype: torch.dtype, block_size: int) -> ModelRunner:
+def _runner(path: Path, dtype: torch.dtype, block_size: int, **engine_kwargs) -> ModelRunner:
     config = EngineConfig.from_kwargs(
         model=str(path),
         dtype=str(dtype).removeprefix("torch."),
@@ -71,6 +71,7 @@ def _runner(path: Path, dtype: torch.dtype, block_size: int) -> ModelRunner:
         block_size=block_size,
         num_blocks_override=NUM_BLOCKS,
         device="cpu",
+        **engine_kwargs,
     )
     runner = ModelRunner(config)
     runner.initialize_kv_cache(NUM_BLOCKS)
@@ -117,7 +118,31 @@ def _unfused_layers(model, positions, ids, caches, metadata):
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("seq_lens", [[1], [17], [33, 2], [70, 16, 48], [5, 64, 97, 33]])
 def test_fused_layers_equal_unfused_layers_bitwise(model_dir, dtype, block_size, seq_lens):
-    runner = _runner(model_dir, dtype, block_size)
+    _assert_fused_equals_unfused(_runner(model_dir, dtype, block_size), dtype, seq_lens)
+
+
+@pytest.fixture(scope="module")
+def blocks_dir(tmp_path_factory) -> Path:
+    """The "mha" Llama (hidden 64, intermediate 96: whole 32-element blocks) for `-q q*_*`."""
+    path = tmp_path_factory.mktemp("mha_for_blocks")
+    _save_tiny_llama(path, "mha")
+    return path
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quantization", ["q4_0", "q4_1", "q5_1", "q8_0"])
+def test_fused_layers_over_gguf_blocks_equal_unfused_layers_bitwise(
+    blocks_dir, dtype, quantization
+):
+    runner = _runner(blocks_dir, dtype, 16, quantization=quantization)
+    assert type(runner.model.model.layers[0].mlp.down_proj.linear_method).__name__ == (
+        "GGUFLinearMethod"
+    )
+    _assert_fused_equals_unfused(runner, dtype, [5, 64, 97, 33])
+
+
+def _assert_fused_equals_unfused(runner: ModelRunner, dtype: torch.dtype, seq_lens) -> None:
+    block_size = runner.kv_caches[0].shape[2]
     model = runner.model.model
     positions, metadata = _decode_metadata(seq_lens, block_size, seed=len(seq_lens))
     ids = torch.randint(0, 101, (len(seq_lens),), generator=torch.Generator().manual_seed(7))
@@ -143,7 +168,7 @@ LOWER_LEVELS = [level for level in isa.available() if level != isa.kernel_level(
 def test_fused_layers_equal_unfused_layers_at_each_lower_isa_level(level):
     """The whole process at a lower level (kernels of both paths built for it), in a child."""
     env = {**os.environ, isa.ENV_VAR: level}
-    select = "bitwise and gqa_bias and (seq_lens3 or seq_lens4)"
+    select = "bitwise and (gqa_bias and (seq_lens3 or seq_lens4) or gguf)"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", select],
         env=env,

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from paphos.kernels.cpu import attention, matvec, native, norm_rope
+from paphos.gguf_file import GGUFQuantizedTensor
+from paphos.kernels.cpu import attention, gguf_matvec, matvec, native, norm_rope
+from paphos.quant.gguf import KEPT_TYPES
 
 SOURCE = Path(__file__).with_name("decoder_layer.c")
 MAX_TOKENS = matvec.MAX_ROWS  # decoder_layer.c's MAX_TOKENS: 4
@@ -36,6 +38,7 @@ _ERRORS = {
 }
 
 _ptr, _i64 = ctypes.c_void_p, ctypes.c_int64
+Weight = torch.Tensor | GGUFQuantizedTensor  # dense [out, in], or its GGUF blocks
 
 
 class LayerSpec(ctypes.Structure):
@@ -49,6 +52,8 @@ class LayerSpec(ctypes.Structure):
         *((name, _i64) for name in ("num_heads", "num_kv_heads", "head_size", "intermediate")),
         ("is_bf16", _i64),
         *((name, ctypes.c_float) for name in ("input_eps", "post_eps", "scale", "unused")),
+        *((name, _i64) for name in ("qkv_type", "o_type", "gate_up_type", "down_type")),
+        ("gguf_isa", _i64),
     ]
 
 
@@ -70,19 +75,20 @@ class DecodeStep(ctypes.Structure):
 @dataclass(frozen=True)
 class DecoderLayerWeights:
     """One pre-norm layer: RMSNorm -> qkv -> rotary -> paged attention -> o -> add + RMSNorm ->
-    gate_up -> silu(gate) * up -> down. Weights are [out, in]; biases [out] or None."""
+    gate_up -> silu(gate) * up -> down. Weights are [out, in]: dense in the norms' dtype, or GGUF
+    blocks of one type each (as GGUFLinearMethod multiplies them); biases [out] or None."""
 
     input_norm: torch.Tensor
     input_eps: float
-    qkv: torch.Tensor
+    qkv: Weight
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor
+    o: Weight
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor
     post_eps: float
-    gate_up: torch.Tensor
+    gate_up: Weight
     gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
+    down: Weight
     down_bias: torch.Tensor | None
     cos_sin_cache: torch.Tensor  # [max_position, head_size]: cos | sin
     is_neox: bool
@@ -116,13 +122,22 @@ def load_library(level: str | None = None) -> ctypes.CDLL | None:
 
 def unsupported_reason(layer: DecoderLayerWeights) -> str | None:
     """Why the kernel cannot run this layer (None when it can)."""
-    dtype, hidden = layer.qkv.dtype, layer.qkv.shape[-1]
-    tensors = [layer.input_norm, layer.post_norm, layer.qkv, layer.o, layer.gate_up, layer.down]
-    if dtype not in DTYPES or any(t.dtype != dtype for t in tensors):
-        found = sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
+    dtype, hidden = layer.input_norm.dtype, layer.input_norm.shape[-1]
+    weights = [layer.qkv, layer.o, layer.gate_up, layer.down]
+    dense = [
+        layer.input_norm,
+        layer.post_norm,
+        *(w for w in weights if isinstance(w, torch.Tensor)),
+    ]
+    if dtype not in DTYPES or any(t.dtype != dtype for t in dense):
+        found = sorted({str(t.dtype).removeprefix("torch.") for t in dense})
         return f"its weights are {'/'.join(found)}; the kernel runs bfloat16 or float32 weights"
+    tensors = [t.data if isinstance(t, GGUFQuantizedTensor) else t for t in [*dense, *weights]]
     if not all(t.is_cpu and t.is_contiguous() for t in tensors):
         return "weights not contiguous CPU tensors"
+    for w in weights:
+        if isinstance(w, GGUFQuantizedTensor) and w.ggml_type not in KEPT_TYPES:
+            return f"its {w.ggml_type.name} blocks have no product in the kernel"
     q, kv = layer.num_heads * layer.head_size, layer.num_kv_heads * layer.head_size
     inter = layer.down.shape[-1]
     shapes = {
@@ -146,22 +161,30 @@ def unsupported_reason(layer: DecoderLayerWeights) -> str | None:
     return None
 
 
-def _spec(layer: DecoderLayerWeights, keep: list[torch.Tensor]) -> LayerSpec:
+def _spec(layer: DecoderLayerWeights, keep: list[torch.Tensor], gguf_isa: int) -> LayerSpec:
     """The layer's C struct; tensors it points at (contiguous tables, fp32 biases) go to `keep`."""
     table = layer.cos_sin_cache.contiguous()  # [max_position, head_size]
     biases = [None if b is None else b.float().contiguous() for b in _biases(layer)]  # [out] each
     keep += [table, *(b for b in biases if b is not None)]
+    weights = (layer.qkv, layer.o, layer.gate_up, layer.down)
     spec = LayerSpec(
-        *(t.data_ptr() for t in (layer.input_norm, layer.post_norm, layer.qkv, layer.o)),
-        *(t.data_ptr() for t in (layer.gate_up, layer.down)),
+        *(t.data_ptr() for t in (layer.input_norm, layer.post_norm)),
+        *(_storage(w).data_ptr() for w in weights),
         *(None if b is None else b.data_ptr() for b in biases),
         table.data_ptr(),
-        *(table.dtype == torch.bfloat16, table.shape[0], layer.is_neox, layer.qkv.shape[1]),
+        *(table.dtype == torch.bfloat16, table.shape[0], layer.is_neox, layer.input_norm.shape[0]),
         *(layer.num_heads, layer.num_kv_heads, layer.head_size, layer.down.shape[1]),
-        layer.qkv.dtype == torch.bfloat16,
+        layer.input_norm.dtype == torch.bfloat16,
         *(layer.input_eps, layer.post_eps, layer.scale, 0.0),
+        *(int(w.ggml_type) if isinstance(w, GGUFQuantizedTensor) else -1 for w in weights),
+        gguf_isa,
     )
     return spec
+
+
+def _storage(weight: Weight) -> torch.Tensor:
+    """What the kernel reads: the dense rows, or the [out, row_bytes] uint8 blocks."""
+    return weight.data if isinstance(weight, GGUFQuantizedTensor) else weight
 
 
 def _biases(layer: DecoderLayerWeights) -> tuple[torch.Tensor | None, ...]:
@@ -187,11 +210,12 @@ class DecoderStack:
         self._lib = lib
         self._layers = list(layers)  # keeps the weights the structs point at alive
         self._keep: list[torch.Tensor] = []
-        self._specs = [_spec(layer, self._keep) for layer in layers]
+        gguf_isa = gguf_matvec.best_isa(lib)
+        self._specs = [_spec(layer, self._keep, gguf_isa) for layer in layers]
         self._spec_addresses = [ctypes.addressof(spec) for spec in self._specs]
         first = layers[0]
-        self.dtype = first.qkv.dtype
-        self.hidden_size = first.qkv.shape[1]
+        self.dtype = first.input_norm.dtype
+        self.hidden_size = first.input_norm.shape[0]
         self.num_kv_heads, self.head_size = first.num_kv_heads, first.head_size
         shape = (MAX_TOKENS, self.hidden_size)
         self._hidden = torch.empty(shape, dtype=self.dtype)  # [MAX_TOKENS, hidden]

@@ -15,11 +15,11 @@
 
 #include "simd_base.c"
 
-#define MAX_ROWS 4          /* x rows per pass */
+#define GGUF_MAX_ROWS 4          /* x rows per pass */
 #define ROWS_PER_CHUNK 8    /* weight rows shared by the passes over all x rows */
 #define QK 32    /* elements per block of the 32-element formats */
 #define QK_K 256 /* elements per super-block of the K-quants and IQ4_XS */
-#define MIN_BYTES_PER_THREAD (64 * 1024)
+#define GGUF_MIN_BYTES_PER_THREAD (64 * 1024)
 
 /* ggml type ids (GGMLQuantizationType). */
 enum {
@@ -272,8 +272,8 @@ static DequantBlock dequant_for(int type) {
     return NULL;
 }
 
-static int threads_for(int64_t bytes, int num_threads) {
-    int64_t useful = bytes / MIN_BYTES_PER_THREAD;
+static int gguf_threads_for(int64_t bytes, int num_threads) {
+    int64_t useful = bytes / GGUF_MIN_BYTES_PER_THREAD;
     if (useful < 1) return 1;
     return useful < num_threads ? (int)useful : num_threads;
 }
@@ -309,7 +309,7 @@ PAPHOS_INLINE __m256 widen_i8(__m128i bytes) {
 
 /* acc[b] += q[0..32) . x[b][0..32) for the 32 values of one block given as 4 vectors. */
 PAPHOS_INLINE void dot32(const __m256 q[4], const float *x, int64_t x_stride, int rows,
-                         __m256 acc[MAX_ROWS]) {
+                         __m256 acc[GGUF_MAX_ROWS]) {
     for (int b = 0; b < rows; b++) {
         const float *xb = x + b * x_stride;
         __m256 s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xb));
@@ -342,16 +342,16 @@ PAPHOS_INLINE __m256 fifth_bits(uint32_t qh, int j) {
  * per-block sums of x. */
 PAPHOS_INLINE __attribute__((always_inline)) void row_dot_affine32(
     const Blocks *m, const uint8_t *row, const float *x, const float *xsum, int rows,
-    float dots[MAX_ROWS]) {
-    __m256 total[MAX_ROWS];
-    float offset[MAX_ROWS];
+    float dots[GGUF_MAX_ROWS]) {
+    __m256 total[GGUF_MAX_ROWS];
+    float offset[GGUF_MAX_ROWS];
     for (int b = 0; b < rows; b++) {
         total[b] = _mm256_setzero_ps();
         offset[b] = 0.0f;
     }
     for (int64_t k = 0; k < m->blocks_per_row; k++) {
         const uint8_t *blk = row + k * m->block_bytes;
-        __m256 q[4], acc[MAX_ROWS];
+        __m256 q[4], acc[GGUF_MAX_ROWS];
         float d = half_to_float(blk), mn = 0.0f;
         switch (m->type) {
         case T_Q4_0: nibbles32(blk + 2, q); mn = -8.0f * d; break;
@@ -384,9 +384,9 @@ PAPHOS_INLINE __attribute__((always_inline)) void row_dot_affine32(
 /* Any format: each block dequantized into an L1 buffer, then multiplied in fp32. */
 PAPHOS_INLINE __attribute__((always_inline)) void row_dot_generic(
     const Blocks *m, DequantBlock dequant, const uint8_t *row, const float *x, int rows,
-    float dots[MAX_ROWS]) {
+    float dots[GGUF_MAX_ROWS]) {
     float buf[QK_K] __attribute__((aligned(32)));
-    __m256 acc[MAX_ROWS];
+    __m256 acc[GGUF_MAX_ROWS];
     for (int b = 0; b < rows; b++) acc[b] = _mm256_setzero_ps();
     for (int64_t k = 0; k < m->blocks_per_row; k++) {
         dequant(row + k * m->block_bytes, buf);
@@ -406,14 +406,14 @@ static int is_affine32(int type) {
 }
 
 /* Output rows [begin, end) with `rows` (a constant after inlining) inputs. */
-PAPHOS_INLINE __attribute__((always_inline)) void matvec_rows(
+PAPHOS_INLINE __attribute__((always_inline)) void gguf_matvec_rows(
     const Blocks *m, const uint8_t *weight, const float *x, const float *xsum, int rows,
     int64_t begin, int64_t end, float *y, int64_t y_stride) {
     DequantBlock dequant = dequant_for(m->type);
     int affine = is_affine32(m->type);
     for (int64_t o = begin; o < end; o++) {
         const uint8_t *row = weight + o * m->row_bytes;
-        float dots[MAX_ROWS];
+        float dots[GGUF_MAX_ROWS];
         if (affine) row_dot_affine32(m, row, x, xsum, rows, dots);
         else row_dot_generic(m, dequant, row, x, rows, dots);
         for (int b = 0; b < rows; b++) y[b * y_stride + o] = dots[b];
@@ -437,9 +437,9 @@ AVX512_INLINE __m512 fifth_bits16(uint32_t qh, int j) {
 
 /* row_dot_affine32 with 16 lanes: a block is two vectors. */
 AVX512_INLINE void row_dot_affine32_512(const Blocks *m, const uint8_t *row, const float *x,
-                                        const float *xsum, int rows, float dots[MAX_ROWS]) {
-    __m512 total[MAX_ROWS];
-    float offset[MAX_ROWS];
+                                        const float *xsum, int rows, float dots[GGUF_MAX_ROWS]) {
+    __m512 total[GGUF_MAX_ROWS];
+    float offset[GGUF_MAX_ROWS];
     for (int b = 0; b < rows; b++) {
         total[b] = _mm512_setzero_ps();
         offset[b] = 0.0f;
@@ -482,13 +482,13 @@ AVX512_INLINE void matvec_rows_512(const Blocks *m, const uint8_t *weight, const
                                    const float *xsum, int rows, int64_t begin, int64_t end,
                                    float *y, int64_t y_stride) {
     for (int64_t o = begin; o < end; o++) {
-        float dots[MAX_ROWS];
+        float dots[GGUF_MAX_ROWS];
         row_dot_affine32_512(m, weight + o * m->row_bytes, x, xsum, rows, dots);
         for (int b = 0; b < rows; b++) y[b * y_stride + o] = dots[b];
     }
 }
 
-static __attribute__((noinline)) void matvec_group_512(const Blocks *m, const uint8_t *weight,
+static __attribute__((noinline)) void gguf_matvec_group_512(const Blocks *m, const uint8_t *weight,
                                                        const float *x, const float *xsum,
                                                        int rows, int64_t begin, int64_t end,
                                                        float *y, int64_t y_stride) {
@@ -502,6 +502,17 @@ static __attribute__((noinline)) void matvec_group_512(const Blocks *m, const ui
 
 #pragma GCC pop_options
 
+/* xsum[k] = the sum of x's elements in block k, for the 32-element affine formats (their
+ * products take d * (q . x) + m * sum(x)); nothing for the other formats. */
+static void block_sums(const Blocks *m, const float *x, float *xsum) {
+    if (!is_affine32(m->type)) return;
+    for (int64_t k = 0; k < m->blocks_per_row; k++) {
+        float s = 0.0f;
+        for (int i = 0; i < QK; i++) s += x[k * QK + i];
+        xsum[k] = s;
+    }
+}
+
 /* 1 when this CPU runs the AVX-512 path (isa = 1 in paphos_gguf_matvec). */
 int paphos_gguf_has_avx512(void) {
     __builtin_cpu_init();
@@ -509,37 +520,37 @@ int paphos_gguf_has_avx512(void) {
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
 
-/* Output rows [begin, end) for x rows [0, rows): groups of MAX_ROWS over chunks of weight rows. */
-static void matvec_range(const Blocks *m, const uint8_t *weight, const float *x,
+/* Output rows [begin, end) for x rows [0, rows): groups of GGUF_MAX_ROWS over chunks of weight rows. */
+static void gguf_matvec_range(const Blocks *m, const uint8_t *weight, const float *x,
                          const float *xsum, int64_t rows, int64_t begin, int64_t end, float *y,
                          int64_t y_stride, int isa) {
     int wide = isa == 1 && is_affine32(m->type);
     for (int64_t o = begin; o < end; o += ROWS_PER_CHUNK) {
         int64_t chunk_end = o + ROWS_PER_CHUNK < end ? o + ROWS_PER_CHUNK : end;
-        for (int64_t b = 0; b < rows; b += MAX_ROWS) {
+        for (int64_t b = 0; b < rows; b += GGUF_MAX_ROWS) {
             const float *xb = x + b * m->in, *sb = xsum + b * m->blocks_per_row;
             float *yb = y + b * y_stride;
-            int group = rows - b < MAX_ROWS ? (int)(rows - b) : MAX_ROWS;
+            int group = rows - b < GGUF_MAX_ROWS ? (int)(rows - b) : GGUF_MAX_ROWS;
             if (wide) {
-                matvec_group_512(m, weight, xb, sb, group, o, chunk_end, yb, y_stride);
+                gguf_matvec_group_512(m, weight, xb, sb, group, o, chunk_end, yb, y_stride);
                 continue;
             }
             switch (group) {
-            case 1: matvec_rows(m, weight, xb, sb, 1, o, chunk_end, yb, y_stride); break;
-            case 2: matvec_rows(m, weight, xb, sb, 2, o, chunk_end, yb, y_stride); break;
-            case 3: matvec_rows(m, weight, xb, sb, 3, o, chunk_end, yb, y_stride); break;
-            default: matvec_rows(m, weight, xb, sb, 4, o, chunk_end, yb, y_stride); break;
+            case 1: gguf_matvec_rows(m, weight, xb, sb, 1, o, chunk_end, yb, y_stride); break;
+            case 2: gguf_matvec_rows(m, weight, xb, sb, 2, o, chunk_end, yb, y_stride); break;
+            case 3: gguf_matvec_rows(m, weight, xb, sb, 3, o, chunk_end, yb, y_stride); break;
+            default: gguf_matvec_rows(m, weight, xb, sb, 4, o, chunk_end, yb, y_stride); break;
             }
         }
     }
 }
 
-static __attribute__((noinline)) void matvec_share(const Blocks *m, const uint8_t *weight,
+static __attribute__((noinline)) void gguf_matvec_share(const Blocks *m, const uint8_t *weight,
                                                    const float *x, const float *xsum,
                                                    int64_t rows, int64_t out, float *y,
                                                    int64_t y_stride, int isa, int t, int n) {
     int64_t begin = out * t / n, end = out * (t + 1) / n;
-    if (begin < end) matvec_range(m, weight, x, xsum, rows, begin, end, y, y_stride, isa);
+    if (begin < end) gguf_matvec_range(m, weight, x, xsum, rows, begin, end, y, y_stride, isa);
 }
 
 /* y[b, o] (row stride y_stride) = x[b] . W[o] for b < rows, x fp32 [rows, in] contiguous; the
@@ -560,17 +571,10 @@ int paphos_gguf_matvec(int type, const float *x, int64_t rows, const uint8_t *we
     if (isa != 0 && !(isa == 1 && paphos_gguf_has_avx512())) return -8;
     float *xsum = (float *)malloc((size_t)(rows * m.blocks_per_row + 1) * sizeof(float));
     if (!xsum) return -6;
-    if (is_affine32(type)) {
-        for (int64_t b = 0; b < rows; b++)
-            for (int64_t k = 0; k < m.blocks_per_row; k++) {
-                float s = 0.0f;
-                for (int i = 0; i < QK; i++) s += x[b * in + k * QK + i];
-                xsum[b * m.blocks_per_row + k] = s;
-            }
-    }
-    int threads = threads_for(out * m.row_bytes * ((rows + MAX_ROWS - 1) / MAX_ROWS), num_threads);
+    for (int64_t b = 0; b < rows; b++) block_sums(&m, x + b * in, xsum + b * m.blocks_per_row);
+    int threads = gguf_threads_for(out * m.row_bytes * ((rows + GGUF_MAX_ROWS - 1) / GGUF_MAX_ROWS), num_threads);
 #pragma omp parallel num_threads(threads) if (threads > 1)
-    matvec_share(&m, weight, x, xsum, rows, out, y, y_stride, isa, omp_get_thread_num(),
+    gguf_matvec_share(&m, weight, x, xsum, rows, out, y, y_stride, isa, omp_get_thread_num(),
                  omp_get_num_threads());
     free(xsum);
     return 0;
@@ -626,7 +630,7 @@ int paphos_gguf_dequantize(int type, const uint8_t *weight, int64_t rows, int64_
     if (!weight || !out) return -5;
     DequantBlock dequant = dequant_for(type);
     int affine = is_affine32(type);
-    int threads = threads_for(rows * m.row_bytes, num_threads);
+    int threads = gguf_threads_for(rows * m.row_bytes, num_threads);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         float buf[QK_K];
