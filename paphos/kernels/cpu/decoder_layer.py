@@ -18,7 +18,6 @@ import torch
 
 from paphos.gguf_file import GGUFQuantizedTensor
 from paphos.kernels.cpu import attention, gguf_matvec, matvec, native, norm_rope
-from paphos.quant.gguf import KEPT_TYPES
 
 SOURCE = Path(__file__).with_name("decoder_layer.c")
 MAX_TOKENS = matvec.MAX_ROWS  # decoder_layer.c's MAX_TOKENS: 4
@@ -135,9 +134,6 @@ def unsupported_reason(layer: DecoderLayerWeights) -> str | None:
     tensors = [t.data if isinstance(t, GGUFQuantizedTensor) else t for t in [*dense, *weights]]
     if not all(t.is_cpu and t.is_contiguous() for t in tensors):
         return "weights not contiguous CPU tensors"
-    for w in weights:
-        if isinstance(w, GGUFQuantizedTensor) and w.ggml_type not in KEPT_TYPES:
-            return f"its {w.ggml_type.name} blocks have no product in the kernel"
     q, kv = layer.num_heads * layer.head_size, layer.num_kv_heads * layer.head_size
     inter = layer.down.shape[-1]
     shapes = {
