@@ -153,6 +153,13 @@ class ParallelConfig:
     tensor_parallel_size: int = field(
         default=1, metadata=_help("Number of tensor-parallel ranks (processes).")
     )
+    enable_expert_parallel: bool = field(
+        default=False,
+        metadata=_help(
+            "Mixture-of-experts layers: each rank holds whole experts (experts split over the "
+            "tensor-parallel ranks) instead of a slice of every expert."
+        ),
+    )
     distributed_executor_backend: str | None = field(
         default=None,
         metadata=_help(

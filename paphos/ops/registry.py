@@ -14,7 +14,7 @@ from paphos.kernels.cpu import activation as cpu_activation
 from paphos.kernels.cpu import attention as cpu_attention
 from paphos.kernels.cpu import isa
 from paphos.kernels.cpu import norm_rope as cpu_norm_rope
-from paphos.ops import activation, kv_cache, paged_attention, rms_norm, rotary
+from paphos.ops import activation, kv_cache, moe, paged_attention, rms_norm, rotary
 
 REFERENCES: dict[str, Callable[..., Any]] = {
     "rms_norm": rms_norm.rms_norm,
@@ -24,6 +24,7 @@ REFERENCES: dict[str, Callable[..., Any]] = {
     "rotary_and_write_kv": rotary.rotary_and_write_kv,
     "write_kv_cache": kv_cache.write_kv_cache,
     "paged_attention": paged_attention.paged_attention,
+    "fused_experts": moe.fused_experts,
 }
 
 

@@ -17,11 +17,13 @@ BACKENDS = ("gloo", "nccl")
 
 @dataclass(frozen=True)
 class ParallelInfo:
-    """This process's place in the tensor-parallel group; `group=None` means the default group."""
+    """This process's place in the tensor-parallel group; `group=None` means the default group.
+    `expert_parallel`: MoE layers give each rank whole experts instead of a slice of every one."""
 
     rank: int = 0
     world_size: int = 1
     group: Any = None
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.world_size, int) or self.world_size < 1:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from paphos.quant.base import LinearMethod, set_weight_attrs
-from paphos.quant.unquantized import UnquantizedLinearMethod
+from paphos.quant.base import LinearMethod, MoEMethod, set_weight_attrs
+from paphos.quant.unquantized import UnquantizedLinearMethod, UnquantizedMoEMethod
 from paphos.quantization import hf_quantization_config
 
 
@@ -49,4 +49,26 @@ def create_linear_method(quant_method: str | None, hf_config: Any = None) -> Lin
     )
 
 
-__all__ = ["LinearMethod", "UnquantizedLinearMethod", "create_linear_method", "set_weight_attrs"]
+def moe_method_for(linear_method: LinearMethod | None) -> MoEMethod:
+    """The expert-weight method that goes with a model's linear method: dense experts for dense
+    models; a quantized method gives its own through `moe_method()`, or is refused."""
+    if linear_method is None or isinstance(linear_method, UnquantizedLinearMethod):
+        return UnquantizedMoEMethod()
+    make = getattr(linear_method, "moe_method", None)
+    if make is None:
+        raise ValueError(
+            f"{type(linear_method).__name__} has no method for mixture-of-experts weights: "
+            "quantized experts in this format are not supported; use a dense checkpoint"
+        )
+    return make()
+
+
+__all__ = [
+    "LinearMethod",
+    "MoEMethod",
+    "UnquantizedLinearMethod",
+    "UnquantizedMoEMethod",
+    "create_linear_method",
+    "moe_method_for",
+    "set_weight_attrs",
+]

@@ -47,6 +47,32 @@ class LinearMethod(Protocol):
         ...
 
 
+@runtime_checkable
+class MoEMethod(Protocol):
+    """Strategy for the stacked expert weights of a `FusedMoE` layer (paphos.layers.moe).
+
+    `create_weights` registers `w13_weight` [num_experts, 2 * inter, hidden] ([gate | up] rows)
+    and `w2_weight` [num_experts, hidden, inter] (this rank's experts and intermediate slice) in
+    its own layout; `apply` computes the routed sum (ids of -1 contribute nothing)."""
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+    ) -> None: ...
+
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """x [num_tokens, hidden] -> [num_tokens, hidden] (this rank's partial sum)."""
+        ...
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None: ...
+
+
 def set_weight_attrs(param: nn.Parameter, attrs: dict[str, Any]) -> None:
     """Attach loader metadata (`input_dim`, `output_dim`, `weight_loader`, ...) to a parameter."""
     for key, value in attrs.items():

@@ -148,7 +148,9 @@ class HostStats:
 class ModelRunner:
     def __init__(self, config: EngineConfig, parallel: ParallelInfo | None = None) -> None:
         self.config = config
-        self.parallel = parallel or ParallelInfo()
+        self.parallel = dataclasses.replace(
+            parallel or ParallelInfo(), expert_parallel=config.parallel.enable_expert_parallel
+        )
         self.device = resolve_device(config.runtime.device)
         self.dtype = resolve_dtype(config.model.dtype, config.model.hf_config, self.device)
         model_cls = ModelRegistry.resolve_for(config.model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
@@ -26,6 +27,9 @@ from paphos.layers.linear import (
     RowParallelLinear,
 )
 from paphos.layers.logits import LogitsProcessor
+from paphos.layers.moe import FusedMoE, MoESpec
+from paphos.layers.weight_utils import default_weight_loader
+from paphos.ops.moe import ExpertActivation, RouterSpec
 from paphos.parallel import (
     ParallelInfo,
     all_gather,
@@ -182,6 +186,43 @@ def check_tied_lm_head(p: ParallelInfo) -> None:
     assert_close(LogitsProcessor(VOCAB, p)(head, hidden), hidden @ table.T)
 
 
+MOE_SPECS = (  # 12 experts and 24 features split over 1-4 ranks
+    MoESpec(RouterSpec(12, 2, renormalize=True), 24, shared_intermediate_size=36, shared_gate=True),
+    MoESpec(
+        RouterSpec(12, 3, "sigmoid", True, True, num_groups=4, topk_groups=2),
+        24,
+        ExpertActivation("swiglu_oai", limit=1.0),
+        expert_bias=True,
+        router_bias=True,
+    ),
+)
+
+
+def check_fused_moe(p: ParallelInfo) -> None:
+    """Tensor parallel (a slice of every expert) and expert parallel (whole experts) equal one
+    rank, loaded expert by expert from the same full tensors."""
+    device = torch.empty(0).device
+    for spec in MOE_SPECS:
+        full = FusedMoE(HIDDEN, spec)
+        for param in full.parameters():
+            torch.nn.init.normal_(param)
+        x = torch.randn(NUM_TOKENS, HIDDEN)
+        expected = full(x)
+        for expert_parallel in (False, True):
+            layer = FusedMoE(HIDDEN, spec, parallel=replace(p, expert_parallel=expert_parallel))
+            weights = dict(full.named_parameters())
+            for name, param in layer.named_parameters():
+                if name.startswith("w13"):
+                    param.weight_loader(param, weights[name], ("gate_up", None))
+                elif name.startswith("w2"):
+                    param.weight_loader(param, weights[name], ("down", None))
+                elif name == "shared_expert.gate_up_proj.weight":
+                    _load(param, weights[name].to(device))
+                else:
+                    getattr(param, "weight_loader", default_weight_loader)(param, weights[name])
+            assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
 CHECKS: dict[str, Callable[[ParallelInfo], None]] = {
     f.__name__.removeprefix("check_"): f
     for f in (
@@ -194,6 +235,7 @@ CHECKS: dict[str, Callable[[ParallelInfo], None]] = {
         check_vocab_parallel_embedding,
         check_lm_head_and_logits,
         check_tied_lm_head,
+        check_fused_moe,
     )
 }
 
@@ -302,6 +344,10 @@ def test_lm_head_logits_are_gathered_float32_with_padding_cut(rank_outcomes):
 
 def test_tied_lm_head_uses_embedding_weight(rank_outcomes):
     _assert_passed_on_every_rank(rank_outcomes, "tied_lm_head")
+
+
+def test_fused_moe_tensor_and_expert_parallel_equal_one_rank(rank_outcomes):
+    _assert_passed_on_every_rank(rank_outcomes, "fused_moe")
 
 
 @pytest.mark.gpu
