@@ -9,6 +9,7 @@ layer is a plain pre-norm RMSNorm / gated-SiLU / full-rope layer (Qwen 2, Mistra
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -21,6 +22,7 @@ from paphos.layers import cpu_decode
 from paphos.layers.cpu_decode import FusedDecodeSlot
 from paphos.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from paphos.layers.logits import LogitsProcessor
+from paphos.layers.moe import map_expert_name
 from paphos.layers.rotary import RotaryEmbedding, get_rope
 from paphos.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from paphos.layers.weight_utils import default_weight_loader
@@ -28,6 +30,8 @@ from paphos.models.decoder_layer import DecoderLayer, make_norm
 from paphos.models.decoder_spec import DecoderSpec, RopeSpec
 from paphos.parallel import ParallelInfo
 from paphos.quant.base import LinearMethod
+
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def _rope(spec: RopeSpec, head_dim: int, max_position: int) -> RotaryEmbedding:
@@ -111,6 +115,8 @@ class DecoderForCausalLM(nn.Module):
     }
     checkpoint_renames: ClassVar[dict[str, str]] = {}
     skipped_weights: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+    # checkpoints with multi-token-prediction layers past the decoder's (GLM-4 MoE, DeepSeek V3)
+    skips_extra_layers: ClassVar[bool] = False
 
     @classmethod
     def describe(cls, hf_config: Any) -> DecoderSpec:
@@ -166,17 +172,24 @@ class DecoderForCausalLM(nn.Module):
         """(our parameter name, shard id or None) of a checkpoint name."""
         for old, new in self.checkpoint_renames.items():
             name = name.replace(old, new)
+        expert = map_expert_name(name)  # a routed expert's tensor: stacked experts, (part, id)
+        if expert is not None:
+            return expert
         for ckpt_part, (param_part, shard_id) in self.stacked_params.items():
             if ckpt_part in name and (shard_id != 1 or self.spec.layers[0].gated):
                 return name.replace(ckpt_part, param_part), shard_id
         return name, None
+
+    def _is_extra_layer(self, name: str) -> bool:
+        match = _LAYER_INDEX.match(name) if self.skips_extra_layers else None
+        return match is not None and int(match[1]) >= len(self.spec.layers)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         self.model.fused.reset()
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
-            if any(part in name for part in self.skipped_weights):
+            if any(part in name for part in self.skipped_weights) or self._is_extra_layer(name):
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue  # tied: the embedding's weight serves both

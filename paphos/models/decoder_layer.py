@@ -19,6 +19,7 @@ from paphos.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
+from paphos.layers.moe import FusedMoE
 from paphos.layers.norm import (
     HeadwiseLayerNorm,
     LayerNorm,
@@ -105,6 +106,7 @@ class DecoderAttention(nn.Module):
             )  # fmt: skip
         self.rotary_emb = rotary_emb  # shared by the layers with the same rope (no weights)
         self.position_query_scale = spec.position_query_scale
+        self.clip_qkv = spec.clip_qkv
         self.attn = Attention(
             num_heads, head_dim, spec.attention_scale, num_kv_heads, rotary_emb=rotary_emb,
             sliding_window=spec.sliding_window, logits_soft_cap=spec.soft_cap,
@@ -124,6 +126,9 @@ class DecoderAttention(nn.Module):
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)  # [num_tokens, kv_size]
         elif self.qk_norm is not None:  # headwise or over the projection
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         if self.position_query_scale is not None:  # commutes with the rotation: applied first
             beta, n = self.position_query_scale
             scale = 1 + beta * torch.log1p(torch.floor(positions.float() / n))  # [num_tokens]
@@ -143,7 +148,11 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.spec = spec
         self.self_attn = DecoderAttention(spec, rotary_emb, linear_method, parallel)
-        self.mlp = DecoderMLP(spec, linear_method, parallel)
+        self.mlp: DecoderMLP | FusedMoE
+        if spec.moe is None:
+            self.mlp = DecoderMLP(spec, linear_method, parallel)
+        else:
+            self.mlp = FusedMoE(spec.hidden_size, spec.moe, linear_method, parallel)
         self.norm_names = spec.norm_names()  # role -> attribute (the checkpoint's name)
         for name in self.norm_names.values():
             setattr(self, name, make_norm(spec.norm, spec.hidden_size))
@@ -192,6 +201,8 @@ class DecoderLayer(nn.Module):
         """Why the fused CPU decode kernel cannot run this layer, in plain words (None: it can:
         a pre-norm RMSNorm / gated-SiLU / full-rope layer with dense weights)."""
         spec, attn, mlp = self.spec, self.self_attn, self.mlp
+        if not isinstance(mlp, DecoderMLP):
+            return "it has a mixture-of-experts MLP, which the fused kernel does not compute"
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj if spec.gated else None)
         quantized = cpu_decode.quantized_reason((*linears, mlp.down_proj))
         if quantized is not None:
@@ -208,6 +219,7 @@ class DecoderLayer(nn.Module):
             "attention soft-capping": spec.soft_cap is not None,
             "a residual multiplier": spec.residual_multiplier != 1.0,
             "position-scaled queries": spec.position_query_scale is not None,
+            "q/k/v clipping": spec.clip_qkv is not None,
         }
         found = [name for name, present in features.items() if present]
         if found:

@@ -9,8 +9,12 @@ Invariant: a spec is plain frozen data; nothing here touches torch modules.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from paphos.layers.moe import MoESpec
+from paphos.ops.moe import ExpertActivation
 
 NormKind = Literal["rms", "rms_offset", "layer"]  # RMSNorm, RMSNorm(1 + w), LayerNorm
 # Where a layer normalizes: before attention / after it (before the residual add) / before the
@@ -67,6 +71,8 @@ class LayerSpec:
     residual_multiplier: float = 1.0  # each branch's output is scaled before the residual add
     # (beta, n): queries scaled by 1 + beta * log(1 + floor(position / n)) (Llama 4, Ministral 3)
     position_query_scale: tuple[float, int] | None = None
+    clip_qkv: float | None = None  # q, k, v clamped to [-c, c] after the q/k norms (OLMoE)
+    moe: MoESpec | None = None  # a mixture-of-experts MLP (layers.moe.FusedMoE) instead
 
     @property
     def attention_scale(self) -> float:
@@ -92,6 +98,9 @@ class DecoderSpec:
     embedding_multiplier_in_dtype: bool = False  # Gemma rounds sqrt(hidden) to the model dtype
     logits_multiplier: float = 1.0  # Cohere's logit_scale, Granite's 1 / logits_scaling
     final_soft_cap: float | None = None  # logits: c * tanh(l / c)
+
+    def with_layers(self, layers: list[LayerSpec]) -> DecoderSpec:
+        return dataclasses.replace(self, layers=tuple(layers))
 
 
 def rope_settings(hf_config: Any, layer_type: str | None = None) -> tuple[float, dict | None]:
@@ -168,3 +177,30 @@ def decoder_spec(
 
 def with_features(layers: list[LayerSpec], **features: Any) -> list[LayerSpec]:
     return [dataclasses.replace(layer, **features) for layer in layers]
+
+
+def with_moe(
+    layers: list[LayerSpec], moe: MoESpec, is_moe_layer: Callable[[int], bool] = lambda i: True
+) -> list[LayerSpec]:
+    """The layers with `moe` as their MLP where `is_moe_layer(index)`; the others keep their
+    dense MLP of `intermediate_size`."""
+    return [
+        dataclasses.replace(layer, moe=moe) if is_moe_layer(i) else layer
+        for i, layer in enumerate(layers)
+    ]
+
+
+def num_experts_of(hf_config: Any) -> int:
+    """Routed experts per MoE layer, under any of the names configs give it."""
+    for name in ("num_local_experts", "num_experts", "n_routed_experts"):
+        value = getattr(hf_config, name, None)
+        if value:
+            return int(value)
+    raise ValueError(f"{type(hf_config).__name__} names no number of experts")
+
+
+def expert_activation_of(hf_config: Any) -> ExpertActivation:
+    """The experts' gated activation named by `hidden_act` (SiLU or GELU)."""
+    act = getattr(hf_config, "hidden_act", "silu")
+    names = {"swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+    return ExpertActivation(names.get(act, act))

@@ -49,6 +49,14 @@ _BUILTIN_MODELS: dict[str, str] = {
     "Cohere2ForCausalLM": "paphos.models.cohere:Cohere2ForCausalLM",
     "Exaone4ForCausalLM": "paphos.models.exaone4:Exaone4ForCausalLM",
     "Ministral3ForCausalLM": "paphos.models.mistral:Ministral3ForCausalLM",
+    # mixtures of experts on the configurable decoder (paphos.layers.moe)
+    "MixtralForCausalLM": "paphos.models.mixtral:MixtralForCausalLM",
+    "Qwen2MoeForCausalLM": "paphos.models.qwen:Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM": "paphos.models.qwen:Qwen3MoeForCausalLM",
+    "OlmoeForCausalLM": "paphos.models.olmo:OlmoeForCausalLM",
+    "GraniteMoeForCausalLM": "paphos.models.granite:GraniteMoeForCausalLM",
+    "Glm4MoeForCausalLM": "paphos.models.glm4:Glm4MoeForCausalLM",
+    "MiniMaxM2ForCausalLM": "paphos.models.minimax_m2:MiniMaxM2ForCausalLM",
     # GPT-style and Phi families (one contiguous block)
     "GPT2LMHeadModel": "paphos.models.gpt2:GPT2LMHeadModel",
     "GPTBigCodeForCausalLM": "paphos.models.gpt2:GPTBigCodeForCausalLM",

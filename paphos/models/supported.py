@@ -38,6 +38,14 @@ FAMILY_NOTES: dict[str, tuple[str, str]] = {
     "CohereForCausalLM": ("Command-R", "parallel block, LayerNorm, logit scale"),
     "Cohere2ForCausalLM": ("Command-R7B", "sliding layers with rope, global ones without"),
     "Exaone4ForCausalLM": ("EXAONE 4", "post norms, q/k norm, rope only on sliding layers"),
+    # mixtures of experts (paphos.layers.moe)
+    "MixtralForCausalLM": ("Mixtral 8x7B, 8x22B", "softmax top-2 of 8 experts"),
+    "Qwen2MoeForCausalLM": ("Qwen1.5-MoE, Qwen2-57B-A14B", "shared expert with a sigmoid gate"),
+    "Qwen3MoeForCausalLM": ("Qwen3-30B-A3B, Qwen3-235B-A22B", "q/k norm, 128 experts"),
+    "OlmoeForCausalLM": ("OLMoE", "q/k norm over the projection, q/k/v clipping"),
+    "GraniteMoeForCausalLM": ("Granite 3 MoE", "stacked expert tensors, Granite's multipliers"),
+    "Glm4MoeForCausalLM": ("GLM-4.5, GLM-4.6", "sigmoid grouped top-k, dense first layers"),
+    "MiniMaxM2ForCausalLM": ("MiniMax M2", "sigmoid routing with correction bias"),
     # GPT-style and Phi families
     "GPT2LMHeadModel": ("GPT-2, DistilGPT-2", "Conv1D weights, learned positions"),
     "GPTBigCodeForCausalLM": ("StarCoder, SantaCoder", "multi-query attention"),

@@ -1,0 +1,177 @@
+"""The mixture-of-experts families against transformers (tests/models/zoo_harness.py), one tiny
+random checkpoint per family (few experts, top-k 2, float32): paged logits in mixed batches and
+greedy tokens; then TP=2 and expert parallel at 2 ranks against TP=1, every family in one
+spawned process group. Correction biases (buffers transformers leaves at zero) are drawn too."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import re
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
+
+from paphos.layers.moe import FusedMoE
+from paphos.parallel import destroy_distributed, init_distributed
+from paphos.runner.model_runner import ModelRunner
+from tests.engine.test_tensor_parallel import (
+    TIMEOUT_S,
+    _free_port,
+    _runner_config,
+    no_process_left_behind,  # noqa: F401 - autouse: no rank process survives a test
+    prefill_then_decode_logits,
+)
+from tests.models.zoo_harness import check_greedy, check_paged_logits, make_runner, make_tiny_model
+
+MOE = dict(num_experts_per_tok=2)
+# case id -> (transformers config class, config overrides)
+CASES = {
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, **MOE)),
+    "qwen2-moe": (
+        "Qwen2MoeConfig",
+        dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+             mlp_only_layers=[1], norm_topk_prob=False, **MOE),
+    ),
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        dict(num_experts=4, moe_intermediate_size=32, norm_topk_prob=True, head_dim=32, **MOE),
+    ),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, clip_qkv=1.5, **MOE)),
+    "granitemoe": (
+        "GraniteMoeConfig",
+        dict(num_local_experts=4, embedding_multiplier=3.0, residual_multiplier=0.4,
+             attention_multiplier=0.3, logits_scaling=2.5, **MOE),
+    ),
+    "glm4-moe": (
+        "Glm4MoeConfig",
+        dict(n_routed_experts=8, n_group=2, topk_group=1, moe_intermediate_size=32,
+             first_k_dense_replace=1, n_shared_experts=1, use_qk_norm=True, attention_bias=True,
+             routed_scaling_factor=2.0, norm_topk_prob=True, **MOE),
+    ),
+    "minimax-m2": ("MiniMaxM2Config", dict(num_local_experts=4, head_dim=16, rotary_dim=8, **MOE)),
+}  # fmt: skip
+
+
+def make_tiny_moe(path: Path, config_class: str, **overrides) -> torch.nn.Module:
+    """make_tiny_model, with every expert-score correction bias (a buffer) drawn as well."""
+    model = make_tiny_model(path, config_class, **overrides)
+    biases = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+    if biases:
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for buffer in biases.values():
+                buffer.copy_(torch.randn(buffer.shape, generator=gen) * 0.3)
+        (file,) = path.glob("*.safetensors")
+        tensors = load_file(file)
+        names = sorted(
+            (n for n in tensors if n.endswith("e_score_correction_bias")), key=_layer_index
+        )  # the checkpoint's names may differ from the module's (block_sparse_moe / mlp)
+        assert len(names) == len(biases)
+        for name, bias in zip(names, biases.values(), strict=True):
+            tensors[name] = bias.clone()
+        save_file(tensors, file, metadata={"format": "pt"})
+    return model
+
+
+def _layer_index(name: str) -> int:
+    return int(re.search(r"layers\.(\d+)\.", name)[1])
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    config_class, overrides = CASES[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, path, make_tiny_moe(path, config_class, **overrides)
+
+
+def test_paged_logits_match_transformers(case):
+    name, path, hf = case
+    runner = make_runner(path)
+    assert type(runner.model).__name__ == type(hf).__name__  # the native class, not the fallback
+    check_paged_logits(hf, runner)
+
+
+def test_greedy_tokens_equal_hf_generate(case):
+    _, path, hf = case
+    check_greedy(hf, path)
+
+
+# ---- tensor and expert parallelism -------------------------------------------------------------
+
+MODES = {"tp": False, "ep": True}  # mode -> enable_expert_parallel
+
+
+def _config(model_dir: str, expert_parallel: bool):
+    config = _runner_config(Path(model_dir))
+    parallel = dataclasses.replace(config.parallel, enable_expert_parallel=expert_parallel)
+    return dataclasses.replace(config, parallel=parallel)
+
+
+def _rank_main(rank: int, port: int, model_dirs: dict, results: multiprocessing.Queue) -> None:
+    """One rank: every case's logits in both modes (numpy: tensors would be shared memory)."""
+    try:
+        parallel = init_distributed(rank, 2, "gloo", f"tcp://127.0.0.1:{port}")
+        out = {}
+        for name, model_dir in model_dirs.items():
+            for mode, expert_parallel in MODES.items():
+                runner = ModelRunner(_config(model_dir, expert_parallel), parallel)
+                moe = next(m for m in runner.model.modules() if isinstance(m, FusedMoE))
+                held = (moe.num_local_experts, moe.num_experts, moe.w2_weight.shape[-1])
+                out[name, mode] = held, [t.numpy() for t in prefill_then_decode_logits(runner)]
+        results.put((rank, out, None))
+    except BaseException:  # noqa: BLE001 - reported to the test process
+        results.put((rank, None, traceback.format_exc()))
+    finally:
+        destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def two_rank_logits(tmp_path_factory):
+    """(expected logits of one rank per case, {rank: {(case, mode): logits}})."""
+    dirs, expected = {}, {}
+    for name, (config_class, overrides) in CASES.items():
+        path = tmp_path_factory.mktemp(f"tp-{name}")
+        make_tiny_moe(path, config_class, **overrides)
+        dirs[name] = str(path)
+        expected[name] = prefill_then_decode_logits(ModelRunner(_runner_config(path)))
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = _free_port()
+    procs = [
+        context.Process(target=_rank_main, args=(rank, port, dirs, results)) for rank in (0, 1)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        by_rank = {}
+        for _ in procs:
+            rank, out, error = results.get(timeout=TIMEOUT_S * 3)
+            assert error is None, f"rank {rank} failed:\n{error}"
+            by_rank[rank] = out
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return expected, by_rank
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_give_the_logits_of_one_rank(two_rank_logits, name, mode):
+    expected, by_rank = two_rank_logits
+    for rank in (0, 1):
+        (local, num_experts, inter), logits = by_rank[rank][name, mode]
+        other_inter = by_rank[rank][name, "ep" if mode == "tp" else "tp"][0][2]
+        if mode == "ep":  # half the experts, whole
+            assert (local, inter) == (num_experts // 2, 2 * other_inter)
+        else:  # every expert, half its features
+            assert (local, 2 * inter) == (num_experts, other_inter)
+        for got, want in zip(logits, expected[name], strict=True):
+            assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
