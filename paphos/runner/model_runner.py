@@ -23,6 +23,7 @@ import torch
 from paphos.attention import AttentionMetadata
 from paphos.config import EngineConfig, auto_device
 from paphos.core.step_data import RunnerOutput, SchedulerOutput, StepHandle
+from paphos.layers.moe import moe_parameter_bytes
 from paphos.layers.sampler import (
     RequestSamplingState,
 )
@@ -203,6 +204,16 @@ class ModelRunner:
             type(linear_method).__name__ if linear_method else "UnquantizedLinearMethod",
             describe_weight_memory(model),
         )
+        moe_bytes = moe_parameter_bytes(model)
+        if moe_bytes is not None:
+            total, active = moe_bytes
+            logger.info(
+                "mixture of experts: %.1f MiB of parameters on rank %d, %.1f MiB of them read "
+                "per token (the routed experts it chooses, all else)",
+                total / 2**20,
+                self.parallel.rank,
+                active / 2**20,
+            )
         return model.eval()
 
     # ---- KV cache -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ spawned process group. Correction biases (buffers transformers leaves at zero) a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing
 import re
 import traceback
@@ -94,6 +95,18 @@ def test_paged_logits_match_transformers(case):
     runner = make_runner(path)
     assert type(runner.model).__name__ == type(hf).__name__  # the native class, not the fallback
     check_paged_logits(hf, runner)
+
+
+def test_start_up_logs_parameter_and_active_bytes(tmp_path, caplog):
+    config_class, overrides = CASES["mixtral"]  # 4 experts, top-2: a token reads half of them
+    make_tiny_moe(tmp_path, config_class, **overrides)
+    with caplog.at_level(logging.INFO, logger="paphos.runner.model_runner"):
+        runner = make_runner(tmp_path)
+    sizes = {n: p.numel() * 4 for n, p in runner.model.named_parameters()}
+    experts = sum(size for n, size in sizes.items() if ".w13_" in n or ".w2_" in n)
+    total, active = sum(sizes.values()), sum(sizes.values()) - experts / 2
+    logged = f"{total / 2**20:.1f} MiB of parameters on rank 0, {active / 2**20:.1f} MiB"
+    assert logged in caplog.text
 
 
 def test_greedy_tokens_equal_hf_generate(case):
