@@ -16,6 +16,7 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
     except ImportError:
         return {}
     from paphos.kernels.activation import silu_and_mul
+    from paphos.kernels.fused_moe import fused_experts
     from paphos.kernels.gemv import gemv, gemv_silu_and_mul
     from paphos.kernels.kv_cache import write_kv_cache
     from paphos.kernels.paged_attention import paged_attention
@@ -31,6 +32,7 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
         "rotary_and_write_kv": rotary_and_write_kv,
         "write_kv_cache": write_kv_cache,
         "paged_attention": paged_attention,
+        "fused_experts": fused_experts,
         "gemv": gemv,  # one-row linear layers (ops.dense); not a registry op
         "skinny_gemm": skinny_gemm,  # 2-64-row linear layers (ops.dense); not a registry op
         # the same with the SiLU-and-mul after a [gate | up] product (ops.dense)

@@ -146,13 +146,16 @@ class ExpertActivation:
         return expert_activation(gate_up, self.name, self.alpha, self.limit)
 
 
+SILU = ExpertActivation()  # Mixtral's, Qwen's, DeepSeek's
+
+
 def fused_experts(
     x: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    activation: ExpertActivation = ExpertActivation(),
+    activation: ExpertActivation = SILU,
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
