@@ -6,6 +6,8 @@ write are one launch.
 
 A layer may attend within a sliding window (each query sees its last `sliding_window` positions)
 and soft-cap its scores (`logits_soft_cap`: c * tanh(s / c)); both travel to the attention op.
+A layer built with `use_sinks` takes each call's per-head sink logits (`sinks=`, the model's
+parameter, gpt-oss): they join every query's softmax.
 
 The implementation (torch reference on CPU, Triton on CUDA) is picked once when the layer is built.
 A kernel that takes the batch's host-side bounds (`max_query_len`, `max_seq_len`) gets them from the
@@ -47,6 +49,7 @@ class Attention(nn.Module):
         rotary_emb: Rotary | None = None,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        use_sinks: bool = False,
     ) -> None:
         super().__init__()
         if sliding_window is not None and sliding_window < 1:
@@ -69,8 +72,9 @@ class Attention(nn.Module):
         self._rotary_and_write_kv = None
         if rotary_emb is not None:
             self._rotary_and_write_kv = pick_fast("rotary_and_write_kv", device_type)
+        self.use_sinks = use_sinks
         self._paged_attention = pick_paged_attention(
-            device_type, head_size, sliding_window, logits_soft_cap
+            device_type, head_size, sliding_window, logits_soft_cap, use_sinks
         )
         params = inspect.signature(self._paged_attention).parameters
         self._takes_bounds = "max_query_len" in params and "max_seq_len" in params
@@ -88,10 +92,16 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
         positions: torch.Tensor | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """query: [num_tokens, num_heads * head_size]; key/value: [num_tokens, num_kv_heads *
-        head_size]; positions [num_tokens] when the layer has a rotary embedding.
-        Returns [num_tokens, num_heads * head_size]."""
+        head_size]; positions [num_tokens] when the layer has a rotary embedding; sinks
+        [num_heads] when built with use_sinks. Returns [num_tokens, num_heads * head_size]."""
+        if (sinks is None) == self.use_sinks:
+            raise ValueError(
+                f"this Attention layer was built with use_sinks={self.use_sinks}: pass sinks= "
+                "exactly when it is set"
+            )
         num_tokens = query.shape[0]
         query = self._rotate_and_write_kv(query, key, value, kv_cache, attn_metadata, positions)
         q = query.view(num_tokens, self.num_heads, self.head_size)
@@ -110,6 +120,7 @@ class Attention(nn.Module):
             self.scale,
             **bounds,
             **self._limits,
+            **({} if sinks is None else {"sinks": sinks}),
         )  # [num_tokens, num_heads, head_size]
         return out.reshape(num_tokens, self.num_heads * self.head_size)
 

@@ -79,3 +79,20 @@ def attend_tile(
     v = tl.load(kv_ptrs + stride_kv, mask=kv_mask, other=0.0)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
     return acc, m_new, l_sum
+
+
+LOG2_E_SINK = 1.4426950408889634  # the sink logits (natural log) into the log2 domain
+
+
+@triton.jit
+def normalize_with_sinks(acc, m, l_sum, sinks_ptr, heads, head_mask, HAS_SINKS: tl.constexpr):
+    """acc / l_sum per row; with HAS_SINKS each row's head's sink logit joins the denominator
+    (exp(sink) beside the keys' exp(scores), in the log2 domain of `m`)."""
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + heads, mask=head_mask, other=float("-inf")) * LOG2_E_SINK
+        m_new = tl.maximum(m, sink)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded rows: nothing at all
+        alpha = tl.exp2(m - m_new)
+        l_sum = l_sum * alpha + tl.exp2(sink - m_new)
+        acc = acc * alpha[:, None]
+    return acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]

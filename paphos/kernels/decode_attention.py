@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from paphos.kernels._checks import DEFAULT_NUM_SMS, num_sms
-from paphos.kernels.attention_tile import attend_tile
+from paphos.kernels.attention_tile import LOG2_E_SINK, attend_tile, normalize_with_sinks
 from paphos.kernels.pdl import pdl_options, pdl_prologue
 
 
@@ -91,6 +91,7 @@ def _decode_kernel(
     part_out_ptr,
     part_m_ptr,
     part_l_ptr,
+    sinks_ptr,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -119,6 +120,7 @@ def _decode_kernel(
     USE_PDL: tl.constexpr,
     WINDOW: tl.constexpr,
     SOFT_CAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     seq = tl.program_id(0)
@@ -208,7 +210,10 @@ def _decode_kernel(
             WINDOW,
             SOFT_CAP,
         )
-    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # [GROUP_PAD, HEAD_PAD]
+    if SPLIT:  # the sinks join once, when the splits merge
+        out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # [GROUP_PAD, HEAD_PAD]
+    else:
+        out = normalize_with_sinks(acc, m, l_sum, sinks_ptr, heads, g < GROUP, HAS_SINKS)
     if SPLIT:
         part = (seq * num_heads + heads) * num_splits + split  # [GROUP_PAD]
         tl.store(part_out_ptr + part[:, None] * HEAD_PAD + dims[None, :], out, mask=io_mask)
@@ -226,6 +231,7 @@ def _merge_splits_kernel(
     part_out_ptr,
     part_m_ptr,
     part_l_ptr,
+    sinks_ptr,
     stride_ot,
     stride_oh,
     num_heads,
@@ -234,6 +240,7 @@ def _merge_splits_kernel(
     HEAD_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     USE_PDL: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     seq = tl.program_id(0)
@@ -247,11 +254,15 @@ def _merge_splits_kernel(
     m = tl.load(part_m_ptr + part, mask=splits < num_splits, other=float("-inf"))
     l_sum = tl.load(part_l_ptr + part, mask=splits < num_splits, other=0.0)
     m_max = tl.max(m, axis=0)
+    sink = float("-inf")
+    if HAS_SINKS:  # one more term of the softmax's denominator, in the log2 domain
+        sink = tl.load(sinks_ptr + head) * LOG2_E_SINK
+        m_max = tl.maximum(m_max, sink)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     weight = tl.exp2(m - m_max) * l_sum  # [SPLITS_PAD]
     mask = (splits < num_splits)[:, None] & (dims < HEAD_SIZE)[None, :]
     parts = tl.load(part_out_ptr + part[:, None] * HEAD_PAD + dims[None, :], mask=mask, other=0.0)
-    total = tl.sum(weight, axis=0)
+    total = tl.sum(weight, axis=0) + tl.exp2(sink - m_max)
     out = tl.sum(parts * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)  # [HEAD_PAD]
     dst = out_ptr + q_start * stride_ot + head * stride_oh + dims
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_SIZE)
@@ -325,8 +336,10 @@ def decode_attention(
     tiles: DecodeTiles | None = None,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> None:
-    """Write `out` rows of the sequences with one query token; other rows are left untouched."""
+    """Write `out` rows of the sequences with one query token; other rows are left untouched.
+    sinks: [num_heads] float32 logits joining each row's softmax (None: none)."""
     num_seqs = seq_lens.shape[0]
     _, num_heads, head_size = query.shape
     page_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -360,6 +373,7 @@ def decode_attention(
         part_out,
         part_m,
         part_l,
+        query if sinks is None else sinks,  # a placeholder pointer without sinks
         query.stride(0),
         query.stride(1),
         out.stride(0),
@@ -389,6 +403,7 @@ def decode_attention(
         num_stages=tiles.num_stages,
         WINDOW=sliding_window is not None,
         SOFT_CAP=soft_cap is not None,
+        HAS_SINKS=sinks is not None,
         **pdl,
     )
     if split:
@@ -398,6 +413,7 @@ def decode_attention(
             part_out,
             part_m,
             part_l,
+            query if sinks is None else sinks,
             out.stride(0),
             out.stride(1),
             num_heads,
@@ -405,6 +421,7 @@ def decode_attention(
             HEAD_SIZE=head_size,
             HEAD_PAD=head_pad,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HAS_SINKS=sinks is not None,
             num_warps=4,
             **pdl,
         )

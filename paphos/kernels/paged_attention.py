@@ -72,8 +72,9 @@ def paged_attention(
     max_seq_len: int | None = None,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """As paphos.ops.paged_attention.paged_attention (sliding window and soft-cap included);
+    """As paphos.ops.paged_attention.paged_attention (sliding window, soft-cap, sinks included);
     returns [num_tokens, num_heads, head_size].
 
     max_query_len / max_seq_len: host-side upper bounds of this batch (optional; the reference
@@ -96,7 +97,11 @@ def paged_attention(
             f"max_query_len={max_query_len} and max_seq_len={max_seq_len} must be >= 1"
         )
     num_splits = num_decode_splits(num_seqs, kv_cache.shape[3], max_seq_len, num_sms(query.device))
-    limits = {"sliding_window": sliding_window, "soft_cap": soft_cap}
+    if sinks is not None:
+        if tuple(sinks.shape) != (query.shape[1],):
+            raise ValueError(f"sinks has shape {tuple(sinks.shape)}; expected ({query.shape[1]},)")
+        sinks = sinks.float().contiguous()  # [num_heads]
+    limits = {"sliding_window": sliding_window, "soft_cap": soft_cap, "sinks": sinks}
     decode_attention(
         query, kv_cache, query_start_loc, seq_lens, block_tables, scale, out, num_splits, **limits
     )

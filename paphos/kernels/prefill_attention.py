@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from paphos.kernels.attention_tile import attend_tile
+from paphos.kernels.attention_tile import attend_tile, normalize_with_sinks
 from paphos.kernels.decode_attention import score_scales
 
 
@@ -26,6 +26,7 @@ def _prefill_kernel(
     seq_lens_ptr,
     block_tables_ptr,
     out_ptr,
+    sinks_ptr,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -48,6 +49,7 @@ def _prefill_kernel(
     IEEE: tl.constexpr,
     WINDOW: tl.constexpr,
     SOFT_CAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_block = tl.program_id(1)
@@ -138,7 +140,7 @@ def _prefill_kernel(
             WINDOW,
             SOFT_CAP,
         )
-    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # [M, HEAD_PAD]
+    out = normalize_with_sinks(acc, m, l_sum, sinks_ptr, heads, g < GROUP, HAS_SINKS)
     dst = out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -173,8 +175,10 @@ def prefill_attention(
     tiles: PrefillTiles | None = None,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> None:
-    """Write `out` rows of sequences with more than one query token; others stay untouched."""
+    """Write `out` rows of sequences with more than one query token; others stay untouched.
+    sinks: [num_heads] float32 logits joining each row's softmax (None: none)."""
     num_seqs = seq_lens.shape[0]
     _, num_heads, head_size = query.shape
     page_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -191,6 +195,7 @@ def prefill_attention(
         seq_lens,
         block_tables,
         out,
+        query if sinks is None else sinks,  # a placeholder pointer without sinks
         query.stride(0),
         query.stride(1),
         out.stride(0),
@@ -213,6 +218,7 @@ def prefill_attention(
         IEEE=query.dtype == torch.float32,
         WINDOW=sliding_window is not None,
         SOFT_CAP=soft_cap is not None,
+        HAS_SINKS=sinks is not None,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )

@@ -28,8 +28,10 @@ from paphos.layers.norm import (
     RMSNorm,
 )
 from paphos.layers.rotary import RotaryEmbedding
+from paphos.layers.weight_utils import copy_checked, narrow_checked
 from paphos.models.decoder_spec import LayerSpec, NormSpec
 from paphos.parallel import ParallelInfo
+from paphos.quant import set_weight_attrs
 from paphos.quant.base import LinearMethod
 
 Norm = RMSNorm | OffsetRMSNorm | LayerNorm
@@ -110,7 +112,20 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(
             num_heads, head_dim, spec.attention_scale, num_kv_heads, rotary_emb=rotary_emb,
             sliding_window=spec.sliding_window, logits_soft_cap=spec.soft_cap,
+            use_sinks=spec.sinks,
         )  # fmt: skip
+        self.sinks = None
+        if spec.sinks:  # this rank's heads' sink logits
+            self.sinks = nn.Parameter(torch.empty(num_heads), requires_grad=False)
+            self.parallel = parallel
+            set_weight_attrs(self.sinks, {"weight_loader": self._load_sinks})
+
+    def _load_sinks(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        size = param.shape[0]
+        what = "attention sinks"
+        full = size * self.parallel.world_size
+        part = narrow_checked(loaded, 0, self.parallel.rank * size, size, full, what)
+        copy_checked(param.data, part, what)
 
     def forward(
         self,
@@ -133,8 +148,10 @@ class DecoderAttention(nn.Module):
             beta, n = self.position_query_scale
             scale = 1 + beta * torch.log1p(torch.floor(positions.float() / n))  # [num_tokens]
             q = q * scale.to(q.dtype)[:, None]
-        rope = {} if self.rotary_emb is None else {"positions": positions}
-        return self.o_proj(self.attn(q, k, v.contiguous(), kv_cache, attn_metadata, **rope))
+        extra = {} if self.rotary_emb is None else {"positions": positions}
+        if self.sinks is not None:
+            extra["sinks"] = self.sinks
+        return self.o_proj(self.attn(q, k, v.contiguous(), kv_cache, attn_metadata, **extra))
 
 
 class DecoderLayer(nn.Module):
@@ -217,6 +234,7 @@ class DecoderLayer(nn.Module):
             "partial or no rotary embedding": rope is None or rope.rotary_dim != spec.head_dim,
             "a sliding window": spec.sliding_window is not None,
             "attention soft-capping": spec.soft_cap is not None,
+            "attention sinks": spec.sinks,
             "a residual multiplier": spec.residual_multiplier != 1.0,
             "position-scaled queries": spec.position_query_scale is not None,
             "q/k/v clipping": spec.clip_qkv is not None,

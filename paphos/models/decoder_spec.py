@@ -68,6 +68,7 @@ class LayerSpec:
     sliding_window: int | None = None
     scale: float | None = None  # None: head_dim ** -0.5
     soft_cap: float | None = None  # attention scores: c * tanh(s / c)
+    sinks: bool = False  # a learned logit per head joins each softmax (gpt-oss)
     residual_multiplier: float = 1.0  # each branch's output is scaled before the residual add
     # (beta, n): queries scaled by 1 + beta * log(1 + floor(position / n)) (Llama 4, Ministral 3)
     position_query_scale: tuple[float, int] | None = None

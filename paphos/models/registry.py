@@ -57,6 +57,7 @@ _BUILTIN_MODELS: dict[str, str] = {
     "GraniteMoeForCausalLM": "paphos.models.granite:GraniteMoeForCausalLM",
     "Glm4MoeForCausalLM": "paphos.models.glm4:Glm4MoeForCausalLM",
     "MiniMaxM2ForCausalLM": "paphos.models.minimax_m2:MiniMaxM2ForCausalLM",
+    "GptOssForCausalLM": "paphos.models.gpt_oss:GptOssForCausalLM",
     # GPT-style and Phi families (one contiguous block)
     "GPT2LMHeadModel": "paphos.models.gpt2:GPT2LMHeadModel",
     "GPTBigCodeForCausalLM": "paphos.models.gpt2:GPTBigCodeForCausalLM",

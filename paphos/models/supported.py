@@ -46,6 +46,10 @@ FAMILY_NOTES: dict[str, tuple[str, str]] = {
     "GraniteMoeForCausalLM": ("Granite 3 MoE", "stacked expert tensors, Granite's multipliers"),
     "Glm4MoeForCausalLM": ("GLM-4.5, GLM-4.6", "sigmoid grouped top-k, dense first layers"),
     "MiniMaxM2ForCausalLM": ("MiniMax M2", "sigmoid routing with correction bias"),
+    "GptOssForCausalLM": (
+        "gpt-oss-20b, gpt-oss-120b (bf16)",
+        "attention sinks, alternating sliding window, expert biases, clamped SwiGLU",
+    ),
     # GPT-style and Phi families
     "GPT2LMHeadModel": ("GPT-2, DistilGPT-2", "Conv1D weights, learned positions"),
     "GPTBigCodeForCausalLM": ("StarCoder, SantaCoder", "multi-query attention"),

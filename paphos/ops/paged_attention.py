@@ -6,7 +6,9 @@ plus this step's, already written to the cache) is seq_lens[b] tokens long, stor
 block_tables[b]. Query token i of a sequence with q_len query tokens sits at position
 seq_len - q_len + i and attends causally to context positions <= its own; with a sliding window w
 only to the last w of them (positions > its own - w, as transformers' mask). A soft-cap c bounds
-every scaled score s as c * tanh(s / c) before the softmax (Gemma 2).
+every scaled score s as c * tanh(s / c) before the softmax (Gemma 2). Attention sinks (gpt-oss)
+are one learned logit per head that joins each query's softmax and is then dropped: the weights
+of the real keys sum to less than one.
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ def paged_attention(
     *,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query: [num_tokens, num_heads, head_size]; kv_cache: [2, num_blocks, block_size,
     num_kv_heads, head_size]; query_start_loc: [num_seqs + 1]; seq_lens: [num_seqs]; block_tables:
-    [num_seqs, max_blocks]. Returns [num_tokens, num_heads, head_size].
+    [num_seqs, max_blocks]; sinks: [num_heads] logits. Returns [num_tokens, num_heads, head_size].
 
     Computed in float32 whatever the cache dtype (CPUs without native bf16 run fp32 products faster,
     and the reference doubles as the test oracle)."""
-    limits = _Limits(sliding_window, soft_cap)
+    limits = _Limits(sliding_window, soft_cap, None if sinks is None else sinks.float())
     if query.shape[0] == seq_lens.shape[0]:  # one query token per sequence: a pure decode step
         return _decode_attention(query, kv_cache, seq_lens, block_tables, scale, limits)
     starts = query_start_loc.tolist()
@@ -57,15 +60,23 @@ def paged_attention(
 
 
 class _Limits(NamedTuple):
-    """What bounds a query's scores besides causality: a sliding window, a soft-cap."""
+    """What bounds a query's scores besides causality: a sliding window, a soft-cap, sinks."""
 
     sliding_window: int | None
     soft_cap: float | None
+    sinks: torch.Tensor | None = None  # [num_heads] float32
 
     def cap(self, scores: torch.Tensor) -> torch.Tensor:
         if self.soft_cap is None:
             return scores
         return torch.tanh(scores / self.soft_cap) * self.soft_cap
+
+    def softmax(self, scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+        """Softmax over the last dim; `sinks` (broadcast to scores[..., :1]) join and leave."""
+        if sinks is None:
+            return scores.softmax(dim=-1)
+        sink = sinks.expand(*scores.shape[:-1], 1)
+        return torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
 
 
 def gather_context(
@@ -96,7 +107,8 @@ def _prefill_attention(
         k.float().transpose(0, 1),
         v.float().transpose(0, 1),
     )  # [num_kv_heads, seq_len, head_size]
-    if q_len == seq_len and limits == _NO_LIMITS:
+    plain = limits.sliding_window is None and limits.soft_cap is None and limits.sinks is None
+    if q_len == seq_len and plain:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return o.transpose(0, 1).to(query.dtype)  # [q_len, num_heads, head_size]
     positions = torch.arange(seq_len - q_len, seq_len, device=query.device)  # [q_len]
@@ -104,13 +116,14 @@ def _prefill_attention(
     mask = keys <= positions[:, None]  # [q_len, seq_len]
     if limits.sliding_window is not None:
         mask &= keys > positions[:, None] - limits.sliding_window
-    if limits.soft_cap is None:
+    if limits.soft_cap is None and limits.sinks is None:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     else:
         group = q.shape[0] // k.shape[0]
         k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)  # [heads, len, head]
         scores = limits.cap(torch.matmul(q, k.transpose(1, 2)) * scale)  # [heads, q_len, len]
-        o = torch.matmul(scores.masked_fill(~mask, float("-inf")).softmax(dim=-1), v)
+        sinks = None if limits.sinks is None else limits.sinks[:, None, None]  # [heads, 1, 1]
+        o = torch.matmul(limits.softmax(scores.masked_fill(~mask, float("-inf")), sinks), v)
     return o.transpose(0, 1).to(query.dtype)  # [q_len, num_heads, head_size]
 
 
@@ -138,9 +151,7 @@ def _decode_attention(
     if limits.sliding_window is not None:
         padded |= keys <= seq_lens[:, None] - 1 - limits.sliding_window
     scores.masked_fill_(padded[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1)
+    sinks = None if limits.sinks is None else limits.sinks.view(num_kv_heads, group, 1)
+    probs = limits.softmax(scores, sinks)
     o = torch.matmul(probs, v.transpose(1, 2))  # [num_seqs, num_kv_heads, group, head_size]
     return o.reshape(num_seqs, num_heads, head_size).to(query.dtype)
-
-
-_NO_LIMITS = _Limits(None, None)

@@ -38,11 +38,16 @@ def pick_paged_attention(
     head_size: int,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: bool = False,
 ) -> Callable[..., Any]:
     """The paged attention of one layer. The Triton kernels take every feature; the C kernel
-    only plain causal attention over head sizes it supports, so other layers get the reference."""
+    only plain causal attention over head sizes it supports, so other layers (windows, soft-caps,
+    sinks) get the reference."""
     if device_type == "cpu" and (
-        sliding_window is not None or soft_cap is not None or not _cpu_attention_takes(head_size)
+        sliding_window is not None
+        or soft_cap is not None
+        or sinks
+        or not _cpu_attention_takes(head_size)
     ):
         return REFERENCES["paged_attention"]
     return pick("paged_attention", device_type)

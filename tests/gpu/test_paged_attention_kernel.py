@@ -206,3 +206,39 @@ def test_decode_splits_with_sliding_window_match_reference(device, num_splits):
     upcast = dict(batch, query=batch["query"].float(), kv_cache=batch["kv_cache"].float())
     exact = ref_paged_attention(**upcast, sliding_window=100, soft_cap=20.0)
     assert rel_error(out, exact) < ATTN_TOLERANCE[torch.float16]
+
+
+def _sinks(num_heads: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    return (torch.randn(num_heads, generator=gen) * 2 + 1).to(device)  # [num_heads], float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sliding_window", [None, 20])
+def test_attention_sinks_match_reference(device, dtype, sliding_window):
+    """gpt-oss: one sink logit per head joins every row's softmax (prefill and decode rows)."""
+    from paphos.kernels.paged_attention import paged_attention
+
+    skip_interpreted_bf16_dot(device, dtype)
+    batch = make_batch(LIMITED_BATCH, 8, 2, 64, 16, dtype, device, 1)
+    sinks = _sinks(8, device)
+    out = paged_attention(**batch, max_query_len=40, sliding_window=sliding_window, sinks=sinks)
+    upcast = dict(batch, query=batch["query"].float(), kv_cache=batch["kv_cache"].float())
+    exact = ref_paged_attention(**upcast, sliding_window=sliding_window, sinks=sinks)
+    assert rel_error(out, exact) < ATTN_TOLERANCE[dtype]
+    assert rel_error(ref_paged_attention(**upcast, sliding_window=sliding_window), exact) > 0.05
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_splits_with_sinks_match_reference(device, num_splits):
+    """The sinks join once, where the splits merge (and in the unsplit kernel's last step)."""
+    from paphos.kernels.decode_attention import decode_attention
+
+    lens = [(1, 700), (1, 1), (1, 513), (1, 64)]
+    batch = make_batch(lens, 8, 2, 64, 16, torch.float16, device)
+    sinks = _sinks(8, device)
+    out = torch.full_like(batch["query"], float("nan"))  # poisoned: every row must be written
+    decode_attention(**batch, out=out, num_splits=num_splits, sliding_window=100, sinks=sinks)
+    upcast = dict(batch, query=batch["query"].float(), kv_cache=batch["kv_cache"].float())
+    exact = ref_paged_attention(**upcast, sliding_window=100, sinks=sinks)
+    assert rel_error(out, exact) < ATTN_TOLERANCE[torch.float16]

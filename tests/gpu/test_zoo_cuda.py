@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from tests.models.test_zoo import CASES
+from tests.models.test_zoo_moe import CASES as MOE_CASES
+from tests.models.test_zoo_moe import make_tiny_moe
 from tests.models.zoo_harness import (
     check_greedy,
     check_paged_logits,
@@ -38,5 +40,14 @@ CUDA_CASES = [
 def test_family_on_cuda_matches_transformers(tmp_path, name):
     config_class, overrides, _ = CASES[name]
     hf = make_tiny_model(tmp_path, config_class, **overrides)
+    check_paged_logits(hf, make_runner_for(str(tmp_path), "cuda"), atol=CUDA_LOGPROB_ATOL)
+    check_greedy(hf, tmp_path, device="cuda")
+
+
+@pytest.mark.parametrize("name", list(MOE_CASES))
+def test_moe_family_on_cuda_matches_transformers(tmp_path, name):
+    """The MoE families with the Triton fused MoE (float32, IEEE dots) under CUDA graphs."""
+    config_class, overrides = MOE_CASES[name]
+    hf = make_tiny_moe(tmp_path, config_class, **overrides)
     check_paged_logits(hf, make_runner_for(str(tmp_path), "cuda"), atol=CUDA_LOGPROB_ATOL)
     check_greedy(hf, tmp_path, device="cuda")

@@ -1,20 +1,19 @@
 """The mixture-of-experts families against transformers (tests/models/zoo_harness.py), one tiny
 random checkpoint per family (few experts, top-k 2, float32): paged logits in mixed batches and
 greedy tokens; then TP=2 and expert parallel at 2 ranks against TP=1, every family in one
-spawned process group. Correction biases (buffers transformers leaves at zero) are drawn too."""
+spawned process group. Correction biases (buffers transformers leaves at zero) and attention
+sinks are drawn at the scale of real ones."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import multiprocessing
-import re
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from paphos.layers.moe import FusedMoE
@@ -55,32 +54,27 @@ CASES = {
              routed_scaling_factor=2.0, norm_topk_prob=True, **MOE),
     ),
     "minimax-m2": ("MiniMaxM2Config", dict(num_local_experts=4, head_dim=16, rotary_dim=8, **MOE)),
+    "gpt-oss": (
+        "GptOssConfig",
+        dict(num_local_experts=4, head_dim=16, sliding_window=8, swiglu_limit=1.0,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention"], **MOE),
+    ),
 }  # fmt: skip
 
 
 def make_tiny_moe(path: Path, config_class: str, **overrides) -> torch.nn.Module:
-    """make_tiny_model, with every expert-score correction bias (a buffer) drawn as well."""
+    """make_tiny_model, with the expert-score correction biases (buffers transformers leaves at
+    zero) and attention sinks drawn at the scale of real ones, then saved again."""
     model = make_tiny_model(path, config_class, **overrides)
-    biases = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
-    if biases:
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    drawn = [t for n, t in tensors if n.endswith(("e_score_correction_bias", ".sinks"))]
+    if drawn:
         gen = torch.Generator().manual_seed(5)
         with torch.no_grad():
-            for buffer in biases.values():
-                buffer.copy_(torch.randn(buffer.shape, generator=gen) * 0.3)
-        (file,) = path.glob("*.safetensors")
-        tensors = load_file(file)
-        names = sorted(
-            (n for n in tensors if n.endswith("e_score_correction_bias")), key=_layer_index
-        )  # the checkpoint's names may differ from the module's (block_sparse_moe / mlp)
-        assert len(names) == len(biases)
-        for name, bias in zip(names, biases.values(), strict=True):
-            tensors[name] = bias.clone()
-        save_file(tensors, file, metadata={"format": "pt"})
+            for tensor in drawn:
+                tensor.add_(torch.randn(tensor.shape, generator=gen) * 0.5)
+        model.save_pretrained(path)
     return model
-
-
-def _layer_index(name: str) -> int:
-    return int(re.search(r"layers\.(\d+)\.", name)[1])
 
 
 @pytest.fixture(scope="module", params=list(CASES))
