@@ -10,6 +10,12 @@ without; graph replay GPU time; host time; HF: total / new tokens); throughput a
 (output tokens / wall s, prompts of 128, 128 new), with single steps (the server's default) and
 with multi-step decodes (num_scheduler_steps=8: offline `LLM`'s default on CUDA); the batch-64
 step with both too (per decode step).
+
+Mixture-of-experts shapes (Qwen3-30B-A3B, Mixtral-8x7B; `--shapes qwen3-30b-a3b,mixtral-8x7b`):
+paphos runs on dummy weights and is closed before HF's random model is built (both would not fit
+at once); decode steps at batch 1, 64 and 256. Their floor counts the experts a step reads: per
+MoE layer, the expected number of distinct experts the batch's tokens choose under even routing
+(E * (1 - (1 - k / E) ** batch), what random weights give), beside every other weight and the KV.
 """
 
 from __future__ import annotations
@@ -47,6 +53,21 @@ SHAPES = {
         tie_word_embeddings=False,
     ),
 }
+# transformers config class and shape of each mixture-of-experts benchmark (bf16)
+MOE_SHAPES = {
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(
+        vocab_size=151936, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768,
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, rope_theta=1e6,
+        max_position_embeddings=40960, tie_word_embeddings=False,
+    )),
+    "mixtral-8x7b": ("MixtralConfig", dict(
+        vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, intermediate_size=14336, num_local_experts=8,
+        num_experts_per_tok=2, rope_theta=1e6, max_position_embeddings=32768,
+        tie_word_embeddings=False,
+    )),
+}  # fmt: skip
 # Given in the issue (H100, HF static cache + torch.compile, batch 1): not rerun by default.
 HF_COMPILED_GIVEN = {"1b": 84.7, "8b": 62.5}
 PROMPT_LEN, NEW_TOKENS = 128, 128
@@ -84,19 +105,51 @@ def llama_config(shape: str):  # noqa: ANN201 - LlamaConfig
     )
 
 
-def make_models(shape: str, workdir: Path):  # noqa: ANN201 - (hf model, LlamaConfig)
-    from transformers import LlamaForCausalLM
+def model_config(shape: str):  # noqa: ANN201 - a transformers config
+    if shape not in MOE_SHAPES:
+        return llama_config(shape)
+    import transformers
 
-    config = llama_config(shape)
-    config.save_pretrained(workdir)
+    class_name, sizes = MOE_SHAPES[shape]
+    architecture = class_name.removesuffix("Config") + "ForCausalLM"
+    return getattr(transformers, class_name)(
+        bos_token_id=1, eos_token_id=2, architectures=[architecture], dtype="bfloat16", **sizes
+    )
+
+
+def make_hf(config):  # noqa: ANN001, ANN201 - a transformers model
+    from transformers import AutoModelForCausalLM
+
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
-            hf = LlamaForCausalLM(config).eval()  # random weights, made on the GPU
+        with torch.device("cuda"):  # random weights, made on the GPU
+            return AutoModelForCausalLM.from_config(config).eval()
     finally:
         torch.set_default_dtype(previous)
-    return hf, config
+
+
+def make_models(shape: str, workdir: Path):  # noqa: ANN201 - (hf model or None, config)
+    """The config saved to `workdir`, and HF's model (None for MoE shapes: made after paphos)."""
+    config = model_config(shape)
+    config.save_pretrained(workdir)
+    return (None if shape in MOE_SHAPES else make_hf(config)), config
+
+
+def moe_floor_ms(model, config, batch: int, context: int, bandwidth: float) -> float:  # noqa: ANN001
+    """paphos's weights read by one decode step of `batch` tokens: all but the routed experts,
+    plus per MoE layer the expected distinct experts chosen (even routing), plus the KV."""
+    from paphos.layers.moe import FusedMoE
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights -= model.model.embed_tokens.weight.numel() * 2  # a lookup, not a read (untied)
+    for layer in (m for m in model.modules() if isinstance(m, FusedMoE)):
+        e, k = layer.num_experts, layer.spec.router.top_k
+        distinct = e * (1 - (1 - k / e) ** batch)
+        weights += layer.expert_bytes() * (distinct / e - 1)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = batch * context * config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 2
+    return 1e3 * (weights + kv) / bandwidth
 
 
 def floor_ms(hf, config, batch: int, context: int, bandwidth: float) -> float:  # noqa: ANN001
@@ -157,6 +210,7 @@ def run_shape(shape: str, bandwidth: float, args: argparse.Namespace) -> dict:
 
     workdir = Path(tempfile.mkdtemp(prefix=f"paphos_{shape}_"))
     hf, config = make_models(shape, workdir)
+    moe = hf is None
     start = time.perf_counter()
     llm = LLM(
         model=str(workdir),
@@ -170,26 +224,34 @@ def run_shape(shape: str, bandwidth: float, args: argparse.Namespace) -> dict:
     )
     startup = time.perf_counter() - start
     runner = llm.engine.executor.runner
-    loaded = runner.model.load_weights((n, p.detach()) for n, p in hf.state_dict().items())
+    loaded = [] if moe else runner.model.load_weights(
+        (n, p.detach()) for n, p in hf.state_dict().items()
+    )  # fmt: skip
     vocab = config.vocab_size
     row = {"shape": shape, "startup_s": startup, "loaded_tensors": len(loaded)}
+    row["decode_batches"] = (1, 64, 256) if moe else (1, 64)
+
     measure_decode(llm, 1, 16, 4)  # warm-up
     context = PROMPT_LEN + NEW_TOKENS // 2  # mean context of the decode steps
+    floor = {
+        b: moe_floor_ms(runner.model, config, b, context, bandwidth)
+        if moe
+        else floor_ms(hf, config, b, context, bandwidth)
+        for b in row["decode_batches"]
+    }
     executor = llm.engine.executor
-    for batch in (1, 64):
-        floor = floor_ms(hf, config, batch, context, bandwidth)
+    for batch in row["decode_batches"]:
         executor.overlaps_steps = False  # one step at a time, for comparison
         lat = measure_decode(llm, batch, PROMPT_LEN, NEW_TOKENS)
-        row[f"b{batch}_serial"] = {**lat, "floor_ms": floor}
+        row[f"b{batch}_serial"] = {**lat, "floor_ms": floor[batch]}
         executor.overlaps_steps = True  # the default on CUDA
         lat = measure_decode(llm, batch, PROMPT_LEN, NEW_TOKENS)
-        row[f"b{batch}"] = {**lat, "floor_ms": floor}
+        row[f"b{batch}"] = {**lat, "floor_ms": floor[batch]}
         row[f"kernels_b{batch}"] = kernel_profile(runner, batch, args.out_dir, shape)
     scheduler = llm.engine.scheduler
     single = scheduler.config
     scheduler.config = dataclasses.replace(single, num_scheduler_steps=MULTI_STEPS)
-    floor = floor_ms(hf, config, 64, context, bandwidth)
-    row["b64_multi"] = {**measure_decode(llm, 64, PROMPT_LEN, NEW_TOKENS), "floor_ms": floor}
+    row["b64_multi"] = {**measure_decode(llm, 64, PROMPT_LEN, NEW_TOKENS), "floor_ms": floor[64]}
     for batch in (64, 256):
         row[f"tput{batch}_multi"] = paphos_throughput(llm, batch, vocab)
     scheduler.config = single
@@ -205,6 +267,8 @@ def run_shape(shape: str, bandwidth: float, args: argparse.Namespace) -> dict:
     llm.close()
     del llm, runner
     torch.cuda.empty_cache()
+    if moe and not args.skip_hf:
+        hf = make_hf(config)
     if not args.skip_hf:
         row["hf"] = {b: hf_generate(hf, b, vocab) for b in (1, 64, 256)}
     del hf
@@ -231,6 +295,8 @@ KERNEL_GROUPS = (
     ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk")),
     ("attention", ("attention", "attn", "decode", "merge")),
     ("norm/rope/act/kv", ("rms", "rotary", "silu", "kv_kernel", "write_kv")),
+    ("moe experts", ("_gate_up_kernel", "_down_kernel")),  # paphos.kernels.fused_moe
+    ("moe routing", ("topk", "sort", "scatter", "searchsorted", "softmax", "sigmoid")),
 )
 
 
@@ -279,7 +345,8 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
     print("-" * len(head))
     for r in rows:
         hf = r.get("hf", {})
-        for b, key, label in [(b, k, lb) for b in (1, 64) for k, lb in _DECODE_ROWS]:
+        batches = r.get("decode_batches", (1, 64))
+        for b, key, label in [(b, k, lb) for b in batches for k, lb in _DECODE_ROWS]:
             lat = r[key.format(b=b)]
             host = lat["schedule_ms"] + lat["prepare_ms"]
             theirs = hf.get(b, {}).get("ms_per_step", float("nan"))
@@ -311,7 +378,7 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
             f"{r['shape']:5} {'tok/s batch 1':28} {b1:9.1f} {'':>11} {'':>6} {'':>7} {'':>7} "
             f"{theirs:8.1f} {b1 / theirs:6.1f}x"
         )
-        for b in (1, 64):
+        for b in batches:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r[f"kernels_b{b}"].items()))
             lat = r[f"b{b}"]
             print(
@@ -320,7 +387,9 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
                 f"runner prepare {lat['prepare_ms']:.3f}, "
                 f"engine update+outputs {lat['engine_rest_ms']:.3f}"
             )
-        given = HF_COMPILED_GIVEN[r["shape"]]
+        given = HF_COMPILED_GIVEN.get(r["shape"])
+        if given is None:
+            continue
         print(
             f"{r['shape']:5} {'HF static+compile b1 (given)':28} {'':>9} {'':>11} {'':>6} "
             f"{'':>7} {'':>7} {given:8.1f} {b1 / given:6.1f}x"
