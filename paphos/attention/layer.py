@@ -6,6 +6,7 @@ write are one launch.
 
 A layer may attend within a sliding window (each query sees its last `sliding_window` positions)
 and soft-cap its scores (`logits_soft_cap`: c * tanh(s / c)); both travel to the attention op.
+A layer with `chunk_size` c attends only within its query's chunk of c positions (Llama 4).
 A layer built with `use_sinks` takes each call's per-head sink logits (`sinks=`, the model's
 parameter, gpt-oss): they join every query's softmax.
 
@@ -50,8 +51,11 @@ class Attention(nn.Module):
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
         use_sinks: bool = False,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size} must be >= 1 (or None)")
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window={sliding_window} must be >= 1 (or None)")
         if logits_soft_cap is not None and not logits_soft_cap > 0:
@@ -74,7 +78,7 @@ class Attention(nn.Module):
             self._rotary_and_write_kv = pick_fast("rotary_and_write_kv", device_type)
         self.use_sinks = use_sinks
         self._paged_attention = pick_paged_attention(
-            device_type, head_size, sliding_window, logits_soft_cap, use_sinks
+            device_type, head_size, sliding_window, logits_soft_cap, use_sinks, chunk_size
         )
         params = inspect.signature(self._paged_attention).parameters
         self._takes_bounds = "max_query_len" in params and "max_seq_len" in params
@@ -83,6 +87,8 @@ class Attention(nn.Module):
             self._limits["sliding_window"] = sliding_window
         if logits_soft_cap is not None:
             self._limits["soft_cap"] = logits_soft_cap
+        if chunk_size is not None:
+            self._limits["chunk_size"] = chunk_size
 
     def forward(
         self,

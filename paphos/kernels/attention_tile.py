@@ -2,8 +2,9 @@
 
 Invariant: without a sliding window, a row's running max `m` is finite once its first tile was
 attended (the first tile of every program holds a key each row may see), so `exp2(m - m_new)`
-never sees -inf - -inf. With a window (WINDOW: keys > q_pos - window) a row may see nothing in a
-tile; its max stays -inf and 0 stands in for it in the exponentials (its probabilities are 0).
+never sees -inf - -inf. With a window (WINDOW: keys > q_pos - window) or chunks (CHUNK: keys of
+the row's own chunk of `window` positions) a row may see nothing in a tile; its max stays -inf and
+0 stands in for it in the exponentials (its probabilities are 0).
 Scores are kept in the log2 domain: `scale_log2 = scale * log2(e)`. With a soft-cap c (SOFT_CAP)
 the caller passes `scale_log2 = scale / c` and `cap_log2 = c * log2(e)`: the score is
 tanh(q.k * scale / c) * c * log2(e).
@@ -50,8 +51,10 @@ def attend_tile(
     IEEE: tl.constexpr,
     WINDOW: tl.constexpr = False,
     SOFT_CAP: tl.constexpr = False,
+    CHUNK: tl.constexpr = False,
 ):
-    """q: [M, HEAD_PAD]; acc: [M, HEAD_PAD] f32; m, l_sum: [M] f32; keys start..start+BLOCK_N-1."""
+    """q: [M, HEAD_PAD]; acc: [M, HEAD_PAD] f32; m, l_sum: [M] f32; keys start..start+BLOCK_N-1.
+    CHUNK: `window` is a chunk size; a row sees only the keys of its own chunk."""
     toks = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     tok_mask = toks < kv_end
     pages = tl.load(block_table_ptr + toks // PAGE_SIZE, mask=tok_mask, other=0).to(tl.int64)
@@ -68,10 +71,12 @@ def attend_tile(
         visible = visible & (toks[None, :] <= q_pos[:, None])
     if WINDOW:
         visible = visible & (toks[None, :] > q_pos[:, None] - window)
+    if CHUNK:
+        visible = visible & (toks[None, :] >= (q_pos - q_pos % window)[:, None])
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))  # [M]
     m_exp = m_new
-    if WINDOW:
+    if WINDOW or CHUNK:
         m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet
     alpha = tl.exp2(m - m_exp)
     p = tl.exp2(s - m_exp[:, None])  # [M, BLOCK_N]

@@ -45,6 +45,7 @@ def _attend_tiles(
     NUM_STAGES: tl.constexpr,
     WINDOW: tl.constexpr,
     SOFT_CAP: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     """Online softmax over tiles tile_start..tile_end-1, software-pipelined NUM_STAGES deep.
     The query sits at position seq_len - 1 (what a sliding window is measured from)."""
@@ -76,6 +77,7 @@ def _attend_tiles(
             IEEE,
             WINDOW,
             SOFT_CAP,
+            CHUNK,
         )
     return acc, m, l_sum
 
@@ -121,6 +123,7 @@ def _decode_kernel(
     WINDOW: tl.constexpr,
     SOFT_CAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     seq = tl.program_id(0)
@@ -135,6 +138,8 @@ def _decode_kernel(
     first_tile = 0  # the first tile holding a key the query sees
     if WINDOW:
         first_tile = tl.maximum(seq_len - window, 0) // BLOCK_N
+    if CHUNK:  # `window` is the chunk size: the query's chunk starts at its multiple
+        first_tile = ((seq_len - 1) - (seq_len - 1) % window) // BLOCK_N
     tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
     tile_start = first_tile + split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
@@ -181,6 +186,7 @@ def _decode_kernel(
             DEEP_STAGES,
             WINDOW,
             SOFT_CAP,
+            CHUNK,
         )
     else:
         acc, m, l_sum = _attend_tiles(
@@ -209,6 +215,7 @@ def _decode_kernel(
             STAGES,
             WINDOW,
             SOFT_CAP,
+            CHUNK,
         )
     if SPLIT:  # the sinks join once, when the splits merge
         out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # [GROUP_PAD, HEAD_PAD]
@@ -337,9 +344,13 @@ def decode_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     sinks: torch.Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> None:
     """Write `out` rows of the sequences with one query token; other rows are left untouched.
-    sinks: [num_heads] float32 logits joining each row's softmax (None: none)."""
+    sinks: [num_heads] float32 logits joining each row's softmax (None: none); chunk_size: each
+    query sees only its own chunk (not with a sliding window)."""
+    if chunk_size is not None and sliding_window is not None:
+        raise ValueError("a layer attends within a sliding window or within chunks, not both")
     num_seqs = seq_lens.shape[0]
     _, num_heads, head_size = query.shape
     page_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -384,7 +395,7 @@ def decode_attention(
         kv_cache.stride(3),
         block_tables.stride(0),
         scale_log2,
-        sliding_window or 0,
+        sliding_window or chunk_size or 0,
         cap_log2,
         num_heads,
         num_splits,
@@ -404,6 +415,7 @@ def decode_attention(
         WINDOW=sliding_window is not None,
         SOFT_CAP=soft_cap is not None,
         HAS_SINKS=sinks is not None,
+        CHUNK=chunk_size is not None,
         **pdl,
     )
     if split:

@@ -73,8 +73,10 @@ def paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     sinks: torch.Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """As paphos.ops.paged_attention.paged_attention (sliding window, soft-cap, sinks included);
+    """As paphos.ops.paged_attention.paged_attention (sliding window, soft-cap, sinks and chunks
+    included);
     returns [num_tokens, num_heads, head_size].
 
     max_query_len / max_seq_len: host-side upper bounds of this batch (optional; the reference
@@ -101,7 +103,10 @@ def paged_attention(
         if tuple(sinks.shape) != (query.shape[1],):
             raise ValueError(f"sinks has shape {tuple(sinks.shape)}; expected ({query.shape[1]},)")
         sinks = sinks.float().contiguous()  # [num_heads]
-    limits = {"sliding_window": sliding_window, "soft_cap": soft_cap, "sinks": sinks}
+    limits = {
+        "sliding_window": sliding_window, "soft_cap": soft_cap, "sinks": sinks,
+        "chunk_size": chunk_size,
+    }  # fmt: skip
     decode_attention(
         query, kv_cache, query_start_loc, seq_lens, block_tables, scale, out, num_splits, **limits
     )

@@ -50,6 +50,7 @@ def _prefill_kernel(
     WINDOW: tl.constexpr,
     SOFT_CAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_block = tl.program_id(1)
@@ -83,6 +84,9 @@ def _prefill_kernel(
     unmasked_end = (first_pos // BLOCK_N) * BLOCK_N
     if WINDOW:  # every tile masked, from the first one the block's first row sees
         unmasked_end = (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
+        unmasked_start = unmasked_end
+    if CHUNK:  # likewise from the tile of the first row's chunk start (`window`: chunk size)
+        unmasked_end = ((first_pos - first_pos % window) // BLOCK_N) * BLOCK_N
         unmasked_start = unmasked_end
     for start in range(unmasked_start, unmasked_end, BLOCK_N):
         acc, m, l_sum = attend_tile(
@@ -139,6 +143,7 @@ def _prefill_kernel(
             IEEE,
             WINDOW,
             SOFT_CAP,
+            CHUNK,
         )
     out = normalize_with_sinks(acc, m, l_sum, sinks_ptr, heads, g < GROUP, HAS_SINKS)
     dst = out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
@@ -176,9 +181,13 @@ def prefill_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     sinks: torch.Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> None:
     """Write `out` rows of sequences with more than one query token; others stay untouched.
-    sinks: [num_heads] float32 logits joining each row's softmax (None: none)."""
+    sinks: [num_heads] float32 logits joining each row's softmax (None: none); chunk_size: each
+    query sees only its own chunk (not with a sliding window)."""
+    if chunk_size is not None and sliding_window is not None:
+        raise ValueError("a layer attends within a sliding window or within chunks, not both")
     num_seqs = seq_lens.shape[0]
     _, num_heads, head_size = query.shape
     page_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -206,7 +215,7 @@ def prefill_attention(
         kv_cache.stride(3),
         block_tables.stride(0),
         scale_log2,
-        sliding_window or 0,
+        sliding_window or chunk_size or 0,
         cap_log2,
         GROUP=group,
         GROUP_PAD=group_pad,
@@ -219,6 +228,7 @@ def prefill_attention(
         WINDOW=sliding_window is not None,
         SOFT_CAP=soft_cap is not None,
         HAS_SINKS=sinks is not None,
+        CHUNK=chunk_size is not None,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )

@@ -5,7 +5,9 @@ Sequence b owns query tokens query_start_loc[b]:query_start_loc[b+1]; its contex
 plus this step's, already written to the cache) is seq_lens[b] tokens long, stored in the blocks
 block_tables[b]. Query token i of a sequence with q_len query tokens sits at position
 seq_len - q_len + i and attends causally to context positions <= its own; with a sliding window w
-only to the last w of them (positions > its own - w, as transformers' mask). A soft-cap c bounds
+only to the last w of them (positions > its own - w, as transformers' mask); with chunks of c
+(Llama 4's chunked attention) only to those of its own chunk (positions >= its own - its own % c).
+A soft-cap c bounds
 every scaled score s as c * tanh(s / c) before the softmax (Gemma 2). Attention sinks (gpt-oss)
 are one learned logit per head that joins each query's softmax and is then dropped: the weights
 of the real keys sum to less than one.
@@ -30,6 +32,7 @@ def paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     sinks: torch.Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """query: [num_tokens, num_heads, head_size]; kv_cache: [2, num_blocks, block_size,
     num_kv_heads, head_size]; query_start_loc: [num_seqs + 1]; seq_lens: [num_seqs]; block_tables:
@@ -37,7 +40,7 @@ def paged_attention(
 
     Computed in float32 whatever the cache dtype (CPUs without native bf16 run fp32 products faster,
     and the reference doubles as the test oracle)."""
-    limits = _Limits(sliding_window, soft_cap, None if sinks is None else sinks.float())
+    limits = _Limits(sliding_window, soft_cap, None if sinks is None else sinks.float(), chunk_size)
     if query.shape[0] == seq_lens.shape[0]:  # one query token per sequence: a pure decode step
         return _decode_attention(query, kv_cache, seq_lens, block_tables, scale, limits)
     starts = query_start_loc.tolist()
@@ -65,6 +68,17 @@ class _Limits(NamedTuple):
     sliding_window: int | None
     soft_cap: float | None
     sinks: torch.Tensor | None = None  # [num_heads] float32
+    chunk_size: int | None = None
+
+    def first_visible(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """The first key position each query position sees (None: 0 for all)."""
+        first = None
+        if self.sliding_window is not None:
+            first = positions - self.sliding_window + 1
+        if self.chunk_size is not None:
+            start = positions - positions % self.chunk_size
+            first = start if first is None else torch.maximum(first, start)
+        return first
 
     def cap(self, scores: torch.Tensor) -> torch.Tensor:
         if self.soft_cap is None:
@@ -107,15 +121,16 @@ def _prefill_attention(
         k.float().transpose(0, 1),
         v.float().transpose(0, 1),
     )  # [num_kv_heads, seq_len, head_size]
-    plain = limits.sliding_window is None and limits.soft_cap is None and limits.sinks is None
+    plain = all(limit is None for limit in limits)
     if q_len == seq_len and plain:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return o.transpose(0, 1).to(query.dtype)  # [q_len, num_heads, head_size]
     positions = torch.arange(seq_len - q_len, seq_len, device=query.device)  # [q_len]
     keys = torch.arange(seq_len, device=query.device)[None, :]  # [1, seq_len]
     mask = keys <= positions[:, None]  # [q_len, seq_len]
-    if limits.sliding_window is not None:
-        mask &= keys > positions[:, None] - limits.sliding_window
+    first = limits.first_visible(positions)  # [q_len] or None
+    if first is not None:
+        mask &= keys >= first[:, None]
     if limits.soft_cap is None and limits.sinks is None:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     else:
@@ -148,8 +163,9 @@ def _decode_attention(
     scores = limits.cap(scores)
     keys = torch.arange(k.shape[1], device=query.device)[None, :]  # [1, len]
     padded = keys >= seq_lens[:, None]  # [num_seqs, len]
-    if limits.sliding_window is not None:
-        padded |= keys <= seq_lens[:, None] - 1 - limits.sliding_window
+    first = limits.first_visible(seq_lens - 1)  # [num_seqs] or None
+    if first is not None:
+        padded |= keys < first[:, None]
     scores.masked_fill_(padded[:, None, None, :], float("-inf"))
     sinks = None if limits.sinks is None else limits.sinks.view(num_kv_heads, group, 1)
     probs = limits.softmax(scores, sinks)

@@ -39,14 +39,16 @@ def pick_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     sinks: bool = False,
+    chunk_size: int | None = None,
 ) -> Callable[..., Any]:
     """The paged attention of one layer. The Triton kernels take every feature; the C kernel
     only plain causal attention over head sizes it supports, so other layers (windows, soft-caps,
-    sinks) get the reference."""
+    sinks, chunks) get the reference."""
     if device_type == "cpu" and (
         sliding_window is not None
         or soft_cap is not None
         or sinks
+        or chunk_size is not None
         or not _cpu_attention_takes(head_size)
     ):
         return REFERENCES["paged_attention"]

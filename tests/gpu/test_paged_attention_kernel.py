@@ -242,3 +242,33 @@ def test_decode_splits_with_sinks_match_reference(device, num_splits):
     upcast = dict(batch, query=batch["query"].float(), kv_cache=batch["kv_cache"].float())
     exact = ref_paged_attention(**upcast, sliding_window=100, sinks=sinks)
     assert rel_error(out, exact) < ATTN_TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [8, 32, 100])
+def test_chunked_attention_matches_reference(device, dtype, chunk_size):
+    """Llama 4: each query sees only its own chunk (blocks of queries straddle chunk starts)."""
+    from paphos.kernels.paged_attention import paged_attention
+
+    skip_interpreted_bf16_dot(device, dtype)
+    batch = make_batch(LIMITED_BATCH, 8, 2, 64, 16, dtype, device, 1)
+    out = paged_attention(**batch, max_query_len=40, chunk_size=chunk_size)
+    upcast = dict(batch, query=batch["query"].float(), kv_cache=batch["kv_cache"].float())
+    exact = ref_paged_attention(**upcast, chunk_size=chunk_size)
+    assert rel_error(out, exact) < ATTN_TOLERANCE[dtype]
+    assert rel_error(ref_paged_attention(**upcast), exact) > 0.02  # the chunks matter
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_splits_with_chunks_match_reference(device, num_splits):
+    from paphos.kernels.decode_attention import decode_attention
+
+    lens = [(1, 700), (1, 1), (1, 513), (1, 64), (1, 129)]
+    batch = make_batch(lens, 8, 2, 64, 16, torch.float16, device)
+    out = torch.full_like(batch["query"], float("nan"))  # poisoned: every row must be written
+    decode_attention(
+        **batch, out=out, num_splits=num_splits, chunk_size=128, sinks=_sinks(8, device)
+    )
+    upcast = dict(batch, query=batch["query"].float(), kv_cache=batch["kv_cache"].float())
+    exact = ref_paged_attention(**upcast, chunk_size=128, sinks=_sinks(8, device))
+    assert rel_error(out, exact) < ATTN_TOLERANCE[torch.float16]

@@ -12,7 +12,7 @@ from paphos.ops.paged_attention import paged_attention
 from tests.ops.test_cpu_paged_attention import make_batch
 
 
-def naive(query, kv_cache, starts, lens, tables, scale, window, cap, sinks=None):
+def naive(query, kv_cache, starts, lens, tables, scale, window, cap, sinks=None, chunk=None):
     """Each query token on its own: scores over the visible context, capped, softmaxed (with
     each head's sink logit as one more column, then dropped: gpt-oss's eager attention)."""
     block_size = kv_cache.shape[2]
@@ -28,6 +28,8 @@ def naive(query, kv_cache, starts, lens, tables, scale, window, cap, sinks=None)
         for i in range(q_len):
             pos = seq_len - q_len + i
             lo = 0 if window is None else max(0, pos - window + 1)
+            if chunk is not None:
+                lo = max(lo, pos // chunk * chunk)
             q = query[int(starts[b]) + i]  # [heads, head]
             s = torch.einsum("hd,thd->ht", q, k[lo : pos + 1]) * scale  # [heads, visible]
             if cap is not None:
@@ -61,10 +63,22 @@ def test_reference_sinks_equal_token_by_token_attention(window):
     assert not torch.allclose(out, naive(*batch, 0.3, window, None), atol=1e-3)  # they matter
 
 
+@pytest.mark.parametrize("chunk", [1, 8, 13])
+def test_reference_chunked_attention_equals_token_by_token_attention(chunk):
+    specs = [(1, 1), (1, 40), (7, 7), (6, 30), (20, 20), (1, 17)]
+    batch = make_batch(specs, num_kv_heads=2, group=3, head_size=16, block_size=8,
+                       dtype=torch.float32, seed=3)  # fmt: skip
+    out = paged_attention(*batch, 0.3, chunk_size=chunk)
+    torch.testing.assert_close(
+        out, naive(*batch, 0.3, None, None, chunk=chunk), atol=2e-5, rtol=1e-5
+    )
+
+
 def test_layers_with_limits_or_odd_head_sizes_get_the_reference_on_cpu():
     ref = registry.REFERENCES["paged_attention"]
     assert registry.pick_paged_attention("cpu", 64, sliding_window=128) is ref
     assert registry.pick_paged_attention("cpu", 64, soft_cap=50.0) is ref
     assert registry.pick_paged_attention("cpu", 64, sinks=True) is ref
+    assert registry.pick_paged_attention("cpu", 64, chunk_size=32) is ref
     assert registry.pick_paged_attention("cpu", 40) is ref
     assert registry.pick_paged_attention("cpu", 64) is registry.pick("paged_attention", "cpu")
