@@ -27,6 +27,7 @@ API (for model authors):
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,14 @@ class MoESpec:
     router_fp32: bool = False  # router weight and logits in float32 (DeepSeek, GLM-4 MoE)
     shared_intermediate_size: int | None = None
     shared_gate: bool = False  # sigmoid(shared_expert_gate(x)) scales the shared expert
+    # the routing weight scales the expert's input, not its output (Llama 4; top-1 only)
+    apply_router_weight_on_input: bool = False
+
+    def __post_init__(self) -> None:
+        if self.apply_router_weight_on_input and self.router.top_k != 1:
+            raise ValueError(
+                f"apply_router_weight_on_input needs top_k=1; got top_k={self.router.top_k}"
+            )
 
 
 def map_expert_name(name: str) -> tuple[str, tuple[str, int]] | None:
@@ -227,7 +236,10 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
-        out = self.moe_method.apply(self, x, weights, ids)  # [num_tokens, hidden] (partial)
+        routed_in = x
+        if self.spec.apply_router_weight_on_input:  # one expert per token, its input scaled
+            routed_in, weights = x * weights.to(x.dtype), torch.ones_like(weights)
+        out = self.moe_method.apply(self, routed_in, weights, ids)  # [num_tokens, hidden] (partial)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)  # [num_tokens, hidden] (partial)
             if self.shared_expert_gate is not None:
@@ -258,6 +270,24 @@ class FusedMoE(nn.Module):
             f"experts={self.num_local_experts}/{self.num_experts} from {self.first_expert}, "
             f"top_k={r.top_k}, scoring={r.scoring}, inter={self.intermediate_per_rank}"
         )
+
+
+def experts_as_rows(
+    weights: Iterable[tuple[str, torch.Tensor]], interleaved: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """transformers' stacked expert tensors stored [E, in, out] (gpt-oss, Llama 4) as FusedMoE's
+    rows: `experts.gate_up_proj` [E, hidden, 2I] -> [E, 2I, hidden] ([gate | up]; `interleaved`:
+    stored gate, up, gate, ...), its bias likewise, `experts.down_proj` [E, I, hidden] ->
+    [E, hidden, I]. Other tensors pass unchanged. Names: decoder.STACKED_EXPERTS maps them."""
+    for name, tensor in weights:
+        if name.endswith(".experts.gate_up_proj") or name.endswith(".experts.gate_up_proj_bias"):
+            if interleaved:
+                tensor = torch.cat([tensor[..., ::2], tensor[..., 1::2]], dim=-1)
+            if tensor.dim() == 3:
+                tensor = tensor.transpose(1, 2)  # [E, 2I, hidden]
+        elif name.endswith(".experts.down_proj"):
+            tensor = tensor.transpose(1, 2)  # [E, hidden, I]
+        yield name, tensor
 
 
 def moe_parameter_bytes(model: nn.Module) -> tuple[int, int] | None:

@@ -32,6 +32,14 @@ from paphos.parallel import ParallelInfo
 from paphos.quant.base import LinearMethod
 
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+# transformers' stacked expert tensors (gpt-oss, Llama 4; reordered by layers.moe.experts_as_rows)
+# -> FusedMoE's parameters; the biases' names contain the weights': they come first
+STACKED_EXPERTS: dict[str, tuple[str, Any]] = {
+    ".mlp.experts.gate_up_proj_bias": (".mlp.w13_bias", ("gate_up", None)),
+    ".mlp.experts.down_proj_bias": (".mlp.w2_bias", ("down", None)),
+    ".mlp.experts.gate_up_proj": (".mlp.w13_weight", ("gate_up", None)),
+    ".mlp.experts.down_proj": (".mlp.w2_weight", ("down", None)),
+}
 
 
 def _rope(spec: RopeSpec, head_dim: int, max_position: int) -> RotaryEmbedding:

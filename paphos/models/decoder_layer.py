@@ -7,6 +7,7 @@ weights to the fused CPU decode (`fused_weights`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from paphos.attention import Attention, AttentionMetadata
@@ -108,17 +109,24 @@ class DecoderAttention(nn.Module):
             )  # fmt: skip
         self.rotary_emb = rotary_emb  # shared by the layers with the same rope (no weights)
         self.position_query_scale = spec.position_query_scale
+        self.position_query_offset = spec.position_query_offset
         self.clip_qkv = spec.clip_qkv
+        self.norm_eps = norm.eps
         self.attn = Attention(
             num_heads, head_dim, spec.attention_scale, num_kv_heads, rotary_emb=rotary_emb,
             sliding_window=spec.sliding_window, logits_soft_cap=spec.soft_cap,
-            use_sinks=spec.sinks,
+            use_sinks=spec.sinks, chunk_size=spec.chunk_size,
         )  # fmt: skip
         self.sinks = None
         if spec.sinks:  # this rank's heads' sink logits
             self.sinks = nn.Parameter(torch.empty(num_heads), requires_grad=False)
             self.parallel = parallel
             set_weight_attrs(self.sinks, {"weight_loader": self._load_sinks})
+
+    def _l2_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """x / rms(x) per head, in float32: [num_tokens, heads * head_dim]."""
+        heads = x.reshape(-1, self.head_dim).float()  # [num_tokens * heads, head_dim]
+        return F.rms_norm(heads, (self.head_dim,), eps=self.norm_eps).to(x.dtype).view(x.shape)
 
     def _load_sinks(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         size = param.shape[0]
@@ -139,6 +147,8 @@ class DecoderAttention(nn.Module):
         if self.qk_norm == "head":
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)  # [num_tokens, q_size]
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)  # [num_tokens, kv_size]
+        elif self.qk_norm == "l2":  # no weight; commutes with the rotation applied later
+            q, k = self._l2_norm(q), self._l2_norm(k)
         elif self.qk_norm is not None:  # headwise or over the projection
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -146,7 +156,8 @@ class DecoderAttention(nn.Module):
             q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         if self.position_query_scale is not None:  # commutes with the rotation: applied first
             beta, n = self.position_query_scale
-            scale = 1 + beta * torch.log1p(torch.floor(positions.float() / n))  # [num_tokens]
+            shifted = positions.float() + self.position_query_offset
+            scale = 1 + beta * torch.log1p(torch.floor(shifted / n))  # [num_tokens]
             q = q * scale.to(q.dtype)[:, None]
         extra = {} if self.rotary_emb is None else {"positions": positions}
         if self.sinks is not None:
@@ -233,6 +244,7 @@ class DecoderLayer(nn.Module):
             "an ungated or non-SiLU MLP": not (spec.gated and mlp.is_silu),
             "partial or no rotary embedding": rope is None or rope.rotary_dim != spec.head_dim,
             "a sliding window": spec.sliding_window is not None,
+            "chunked attention": spec.chunk_size is not None,
             "attention soft-capping": spec.soft_cap is not None,
             "attention sinks": spec.sinks,
             "a residual multiplier": spec.residual_multiplier != 1.0,

@@ -59,19 +59,22 @@ class LayerSpec:
     o_bias: bool = False
     mlp_bias: bool = False
     # q/k norm per head (one weight for all heads), per head with each head's own weight
-    # (a LayerNorm without bias: StableLM, Cohere), or over all q (k) heads at once (OLMo 2)
-    qk_norm: Literal["head", "headwise", "projection"] | None = None
+    # (a LayerNorm without bias: StableLM, Cohere), over all q (k) heads at once (OLMo 2), or
+    # per head without weight ("l2": Llama 4)
+    qk_norm: Literal["head", "headwise", "projection", "l2"] | None = None
     qk_norm_spec: NormSpec | None = None  # defaults to `norm`
     hidden_act: str = "silu"
     gated: bool = True  # act(gate) * up; else act(up)
     rope: RopeSpec | None = None  # None: no position embedding in this layer
     sliding_window: int | None = None
+    chunk_size: int | None = None  # attention within chunks of this many positions (Llama 4)
     scale: float | None = None  # None: head_dim ** -0.5
     soft_cap: float | None = None  # attention scores: c * tanh(s / c)
     sinks: bool = False  # a learned logit per head joins each softmax (gpt-oss)
     residual_multiplier: float = 1.0  # each branch's output is scaled before the residual add
     # (beta, n): queries scaled by 1 + beta * log(1 + floor(position / n)) (Llama 4, Ministral 3)
     position_query_scale: tuple[float, int] | None = None
+    position_query_offset: int = 0  # ... of position + offset (Llama 4: 1)
     clip_qkv: float | None = None  # q, k, v clamped to [-c, c] after the q/k norms (OLMoE)
     moe: MoESpec | None = None  # a mixture-of-experts MLP (layers.moe.FusedMoE) instead
 

@@ -6,13 +6,13 @@ gate and up interleaved: loading reorders them into FusedMoE's [gate | up] rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 
-from paphos.layers.moe import MoESpec
-from paphos.models.decoder import DecoderForCausalLM
+from paphos.layers.moe import MoESpec, experts_as_rows
+from paphos.models.decoder import STACKED_EXPERTS, DecoderForCausalLM
 from paphos.models.decoder_spec import (
     DecoderSpec,
     NormSpec,
@@ -27,12 +27,8 @@ from paphos.ops.moe import ExpertActivation, RouterSpec
 class GptOssForCausalLM(DecoderForCausalLM):
     checkpoint_renames: ClassVar[dict[str, str]] = {".mlp.router.": ".mlp.gate."}
     stacked_params: ClassVar[dict[str, tuple[str, Any]]] = {
+        **STACKED_EXPERTS,
         **DecoderForCausalLM.stacked_params,
-        # the biases' names contain the weights': matched first
-        ".mlp.experts.gate_up_proj_bias": (".mlp.w13_bias", ("gate_up", None)),
-        ".mlp.experts.down_proj_bias": (".mlp.w2_bias", ("down", None)),
-        ".mlp.experts.gate_up_proj": (".mlp.w13_weight", ("gate_up", None)),
-        ".mlp.experts.down_proj": (".mlp.w2_weight", ("down", None)),
     }
 
     @classmethod
@@ -50,19 +46,4 @@ class GptOssForCausalLM(DecoderForCausalLM):
         return decoder_spec(hf_config, with_moe(layers, moe))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return super().load_weights(_fused_moe_layout(weights))
-
-
-def _fused_moe_layout(
-    weights: Iterable[tuple[str, torch.Tensor]],
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """gate_up_proj [E, hidden, 2I] (gate, up interleaved) -> [E, 2I, hidden] = [gate | up] rows;
-    its bias [E, 2I] likewise; down_proj [E, I, hidden] -> [E, hidden, I]."""
-    for name, tensor in weights:
-        if name.endswith(".mlp.experts.gate_up_proj_bias"):
-            tensor = torch.cat([tensor[..., ::2], tensor[..., 1::2]], dim=-1)  # [E, 2I]
-        elif name.endswith(".mlp.experts.gate_up_proj"):
-            tensor = torch.cat([tensor[..., ::2], tensor[..., 1::2]], dim=-1).transpose(1, 2)
-        elif name.endswith(".mlp.experts.down_proj"):
-            tensor = tensor.transpose(1, 2)  # [E, hidden, I]
-        yield name, tensor
+        return super().load_weights(experts_as_rows(weights, interleaved=True))

@@ -58,6 +58,7 @@ _BUILTIN_MODELS: dict[str, str] = {
     "Glm4MoeForCausalLM": "paphos.models.glm4:Glm4MoeForCausalLM",
     "MiniMaxM2ForCausalLM": "paphos.models.minimax_m2:MiniMaxM2ForCausalLM",
     "GptOssForCausalLM": "paphos.models.gpt_oss:GptOssForCausalLM",
+    "Llama4ForCausalLM": "paphos.models.llama4:Llama4ForCausalLM",
     # GPT-style and Phi families (one contiguous block)
     "GPT2LMHeadModel": "paphos.models.gpt2:GPT2LMHeadModel",
     "GPTBigCodeForCausalLM": "paphos.models.gpt2:GPTBigCodeForCausalLM",

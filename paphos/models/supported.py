@@ -50,6 +50,10 @@ FAMILY_NOTES: dict[str, tuple[str, str]] = {
         "gpt-oss-20b, gpt-oss-120b (bf16)",
         "attention sinks, alternating sliding window, expert biases, clamped SwiGLU",
     ),
+    "Llama4ForCausalLM": (
+        "Llama 4 Scout, Maverick (text)",
+        "chunked attention, NoPE layers with temperature tuning, top-1 expert + shared expert",
+    ),
     # GPT-style and Phi families
     "GPT2LMHeadModel": ("GPT-2, DistilGPT-2", "Conv1D weights, learned positions"),
     "GPTBigCodeForCausalLM": ("StarCoder, SantaCoder", "multi-query attention"),

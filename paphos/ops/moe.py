@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Scoring = Literal["softmax", "softmax_topk", "sigmoid"]
+Scoring = Literal["softmax", "softmax_topk", "sigmoid", "sigmoid_topk"]
 GroupScore = Literal["max", "top2_sum"]
 EXPERT_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swiglu_oai")
 
@@ -26,10 +26,11 @@ class RouterSpec:
     """How a router turns its logits [num_tokens, num_experts] into top-k experts and weights.
 
     scoring: "softmax" (Mixtral, Qwen, OLMoE, DeepSeek V2: top-k of the softmax), "softmax_topk"
-    (Granite MoE, gpt-oss: softmax over the top-k logits) or "sigmoid" (DeepSeek V3, GLM-4 MoE,
-    MiniMax M2). `correction_bias`: a per-expert bias added to the scores for the choice only
-    (`e_score_correction_bias`). `num_groups`/`topk_groups`: experts split into groups, only the
-    `topk_groups` best groups eligible; a group scores its "max" (DeepSeek V2) or the sum of its
+    (Granite MoE, gpt-oss: softmax over the top-k logits), "sigmoid" (DeepSeek V3, GLM-4 MoE,
+    MiniMax M2) or "sigmoid_topk" (Llama 4: the sigmoid of each top-k logit). `correction_bias`:
+    a per-expert bias added to the scores for the choice only (`e_score_correction_bias`).
+    `num_groups`/`topk_groups`: experts split into groups, only the `topk_groups` best groups
+    eligible; a group scores its "max" (DeepSeek V2) or the sum of its
     two best ("top2_sum", V3). `renormalize`: chosen weights divided by their sum
     (`norm_topk_prob`); then all are multiplied by `routed_scaling_factor`.
     """
@@ -59,15 +60,17 @@ class RouterSpec:
                 f"top_k={self.top_k} is invalid for num_experts={self.num_experts}: expected "
                 "1 <= top_k <= num_experts"
             )
-        if self.scoring not in ("softmax", "softmax_topk", "sigmoid"):
-            raise ValueError(f"scoring={self.scoring!r} is invalid: softmax/softmax_topk/sigmoid")
+        if self.scoring not in ("softmax", "softmax_topk", "sigmoid", "sigmoid_topk"):
+            raise ValueError(
+                f"scoring={self.scoring!r} is invalid: softmax/softmax_topk/sigmoid/sigmoid_topk"
+            )
         if self.num_experts % self.num_groups or not 1 <= self.topk_groups <= self.num_groups:
             raise ValueError(
                 f"num_groups={self.num_groups}, topk_groups={self.topk_groups} are invalid for "
                 f"{self.num_experts} experts: groups must divide the experts, 1 <= topk_groups "
                 "<= num_groups"
             )
-        if self.num_groups > 1 and self.scoring == "softmax_topk":
+        if self.num_groups > 1 and self.scoring.endswith("_topk"):
             raise ValueError("grouped top-k needs scoring 'softmax' or 'sigmoid'")
 
 
@@ -77,9 +80,11 @@ def select_experts(
     """router_logits [num_tokens, num_experts] -> (weights float32 [num_tokens, top_k], expert ids
     int64 [num_tokens, top_k]), with the operations (and so the tie-breaking) of transformers."""
     logits = router_logits.float()
-    if spec.scoring == "softmax_topk":
+    if spec.scoring.endswith("_topk"):  # the top-k logits, then their softmax / sigmoids
         top_logits, ids = torch.topk(logits, spec.top_k, dim=-1)  # [num_tokens, top_k]
-        weights = top_logits.softmax(dim=-1)
+        weights = (
+            top_logits.softmax(dim=-1) if spec.scoring == "softmax_topk" else top_logits.sigmoid()
+        )
     else:
         scores = logits.softmax(dim=-1) if spec.scoring == "softmax" else logits.sigmoid()
         choice = scores if correction_bias is None else scores + correction_bias.float()
@@ -87,7 +92,7 @@ def select_experts(
             choice = _mask_to_top_groups(choice, spec)
         ids = torch.topk(choice, spec.top_k, dim=-1, sorted=spec.sorted_choice)[1]
         weights = scores.gather(1, ids)  # [num_tokens, top_k]: the scores, never the bias
-    if spec.renormalize and spec.scoring != "softmax_topk":
+    if spec.renormalize and spec.scoring != "softmax_topk":  # (softmax_topk sums to 1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
     if spec.routed_scaling_factor != 1.0:
         weights = weights * spec.routed_scaling_factor

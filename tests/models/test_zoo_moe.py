@@ -54,6 +54,12 @@ CASES = {
              routed_scaling_factor=2.0, norm_topk_prob=True, **MOE),
     ),
     "minimax-m2": ("MiniMaxM2Config", dict(num_local_experts=4, head_dim=16, rotary_dim=8, **MOE)),
+    "llama4": (  # chunks of 8, every 4th layer NoPE with temperature tuning, MoE every 2nd
+        "Llama4TextConfig",
+        dict(num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=1,
+             intermediate_size_mlp=80, interleave_moe_layer_step=2, attention_chunk_size=8,
+             head_dim=16, floor_scale=4, attn_scale=0.5),
+    ),
     "gpt-oss": (
         "GptOssConfig",
         dict(num_local_experts=4, head_dim=16, sliding_window=8, swiglu_limit=1.0,

@@ -112,6 +112,20 @@ def test_router_chooses_the_experts_and_weights_of_transformers(family, kind):
     assert_close(weights, want_weights, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["random", "ties"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_llama4_router_scores_equal_transformers(kind, top_k):
+    """Llama 4: the sigmoid of each top-k logit, as a dense [tokens, experts] map (0 elsewhere)."""
+    router = _hf_router(
+        "llama4:Llama4TextConfig/Llama4Router", num_local_experts=8, num_experts_per_tok=top_k
+    )
+    logits = _logits(kind)
+    with torch.no_grad():
+        want = router(logits)[0]  # [num_tokens, num_experts]
+    weights, ids = select_experts(logits, RouterSpec(8, top_k, scoring="sigmoid_topk"))
+    assert torch.equal(torch.zeros_like(want).scatter_(1, ids, weights), want)
+
+
 def _direct_grouped_route(row: list[float], bias: list[float], spec: RouterSpec):
     """One token's grouped sigmoid routing, written out with Python lists (no ties in `row`)."""
     scores = [1 / (1 + torch.exp(torch.tensor(-v)).item()) for v in row]
@@ -143,6 +157,8 @@ def test_router_spec_rejects_inconsistent_settings():
         RouterSpec(8, 2, num_groups=3)
     with pytest.raises(ValueError, match="scoring"):
         RouterSpec(8, 2, scoring="relu")
+    with pytest.raises(ValueError, match="top_k=1"):
+        MoESpec(RouterSpec(8, 2), 16, apply_router_weight_on_input=True)
 
 
 def _expert(x, w13, w2, b13, b2, act):
