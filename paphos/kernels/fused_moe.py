@@ -1,5 +1,5 @@
 """Triton fused mixture-of-experts on CUDA: the reference's sum over chosen experts
-(paphos.ops.moe.fused_experts) as two grouped GEMMs.
+(paphos.ops.moe.fused_experts) as two grouped GEMMs (or, for a few slots, two per-slot GEMVs).
 
 The token-expert slots ([num_tokens * top_k], slot = token * top_k + k) are sorted by expert and
 each expert's run padded to a multiple of BLOCK_M (`moe_align_block_size`, torch ops with no host
@@ -9,7 +9,9 @@ and up rows and stores act(gate) * up for its slots; the second multiplies those
 down weight, scales by the routing weight and stores float32 per slot; the slots of a token are
 then summed. Blocks of experts no token chose are never launched past their first load, so a
 decode step reads only the chosen experts' weights. Roundings follow the reference (each product
-output rounded to the activation dtype); sums are float32.
+output rounded to the activation dtype); sums are float32. At most SLOT_KERNEL_MAX_SLOTS slots
+(decode of one or two tokens) skip the sort: one program per slot and feature tile streams its
+expert's rows as a GEMV (fewer launches; a shared expert is read once per slot choosing it).
 """
 
 from __future__ import annotations
@@ -184,6 +186,127 @@ def _check(x, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias) -> None:
     check_same_device(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
 
 
+# Up to this many (token, expert) slots (decode of 1-2 tokens at top-8) each program takes one
+# slot: no sort and pad launches, each chosen expert's weights streamed once per slot.
+SLOT_KERNEL_MAX_SLOTS = 16
+
+
+@triton.jit
+def _slot_gate_up_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, ids_ptr,
+    hidden, inter, top_k, stride_x, stride_we, stride_wn, stride_be, stride_out, alpha, limit,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One slot (token, k) and BLOCK_N intermediate features: act(gate) * up as a GEMV."""
+    slot, pid_n = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(ids_ptr + slot).to(tl.int64)
+    if expert < 0:
+        return
+    token = (slot // top_k).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < inter
+    w_base = w_ptr + expert * stride_we
+    acc_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < hidden
+        a = tl.load(x_ptr + token * stride_x + ks, mask=k_ok, other=0.0).to(tl.float32)
+        w_mask = col_ok[:, None] & k_ok[None, :]
+        w_gate = tl.load(w_base + cols[:, None] * stride_wn + ks[None, :], mask=w_mask, other=0.0)
+        w_up = tl.load(w_base + (cols[:, None] + inter) * stride_wn + ks[None, :], mask=w_mask,
+                       other=0.0)  # fmt: skip
+        acc_gate += tl.sum(w_gate.to(tl.float32) * a[None, :], axis=1)
+        acc_up += tl.sum(w_up.to(tl.float32) * a[None, :], axis=1)
+    dtype = out_ptr.dtype.element_ty
+    if HAS_BIAS:
+        acc_gate += tl.load(b_ptr + expert * stride_be + cols, mask=col_ok, other=0.0)
+        acc_up += tl.load(b_ptr + expert * stride_be + inter + cols, mask=col_ok, other=0.0)
+    gate = acc_gate.to(dtype).to(tl.float32)  # rounded as the reference's product
+    up = acc_up.to(dtype).to(tl.float32)
+    h = _activate(gate, up, alpha, limit, ACT)
+    tl.store(out_ptr + slot.to(tl.int64) * stride_out + cols, h.to(dtype), mask=col_ok)
+
+
+@triton.jit
+def _slot_down_kernel(
+    h_ptr, w_ptr, b_ptr, weights_ptr, out_ptr, ids_ptr,
+    inter, hidden, stride_h, stride_we, stride_wn, stride_be, stride_out,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One slot and BLOCK_N hidden features: its expert's down product, scaled (float32)."""
+    slot, pid_n = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(ids_ptr + slot).to(tl.int64)
+    if expert < 0:
+        return
+    slot64 = slot.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    w_base = w_ptr + expert * stride_we
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < inter
+        a = tl.load(h_ptr + slot64 * stride_h + ks, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_base + cols[:, None] * stride_wn + ks[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+        acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + expert * stride_be + cols, mask=col_ok, other=0.0)
+    y = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * tl.load(weights_ptr + slot)
+    tl.store(out_ptr + slot64 * stride_out + cols, y, mask=col_ok)
+
+
+def _products_per_slot(x, w13, w2, weights, topk_ids, activation, b13, b2, h, per_slot) -> None:  # noqa: ANN001
+    ids = topk_ids.reshape(-1).contiguous()  # [slots]
+    num_slots, inter, hidden = ids.shape[0], w2.shape[2], x.shape[1]
+    block_n, block_k = 32, 128
+    bias13, bias2 = (w13 if b13 is None else b13), (w2 if b2 is None else b2)
+    _slot_gate_up_kernel[(num_slots, triton.cdiv(inter, block_n))](
+        x, w13, bias13, h, ids,
+        hidden, inter, topk_ids.shape[1], x.stride(0), w13.stride(0), w13.stride(1),
+        bias13.stride(0), h.stride(0), *_activation_args(activation),
+        HAS_BIAS=b13 is not None, ACT=ACT_CODES[activation.name],
+        BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    _slot_down_kernel[(num_slots, triton.cdiv(hidden, block_n))](
+        h, w2, bias2, weights, per_slot, ids,
+        inter, hidden, h.stride(0), w2.stride(0), w2.stride(1), bias2.stride(0),
+        per_slot.stride(0),
+        HAS_BIAS=b2 is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+
+
+def _products_grouped(x, w13, w2, weights, topk_ids, activation, b13, b2, h, per_slot) -> None:  # noqa: ANN001
+    num_slots, hidden = h.shape[0], x.shape[1]
+    num_experts, inter, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
+    block_m = block_m_for(num_slots, num_experts)
+    slots, block_experts = moe_align_block_size(topk_ids, num_experts, block_m)
+    num_blocks = block_experts.shape[0]
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is unused for half inputs
+    block_n, block_k = 64, 32
+    bias13, bias2 = (w13 if b13 is None else b13), (w2 if b2 is None else b2)
+    _gate_up_kernel[(num_blocks, triton.cdiv(inter, block_n))](
+        x, w13, bias13, h, slots, block_experts,
+        num_slots, hidden, inter, top_k, x.stride(0), w13.stride(0), w13.stride(1),
+        bias13.stride(0), h.stride(0), *_activation_args(activation),
+        HAS_BIAS=b13 is not None, ACT=ACT_CODES[activation.name], PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    _down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
+        h, w2, bias2, weights, per_slot, slots, block_experts,
+        num_slots, inter, hidden, h.stride(0), w2.stride(0), w2.stride(1), bias2.stride(0),
+        per_slot.stride(0),
+        HAS_BIAS=b2 is not None, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+
+
+def _activation_args(activation: ExpertActivation) -> tuple[float, float]:
+    limit = activation.limit if activation.limit is not None else float("inf")
+    return float(activation.alpha), float(limit)
+
+
 def fused_experts(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -193,36 +316,20 @@ def fused_experts(
     activation: ExpertActivation = SILU,
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
+    per_slot_products: bool | None = None,
 ) -> torch.Tensor:
-    """paphos.ops.moe.fused_experts (same arguments and result) in two Triton launches."""
+    """paphos.ops.moe.fused_experts (same arguments and result): per-slot GEMVs for at most
+    SLOT_KERNEL_MAX_SLOTS slots, else the grouped GEMMs over expert-padded blocks
+    (`per_slot_products` forces one of them, for tests)."""
     _check(x, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias)
     num_tokens, hidden = x.shape
-    num_experts, inter, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
-    num_slots = num_tokens * top_k
-    block_m = block_m_for(num_slots, num_experts)
-    slots, block_experts = moe_align_block_size(topk_ids, num_experts, block_m)
-    num_blocks = block_experts.shape[0]
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is unused for half inputs
+    num_slots, top_k = topk_ids.numel(), topk_ids.shape[1]
     x = x.contiguous()
-    h = torch.empty(num_slots, inter, dtype=x.dtype, device=x.device)  # [slots, inter]
-    block_n, block_k = 64, 32
-    b13 = w13_bias if w13_bias is not None else w13  # a placeholder pointer when absent
-    _gate_up_kernel[(num_blocks, triton.cdiv(inter, block_n))](
-        x, w13, b13, h, slots, block_experts,
-        num_slots, hidden, inter, top_k, x.stride(0), w13.stride(0), w13.stride(1),
-        b13.stride(0), h.stride(0), float(activation.alpha),
-        float(activation.limit if activation.limit is not None else float("inf")),
-        HAS_BIAS=w13_bias is not None, ACT=ACT_CODES[activation.name], PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-    )  # fmt: skip
+    h = torch.empty(num_slots, w2.shape[2], dtype=x.dtype, device=x.device)  # [slots, inter]
     per_slot = torch.zeros(num_slots, hidden, dtype=torch.float32, device=x.device)
     weights = topk_weights.reshape(-1).float().contiguous()  # [slots]
-    b2 = w2_bias if w2_bias is not None else w2
-    _down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
-        h, w2, b2, weights, per_slot, slots, block_experts,
-        num_slots, inter, hidden, h.stride(0), w2.stride(0), w2.stride(1), b2.stride(0),
-        per_slot.stride(0),
-        HAS_BIAS=w2_bias is not None, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-    )  # fmt: skip
+    if per_slot_products is None:
+        per_slot_products = num_slots <= SLOT_KERNEL_MAX_SLOTS
+    run = _products_per_slot if per_slot_products else _products_grouped
+    run(x, w13, w2, weights, topk_ids, activation, w13_bias, w2_bias, h, per_slot)
     return per_slot.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
