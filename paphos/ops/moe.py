@@ -4,8 +4,8 @@ kernel (paphos.kernels.fused_moe).
 
 Invariant: `fused_experts` runs one product per active expert over the tokens routed to it
 (tokens grouped by expert with one sort, never a loop over tokens), so a decode step of one token
-reads only the weights of the experts it chose. Expert ids of -1 contribute nothing (experts held
-by another rank under expert parallelism).
+reads only the weights of the experts it chose (through the CPU matvec kernel where it loaded).
+Expert ids of -1 contribute nothing (experts held by another rank under expert parallelism).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from paphos.kernels.cpu import matvec
 
 Scoring = Literal["softmax", "softmax_topk", "sigmoid", "sigmoid_topk"]
 GroupScore = Literal["max", "top2_sum"]
@@ -183,8 +185,18 @@ def fused_experts(
         slots = order[start : start + count]  # [count]
         start += count
         tokens = slots // top_k
-        h = F.linear(x[tokens], w13[expert], None if w13_bias is None else w13_bias[expert])
-        y = F.linear(activation(h), w2[expert], None if w2_bias is None else w2_bias[expert])
+        h = _linear(x[tokens], w13[expert], None if w13_bias is None else w13_bias[expert])
+        y = _linear(activation(h), w2[expert], None if w2_bias is None else w2_bias[expert])
         weight = topk_weights.reshape(-1)[slots].float()  # [count]
         out.index_add_(0, tokens, y.float() * weight[:, None])
     return out.to(x.dtype)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear; the few rows a decode step routes to an expert (at most matvec.MAX_ROWS) go to
+    the CPU matrix-vector kernel where it loaded (bf16 weights: ~1.4x torch's speed, measured)."""
+    if matvec.supports(x, weight):
+        lib = matvec.load_library()
+        if lib is not None:
+            return matvec.launch(lib, x, weight, bias, torch.get_num_threads())
+    return F.linear(x, weight, bias)

@@ -169,20 +169,21 @@ def _expert(x, w13, w2, b13, b2, act):
 @pytest.mark.parametrize("act", [ExpertActivation("silu"), ExpertActivation("gelu_tanh"),
                                  ExpertActivation("swiglu_oai", 1.702, 0.5)])  # fmt: skip
 @pytest.mark.parametrize("bias", [False, True])
-def test_grouped_expert_products_equal_a_loop_over_tokens(act, bias):
+@pytest.mark.parametrize("num_tokens", [NUM_TOKENS, 2])  # 2: decode-sized runs (CPU matvec)
+def test_grouped_expert_products_equal_a_loop_over_tokens(act, bias, num_tokens):
     gen = torch.Generator().manual_seed(2)
     hidden, inter, top_k = 16, 12, 3
-    x = torch.randn(NUM_TOKENS, hidden, generator=gen)
+    x = torch.randn(num_tokens, hidden, generator=gen)
     w13 = torch.randn(NUM_EXPERTS, 2 * inter, hidden, generator=gen)
     w2 = torch.randn(NUM_EXPERTS, hidden, inter, generator=gen)
     b13 = torch.randn(NUM_EXPERTS, 2 * inter, generator=gen) if bias else None
     b2 = torch.randn(NUM_EXPERTS, hidden, generator=gen) if bias else None
-    weights = torch.rand(NUM_TOKENS, top_k, generator=gen)
+    weights = torch.rand(num_tokens, top_k, generator=gen)
     ids = torch.stack([torch.randperm(NUM_EXPERTS, generator=gen)[:top_k] for _ in x])
     ids[::5, 0] = -1  # experts another rank holds
     got = fused_experts(x, w13, w2, weights, ids, act, b13, b2)
     want = torch.zeros_like(x)
-    for t in range(NUM_TOKENS):
+    for t in range(num_tokens):
         for k, e in enumerate(ids[t].tolist()):
             if e >= 0:
                 b = (None, None) if not bias else (b13[e], b2[e])
