@@ -16,14 +16,25 @@ expert's rows as a GEMV (fewer launches; a shared expert is read once per slot c
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import triton
 import triton.language as tl
 
 from paphos.kernels._checks import check_dim, check_float_dtype, check_same_device, check_size
-from paphos.ops.moe import EXPERT_ACTIVATIONS, SILU, ExpertActivation
 
-ACT_CODES = {name: code for code, name in enumerate(EXPERT_ACTIVATIONS)}  # silu gelu gelu_tanh oai
+# ops.moe.ExpertActivation's names (not imported: importing this package's kernels must not
+# import ops.moe, which imports paphos.kernels.cpu)
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swiglu_oai": 3}
+
+
+class Activation(Protocol):
+    """What the kernels read of an ops.moe.ExpertActivation."""
+
+    name: str
+    alpha: float
+    limit: float | None
 
 
 def block_m_for(num_slots: int, num_experts: int) -> int:
@@ -257,6 +268,13 @@ def _slot_down_kernel(
     tl.store(out_ptr + slot64 * stride_out + cols, y, mask=col_ok)
 
 
+class _Silu:
+    name, alpha, limit = "silu", 1.702, None
+
+
+_SILU = _Silu()
+
+
 def _products_per_slot(x, w13, w2, weights, topk_ids, activation, b13, b2, h, per_slot) -> None:  # noqa: ANN001
     ids = topk_ids.reshape(-1).contiguous()  # [slots]
     num_slots, inter, hidden = ids.shape[0], w2.shape[2], x.shape[1]
@@ -302,7 +320,7 @@ def _products_grouped(x, w13, w2, weights, topk_ids, activation, b13, b2, h, per
     )  # fmt: skip
 
 
-def _activation_args(activation: ExpertActivation) -> tuple[float, float]:
+def _activation_args(activation: Activation) -> tuple[float, float]:
     limit = activation.limit if activation.limit is not None else float("inf")
     return float(activation.alpha), float(limit)
 
@@ -313,15 +331,21 @@ def fused_experts(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    activation: ExpertActivation = SILU,
+    activation: Activation | None = None,
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
     per_slot_products: bool | None = None,
 ) -> torch.Tensor:
     """paphos.ops.moe.fused_experts (same arguments and result): per-slot GEMVs for at most
     SLOT_KERNEL_MAX_SLOTS slots, else the grouped GEMMs over expert-padded blocks
-    (`per_slot_products` forces one of them, for tests)."""
+    (`per_slot_products` forces one of them, for tests). activation None: SiLU."""
     _check(x, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias)
+    if activation is None:
+        activation = _SILU
+    if activation.name not in ACT_CODES:
+        raise ValueError(
+            f"activation {activation.name!r} is invalid: expected one of {list(ACT_CODES)}"
+        )
     num_tokens, hidden = x.shape
     num_slots, top_k = topk_ids.numel(), topk_ids.shape[1]
     x = x.contiguous()

@@ -134,3 +134,37 @@ def test_fused_moe_kernel_replays_in_a_cuda_graph_with_new_routing(device):
     graph.replay()
     ref = fused_experts(x.double(), w13.double(), w2.double(), weights.double(), ids)
     assert rel_error(out, ref) < TOL[torch.float16]
+
+
+def test_kernel_knows_every_expert_activation(device):
+    from paphos.kernels.fused_moe import ACT_CODES
+    from paphos.ops.moe import EXPERT_ACTIVATIONS
+
+    assert set(ACT_CODES) == set(EXPERT_ACTIVATIONS)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 40])
+def test_fused_moe_layer_with_the_kernel_equals_the_layer_with_the_reference(device, num_tokens):
+    """FusedMoE as the models build it (router, shared expert, biases, clamped SwiGLU; Llama 4's
+    input-scaled top-1): the Triton op in place of the reference changes nothing but rounding."""
+    from paphos.kernels.fused_moe import fused_experts as triton_experts
+    from paphos.layers.moe import FusedMoE, MoESpec
+    from paphos.ops.moe import RouterSpec
+
+    specs = [
+        MoESpec(RouterSpec(8, 2, "sigmoid", True, True, num_groups=4, topk_groups=2), 48,
+                ExpertActivation("swiglu_oai", limit=1.0), expert_bias=True, router_bias=True,
+                shared_intermediate_size=32, shared_gate=True),
+        MoESpec(RouterSpec(8, 1, scoring="sigmoid_topk"), 48, shared_intermediate_size=48,
+                apply_router_weight_on_input=True),
+    ]  # fmt: skip
+    torch.manual_seed(0)
+    for spec in specs:
+        with torch.device(device):
+            layer = FusedMoE(32, spec, params_dtype=torch.float32)
+            for param in layer.parameters():
+                torch.nn.init.normal_(param, std=0.3)
+            x = torch.randn(num_tokens, 32)
+        want = layer(x)
+        layer.fused_experts_op = triton_experts
+        assert rel_error(layer(x), want) < TOL[torch.float32]
