@@ -121,6 +121,13 @@ class CacheConfig:
     num_blocks_override: int | None = field(
         default=None, metadata=_help("Force this many KV blocks (testing).")
     )
+    num_state_slots: int | None = field(
+        default=None,
+        metadata=_help(
+            "Hybrid models (Mamba2, Gated DeltaNet): recurrent-state slots, the most requests "
+            "holding state at once; default max_num_seqs."
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,17 @@ class AttentionMetadata:
     # graph keeps max_query_len == 1 and a fixed max_seq_len (the longest sequence it serves).
     max_query_len: int
     max_seq_len: int
+    # Hybrid models: each sequence's recurrent-state slot [num_seqs] int64 (padded rows of a graph
+    # batch: the scratch slot); None for models without state layers. A sequence continues its
+    # slot's state when it has context (seq_lens > its query length), else starts from zeros.
+    state_indices: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
+
+    def has_initial_state(self) -> torch.Tensor:
+        """[num_seqs] bool, on the device (no host sync): the sequence has computed tokens before
+        this step, so its state slot holds the state to continue from."""
+        query_lens = self.query_start_loc[1:] - self.query_start_loc[:-1]  # [num_seqs]
+        return self.seq_lens > query_lens

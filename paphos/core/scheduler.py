@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 from paphos.config import CacheConfig, SchedulerConfig
 from paphos.core.kv_cache_manager import KVCacheManager
+from paphos.core.state_pool import StatePool
 from paphos.core.step_data import (
     CachedRequestData,
     NewRequestData,
@@ -86,6 +87,10 @@ class Scheduler:
     Engine loop: `add_request`, then per step `schedule()` -> runner -> `update()`; aborts and
     stop-string finishes go through `finish_requests`. A request that cannot get KV blocks
     preempts the latest-arriving running request (recompute later, outputs kept).
+
+    Hybrid models (`num_state_slots` given): each running request also holds one recurrent-state
+    slot; a waiting request is admitted only when a slot and its blocks are both free. Prefix
+    caching is off for them (a cached KV prefix has no recurrent state to resume from).
     """
 
     def __init__(
@@ -94,12 +99,16 @@ class Scheduler:
         cache_config: CacheConfig,
         num_blocks: int,
         max_model_len: int,
+        num_state_slots: int | None = None,
     ) -> None:
         _validate(scheduler_config, cache_config, num_blocks, max_model_len)
         self.config = scheduler_config
         self.max_model_len = max_model_len
+        self.state_pool = None if num_state_slots is None else StatePool(num_state_slots)
         self.kv_cache_manager = KVCacheManager(
-            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+            num_blocks,
+            cache_config.block_size,
+            cache_config.enable_prefix_caching and self.state_pool is None,
         )
         self.requests: dict[str, Request] = {}  # unfinished requests only
         self.waiting: deque[Request] = deque()
@@ -298,6 +307,8 @@ class Scheduler:
             request = self.waiting[0]
             if request.num_pending_tokens:
                 return  # preempted while a step that samples it runs: its token comes first
+            if self.state_pool is not None and self.state_pool.num_free_slots == 0:
+                return  # every recurrent-state slot is held
             computed_blocks, num_cached_tokens = kv.get_computed_blocks(request)
             num_new_tokens = request.num_tokens - num_cached_tokens
             if num_new_tokens > plan.token_budget and not self.config.enable_chunked_prefill:
@@ -306,6 +317,8 @@ class Scheduler:
             new_block_ids = kv.allocate_slots(request, num_new_tokens, computed_blocks)
             if new_block_ids is None:
                 return
+            if self.state_pool is not None:
+                self.state_pool.allocate(request.request_id)
             self.waiting.popleft()
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached_tokens
@@ -406,6 +419,7 @@ class Scheduler:
         )
 
     def _new_request_data(self, request: Request) -> NewRequestData:
+        req_id = request.request_id
         return NewRequestData(
             request_id=request.request_id,
             prompt_token_ids=tuple(request.prompt_token_ids),
@@ -413,6 +427,7 @@ class Scheduler:
             sampling_params=request.sampling_params,
             block_ids=tuple(self.kv_cache_manager.get_block_ids(request.request_id)),
             num_computed_tokens=request.num_computed_tokens,
+            state_slot=None if self.state_pool is None else self.state_pool.get_slot(req_id),
         )
 
     # ---- state changes -------------------------------------------------------------------------
@@ -423,8 +438,9 @@ class Scheduler:
         self.running.insert(position, request)
 
     def _preempt(self, request: Request) -> None:
-        """Recompute later: free blocks, keep outputs, go to the front of the waiting queue."""
-        self.kv_cache_manager.free(request)
+        """Recompute later: free blocks and state, keep outputs, go to the front of the waiting
+        queue."""
+        self._free_caches(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
@@ -434,11 +450,16 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
-        self.kv_cache_manager.free(request)
+        self._free_caches(request)
         self._forget_runner_copy(request.request_id)
         del self.requests[request.request_id]
         del self._arrival_keys[request.request_id]
         self._num_prompt_logprobs_sent.pop(request.request_id, None)
+
+    def _free_caches(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        if self.state_pool is not None:
+            self.state_pool.free(request.request_id)
 
     def _forget_runner_copy(self, request_id: str) -> None:
         if self._num_runner_tokens.pop(request_id, None) is not None:
@@ -459,7 +480,8 @@ class Scheduler:
         return True
 
     def check_invariants(self) -> None:
-        """Assert the KV manager is consistent and request bookkeeping matches it."""
+        """Assert the KV manager (and state pool) are consistent and request bookkeeping matches
+        them."""
         kv = self.kv_cache_manager
         kv.check_invariants()
         running_ids = [r.request_id for r in self.running]
@@ -471,6 +493,10 @@ class Scheduler:
         keys = [self._arrival_keys[i] for i in running_ids]
         assert keys == sorted(keys), "running is out of arrival order"
         assert set(kv.req_to_blocks) == set(running_ids), "block tables disagree with running"
+        if self.state_pool is not None:
+            self.state_pool.check_invariants()
+            held = set(self.state_pool.req_to_slot)
+            assert held == set(running_ids), "state slots disagree with running"
         assert set(self._num_runner_tokens) == set(running_ids), "runner view out of sync"
         for request in self.running:
             assert request.status == RequestStatus.RUNNING, f"{request.request_id}: not RUNNING"

@@ -29,6 +29,8 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: tuple[int, ...]
     num_computed_tokens: int  # prefix-cache hits make this > 0 at first schedule
+    # Hybrid models: the request's recurrent-state slot (index into every state layer's cache).
+    state_slot: int | None = None
 
 
 class CachedRequestData(NamedTuple):

@@ -69,9 +69,16 @@ class Engine:
         self.num_kv_blocks = self.executor.determine_num_blocks()
         self.max_model_len = self._effective_max_model_len(self.num_kv_blocks)
         self.executor.initialize_kv_cache(self.num_kv_blocks)
+        num_state_slots = self.executor.num_state_slots
         self.scheduler = Scheduler(
-            config.scheduler, config.cache, self.num_kv_blocks, self.max_model_len
+            config.scheduler, config.cache, self.num_kv_blocks, self.max_model_len, num_state_slots
         )
+        if num_state_slots is not None and config.cache.enable_prefix_caching:
+            logger.info(
+                "prefix caching is off for this hybrid model: a cached KV prefix carries no "
+                "recurrent state to resume from (%d state slots)",
+                num_state_slots,
+            )
         self.parents: dict[str, ParentRequest] = {}
         self.child_to_parent: dict[str, tuple[ParentRequest, Sequence]] = {}
         self.num_prompt_tokens_total = 0

@@ -16,6 +16,8 @@ class Executor(Protocol):
     # Whether `execute_async` returns before the step's device work is done, so that the engine
     # can overlap scheduling the next step with it (config.runtime.async_scheduling resolved).
     overlaps_steps: bool
+    # Hybrid models: the size of the recurrent-state pool (every rank's); None without state layers.
+    num_state_slots: int | None
 
     def determine_num_blocks(self) -> int: ...
 
@@ -35,6 +37,7 @@ class UniprocExecutor:
         from paphos.runner.model_runner import ModelRunner
 
         self.runner = ModelRunner(config)
+        self.num_state_slots = self.runner.num_state_slots
         wanted = config.runtime.async_scheduling
         self.overlaps_steps = self.runner.device.type == "cuda" if wanted is None else wanted
 

@@ -54,6 +54,7 @@ class MultiprocExecutor:
     # Every rank samples from its own copy of the logits; a runner reading pending tokens from its
     # device would need the ranks' samples to agree bit for bit, so steps run one at a time here.
     overlaps_steps = False
+    num_state_slots: int | None = None
 
     def __init__(self, config: EngineConfig, startup_timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         if config.runtime.async_scheduling:
@@ -98,6 +99,7 @@ class MultiprocExecutor:
         self._await_all(worker.PREPARED, deadline)
         parallel = self._join_group(backend, init_method, deadline)
         self.runner = ModelRunner(config, parallel)
+        self.num_state_slots = self.runner.num_state_slots  # the same on every rank
         self._await_all(worker.READY, deadline)
         logger.info("tensor parallel: %d ranks over %s", self.world_size, backend)
 

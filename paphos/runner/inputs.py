@@ -41,6 +41,8 @@ class RunnerRequestState:
     plain_greedy: bool = False
     # The request's grammar matcher (paphos.structured.matcher.GrammarState), if constrained.
     grammar: Any = None
+    # Hybrid models: the request's recurrent-state slot (None for models without state layers).
+    state_slot: int | None = None
 
 
 @dataclass
@@ -76,6 +78,7 @@ class InputBuffers:
         max_model_len: int,
         block_size: int,
         device: torch.device,
+        num_state_slots: int | None = None,
     ) -> None:
         for name, value in (
             ("max_num_seqs", max_num_seqs),
@@ -86,6 +89,8 @@ class InputBuffers:
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
         self.block_size = block_size
+        # Hybrid models: slot ids run 0..num_state_slots - 1; padded rows use num_state_slots.
+        self.num_state_slots = num_state_slots
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_tokens = max_num_tokens
@@ -98,8 +103,8 @@ class InputBuffers:
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         t, s = max_num_tokens, max_num_seqs
         # Offsets of the small arrays in one flat buffer: ids, positions, slots, logits rows,
-        # seq_lens, query_start_loc, pending-token sources and destinations.
-        sizes = (t, t, t, t + s, s, s + 1, s, s)
+        # seq_lens, query_start_loc, pending-token sources and destinations, state slots.
+        sizes = (t, t, t, t + s, s, s + 1, s, s, s)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
         self._on_host = device.type == "cpu"
         total = self._offsets[-1]
@@ -196,6 +201,7 @@ class InputBuffers:
             logits_indices=self.small[o[3] : o[3] + bs],
             max_query_len=1,
             max_seq_len=max_seq_len,
+            state_indices=self._state_view(bs),
         )
         return self.small[o[0] : o[0] + bs], self.small[o[1] : o[1] + bs], metadata
 
@@ -237,6 +243,8 @@ class InputBuffers:
                 f"({self.max_num_seqs} requests, {self.max_num_tokens} tokens)"
             )
         qsl = self._fill_tokens(rows, starts, counts, padded, num_tokens)
+        if self.num_state_slots is not None:
+            self._fill_state_slots(states, padded)
         o = self._offsets
         seq_lens = self._small_np[o[4] : o[4] + padded]  # [padded]
         seq_lens[:num_seqs] = ends
@@ -263,6 +271,23 @@ class InputBuffers:
         inputs.padded_to = pad_to
         inputs.pending_copy = pending_copy
         return inputs
+
+    def _fill_state_slots(self, states: list[RunnerRequestState], padded: int) -> None:
+        """Each request's state slot into the host buffer; rows past them (padding) get the
+        scratch slot. Written before `_upload`."""
+        o, n = self._offsets, len(states)
+        slots = [s.state_slot for s in states]
+        if None in slots:
+            missing = states[slots.index(None)].request_id
+            raise ValueError(f"request {missing!r} has no state slot, and this model needs one")
+        target = self._small_np[o[8] : o[8] + padded]  # [padded]
+        target[:n] = slots
+        target[n:] = self.num_state_slots
+
+    def _state_view(self, padded: int) -> torch.Tensor | None:
+        if self.num_state_slots is None:
+            return None
+        return self.small[self._offsets[8] : self._offsets[8] + padded]  # [padded]
 
     def _pending_copy(
         self,
@@ -382,6 +407,7 @@ class InputBuffers:
             logits_indices=small[o[3] : o[3] + num_logits],
             max_query_len=int(counts.max()) if len(counts) else 1,
             max_seq_len=int(seq_lens.max()),
+            state_indices=self._state_view(padded),
         )
         return StepInputs(
             small[o[0] : o[0] + num_tokens], small[o[1] : o[1] + num_tokens], metadata, []
@@ -422,8 +448,10 @@ def build_step_inputs(
     num_scheduled: list[int],
     block_size: int,
     device: torch.device,
+    num_state_slots: int | None = None,
 ) -> StepInputs:
-    """One-off inputs for a batch (tests, the profiling step): buffers sized to exactly this batch.
+    """One-off inputs for a batch (tests, the profiling step): buffers sized to exactly this batch
+    (`num_state_slots`: a hybrid model's pool size, each state then names its slot).
 
     The states are mirrored into a fresh `InputBuffers` without changing their `row`."""
     longest = max(
@@ -436,6 +464,7 @@ def build_step_inputs(
         max(longest, num_blocks * block_size),
         block_size,
         device,
+        num_state_slots,
     )
     rows = [s.row for s in states]
     try:

@@ -53,10 +53,22 @@ def allocate_kv_caches(
 
 
 def num_blocks_for_device(
-    spec: KVCacheSpec, cache: CacheConfig, device: torch.device, profile: Callable[[], None]
+    spec: KVCacheSpec,
+    cache: CacheConfig,
+    device: torch.device,
+    profile: Callable[[], None],
+    reserved_bytes: int = 0,
 ) -> int:
+    """Blocks that fit the cache budget less `reserved_bytes` (a hybrid model's state cache)."""
     if device.type == "cpu":
-        return int(cache.kv_cache_space * GiB) // spec.bytes_per_block
+        budget = int(cache.kv_cache_space * GiB) - reserved_bytes
+        if budget < spec.bytes_per_block:
+            raise ValueError(
+                f"kv_cache_space={cache.kv_cache_space} GiB leaves no room for KV blocks beside "
+                f"the state cache ({reserved_bytes / GiB:.3f} GiB): raise kv_cache_space or "
+                "lower num_state_slots / max_num_seqs"
+            )
+        return budget // spec.bytes_per_block
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     profile()
@@ -65,13 +77,13 @@ def num_blocks_for_device(
     free, total = torch.cuda.mem_get_info(device)
     # Memory others hold on this card (total - free - ours) is not ours to take.
     others = total - free - torch.cuda.memory_reserved(device)
-    budget = total * cache.gpu_memory_utilization - peak - max(others, 0)
+    budget = total * cache.gpu_memory_utilization - peak - max(others, 0) - reserved_bytes
     torch.cuda.empty_cache()
     if budget < spec.bytes_per_block:
         raise ValueError(
             f"no GPU memory left for the KV cache: weights + activations peak at "
-            f"{peak / GiB:.2f} GiB "
+            f"{peak / GiB:.2f} GiB, the state cache takes {reserved_bytes / GiB:.2f} GiB, "
             f"of {total / GiB:.2f} GiB x gpu_memory_utilization={cache.gpu_memory_utilization}; "
-            "raise --gpu-memory-utilization or lower --max-num-batched-tokens"
+            "raise --gpu-memory-utilization or lower --max-num-batched-tokens / --max-num-seqs"
         )
     return int(budget // spec.bytes_per_block)

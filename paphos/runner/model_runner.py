@@ -36,7 +36,14 @@ from paphos.quant import create_linear_method
 from paphos.runner.cpu_threads import ThreadGovernor, plan_threads
 from paphos.runner.cuda_graph import MAX_SEQ_LEN_TO_CAPTURE, DecodeGraphs, batch_size_buckets
 from paphos.runner.inputs import InputBuffers, RunnerRequestState, StepInputs, build_step_inputs
-from paphos.runner.kv_cache import KVCacheSpec, allocate_kv_caches, num_blocks_for_device
+from paphos.runner.kv_cache import GiB, KVCacheSpec, allocate_kv_caches, num_blocks_for_device
+from paphos.runner.state_cache import (
+    allocate_state_caches,
+    cache_layout,
+    interleave_caches,
+    num_state_slots,
+    state_cache_spec,
+)
 from paphos.runner.step_sampling import NextStep, StepSampling, is_plain_greedy
 from paphos.sampling_params import SamplingParams
 from paphos.structured.compiler import GrammarCompilerCache
@@ -168,7 +175,11 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.model = self._load_model(model_cls)
         self.vocab_size = config.model.hf_config.vocab_size
-        self.kv_caches: list[torch.Tensor] = []
+        # Hybrid models: the state layers' shapes and the pool's size (None: no state layers).
+        self.state_spec = state_cache_spec(self.model)
+        self.num_state_slots = None if self.state_spec is None else num_state_slots(config)
+        self.cache_layout = cache_layout(self.model)
+        self.kv_caches: list = []  # per cache-owning layer: KV tensor or state tuple
         self.requests: dict[str, RunnerRequestState] = {}
         self.buffers: InputBuffers | None = None
         self.graphs: DecodeGraphs | None = None
@@ -220,6 +231,8 @@ class ModelRunner:
 
     def kv_cache_spec(self) -> KVCacheSpec:
         attn_layers = [m for m in self.model.modules() if type(m).__name__ == "Attention"]
+        if not attn_layers:  # a pure state-space model: blocks only count tokens
+            return KVCacheSpec(0, self.block_size, 1, 1, self.dtype)
         first = attn_layers[0]
         return KVCacheSpec(
             num_layers=len(attn_layers),
@@ -229,12 +242,45 @@ class ModelRunner:
             dtype=self.dtype,
         )
 
+    def state_cache_bytes(self) -> int:
+        if self.state_spec is None or self.num_state_slots is None:
+            return 0
+        return (self.num_state_slots + 1) * self.state_spec.bytes_per_slot
+
     def determine_num_blocks(self) -> int:
+        spec = self.kv_cache_spec()
         if self.config.cache.num_blocks_override is not None:
-            return self.config.cache.num_blocks_override
-        return num_blocks_for_device(
-            self.kv_cache_spec(), self.config.cache, self.device, self._profile
-        )
+            num_blocks = self.config.cache.num_blocks_override
+        elif spec.num_layers == 0:  # no KV bytes: enough blocks for every slot's longest sequence
+            assert self.num_state_slots is not None
+            model_len = self.config.model.max_model_len or self.config.model.model_max_len
+            num_blocks = self.num_state_slots * -(-model_len // self.block_size)
+        else:
+            num_blocks = num_blocks_for_device(
+                spec, self.config.cache, self.device, self._profile, self.state_cache_bytes()
+            )
+        if self.state_spec is not None:
+            logger.info(
+                "memory split on rank %d: state cache %d slots x %.3f MiB = %.3f GiB "
+                "(%d state layers), KV cache %d blocks = %.3f GiB (%d attention layers)",
+                self.parallel.rank,
+                self.num_state_slots,
+                self.state_spec.bytes_per_slot / 2**20,
+                self.state_cache_bytes() / GiB,
+                len(self.state_spec.layers),
+                num_blocks,
+                num_blocks * spec.bytes_per_block / GiB,
+                spec.num_layers,
+            )
+        return num_blocks
+
+    def _allocate_caches(self, spec: KVCacheSpec, num_blocks: int, num_slots: int) -> list:
+        """The model's cache list: KV tensors and (hybrid models) state tuples, in layer order."""
+        kv = allocate_kv_caches(spec, num_blocks, self.device)
+        if self.state_spec is None:
+            return kv
+        states = allocate_state_caches(self.state_spec, num_slots, self.device)
+        return interleave_caches(self.cache_layout, kv, states)
 
     def _profile(self) -> None:
         """One dummy step of max_num_batched_tokens, so the peak activation memory is measured."""
@@ -243,22 +289,27 @@ class ModelRunner:
         )
         spec = self.kv_cache_spec()
         num_blocks = -(-num_tokens // spec.block_size)
-        caches = allocate_kv_caches(spec, num_blocks, self.device)
+        caches = self._allocate_caches(spec, num_blocks, 1)
         sampling = RequestSamplingState(
             _profile_params(), [0] * num_tokens, [], None, self.vocab_size, self.device
         )
         state = RunnerRequestState(
             "__profile__", [0] * num_tokens, num_tokens, list(range(num_blocks)), 0, sampling
         )
+        slots = None
+        if self.state_spec is not None:
+            state.state_slot, slots = 0, 1
         with torch.inference_mode():
-            inputs = build_step_inputs([state], [num_tokens], spec.block_size, self.device)
+            inputs = build_step_inputs([state], [num_tokens], spec.block_size, self.device, slots)
             hidden = self.model(inputs.input_ids, inputs.positions, caches, inputs.attn_metadata)
             self.model.compute_logits(hidden, inputs.attn_metadata)
         del caches
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """Allocate the cache and the step buffers; on CUDA capture the decode graphs."""
-        self.kv_caches = allocate_kv_caches(self.kv_cache_spec(), num_blocks, self.device)
+        self.kv_caches = self._allocate_caches(
+            self.kv_cache_spec(), num_blocks, self.num_state_slots or 0
+        )
         sched = self.config.scheduler
         buckets = batch_size_buckets(sched.max_num_seqs)
         max_model_len = self._max_model_len(num_blocks)
@@ -268,6 +319,7 @@ class ModelRunner:
             max_model_len,
             self.block_size,
             self.device,
+            self.num_state_slots,
         )
         # a model class may opt out of graphs (the transformers fallback: HF code may sync)
         graphs_ok = getattr(self.model, "supports_cuda_graphs", True)
@@ -398,6 +450,7 @@ class ModelRunner:
                     self.device,
                 ),
                 wants_prompt_logprobs=params.prompt_logprobs is not None,
+                state_slot=new.state_slot,
             )
             if params.structured_outputs is not None:
                 state.grammar = self._grammar_state(params)
