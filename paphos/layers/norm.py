@@ -141,3 +141,47 @@ class HeadwiseLayerNorm(nn.Module):
         heads = x.float().view(x.shape[0], -1, self.head_dim)  # [num_tokens, heads, head_dim]
         normed = F.layer_norm(heads, (self.head_dim,), None, None, self.eps)
         return (normed * self.weight.float()).to(x.dtype).view(x.shape)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm gated by silu(z), in float32, over groups of `group_size` features (a group is a
+    head or a Mamba2 group, so it never spans ranks). `norm_before_gate`: norm(x) * w * silu(z)
+    (Gated DeltaNet); else norm(x * silu(z)) * w (Mamba2). `sharded`: the weight is split over
+    ranks with the features (Mamba2's [intermediate]); else it is one group's, shared."""
+
+    def __init__(
+        self,
+        size: int,
+        group_size: int,
+        eps: float,
+        norm_before_gate: bool,
+        parallel: ParallelInfo = SINGLE_PROCESS,
+        sharded: bool = False,
+    ) -> None:
+        super().__init__()
+        self.group_size, self.eps, self.norm_before_gate = group_size, eps, norm_before_gate
+        self.parallel, self.sharded = parallel, sharded
+        self.weight = nn.Parameter(torch.ones(size))  # [size]: this rank's features, or a group's
+        set_weight_attrs(self.weight, {"weight_loader": self.weight_loader})
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        if self.sharded:
+            size = param.shape[0]
+            loaded = loaded.narrow(0, self.parallel.rank * size, size)
+        copy_checked(param.data, loaded, type(self).__name__)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """x, z: [num_tokens, features] -> the same shape, in x's dtype."""
+        shape, dtype = x.shape, x.dtype
+        xf, gate = x.float(), F.silu(z.float())
+        if not self.norm_before_gate:
+            xf = xf * gate
+        groups = xf.view(*shape[:-1], -1, self.group_size)  # [num_tokens, groups, group_size]
+        normed = F.rms_norm(groups, (self.group_size,), None, self.eps).view(shape)
+        if self.weight.shape[0] == self.group_size:  # one group's weight, shared
+            normed = (normed.view(groups.shape) * self.weight.float()).view(shape)
+        else:
+            normed = normed * self.weight.float()
+        if self.norm_before_gate:
+            normed = normed * gate
+        return normed.to(dtype)

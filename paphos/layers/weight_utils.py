@@ -59,3 +59,21 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> N
     if param.dim() == 0 and loaded_weight.numel() == 1:
         loaded_weight = loaded_weight.reshape(())  # []
     store_slice(param, loaded_weight, None, 0, "default_weight_loader")
+
+
+def load_rank_parts(
+    param: nn.Parameter,
+    loaded: torch.Tensor,
+    part_sizes: list[int],
+    rank: int,
+    world_size: int,
+    what: str,
+) -> None:
+    """Load a parameter made of parts concatenated along dim 0 (a conv over [x | B | C]), each
+    split over ranks: this rank's slice of every part, concatenated. Part sizes are full sizes."""
+    full = narrow_checked(loaded, 0, 0, sum(part_sizes), sum(part_sizes), what)
+    slices = []
+    for part in full.split(part_sizes, dim=0):
+        size = part.shape[0] // world_size
+        slices.append(part.narrow(0, rank * size, size))
+    copy_checked(param.data, torch.cat(slices).reshape(param.shape), what)

@@ -68,6 +68,8 @@ _BUILTIN_MODELS: dict[str, str] = {
     "FalconForCausalLM": "paphos.models.falcon:FalconForCausalLM",
     "PhiForCausalLM": "paphos.models.phi:PhiForCausalLM",
     "Phi3ForCausalLM": "paphos.models.phi:Phi3ForCausalLM",
+    # hybrids: attention beside recurrent-state layers (paphos.models.hybrid)
+    "Mamba2ForCausalLM": "paphos.models.mamba2:Mamba2ForCausalLM",
 }
 
 

@@ -276,7 +276,7 @@ class ModelRunner:
 
     def _allocate_caches(self, spec: KVCacheSpec, num_blocks: int, num_slots: int) -> list:
         """The model's cache list: KV tensors and (hybrid models) state tuples, in layer order."""
-        kv = allocate_kv_caches(spec, num_blocks, self.device)
+        kv = allocate_kv_caches(spec, num_blocks, self.device) if spec.num_layers else []
         if self.state_spec is None:
             return kv
         states = allocate_state_caches(self.state_spec, num_slots, self.device)

@@ -50,7 +50,7 @@ def _state(runner: ModelRunner, rid: str, tokens: list[int], blocks: list[int], 
 
 def _step_logits(runner: ModelRunner, states, counts) -> torch.Tensor:
     """Logits of every scheduled token of one step (not only the sampled ones)."""
-    inputs = build_step_inputs(states, counts, BLOCK_SIZE, runner.device)
+    inputs = build_step_inputs(states, counts, BLOCK_SIZE, runner.device, runner.num_state_slots)
     num_tokens = inputs.input_ids.shape[0]
     indices = torch.arange(num_tokens)  # [num_tokens]
     metadata = dataclasses.replace(inputs.attn_metadata, logits_indices=indices)
@@ -64,6 +64,8 @@ def prefill_then_decode_logits(runner: ModelRunner) -> list[torch.Tensor]:
     runner.initialize_kv_cache(NUM_BLOCKS)
     a, b = PROMPTS[0], PROMPTS[1]
     states = [_state(runner, "a", a, [0], 0), _state(runner, "b", b, [1, 2, 3], 0)]
+    if runner.num_state_slots is not None:  # a hybrid model: each request holds a state slot
+        states[0].state_slot, states[1].state_slot = 1, 0
     first = _step_logits(runner, states, [len(a), len(b)])
     for state, token in zip(states, (17, 33), strict=True):
         state.num_computed_tokens = len(state.token_ids)

@@ -73,12 +73,15 @@ def _state(runner: ModelRunner, rid: str, tokens: list[int], blocks: list[int], 
     sampling = RequestSamplingState(
         SP(temperature=0), tokens, [], None, runner.vocab_size, runner.device
     )
-    return RunnerRequestState(rid, list(tokens), len(tokens), blocks, computed, sampling)
+    state = RunnerRequestState(rid, list(tokens), len(tokens), blocks, computed, sampling)
+    if runner.num_state_slots is not None:  # a hybrid model: a state slot per request, scattered
+        state.state_slot = (7 * (ord(rid[0]) - ord("a")) + 3) % runner.num_state_slots
+    return state
 
 
 def _all_logits(runner: ModelRunner, states, counts) -> torch.Tensor:
     """Logits of every scheduled token (not only the sampled ones)."""
-    inputs = build_step_inputs(states, counts, BLOCK_SIZE, runner.device)
+    inputs = build_step_inputs(states, counts, BLOCK_SIZE, runner.device, runner.num_state_slots)
     num_tokens = inputs.input_ids.shape[0]
     every_token = torch.arange(num_tokens, device=runner.device)  # [num_tokens]
     metadata = dataclasses.replace(inputs.attn_metadata, logits_indices=every_token)

@@ -1,0 +1,125 @@
+"""Hybrid models (recurrent-state layers beside attention) against transformers on tiny random
+checkpoints: paged logits across a chunk boundary inside a prompt, a batch mixing prefill chunks
+and decodes, then decodes through the state slots; greedy `LLM.generate` against HF `generate`;
+preemption (recompute), few state slots and aborts leaving the state pool whole; TP=2 == TP=1.
+Each case: (transformers config class, overrides of zoo_harness.TINY)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from paphos import LLM, SamplingParams
+from paphos.runner.model_runner import ModelRunner
+from tests.engine.test_tensor_parallel import (
+    _run_two_ranks,
+    _runner_config,
+    no_process_left_behind,  # noqa: F401 - autouse: no rank process survives a test
+    prefill_then_decode_logits,
+)
+from tests.models.zoo_harness import (
+    VOCAB,
+    check_greedy,
+    check_paged_logits,
+    make_runner,
+    make_tiny_model,
+)
+
+MAMBA2 = dict(
+    num_heads=8, head_dim=16, expand=2, n_groups=2, state_size=16, conv_kernel=4, chunk_size=8,
+    num_hidden_layers=2,
+)  # fmt: skip
+
+CASES: dict[str, tuple[str, dict]] = {
+    "mamba2": ("Mamba2Config", MAMBA2),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def tiny(request, tmp_path_factory) -> tuple[str, Path, torch.nn.Module]:
+    config_class, overrides = CASES[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, path, make_tiny_model(path, config_class, **overrides)
+
+
+def test_paged_logits_equal_transformers(tiny) -> None:
+    _, path, hf = tiny
+    check_paged_logits(hf, make_runner(path))
+
+
+def test_greedy_equals_transformers_generate(tiny) -> None:
+    _, path, hf = tiny
+    check_greedy(hf, path)
+
+
+def _hf_greedy(hf: torch.nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def _assert_pool_whole(llm: LLM) -> None:
+    scheduler = llm.engine.scheduler
+    scheduler.check_invariants()
+    pool = scheduler.state_pool
+    assert pool is not None and pool.num_free_slots == pool.num_slots
+    stats = llm.engine.get_stats()
+    assert stats.num_free_kv_blocks == stats.num_kv_blocks
+
+
+def test_preemption_chunks_and_few_slots_keep_greedy_tokens(tiny) -> None:
+    """5 blocks of 16 for prompts of up to 40 tokens (preemption), a 16-token budget (chunk
+    boundaries inside prompts, prefill chunks beside decodes), 2 state slots for 4 requests."""
+    _, path, hf = tiny
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (40, 7, 23, 30)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with LLM(
+        model=str(path), dtype="float32", skip_tokenizer_init=True, device="cpu",
+        num_blocks_override=5, max_num_batched_tokens=16, num_state_slots=2,
+    ) as llm:  # fmt: skip
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert llm.engine.scheduler.get_stats().num_preemptions > 0
+        _assert_pool_whole(llm)
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == _hf_greedy(hf, prompt, 12)
+
+
+def test_aborts_return_every_state_slot(tiny) -> None:
+    _, path, _ = tiny
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    with LLM(
+        model=str(path), dtype="float32", skip_tokenizer_init=True, device="cpu",
+        kv_cache_space=0.01, num_state_slots=3, max_num_batched_tokens=16,
+    ) as llm:  # fmt: skip
+        engine = llm.engine
+        for i in range(5):
+            engine.add_request(f"r{i}", {"prompt_token_ids": list(range(3, 13 + i))}, params)
+        for _ in range(3):
+            engine.step()
+        assert engine.scheduler.state_pool.num_free_slots == 0  # 3 running, 2 waiting
+        engine.abort_request(["r0", "r3"])
+        engine.step()
+        engine.abort_request([f"r{i}" for i in range(5)])
+        engine.step()
+        assert not engine.has_unfinished_requests()
+        _assert_pool_whole(llm)
+
+
+def test_two_ranks_give_the_logits_of_one_rank(tiny) -> None:
+    _, path, _ = tiny
+    expected = prefill_then_decode_logits(ModelRunner(_runner_config(path)))
+    by_rank = _run_two_ranks(path)
+    for rank in (0, 1):
+        for got, want in zip(by_rank[rank], expected, strict=True):
+            assert_close(got, want, rtol=1e-4, atol=1e-4)
