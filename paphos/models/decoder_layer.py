@@ -108,6 +108,12 @@ class DecoderAttention(nn.Module):
                 replicas=self.qkv_proj.num_kv_head_replicas,
             )  # fmt: skip
         self.rotary_emb = rotary_emb  # shared by the layers with the same rope (no weights)
+        self.attn_gate = None
+        if spec.output_gate:
+            self.attn_gate = ColumnParallelLinear(
+                spec.hidden_size, spec.num_heads * head_dim, spec.qkv_bias,
+                linear_method=linear_method, parallel=parallel,
+            )  # fmt: skip
         self.position_query_scale = spec.position_query_scale
         self.position_query_offset = spec.position_query_offset
         self.clip_qkv = spec.clip_qkv
@@ -162,7 +168,10 @@ class DecoderAttention(nn.Module):
         extra = {} if self.rotary_emb is None else {"positions": positions}
         if self.sinks is not None:
             extra["sinks"] = self.sinks
-        return self.o_proj(self.attn(q, k, v.contiguous(), kv_cache, attn_metadata, **extra))
+        out = self.attn(q, k, v.contiguous(), kv_cache, attn_metadata, **extra)
+        if self.attn_gate is not None:
+            out = out * torch.sigmoid(self.attn_gate(hidden_states))
+        return self.o_proj(out)
 
 
 class DecoderLayer(nn.Module):
@@ -250,6 +259,7 @@ class DecoderLayer(nn.Module):
             "a residual multiplier": spec.residual_multiplier != 1.0,
             "position-scaled queries": spec.position_query_scale is not None,
             "q/k/v clipping": spec.clip_qkv is not None,
+            "a gated attention output": spec.output_gate,
         }
         found = [name for name, present in features.items() if present]
         if found:

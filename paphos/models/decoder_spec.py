@@ -77,6 +77,9 @@ class LayerSpec:
     position_query_offset: int = 0  # ... of position + offset (Llama 4: 1)
     clip_qkv: float | None = None  # q, k, v clamped to [-c, c] after the q/k norms (OLMoE)
     moe: MoESpec | None = None  # a mixture-of-experts MLP (layers.moe.FusedMoE) instead
+    # attention output * sigmoid(gate) before o_proj, the gate a projection of its own
+    # (`attn_gate`; Qwen3-Next / Qwen3.5 checkpoints carry it inside q_proj)
+    output_gate: bool = False
 
     @property
     def attention_scale(self) -> float:

@@ -70,6 +70,7 @@ _BUILTIN_MODELS: dict[str, str] = {
     "Phi3ForCausalLM": "paphos.models.phi:Phi3ForCausalLM",
     # hybrids: attention beside recurrent-state layers (paphos.models.hybrid)
     "Mamba2ForCausalLM": "paphos.models.mamba2:Mamba2ForCausalLM",
+    "Qwen3_5ForCausalLM": "paphos.models.qwen3_next:Qwen3_5ForCausalLM",
 }
 
 

@@ -33,8 +33,15 @@ MAMBA2 = dict(
     num_hidden_layers=2,
 )  # fmt: skip
 
+QWEN3_5 = dict(
+    head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+    linear_value_head_dim=8, linear_conv_kernel_dim=4, num_hidden_layers=4,
+    layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+)  # fmt: skip
+
 CASES: dict[str, tuple[str, dict]] = {
     "mamba2": ("Mamba2Config", MAMBA2),
+    "qwen3_5": ("Qwen3_5TextConfig", QWEN3_5),
 }
 
 
