@@ -12,6 +12,12 @@ from torch import nn
 from paphos.ops.activation import gelu_and_mul
 from paphos.ops.registry import pick
 
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """relu(x) ** 2 (NemotronH's MLP)."""
+    return F.relu(x).square()
+
+
 # transformers' hidden_act names -> the elementwise function (all but silu: torch's own)
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -20,6 +26,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "relu": F.relu,
+    "relu2": relu_squared,
 }
 _GATED: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": gelu_and_mul,

@@ -71,6 +71,7 @@ _BUILTIN_MODELS: dict[str, str] = {
     # hybrids: attention beside recurrent-state layers (paphos.models.hybrid)
     "Mamba2ForCausalLM": "paphos.models.mamba2:Mamba2ForCausalLM",
     "Qwen3_5ForCausalLM": "paphos.models.qwen3_next:Qwen3_5ForCausalLM",
+    "NemotronHForCausalLM": "paphos.models.nemotron_h:NemotronHForCausalLM",
 }
 
 

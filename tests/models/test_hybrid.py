@@ -39,7 +39,14 @@ QWEN3_5 = dict(
     layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
 )  # fmt: skip
 
+NEMOTRON_H = dict(
+    mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=16, conv_kernel=4,
+    chunk_size=8, head_dim=16, mlp_hidden_act="relu2", use_conv_bias=True,
+    layers_block_type=["linear_attention", "mlp", "full_attention", "linear_attention", "mlp"],
+)  # fmt: skip
+
 CASES: dict[str, tuple[str, dict]] = {
+    "nemotron_h": ("NemotronHConfig", NEMOTRON_H),
     "mamba2": ("Mamba2Config", MAMBA2),
     "qwen3_5": ("Qwen3_5TextConfig", QWEN3_5),
 }
