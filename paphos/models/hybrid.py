@@ -19,6 +19,7 @@ from torch import nn
 from paphos.attention import AttentionMetadata
 from paphos.config import ModelConfig
 from paphos.layers.embedding import VocabParallelEmbedding
+from paphos.layers.moe import map_expert_name
 from paphos.layers.weight_utils import default_weight_loader
 from paphos.models.causal_lm import CausalLMHead
 from paphos.parallel import ParallelInfo
@@ -186,6 +187,9 @@ class HybridForCausalLM(CausalLMHead):
     def map_name(self, name: str) -> tuple[str, Any]:
         for old, new in self.checkpoint_renames.items():
             name = name.replace(old, new)
+        expert = map_expert_name(name)  # a routed expert's tensor: stacked experts, (part, id)
+        if expert is not None:
+            return expert
         for part, (target, shard_id) in self.stacked_params.items():
             if part in name:
                 return name.replace(part, target), shard_id

@@ -1,6 +1,8 @@
-"""Qwen3.5 / Qwen3.6 (dense text model) and Qwen3-Next: Gated DeltaNet layers with, every few
-layers (`layer_types`), a gated attention layer (q/k zero-centred RMSNorm per head, partial
-rotary, output * sigmoid(gate) where q_proj carries the gate); zero-centred RMSNorms throughout.
+"""Qwen3.5 / Qwen3.6 (dense and MoE text models) and Qwen3-Next: Gated DeltaNet layers with,
+every few layers (`layer_types`), a gated attention layer (q/k zero-centred RMSNorm per head,
+partial rotary, output * sigmoid(gate) where q_proj carries the gate); zero-centred RMSNorms
+throughout. The MoE models' MLP: routed experts (top-k of the softmax, renormalised) beside a
+shared expert scaled by a sigmoid gate (layers.moe.FusedMoE).
 
 Their `...ForConditionalGeneration` checkpoints hold the same language model under
 `model.language_model.` (the vision tower is skipped until multimodal serving exists), and the
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from paphos.layers.gated_deltanet import GatedDeltaNet, GatedDeltaNetSpec
+from paphos.layers.moe import FusedMoE, MoESpec
 from paphos.layers.norm import OffsetRMSNorm
 from paphos.layers.rotary import get_rope
 from paphos.models.decoder_layer import DecoderAttention, DecoderMLP
@@ -22,11 +25,14 @@ from paphos.models.decoder_spec import (
     LayerSpec,
     NormSpec,
     RopeSpec,
+    expert_activation_of,
     head_dim_of,
+    num_experts_of,
     partial_rotary_factor,
     rope_settings,
 )
 from paphos.models.hybrid import HybridForCausalLM, HybridLayer
+from paphos.ops.moe import RouterSpec
 from paphos.parallel import ParallelInfo
 from paphos.quant.base import LinearMethod
 
@@ -125,3 +131,42 @@ class Qwen3_5ForCausalLM(HybridForCausalLM):
         flat = (spec.num_heads * spec.head_dim, *tensor.shape[1:])
         gate_name = name.replace(".q_proj.", ".attn_gate.")
         return [(name, q.reshape(flat)), (gate_name, gate.reshape(flat))]
+
+
+def qwen_moe(hf_config: Any, linear_method: LinearMethod | None, parallel: ParallelInfo) -> FusedMoE:
+    renormalize = bool(getattr(hf_config, "norm_topk_prob", True))
+    router = RouterSpec(
+        num_experts_of(hf_config), hf_config.num_experts_per_tok, renormalize=renormalize
+    )
+    spec = MoESpec(
+        router,
+        hf_config.moe_intermediate_size,
+        expert_activation_of(hf_config),
+        shared_intermediate_size=hf_config.shared_expert_intermediate_size,
+        shared_gate=True,
+    )
+    return FusedMoE(hf_config.hidden_size, spec, linear_method, parallel)
+
+
+class Qwen3_5MoeForCausalLM(Qwen3_5ForCausalLM):
+    """Qwen3.5 / Qwen3.6 MoE (35B-A3B, ...): every layer's MLP is the MoE block."""
+
+    def build_mlp(
+        self, hf_config: Any, index: int, linear_method: LinearMethod | None, parallel: ParallelInfo
+    ) -> nn.Module:
+        return qwen_moe(hf_config, linear_method, parallel)
+
+
+class Qwen3NextForCausalLM(Qwen3_5ForCausalLM):
+    """Qwen3-Next: the interleaved DeltaNet projections; MoE on every `decoder_sparse_step`-th
+    layer but those in `mlp_only_layers` (which keep a dense MLP)."""
+
+    deltanet_layout: ClassVar[str] = "qwen3_next"
+
+    def build_mlp(
+        self, hf_config: Any, index: int, linear_method: LinearMethod | None, parallel: ParallelInfo
+    ) -> nn.Module:
+        step, dense = hf_config.decoder_sparse_step, set(hf_config.mlp_only_layers or ())
+        if index in dense or not getattr(hf_config, "num_experts", 0) or (index + 1) % step:
+            return DecoderMLP(self.attention_spec, linear_method, parallel)
+        return qwen_moe(hf_config, linear_method, parallel)

@@ -71,6 +71,8 @@ _BUILTIN_MODELS: dict[str, str] = {
     # hybrids: attention beside recurrent-state layers (paphos.models.hybrid)
     "Mamba2ForCausalLM": "paphos.models.mamba2:Mamba2ForCausalLM",
     "Qwen3_5ForCausalLM": "paphos.models.qwen3_next:Qwen3_5ForCausalLM",
+    "Qwen3_5MoeForCausalLM": "paphos.models.qwen3_next:Qwen3_5MoeForCausalLM",
+    "Qwen3NextForCausalLM": "paphos.models.qwen3_next:Qwen3NextForCausalLM",
     "NemotronHForCausalLM": "paphos.models.nemotron_h:NemotronHForCausalLM",
 }
 

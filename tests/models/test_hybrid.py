@@ -45,7 +45,15 @@ NEMOTRON_H = dict(
     layers_block_type=["linear_attention", "mlp", "full_attention", "linear_attention", "mlp"],
 )  # fmt: skip
 
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+           shared_expert_intermediate_size=40)  # fmt: skip
+
 CASES: dict[str, tuple[str, dict]] = {
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        {**QWEN3_5, **MOE, "decoder_sparse_step": 1, "mlp_only_layers": [2]},
+    ),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", {**QWEN3_5, **MOE}),
     "nemotron_h": ("NemotronHConfig", NEMOTRON_H),
     "mamba2": ("Mamba2Config", MAMBA2),
     "qwen3_5": ("Qwen3_5TextConfig", QWEN3_5),
