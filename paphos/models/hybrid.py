@@ -29,8 +29,9 @@ Mixer = nn.Module  # forward(positions, hidden, cache, attn_metadata) -> hidden
 
 
 class HybridLayer(nn.Module):
-    """x + mixer(norm(x)), then (with an MLP) x + mlp(mlp_norm(x)); `names` are the
-    checkpoint's attribute names of (norm, mixer, mlp_norm, mlp)."""
+    """x + m * mixer(norm(x)), then (with an MLP) x + m * mlp(mlp_norm(x)) (m: the residual
+    multiplier, Granite's); `names` are the checkpoint's attribute names of (norm, mixer,
+    mlp_norm, mlp)."""
 
     def __init__(
         self,
@@ -39,9 +40,10 @@ class HybridLayer(nn.Module):
         mixer: Mixer,
         mlp_norm: nn.Module | None = None,
         mlp: nn.Module | None = None,
+        residual_multiplier: float = 1.0,
     ) -> None:
         super().__init__()
-        self.names = names
+        self.names, self.residual_multiplier = names, residual_multiplier
         for name, module in zip(names, (norm, mixer, mlp_norm, mlp)):
             if name is not None and module is not None:
                 setattr(self, name, module)
@@ -55,12 +57,14 @@ class HybridLayer(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         norm_name, mixer_name, mlp_norm_name, mlp_name = self.names
+        m = self.residual_multiplier
         x = getattr(self, norm_name)(hidden_states)
-        hidden_states = hidden_states + getattr(self, mixer_name)(positions, x, cache, attn_metadata)
+        out = getattr(self, mixer_name)(positions, x, cache, attn_metadata)
+        hidden_states = hidden_states + (out if m == 1.0 else out * m)
         if mlp_name is not None:
             assert mlp_norm_name is not None
-            x = getattr(self, mlp_norm_name)(hidden_states)
-            hidden_states = hidden_states + getattr(self, mlp_name)(x)
+            out = getattr(self, mlp_name)(getattr(self, mlp_norm_name)(hidden_states))
+            hidden_states = hidden_states + (out if m == 1.0 else out * m)
         return hidden_states
 
 
@@ -92,9 +96,11 @@ class HybridModel(nn.Module):
         names: tuple[str, str],
         linear_method: LinearMethod | None,
         parallel: ParallelInfo,
+        embedding_multiplier: float = 1.0,
     ) -> None:
         super().__init__()
-        self.embed_name, self.norm_name = names  # the checkpoint's embedding / final norm names
+        self.embed_name, self.norm_name = names
+        self.embedding_multiplier = embedding_multiplier  # the checkpoint's embedding / final norm names
         embed = VocabParallelEmbedding(
             vocab_size, hidden_size, parallel=parallel, linear_method=linear_method
         )
@@ -114,6 +120,8 @@ class HybridModel(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         hidden_states = self.embedding(input_ids)  # [num_tokens, hidden_size]
+        if self.embedding_multiplier != 1.0:
+            hidden_states = hidden_states * self.embedding_multiplier
         caches: Iterator[Any] = iter(kv_caches)
         for layer in self.layers:
             cache = next(caches) if layer.has_cache else None
@@ -154,10 +162,12 @@ class HybridForCausalLM(CausalLMHead):
         hf = self.text_config(config.hf_config)
         self.hf_config = hf
         layers, final_norm = self.build_layers(hf, linear_method, parallel)
+        multipliers = self.multipliers(hf)
         model = HybridModel(
             hf.vocab_size, hf.hidden_size, layers, final_norm, self.model_names,
-            linear_method, parallel,
+            linear_method, parallel, multipliers[0],
         )  # fmt: skip
+        self.logits_multiplier = multipliers[1]
         setattr(self, self.model_prefix, model)
         tie = bool(getattr(hf, "tie_word_embeddings", False))
         self.init_head(hf.vocab_size, hf.hidden_size, model.embedding, parallel, tie)
@@ -165,6 +175,18 @@ class HybridForCausalLM(CausalLMHead):
     @classmethod
     def text_config(cls, hf_config: Any) -> Any:
         return hf_config
+
+    @classmethod
+    def multipliers(cls, hf_config: Any) -> tuple[float, float]:
+        """(embedding multiplier, logits multiplier); Granite's differ from 1."""
+        return 1.0, 1.0
+
+    def compute_logits(
+        self, hidden_states: torch.Tensor, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        logits = super().compute_logits(hidden_states, attn_metadata)  # [num_logits, vocab]
+        m = self.logits_multiplier
+        return logits if m == 1.0 else logits * m
 
     def build_layers(
         self, hf_config: Any, linear_method: LinearMethod | None, parallel: ParallelInfo

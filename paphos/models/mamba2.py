@@ -24,6 +24,8 @@ def mamba2_spec(hf_config: Any, **names: str) -> Mamba2Spec:
         return getattr(hf_config, names.get(field, field), default)
 
     limit = get("time_step_limit", (0.0, float("inf")))
+    if None in (get("num_heads"), get("head_dim"), get("n_groups"), get("state_size")):
+        raise ValueError(f"{type(hf_config).__name__} lacks the Mamba2 sizes paphos reads")
     return Mamba2Spec(
         hidden_size=hf_config.hidden_size,
         num_heads=get("num_heads"),
@@ -32,7 +34,7 @@ def mamba2_spec(hf_config: Any, **names: str) -> Mamba2Spec:
         state_size=get("state_size"),
         conv_kernel=get("conv_kernel"),
         chunk_size=get("chunk_size"),
-        eps=get("layer_norm_epsilon"),
+        eps=getattr(hf_config, names.get("eps", "layer_norm_epsilon")),
         use_conv_bias=bool(get("use_conv_bias", True)),
         use_bias=bool(get("use_bias", False)),
         dt_limit=(float(limit[0]), float(limit[1])),

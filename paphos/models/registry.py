@@ -74,6 +74,7 @@ _BUILTIN_MODELS: dict[str, str] = {
     "Qwen3_5MoeForCausalLM": "paphos.models.qwen3_next:Qwen3_5MoeForCausalLM",
     "Qwen3NextForCausalLM": "paphos.models.qwen3_next:Qwen3NextForCausalLM",
     "NemotronHForCausalLM": "paphos.models.nemotron_h:NemotronHForCausalLM",
+    "GraniteMoeHybridForCausalLM": "paphos.models.granite_moe_hybrid:GraniteMoeHybridForCausalLM",
 }
 
 

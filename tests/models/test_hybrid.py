@@ -48,7 +48,16 @@ NEMOTRON_H = dict(
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
            shared_expert_intermediate_size=40)  # fmt: skip
 
+GRANITE = dict(
+    layer_types=["mamba", "attention", "mamba"], num_hidden_layers=3, mamba_n_heads=8,
+    mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=8,
+    position_embedding_type="rope", num_local_experts=4, num_experts_per_tok=2,
+    shared_intermediate_size=40, intermediate_size=24, embedding_multiplier=1.5,
+    residual_multiplier=0.7, attention_multiplier=0.2, logits_scaling=2.0,
+)  # fmt: skip
+
 CASES: dict[str, tuple[str, dict]] = {
+    "granite_moe_hybrid": ("GraniteMoeHybridConfig", GRANITE),
     "qwen3_next": (
         "Qwen3NextConfig",
         {**QWEN3_5, **MOE, "decoder_sparse_step": 1, "mlp_only_layers": [2]},
