@@ -97,9 +97,16 @@ class ModelConfig:
         return archs[0]
 
     @property
+    def text_config(self) -> Any:
+        """The language model's config: `text_config` of a multimodal checkpoint (Qwen3.5's
+        ...ForConditionalGeneration), else `hf_config` itself."""
+        get_text_config = getattr(self.hf_config, "get_text_config", None)
+        return get_text_config() if callable(get_text_config) else self.hf_config
+
+    @property
     def model_max_len(self) -> int:
         """The longest sequence the model itself supports (before the KV cache caps it)."""
-        cfg = self.hf_config
+        cfg = self.text_config
         for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
             value = getattr(cfg, name, None)
             if isinstance(value, int) and value > 0:

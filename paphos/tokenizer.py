@@ -81,7 +81,7 @@ def eos_token_ids(
     """EOS ids: generation_config.json (int or list), else the model config, else the tokenizer."""
     for value in (
         _generation_config_eos(model_config.model),
-        getattr(model_config.hf_config, "eos_token_id", None),
+        getattr(model_config.text_config, "eos_token_id", None),
         getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None,
     ):
         ids = _as_id_list(value)

@@ -64,7 +64,7 @@ class Engine:
         eos_ids = eos_token_ids(config.model, self.tokenizer)
         self.eos_token_id = eos_ids[0] if eos_ids else None
         self.extra_stop_token_ids = eos_ids[1:]
-        self.vocab_size = config.model.hf_config.vocab_size
+        self.vocab_size = config.model.text_config.vocab_size
         self.executor = make_executor(config)
         self.num_kv_blocks = self.executor.determine_num_blocks()
         self.max_model_len = self._effective_max_model_len(self.num_kv_blocks)

@@ -72,6 +72,9 @@ _BUILTIN_MODELS: dict[str, str] = {
     "Mamba2ForCausalLM": "paphos.models.mamba2:Mamba2ForCausalLM",
     "Qwen3_5ForCausalLM": "paphos.models.qwen3_next:Qwen3_5ForCausalLM",
     "Qwen3_5MoeForCausalLM": "paphos.models.qwen3_next:Qwen3_5MoeForCausalLM",
+    # their multimodal checkpoints: the language model only
+    "Qwen3_5ForConditionalGeneration": "paphos.models.qwen3_next:Qwen3_5ForCausalLM",
+    "Qwen3_5MoeForConditionalGeneration": "paphos.models.qwen3_next:Qwen3_5MoeForCausalLM",
     "Qwen3NextForCausalLM": "paphos.models.qwen3_next:Qwen3NextForCausalLM",
     "NemotronHForCausalLM": "paphos.models.nemotron_h:NemotronHForCausalLM",
     "GraniteMoeHybridForCausalLM": "paphos.models.granite_moe_hybrid:GraniteMoeHybridForCausalLM",

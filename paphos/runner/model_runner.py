@@ -174,7 +174,7 @@ class ModelRunner:
             logger.info("%s; %d threads %s", describe_cpu_kernels(), len(plan.cores), pinned)
         self.block_size = config.cache.block_size
         self.model = self._load_model(model_cls)
-        self.vocab_size = config.model.hf_config.vocab_size
+        self.vocab_size = config.model.text_config.vocab_size
         # Hybrid models: the state layers' shapes and the pool's size (None: no state layers).
         self.state_spec = state_cache_spec(self.model)
         self.num_state_slots = None if self.state_spec is None else num_state_slots(config)
@@ -491,7 +491,7 @@ class ModelRunner:
         return GrammarState(compiled, spec.reasoning_end_token_id)
 
     def _eos_token_id(self) -> int | None:
-        eos = getattr(self.config.model.hf_config, "eos_token_id", None)
+        eos = getattr(self.config.model.text_config, "eos_token_id", None)
         return eos[0] if isinstance(eos, list) and eos else eos
 
     def shutdown(self) -> None:

@@ -21,6 +21,7 @@ from tests.engine.test_tensor_parallel import (
     prefill_then_decode_logits,
 )
 from tests.models.zoo_harness import (
+    TINY,
     VOCAB,
     check_greedy,
     check_paged_logits,
@@ -154,3 +155,23 @@ def test_two_ranks_give_the_logits_of_one_rank(tiny) -> None:
     for rank in (0, 1):
         for got, want in zip(by_rank[rank], expected, strict=True):
             assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_qwen3_5_conditional_generation_checkpoint_serves_its_language_model(tmp_path) -> None:
+    """A Qwen3.5 ...ForConditionalGeneration checkpoint (vision tower and all): the language
+    model loads from model.language_model.*, the tower is skipped, logits equal HF's on text."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64,
+                  patch_size=4, temporal_patch_size=1, spatial_merge_size=1)  # fmt: skip
+    config = Qwen3_5Config(text_config={**TINY, **QWEN3_5}, vision_config=vision)
+    torch.manual_seed(0)
+    hf = Qwen3_5ForConditionalGeneration(config).float().eval()
+    with torch.no_grad():  # zero-initialised norms would hide a missing load or +1
+        for name, param in hf.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    hf.save_pretrained(tmp_path)
+    runner = make_runner(tmp_path)
+    assert type(runner.model).__name__ == "Qwen3_5ForCausalLM"
+    check_paged_logits(hf, runner)
