@@ -16,6 +16,9 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
     except ImportError:
         return {}
     from paphos.kernels.activation import silu_and_mul
+    from paphos.kernels.causal_conv1d import causal_conv1d
+    from paphos.kernels.gated_delta_rule import gated_delta_rule
+    from paphos.kernels.ssd_update import ssd
     from paphos.kernels.fused_moe import fused_experts
     from paphos.kernels.gemv import gemv, gemv_silu_and_mul
     from paphos.kernels.kv_cache import write_kv_cache
@@ -33,6 +36,10 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
         "write_kv_cache": write_kv_cache,
         "paged_attention": paged_attention,
         "fused_experts": fused_experts,
+        # hybrid models' state ops: the decode step on the GPU, prompt chunks by the reference
+        "causal_conv1d": causal_conv1d,
+        "ssd": ssd,
+        "gated_delta_rule": gated_delta_rule,
         "gemv": gemv,  # one-row linear layers (ops.dense); not a registry op
         "skinny_gemm": skinny_gemm,  # 2-64-row linear layers (ops.dense); not a registry op
         # the same with the SiLU-and-mul after a [gate | up] product (ops.dense)

@@ -27,9 +27,8 @@ from paphos.layers.linear import (
 )
 from paphos.layers.norm import GatedRMSNorm
 from paphos.layers.weight_utils import load_rank_parts
-from paphos.ops.causal_conv1d import causal_conv1d
-from paphos.ops.gated_delta_rule import gated_delta_rule
 from paphos.parallel import ParallelInfo, divide
+from paphos.ops.registry import pick
 from paphos.quant import set_weight_attrs
 from paphos.quant.base import LinearMethod
 
@@ -88,6 +87,9 @@ class GatedDeltaNet(nn.Module):
             setattr(self, name, param)
         self.norm = GatedRMSNorm(spec.head_v_dim, spec.head_v_dim, spec.eps, True, parallel)
         self.out_proj = RowParallelLinear(full_value, hidden, False, **common)
+        device_type = self.conv_weight.device.type  # the kernels are picked once, here
+        self._causal_conv1d = pick("causal_conv1d", device_type)
+        self._gated_delta_rule = pick("gated_delta_rule", device_type)
 
     def _load_conv(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         loaded = loaded.reshape(loaded.shape[0], -1)  # checkpoint [conv_dim, 1, K]
@@ -129,14 +131,14 @@ class GatedDeltaNet(nn.Module):
         assert md.state_indices is not None, "a Gated DeltaNet layer needs state_indices"
         has_initial = md.has_initial_state()  # [num_seqs]
         qkv, z, b, a = self._project(hidden_states)
-        qkv = causal_conv1d(
+        qkv = self._causal_conv1d(
             qkv, self.conv_weight, None, conv_states, md.query_start_loc, md.state_indices,
             has_initial, md.max_query_len, "silu",
         )  # fmt: skip
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         num_tokens = q.shape[0]
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # [T, Hv]
-        out = gated_delta_rule(
+        out = self._gated_delta_rule(
             q.reshape(num_tokens, self.num_k_heads, spec.head_k_dim),
             k.reshape(num_tokens, self.num_k_heads, spec.head_k_dim),
             v.reshape(num_tokens, self.num_v_heads, spec.head_v_dim),

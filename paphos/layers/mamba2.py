@@ -18,9 +18,8 @@ from paphos.attention import AttentionMetadata
 from paphos.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from paphos.layers.norm import GatedRMSNorm
 from paphos.layers.weight_utils import load_rank_parts
-from paphos.ops.causal_conv1d import causal_conv1d
-from paphos.ops.ssd import ssd
 from paphos.parallel import ParallelInfo, divide
+from paphos.ops.registry import pick
 from paphos.quant import set_weight_attrs
 from paphos.quant.base import LinearMethod
 
@@ -77,6 +76,8 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.inner, group_size, spec.eps, False, parallel, sharded=True)
         self.out_proj = RowParallelLinear(inter, spec.hidden_size, spec.use_bias, **common)
         self._rank, self._ws = rank, ws
+        device_type = self.conv_weight.device.type  # the kernels are picked once, here
+        self._causal_conv1d, self._ssd = pick("causal_conv1d", device_type), pick("ssd", device_type)
 
     def _load_conv(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         # checkpoint conv1d.weight is [conv_dim, 1, K]; its bias [conv_dim]
@@ -107,13 +108,13 @@ class Mamba2Mixer(nn.Module):
         has_initial = md.has_initial_state()  # [num_seqs]
         projected = self.in_proj(hidden_states)  # [num_tokens, local in_proj size]
         z, xbc, dt = projected.split([self.inner, self.conv_dim, self.num_heads], dim=-1)
-        xbc = causal_conv1d(
+        xbc = self._causal_conv1d(
             xbc, self.conv_weight, self.conv_bias, conv_states, md.query_start_loc,
             md.state_indices, has_initial, md.max_query_len, "silu",
         )  # fmt: skip
         x, B, C = xbc.split([self.inner, self.group_dim, self.group_dim], dim=-1)
         num_tokens, spec = x.shape[0], self.spec
-        y = ssd(
+        y = self._ssd(
             x.reshape(num_tokens, self.num_heads, spec.head_dim),
             dt,
             -torch.exp(self.A_log.float()),

@@ -14,7 +14,17 @@ from paphos.kernels.cpu import activation as cpu_activation
 from paphos.kernels.cpu import attention as cpu_attention
 from paphos.kernels.cpu import isa
 from paphos.kernels.cpu import norm_rope as cpu_norm_rope
-from paphos.ops import activation, kv_cache, moe, paged_attention, rms_norm, rotary
+from paphos.ops import (
+    activation,
+    causal_conv1d,
+    gated_delta_rule,
+    kv_cache,
+    moe,
+    paged_attention,
+    rms_norm,
+    rotary,
+    ssd,
+)
 
 REFERENCES: dict[str, Callable[..., Any]] = {
     "rms_norm": rms_norm.rms_norm,
@@ -25,6 +35,10 @@ REFERENCES: dict[str, Callable[..., Any]] = {
     "write_kv_cache": kv_cache.write_kv_cache,
     "paged_attention": paged_attention.paged_attention,
     "fused_experts": moe.fused_experts,
+    # hybrid models' state ops over flat batches with state slots
+    "causal_conv1d": causal_conv1d.causal_conv1d,
+    "ssd": ssd.ssd,
+    "gated_delta_rule": gated_delta_rule.gated_delta_rule,
 }
 
 
