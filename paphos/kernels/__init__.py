@@ -17,15 +17,15 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
         return {}
     from paphos.kernels.activation import silu_and_mul
     from paphos.kernels.causal_conv1d import causal_conv1d
-    from paphos.kernels.gated_delta_rule import gated_delta_rule
-    from paphos.kernels.ssd_update import ssd
     from paphos.kernels.fused_moe import fused_experts
+    from paphos.kernels.gated_delta_rule import gated_delta_rule
     from paphos.kernels.gemv import gemv, gemv_silu_and_mul
     from paphos.kernels.kv_cache import write_kv_cache
     from paphos.kernels.paged_attention import paged_attention
     from paphos.kernels.rms_norm import fused_add_rms_norm, rms_norm
     from paphos.kernels.rotary import rotary_and_write_kv, rotary_embedding
     from paphos.kernels.skinny_gemm import skinny_gemm, skinny_gemm_silu_and_mul
+    from paphos.kernels.ssd_update import ssd
 
     return {
         "rms_norm": rms_norm,

@@ -34,7 +34,9 @@ def _conv1d_update_kernel(
         acc += column * tl.load(weight_ptr + chans * WIDTH + k, mask=mask, other=0.0).to(tl.float32)
         if k > 0:  # shift: column k moves to k - 1 (columns before k are read already)
             tl.store(window + (k - 1), column.to(states_ptr.dtype.element_ty), mask=mask)
-    acc += x * tl.load(weight_ptr + chans * WIDTH + (WIDTH - 1), mask=mask, other=0.0).to(tl.float32)
+    acc += x * tl.load(weight_ptr + chans * WIDTH + (WIDTH - 1), mask=mask, other=0.0).to(
+        tl.float32
+    )
     tl.store(window + (WIDTH - 2), x.to(states_ptr.dtype.element_ty), mask=mask)
     if SILU:
         acc = acc * tl.sigmoid(acc)

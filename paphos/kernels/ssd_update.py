@@ -35,8 +35,12 @@ def _ssd_update_kernel(
     dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
     decay = tl.exp(dt * tl.load(a_ptr + head).to(tl.float32))
     group = head // HEADS_PER_GROUP
-    b = tl.load(b_ptr + seq * stride_b_seq + group * stride_b_group + cols, mask=col_mask, other=0.0)
-    c = tl.load(c_ptr + seq * stride_b_seq + group * stride_b_group + cols, mask=col_mask, other=0.0)
+    b = tl.load(
+        b_ptr + seq * stride_b_seq + group * stride_b_group + cols, mask=col_mask, other=0.0
+    )
+    c = tl.load(
+        c_ptr + seq * stride_b_seq + group * stride_b_group + cols, mask=col_mask, other=0.0
+    )
     x = tl.load(x_ptr + seq * stride_x_seq + head * stride_x_head + rows, mask=row_mask, other=0.0)
     x = x.to(tl.float32)
     state_ptrs = states_ptr + slot * stride_slot + head * stride_state_head

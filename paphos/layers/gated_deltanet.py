@@ -27,8 +27,8 @@ from paphos.layers.linear import (
 )
 from paphos.layers.norm import GatedRMSNorm
 from paphos.layers.weight_utils import load_rank_parts
-from paphos.parallel import ParallelInfo, divide
 from paphos.ops.registry import pick
+from paphos.parallel import ParallelInfo, divide
 from paphos.quant import set_weight_attrs
 from paphos.quant.base import LinearMethod
 
@@ -62,7 +62,10 @@ class GatedDeltaNet(nn.Module):
         self.num_v_heads = self.num_k_heads * (spec.num_v_heads // spec.num_k_heads)
         self.key_dim = self.num_k_heads * spec.head_k_dim  # this rank's
         self.value_dim = self.num_v_heads * spec.head_v_dim
-        full_key, full_value = spec.num_k_heads * spec.head_k_dim, spec.num_v_heads * spec.head_v_dim
+        full_key, full_value = (
+            spec.num_k_heads * spec.head_k_dim,
+            spec.num_v_heads * spec.head_v_dim,
+        )
         common = dict(linear_method=linear_method, parallel=parallel)
         hidden = spec.hidden_size
         if spec.layout == "qwen3_5":

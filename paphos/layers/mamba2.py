@@ -18,8 +18,8 @@ from paphos.attention import AttentionMetadata
 from paphos.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from paphos.layers.norm import GatedRMSNorm
 from paphos.layers.weight_utils import load_rank_parts
-from paphos.parallel import ParallelInfo, divide
 from paphos.ops.registry import pick
+from paphos.parallel import ParallelInfo, divide
 from paphos.quant import set_weight_attrs
 from paphos.quant.base import LinearMethod
 
@@ -77,7 +77,10 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = RowParallelLinear(inter, spec.hidden_size, spec.use_bias, **common)
         self._rank, self._ws = rank, ws
         device_type = self.conv_weight.device.type  # the kernels are picked once, here
-        self._causal_conv1d, self._ssd = pick("causal_conv1d", device_type), pick("ssd", device_type)
+        self._causal_conv1d, self._ssd = (
+            pick("causal_conv1d", device_type),
+            pick("ssd", device_type),
+        )
 
     def _load_conv(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         # checkpoint conv1d.weight is [conv_dim, 1, K]; its bias [conv_dim]

@@ -33,7 +33,11 @@ class GraniteHybridMLP(nn.Module):
     """Routed experts (if any) plus the shared MLP, both over every token."""
 
     def __init__(
-        self, hf_config: Any, spec: LayerSpec, linear_method: LinearMethod | None, parallel: ParallelInfo
+        self,
+        hf_config: Any,
+        spec: LayerSpec,
+        linear_method: LinearMethod | None,
+        parallel: ParallelInfo,
     ) -> None:
         super().__init__()
         self.block_sparse_moe = None
@@ -43,7 +47,9 @@ class GraniteHybridMLP(nn.Module):
             )
             moe = MoESpec(router, hf_config.intermediate_size, expert_activation_of(hf_config))
             self.block_sparse_moe = FusedMoE(hf_config.hidden_size, moe, linear_method, parallel)
-        shared = LayerSpec(**{**spec.__dict__, "intermediate_size": hf_config.shared_intermediate_size})
+        shared = LayerSpec(
+            **{**spec.__dict__, "intermediate_size": hf_config.shared_intermediate_size}
+        )
         self.shared_mlp = DecoderMLP(shared, linear_method, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +67,10 @@ class GraniteMoeHybridForCausalLM(HybridForCausalLM):
     }
     stacked_params: ClassVar[dict[str, tuple[str, Any]]] = {
         **HybridForCausalLM.stacked_params,
-        ".block_sparse_moe.input_linear.weight": (".block_sparse_moe.w13_weight", ("gate_up", None)),
+        ".block_sparse_moe.input_linear.weight": (
+            ".block_sparse_moe.w13_weight",
+            ("gate_up", None),
+        ),
         ".block_sparse_moe.output_linear.weight": (".block_sparse_moe.w2_weight", ("down", None)),
     }
 

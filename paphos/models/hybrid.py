@@ -100,7 +100,9 @@ class HybridModel(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_name, self.norm_name = names
-        self.embedding_multiplier = embedding_multiplier  # the checkpoint's embedding / final norm names
+        self.embedding_multiplier = (
+            embedding_multiplier  # the checkpoint's embedding / final norm names
+        )
         embed = VocabParallelEmbedding(
             vocab_size, hidden_size, parallel=parallel, linear_method=linear_method
         )

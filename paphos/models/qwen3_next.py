@@ -109,10 +109,14 @@ class Qwen3_5ForCausalLM(HybridForCausalLM):
             elif kind == "full_attention":
                 names, mixer = LAYER_NAMES, DecoderAttention(spec, rotary, linear_method, parallel)
             else:
-                raise ValueError(f"layer_types[{index}]={kind!r} is invalid for {type(self).__name__}")
+                raise ValueError(
+                    f"layer_types[{index}]={kind!r} is invalid for {type(self).__name__}"
+                )
             mlp = self.build_mlp(hf_config, index, linear_method, parallel)
             layers.append(
-                HybridLayer(names, OffsetRMSNorm(hidden, eps), mixer, OffsetRMSNorm(hidden, eps), mlp)
+                HybridLayer(
+                    names, OffsetRMSNorm(hidden, eps), mixer, OffsetRMSNorm(hidden, eps), mlp
+                )
             )
         return layers, OffsetRMSNorm(hidden, eps)
 
@@ -133,7 +137,9 @@ class Qwen3_5ForCausalLM(HybridForCausalLM):
         return [(name, q.reshape(flat)), (gate_name, gate.reshape(flat))]
 
 
-def qwen_moe(hf_config: Any, linear_method: LinearMethod | None, parallel: ParallelInfo) -> FusedMoE:
+def qwen_moe(
+    hf_config: Any, linear_method: LinearMethod | None, parallel: ParallelInfo
+) -> FusedMoE:
     renormalize = bool(getattr(hf_config, "norm_topk_prob", True))
     router = RouterSpec(
         num_experts_of(hf_config), hf_config.num_experts_per_tok, renormalize=renormalize

@@ -70,6 +70,30 @@ FAMILY_NOTES: dict[str, tuple[str, str]] = {
         "fused qkv/gate_up, LongRoPE, partial rotary, sliding window",
     ),
 }
+FAMILY_NOTES.update(
+    {  # hybrids: recurrent-state layers beside attention (models/hybrid.py)
+        "Mamba2ForCausalLM": ("Mamba-2, Codestral Mamba", "state cache only (no attention)"),
+        "Qwen3_5ForCausalLM": (
+            "Qwen3.5 / Qwen3.6 dense (27B)",
+            "Gated DeltaNet 3:1 gated attention; `...ForConditionalGeneration` checkpoints: text",
+        ),
+        "Qwen3_5MoeForCausalLM": (
+            "Qwen3.5 / Qwen3.6 MoE (35B-A3B)",
+            "Qwen3.5 with a shared-expert MoE",
+        ),
+        "Qwen3_5ForConditionalGeneration": ("Qwen3.5 / Qwen3.6 checkpoints", "the language model"),
+        "Qwen3_5MoeForConditionalGeneration": (
+            "Qwen3.5 / Qwen3.6 MoE checkpoints",
+            "the language model",
+        ),
+        "Qwen3NextForCausalLM": ("Qwen3-Next 80B-A3B", "Gated DeltaNet, gated attention, MoE"),
+        "NemotronHForCausalLM": (
+            "Nemotron-H, Nemotron Nano 2",
+            "Mamba2 / attention / relu2 MLP blocks",
+        ),
+        "GraniteMoeHybridForCausalLM": ("Granite 4", "Mamba2 + attention, MoE + shared MLP"),
+    }
+)
 FALLBACK_ROW = (
     "any other decoder `*ForCausalLM` transformers builds",
     "tested: Helium, BioGpt, CodeGen, OLMo, Seed-OSS, ERNIE 4.5, Mixtral, Qwen2-MoE",

@@ -81,7 +81,9 @@ def causal_conv1d(
         )
     out = torch.empty_like(x)  # [num_tokens, dim]
     bounds = query_start_loc.tolist()
-    for b, slot, initial in zip(range(len(bounds) - 1), state_indices.tolist(), has_initial.tolist()):
+    for b, slot, initial in zip(
+        range(len(bounds) - 1), state_indices.tolist(), has_initial.tolist()
+    ):
         start, end = bounds[b], bounds[b + 1]
         window = conv_states[slot] if initial else None
         out[start:end], new_window = causal_conv1d_chunk(

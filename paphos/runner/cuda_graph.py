@@ -112,13 +112,16 @@ class DecodeGraphs:
 
     def _dummy_decode(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """The buffers' decode views of batch size bs, holding harmless rows: token 0 at position
-        0, slot -1 (nothing written), seq_len 1 over block 0."""
+        0, slot -1 (nothing written), seq_len 1 over block 0, the scratch state slot (hybrid
+        models: the warm-up writes no request's state)."""
         input_ids, positions, metadata = self.buffers.decode_views(bs, self.max_seq_len)
         input_ids.zero_()
         positions.zero_()
         metadata.slot_mapping.fill_(-1)
         metadata.seq_lens.fill_(1)
         metadata.block_tables.zero_()
+        if metadata.state_indices is not None:
+            metadata.state_indices.fill_(self.buffers.num_state_slots or 0)
         device = input_ids.device
         metadata.query_start_loc.copy_(torch.arange(bs + 1, device=device))  # [bs + 1]
         metadata.logits_indices.copy_(torch.arange(bs, device=device))  # [bs]

@@ -37,7 +37,7 @@ def is_state_layer(module: nn.Module) -> bool:
 
 
 def cache_layout(model: nn.Module) -> list[str]:
-    """"kv" or "state" for each cache-owning layer of the model, in module order."""
+    """ "kv" or "state" for each cache-owning layer of the model, in module order."""
     layout = []
     for module in model.modules():
         if type(module).__name__ == "Attention":
@@ -68,7 +68,9 @@ def allocate_state_caches(
 ) -> list[tuple[torch.Tensor, ...]]:
     """Zeroed [num_slots + 1, *shape] tensors for each state layer (the extra slot: padding)."""
     return [
-        tuple(torch.zeros((num_slots + 1, *shape), dtype=dtype, device=device) for shape, dtype in s)
+        tuple(
+            torch.zeros((num_slots + 1, *shape), dtype=dtype, device=device) for shape, dtype in s
+        )
         for s in spec.layers
     ]
 

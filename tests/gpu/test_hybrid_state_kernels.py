@@ -30,7 +30,9 @@ def _tol(dtype: torch.dtype) -> float:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,dim,width,bias", [(1, 64, 4, True), (5, 300, 4, False), (7, 1024, 3, True)])
+@pytest.mark.parametrize(
+    "n,dim,width,bias", [(1, 64, 4, True), (5, 300, 4, False), (7, 1024, 3, True)]
+)
 def test_causal_conv1d_update_matches_reference(device, dtype, n, dim, width, bias):
     from paphos.kernels.causal_conv1d import causal_conv1d_update
 
@@ -47,7 +49,9 @@ def test_causal_conv1d_update_matches_reference(device, dtype, n, dim, width, bi
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,heads,head_dim,groups,state", [(1, 4, 16, 1, 16), (6, 8, 64, 2, 128), (3, 24, 48, 8, 64)])
+@pytest.mark.parametrize(
+    "n,heads,head_dim,groups,state", [(1, 4, 16, 1, 16), (6, 8, 64, 2, 128), (3, 24, 48, 8, 64)]
+)
 def test_ssd_update_matches_reference(device, dtype, n, heads, head_dim, groups, state):
     from paphos.kernels.ssd_update import ssd
 
@@ -69,7 +73,9 @@ def test_ssd_update_matches_reference(device, dtype, n, heads, head_dim, groups,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,hk,hv,dk,dv", [(1, 1, 1, 16, 16), (5, 2, 4, 128, 128), (4, 4, 8, 64, 96)])
+@pytest.mark.parametrize(
+    "n,hk,hv,dk,dv", [(1, 1, 1, 16, 16), (5, 2, 4, 128, 128), (4, 4, 8, 64, 96)]
+)
 def test_gated_delta_rule_update_matches_reference(device, dtype, n, hk, hv, dk, dv):
     from paphos.kernels.gated_delta_rule import gated_delta_rule
 
@@ -100,7 +106,11 @@ def test_decode_steps_replay_in_a_cuda_graph(device):
     weight = torch.randn(dim, 4, device=device)
     conv = torch.zeros(NUM_SLOTS, dim, 3, device=device)
     q, k = torch.randn(n, hk, dk, device=device), torch.randn(n, hk, dk, device=device)
-    v, g, beta = torch.randn(n, hv, dv, device=device), -torch.rand(n, hv, device=device), torch.rand(n, hv, device=device)
+    v, g, beta = (
+        torch.randn(n, hv, dv, device=device),
+        -torch.rand(n, hv, device=device),
+        torch.rand(n, hv, device=device),
+    )
     rec = torch.zeros(NUM_SLOTS, hv, dk, dv, device=device)
     indices, has_initial = _slots(n, device)
 
@@ -124,7 +134,18 @@ def test_decode_steps_replay_in_a_cuda_graph(device):
         eager_conv, eager_rec = conv.clone(), rec.clone()
         want = (
             ref_conv_update(x, weight, None, eager_conv, indices, has_initial, "silu"),
-            ref_gdn(q, k, v, g, beta, eager_rec, torch.arange(n + 1, device=device), indices, has_initial, 1),
+            ref_gdn(
+                q,
+                k,
+                v,
+                g,
+                beta,
+                eager_rec,
+                torch.arange(n + 1, device=device),
+                indices,
+                has_initial,
+                1,
+            ),
         )
         graph.replay()
         torch.cuda.synchronize()

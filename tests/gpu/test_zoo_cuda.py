@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.models.test_hybrid import CASES as HYBRID_CASES
 from tests.models.test_zoo import CASES
 from tests.models.test_zoo_moe import CASES as MOE_CASES
 from tests.models.test_zoo_moe import make_tiny_moe
@@ -50,4 +51,16 @@ def test_moe_family_on_cuda_matches_transformers(tmp_path, name):
     config_class, overrides = MOE_CASES[name]
     hf = make_tiny_moe(tmp_path, config_class, **overrides)
     check_paged_logits(hf, make_runner_for(str(tmp_path), "cuda"), atol=CUDA_LOGPROB_ATOL)
+    check_greedy(hf, tmp_path, device="cuda")
+
+
+@pytest.mark.parametrize("name", sorted(HYBRID_CASES))
+def test_hybrid_family_on_cuda_matches_transformers(tmp_path, name):
+    """Hybrids: Triton state decode steps inside the captured decode graphs, prompt chunks by
+    the torch reference."""
+    config_class, overrides = HYBRID_CASES[name]
+    hf = make_tiny_model(tmp_path, config_class, **overrides)
+    runner = make_runner_for(str(tmp_path), "cuda")
+    assert runner.graphs is not None, "decode steps should replay CUDA graphs"
+    check_paged_logits(hf, runner, atol=CUDA_LOGPROB_ATOL)
     check_greedy(hf, tmp_path, device="cuda")

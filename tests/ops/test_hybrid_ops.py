@@ -82,7 +82,12 @@ def test_ssd_matches_transformers_chunk_scan(groups: int) -> None:
 
     def split(t):
         x, dt, B, C = t.split([heads * head_dim, heads, groups * n, groups * n], dim=-1)
-        return x.reshape(-1, heads, head_dim), dt, B.reshape(-1, groups, n), C.reshape(-1, groups, n)
+        return (
+            x.reshape(-1, heads, head_dim),
+            dt,
+            B.reshape(-1, groups, n),
+            C.reshape(-1, groups, n),
+        )
 
     def run(t, md):
         x, dt, B, C = split(t)
