@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from paphos.attention.cache_spec import LayerCacheSpec
 from paphos.attention.metadata import AttentionMetadata
 from paphos.ops.registry import pick, pick_fast, pick_paged_attention
 
@@ -89,6 +90,9 @@ class Attention(nn.Module):
             self._limits["soft_cap"] = logits_soft_cap
         if chunk_size is not None:
             self._limits["chunk_size"] = chunk_size
+
+    def cache_spec(self) -> LayerCacheSpec:
+        return LayerCacheSpec("kv", self.num_kv_heads, self.head_size)
 
     def forward(
         self,

@@ -65,7 +65,7 @@ class DecoderModel(nn.Module):
             if layer.rope is not None:
                 rope = next((emb for key, emb in ropes if key == layer.rope), None)
                 if rope is None:
-                    rope = _rope(layer.rope, layer.head_dim, spec.max_position)
+                    rope = _rope(layer.rope, layer.rope_head_size, spec.max_position)
                     ropes.append((layer.rope, rope))
             layers.append(DecoderLayer(layer, rope, linear_method, parallel))
         self.layers = nn.ModuleList(layers)
@@ -90,7 +90,8 @@ class DecoderModel(nn.Module):
     ) -> torch.Tensor:
         hidden_states = self.embed(input_ids)  # [num_tokens, hidden_size]
         fused = None
-        anchor = getattr(self.layers[0].self_attn.qkv_proj, "weight", None)  # None: GPTQ/AWQ
+        qkv_proj = getattr(self.layers[0].self_attn, "qkv_proj", None)  # None: MLA
+        anchor = getattr(qkv_proj, "weight", None)  # None: GPTQ/AWQ, MLA
         if input_ids.is_cpu and anchor is not None:
             fused = self.fused.get(lambda: cpu_decode.layer_weights(self.layers), anchor)
         residual: torch.Tensor | None

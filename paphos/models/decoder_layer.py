@@ -30,6 +30,7 @@ from paphos.layers.norm import (
 )
 from paphos.layers.rotary import RotaryEmbedding
 from paphos.layers.weight_utils import copy_checked, narrow_checked
+from paphos.models.decoder_mla import LatentDecoderAttention
 from paphos.models.decoder_spec import LayerSpec, NormSpec
 from paphos.parallel import ParallelInfo
 from paphos.quant import set_weight_attrs
@@ -184,7 +185,8 @@ class DecoderLayer(nn.Module):
     ):
         super().__init__()
         self.spec = spec
-        self.self_attn = DecoderAttention(spec, rotary_emb, linear_method, parallel)
+        attention = DecoderAttention if spec.latent is None else LatentDecoderAttention
+        self.self_attn = attention(spec, rotary_emb, linear_method, parallel)
         self.mlp: DecoderMLP | FusedMoE
         if spec.moe is None:
             self.mlp = DecoderMLP(spec, linear_method, parallel)
@@ -260,6 +262,7 @@ class DecoderLayer(nn.Module):
             "position-scaled queries": spec.position_query_scale is not None,
             "q/k/v clipping": spec.clip_qkv is not None,
             "a gated attention output": spec.output_gate,
+            "multi-head latent attention": spec.latent is not None,
         }
         found = [name for name, present in features.items() if present]
         if found:

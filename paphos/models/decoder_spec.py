@@ -46,6 +46,20 @@ class RopeSpec:
 
 
 @dataclass(frozen=True)
+class LatentSpec:
+    """Multi-head latent attention (DeepSeek V2/V3): queries through a low-rank q_a/q_b pair (or
+    one q_proj when q_lora_rank is None), keys and values from a cached kv_lora_rank latent plus
+    a rope key shared by the heads."""
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    norm_eps: float = 1e-6  # q_a_layernorm / kv_a_layernorm (HF builds them with the default)
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     hidden_size: int
     num_heads: int
@@ -80,6 +94,13 @@ class LayerSpec:
     # attention output * sigmoid(gate) before o_proj, the gate a projection of its own
     # (`attn_gate`; Qwen3-Next / Qwen3.5 checkpoints carry it inside q_proj)
     output_gate: bool = False
+    # MLA instead of q/k/v heads (head_dim is then the q/k head: nope + rope dims)
+    latent: LatentSpec | None = None
+
+    @property
+    def rope_head_size(self) -> int:
+        """The size of the vectors the rotary embedding turns: MLA's rope part, else a head."""
+        return self.head_dim if self.latent is None else self.latent.qk_rope_head_dim
 
     @property
     def attention_scale(self) -> float:

@@ -59,6 +59,8 @@ _BUILTIN_MODELS: dict[str, str] = {
     "MiniMaxM2ForCausalLM": "paphos.models.minimax_m2:MiniMaxM2ForCausalLM",
     "GptOssForCausalLM": "paphos.models.gpt_oss:GptOssForCausalLM",
     "Llama4ForCausalLM": "paphos.models.llama4:Llama4ForCausalLM",
+    "DeepseekV2ForCausalLM": "paphos.models.deepseek:DeepseekV2ForCausalLM",  # latent attention
+    "DeepseekV3ForCausalLM": "paphos.models.deepseek:DeepseekV3ForCausalLM",
     # GPT-style and Phi families (one contiguous block)
     "GPT2LMHeadModel": "paphos.models.gpt2:GPT2LMHeadModel",
     "GPTBigCodeForCausalLM": "paphos.models.gpt2:GPTBigCodeForCausalLM",

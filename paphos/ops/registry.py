@@ -19,6 +19,7 @@ from paphos.ops import (
     causal_conv1d,
     gated_delta_rule,
     kv_cache,
+    mla_attention,
     moe,
     paged_attention,
     rms_norm,
@@ -34,6 +35,7 @@ REFERENCES: dict[str, Callable[..., Any]] = {
     "rotary_and_write_kv": rotary.rotary_and_write_kv,
     "write_kv_cache": kv_cache.write_kv_cache,
     "paged_attention": paged_attention.paged_attention,
+    "mla_decode_attention": mla_attention.mla_decode_attention,
     "fused_experts": moe.fused_experts,
     # hybrid models' state ops over flat batches with state slots
     "causal_conv1d": causal_conv1d.causal_conv1d,

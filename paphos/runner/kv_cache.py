@@ -1,4 +1,6 @@
 """Sizing and allocating the paged KV cache: one tensor per attention layer, from the memory left.
+Blocks are sized by bytes per token summed over the layers, whatever each layer keeps per token
+(K/V per head, or MLA's one latent "head").
 
 CPU: a configured number of GiB. CUDA: total memory x gpu_memory_utilization, minus weights and the
 peak activation memory of one profiled step of max_num_batched_tokens.
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from paphos.attention.cache_spec import LayerCacheSpec
 from paphos.config import CacheConfig
 
 GiB = 1 << 30
@@ -19,37 +22,64 @@ GiB = 1 << 30
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    num_layers: int
+    """The cache of every attention layer (layer i uses `layers[i]`), sized in bytes per token."""
+
     block_size: int
-    num_kv_heads: int
-    head_size: int
     dtype: torch.dtype
+    layers: tuple[LayerCacheSpec, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def bytes_per_token(self) -> int:
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        return sum(layer.values_per_token for layer in self.layers) * element_size
 
     @property
     def bytes_per_block(self) -> int:
-        element_size = torch.empty((), dtype=self.dtype).element_size()
-        per_layer = 2 * self.block_size * self.num_kv_heads * self.head_size * element_size
-        return per_layer * self.num_layers
+        return self.bytes_per_token * self.block_size
+
+    def describe(self) -> str:
+        """One start-up line: bytes per token and what each kind of layer keeps per token."""
+        kinds: dict[LayerCacheSpec, int] = {}
+        for layer in self.layers:
+            kinds[layer] = kinds.get(layer, 0) + 1
+        parts = []
+        for layer, count in kinds.items():
+            what = (
+                f"latent {layer.head_size}"
+                if layer.layout == "latent"
+                else f"2 x {layer.num_kv_heads} heads x {layer.head_size}"
+            )
+            values = layer.values_per_token
+            parts.append(f"{count} {layer.layout} layers x {values} values ({what})")
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"KV cache: {self.bytes_per_token} bytes per token ({dtype}; {', '.join(parts)})"
 
 
 def allocate_kv_caches(
     spec: KVCacheSpec, num_blocks: int, device: torch.device
 ) -> list[torch.Tensor]:
-    """One [2, num_blocks, block_size, num_kv_heads, head_size] zeroed tensor per layer.
+    """One zeroed tensor per layer, shaped by its layout (attention/cache_spec.py), all views of
+    one flat allocation.
 
     On CPU the zeros come from calloc (numpy), so the OS hands out zero pages lazily: start-up does
     not pay for touching gigabytes of cache that short workloads never use. Zeros (not garbage)
     matter: attention masks padded positions in the scores, and 0 * NaN would still poison the
     output.
     """
-    shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
+    sizes = [layer.numel(num_blocks, spec.block_size) for layer in spec.layers]
     if device.type == "cpu":
-        num_bytes = spec.bytes_per_block * num_blocks
-        raw = torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8))  # [num_bytes], lazily zeroed
-        caches = raw.view(spec.dtype).view(shape)
+        raw = torch.from_numpy(np.zeros(spec.bytes_per_block * num_blocks, dtype=np.uint8))
+        flat = raw.view(spec.dtype)  # [total values], lazily zeroed
     else:
-        caches = torch.zeros(shape, dtype=spec.dtype, device=device)
-    return list(caches.unbind(0))
+        flat = torch.zeros(sum(sizes), dtype=spec.dtype, device=device)  # [total values]
+    return [
+        part.view(layer.shape(num_blocks, spec.block_size))
+        for part, layer in zip(flat.split(sizes), spec.layers, strict=True)
+    ]
 
 
 def num_blocks_for_device(

@@ -230,17 +230,10 @@ class ModelRunner:
     # ---- KV cache -------------------------------------------------------------------------------
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        attn_layers = [m for m in self.model.modules() if type(m).__name__ == "Attention"]
-        if not attn_layers:  # a pure state-space model: blocks only count tokens
-            return KVCacheSpec(0, self.block_size, 1, 1, self.dtype)
-        first = attn_layers[0]
-        return KVCacheSpec(
-            num_layers=len(attn_layers),
-            block_size=self.block_size,
-            num_kv_heads=first.num_kv_heads,
-            head_size=first.head_size,
-            dtype=self.dtype,
-        )
+        """Every attention layer's cache (each describes its own, `cache_spec()`), in order; none
+        for a pure state-space model (its blocks then only count tokens)."""
+        layers = [m.cache_spec() for m in self.model.modules() if hasattr(m, "cache_spec")]
+        return KVCacheSpec(block_size=self.block_size, dtype=self.dtype, layers=tuple(layers))
 
     def state_cache_bytes(self) -> int:
         if self.state_spec is None or self.num_state_slots is None:
@@ -249,6 +242,8 @@ class ModelRunner:
 
     def determine_num_blocks(self) -> int:
         spec = self.kv_cache_spec()
+        if self.parallel.rank == 0 and spec.num_layers:
+            logger.info("%s", spec.describe())
         if self.config.cache.num_blocks_override is not None:
             num_blocks = self.config.cache.num_blocks_override
         elif spec.num_layers == 0:  # no KV bytes: enough blocks for every slot's longest sequence

@@ -1,0 +1,130 @@
+"""DeepSeek V2 / V3 (multi-head latent attention) against transformers on tiny random checkpoints:
+every token's logprobs in mixed batches (prefill chunks with cached context beside decodes, the
+decodes in MLA's absorbed form, the chunks expanded), greedy tokens against HF `generate` (also
+with a shared prompt prefix served from the prefix cache), and TP=2 against TP=1 over gloo.
+Variants: q_lora_rank set and None, biases, yarn with mscale_all_dim, V3's neox-style rope."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from torch.testing import assert_close
+
+from paphos import LLM, SamplingParams
+from paphos.runner.model_runner import ModelRunner
+from tests.engine.test_tensor_parallel import (
+    _run_two_ranks,
+    _runner_config,
+    no_process_left_behind,  # noqa: F401 - autouse: no rank process survives a test
+    prefill_then_decode_logits,
+)
+from tests.models.hf_compare import build_runner, check_greedy, check_mixed_batch, save_tiny
+
+TINY = dict(
+    vocab_size=211,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,  # V3 defaults to 128: HF's eager attention would repeat kv 0 times
+    kv_lora_rank=32,
+    q_lora_rank=24,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    first_k_dense_replace=2,  # dense layers only
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 128,
+    "mscale": 1.0,
+    "mscale_all_dim": 0.8,  # softmax scaled by mscale^2 (and cos/sin by mscale / mscale_all_dim)
+    "beta_fast": 32,
+    "beta_slow": 1,
+}
+# case -> (transformers family, config overrides)
+CASES = {
+    "v3-q-lora": ("DeepseekV3", {}),
+    "v3-no-q-lora-bias": ("DeepseekV3", dict(q_lora_rank=None, attention_bias=True)),
+    "v3-yarn-neox-rope": ("DeepseekV3", dict(rope_parameters=YARN, rope_interleave=False)),
+    "v2-q-lora": ("DeepseekV2", {}),
+    "v2-no-q-lora-yarn": ("DeepseekV2", dict(q_lora_rank=None, rope_parameters=YARN)),
+}
+
+
+def make_deepseek(path: Path, name: str) -> transformers.PreTrainedModel:
+    family, overrides = CASES[name]
+    config = getattr(transformers, f"{family}Config")(**{**TINY, **overrides})
+    config._attn_implementation = "eager"
+    hf = save_tiny(getattr(transformers, f"{family}ForCausalLM"), config, path)
+    with torch.no_grad():  # all-ones norms and zero biases would hide a missing load
+        for param_name, param in hf.named_parameters():
+            if "norm" in param_name or param_name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    hf.save_pretrained(path)
+    return hf
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logprobs_in_mixed_batches_equal_transformers(tmp_path, name):
+    hf = make_deepseek(tmp_path, name)
+    runner = build_runner(tmp_path)
+    spec = runner.kv_cache_spec()
+    assert [layer.layout for layer in spec.layers] == ["latent", "latent"]
+    assert spec.bytes_per_token == 2 * (32 + 8) * 4  # layers x (kv_lora_rank + rope) x fp32
+    check_mixed_batch(hf, runner)
+
+
+@pytest.mark.parametrize("name", ["v3-q-lora", "v2-no-q-lora-yarn"])
+def test_greedy_equals_transformers_generate(tmp_path, name):
+    hf = make_deepseek(tmp_path, name)
+    check_greedy(tmp_path, hf, max_tokens=12)
+
+
+def test_greedy_from_the_prefix_cache_equals_transformers(tmp_path):
+    """Two requests sharing a 40-token prefix, the second after the first finished: it reads two
+    cached blocks (of 16) of latents, its last chunk and decodes attend to them."""
+    hf = make_deepseek(tmp_path, "v3-q-lora")
+    gen = torch.Generator().manual_seed(5)
+    prefix = torch.randint(3, 211, (40,), generator=gen).tolist()
+    prompts = [prefix + [7, 8, 9], prefix + [11, 12, 13, 14, 15]]
+    params = SamplingParams(temperature=0, max_tokens=8, min_tokens=8)
+    kwargs = dict(dtype="float32", skip_tokenizer_init=True, kv_cache_space=0.01, device="cpu")
+    outs = []
+    with LLM(model=str(tmp_path), max_num_batched_tokens=24, **kwargs) as llm:
+        for prompt in prompts:
+            outs += llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    assert outs[1].num_cached_tokens == 32
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()  # fmt: skip
+        assert out.outputs[0].token_ids == ref
+
+
+@pytest.mark.parametrize("name", ["v3-q-lora", "v2-no-q-lora-yarn"])
+def test_two_ranks_give_the_logits_of_one_rank(tmp_path, name):
+    make_deepseek(tmp_path, name)
+    expected = prefill_then_decode_logits(ModelRunner(_runner_config(tmp_path)))
+    by_rank = _run_two_ranks(tmp_path)
+    for rank in (0, 1):
+        for got, want in zip(by_rank[rank], expected, strict=True):
+            assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_tensor_parallel_greedy_in_mixed_batches_equals_transformers(tmp_path):
+    """LLM at TP=2 (the multiprocess executor) with a 16-token budget: prompts are prefilled in
+    chunks beside other requests' decodes."""
+    hf = make_deepseek(tmp_path, "v3-no-q-lora-bias")
+    check_greedy(tmp_path, hf, max_tokens=8, tensor_parallel_size=2, max_num_batched_tokens=16)
