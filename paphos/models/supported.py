@@ -54,10 +54,13 @@ FAMILY_NOTES: dict[str, tuple[str, str]] = {
         "Llama 4 Scout, Maverick (text)",
         "chunked attention, NoPE layers with temperature tuning, top-1 expert + shared expert",
     ),
-    "DeepseekV2ForCausalLM": ("DeepSeek-V2, V2-Lite", "multi-head latent attention (latent cache)"),
+    "DeepseekV2ForCausalLM": (
+        "DeepSeek-V2, V2-Lite",
+        "multi-head latent attention (latent cache), softmax group-limited experts + shared",
+    ),
     "DeepseekV3ForCausalLM": (
         "DeepSeek-V3, R1, Kimi K2",
-        "multi-head latent attention, yarn mscale, dense first layers",
+        "multi-head latent attention, yarn mscale, dense first layers, sigmoid grouped experts",
     ),
     # GPT-style and Phi families
     "GPT2LMHeadModel": ("GPT-2, DistilGPT-2", "Conv1D weights, learned positions"),

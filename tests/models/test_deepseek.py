@@ -2,7 +2,9 @@
 every token's logprobs in mixed batches (prefill chunks with cached context beside decodes, the
 decodes in MLA's absorbed form, the chunks expanded), greedy tokens against HF `generate` (also
 with a shared prompt prefix served from the prefix cache), and TP=2 against TP=1 over gloo.
-Variants: q_lora_rank set and None, biases, yarn with mscale_all_dim, V3's neox-style rope."""
+Variants: q_lora_rank set and None, biases, yarn with mscale_all_dim, V3's neox-style rope; all
+dense, or a dense first layer then experts (V3's sigmoid grouped routing, V2's softmax greedy and
+group-limited), with shared experts."""
 
 from __future__ import annotations
 
@@ -21,26 +23,22 @@ from tests.engine.test_tensor_parallel import (
     no_process_left_behind,  # noqa: F401 - autouse: no rank process survives a test
     prefill_then_decode_logits,
 )
-from tests.models.hf_compare import build_runner, check_greedy, check_mixed_batch, save_tiny
+from tests.models.hf_compare import build_runner, check_greedy, check_mixed_batch
+from tests.models.test_zoo_moe import make_tiny_moe
 
-TINY = dict(
-    vocab_size=211,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
+MLA = dict(
     num_key_value_heads=4,  # V3 defaults to 128: HF's eager attention would repeat kv 0 times
     kv_lora_rank=32,
     q_lora_rank=24,
     qk_nope_head_dim=16,
     qk_rope_head_dim=8,
     v_head_dim=12,
-    first_k_dense_replace=2,  # dense layers only
-    max_position_embeddings=512,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
+    first_k_dense_replace=3,  # all dense (zoo_harness's TINY has 3 layers)
 )
+MOE = dict(
+    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+    n_shared_experts=1,
+)  # fmt: skip
 YARN = {
     "rope_type": "yarn",
     "rope_theta": 10000.0,
@@ -58,20 +56,28 @@ CASES = {
     "v3-yarn-neox-rope": ("DeepseekV3", dict(rope_parameters=YARN, rope_interleave=False)),
     "v2-q-lora": ("DeepseekV2", {}),
     "v2-no-q-lora-yarn": ("DeepseekV2", dict(q_lora_rank=None, rope_parameters=YARN)),
+    # dense first layer, then experts (sigmoid + correction bias, grouped top-k, renormalised)
+    "v3-moe": (
+        "DeepseekV3",
+        dict(n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, **MOE),
+    ),
+    "v2-moe-group-limited": (
+        "DeepseekV2",
+        dict(
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.5,
+            **{**MOE, "n_shared_experts": 2},
+        ),
+    ),
+    "v2-moe-greedy-no-q-lora": ("DeepseekV2", dict(q_lora_rank=None, topk_method="greedy", **MOE)),
 }
 
 
 def make_deepseek(path: Path, name: str) -> transformers.PreTrainedModel:
     family, overrides = CASES[name]
-    config = getattr(transformers, f"{family}Config")(**{**TINY, **overrides})
-    config._attn_implementation = "eager"
-    hf = save_tiny(getattr(transformers, f"{family}ForCausalLM"), config, path)
-    with torch.no_grad():  # all-ones norms and zero biases would hide a missing load
-        for param_name, param in hf.named_parameters():
-            if "norm" in param_name or param_name.endswith("bias"):
-                param.add_(torch.randn_like(param) * 0.1)
-    hf.save_pretrained(path)
-    return hf
+    return make_tiny_moe(path, f"{family}Config", **{**MLA, **overrides})
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -79,12 +85,14 @@ def test_logprobs_in_mixed_batches_equal_transformers(tmp_path, name):
     hf = make_deepseek(tmp_path, name)
     runner = build_runner(tmp_path)
     spec = runner.kv_cache_spec()
-    assert [layer.layout for layer in spec.layers] == ["latent", "latent"]
-    assert spec.bytes_per_token == 2 * (32 + 8) * 4  # layers x (kv_lora_rank + rope) x fp32
+    assert [layer.layout for layer in spec.layers] == ["latent"] * 3
+    assert spec.bytes_per_token == 3 * (32 + 8) * 4  # layers x (kv_lora_rank + rope) x fp32
     check_mixed_batch(hf, runner)
 
 
-@pytest.mark.parametrize("name", ["v3-q-lora", "v2-no-q-lora-yarn"])
+@pytest.mark.parametrize(
+    "name", ["v3-q-lora", "v2-no-q-lora-yarn", "v3-moe", "v2-moe-group-limited"]
+)
 def test_greedy_equals_transformers_generate(tmp_path, name):
     hf = make_deepseek(tmp_path, name)
     check_greedy(tmp_path, hf, max_tokens=12)
@@ -93,7 +101,7 @@ def test_greedy_equals_transformers_generate(tmp_path, name):
 def test_greedy_from_the_prefix_cache_equals_transformers(tmp_path):
     """Two requests sharing a 40-token prefix, the second after the first finished: it reads two
     cached blocks (of 16) of latents, its last chunk and decodes attend to them."""
-    hf = make_deepseek(tmp_path, "v3-q-lora")
+    hf = make_deepseek(tmp_path, "v3-moe")
     gen = torch.Generator().manual_seed(5)
     prefix = torch.randint(3, 211, (40,), generator=gen).tolist()
     prompts = [prefix + [7, 8, 9], prefix + [11, 12, 13, 14, 15]]
@@ -113,7 +121,7 @@ def test_greedy_from_the_prefix_cache_equals_transformers(tmp_path):
         assert out.outputs[0].token_ids == ref
 
 
-@pytest.mark.parametrize("name", ["v3-q-lora", "v2-no-q-lora-yarn"])
+@pytest.mark.parametrize("name", ["v2-no-q-lora-yarn", "v3-moe", "v2-moe-greedy-no-q-lora"])
 def test_two_ranks_give_the_logits_of_one_rank(tmp_path, name):
     make_deepseek(tmp_path, name)
     expected = prefill_then_decode_logits(ModelRunner(_runner_config(tmp_path)))
@@ -126,5 +134,5 @@ def test_two_ranks_give_the_logits_of_one_rank(tmp_path, name):
 def test_tensor_parallel_greedy_in_mixed_batches_equals_transformers(tmp_path):
     """LLM at TP=2 (the multiprocess executor) with a 16-token budget: prompts are prefilled in
     chunks beside other requests' decodes."""
-    hf = make_deepseek(tmp_path, "v3-no-q-lora-bias")
+    hf = make_deepseek(tmp_path, "v3-moe")
     check_greedy(tmp_path, hf, max_tokens=8, tensor_parallel_size=2, max_num_batched_tokens=16)
