@@ -15,12 +15,7 @@ from torch import nn
 
 from paphos.attention.cache_spec import LayerCacheSpec
 from paphos.attention.metadata import AttentionMetadata
-from paphos.ops.mla_attention import (
-    absorb_query,
-    mla_expanded_attention,
-    unabsorb_output,
-    write_latent_cache,
-)
+from paphos.ops.mla_attention import absorb_query, mla_expanded_attention, unabsorb_output
 from paphos.ops.registry import pick
 
 
@@ -49,7 +44,9 @@ class LatentAttention(nn.Module):
         self.qk_rope_head_dim = qk_rope_head_dim
         self.v_head_dim = v_head_dim
         self.scale = scale
-        self._decode = pick("mla_decode_attention", torch.empty(0).device.type)
+        device_type = torch.empty(0).device.type
+        self._decode = pick("mla_decode_attention", device_type)
+        self._write_cache = pick("write_latent_cache", device_type)
 
     def cache_spec(self) -> LayerCacheSpec:
         return LayerCacheSpec("latent", 1, self.kv_lora_rank + self.qk_rope_head_dim)
@@ -69,7 +66,7 @@ class LatentAttention(nn.Module):
         nope + v, kv_lora_rank]: kv_b_proj's weight by head. Writes latent | k_pe to the cache;
         returns [num_tokens, heads * v_head_dim]."""
         meta = attn_metadata
-        write_latent_cache(latent, k_pe, kv_cache, meta.slot_mapping)
+        self._write_cache(latent, k_pe, kv_cache, meta.slot_mapping)
         num_tokens = q_nope.shape[0]
         if num_tokens == meta.num_seqs:  # one query token per sequence: all absorbed
             out = self.absorbed(q_nope, q_pe, w_kv_b, kv_cache, meta.seq_lens, meta.block_tables)

@@ -21,6 +21,7 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
     from paphos.kernels.gated_delta_rule import gated_delta_rule
     from paphos.kernels.gemv import gemv, gemv_silu_and_mul
     from paphos.kernels.kv_cache import write_kv_cache
+    from paphos.kernels.mla_decode import mla_decode_attention, write_latent_cache
     from paphos.kernels.paged_attention import paged_attention
     from paphos.kernels.rms_norm import fused_add_rms_norm, rms_norm
     from paphos.kernels.rotary import rotary_and_write_kv, rotary_embedding
@@ -35,6 +36,8 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
         "rotary_and_write_kv": rotary_and_write_kv,
         "write_kv_cache": write_kv_cache,
         "paged_attention": paged_attention,
+        "mla_decode_attention": mla_decode_attention,
+        "write_latent_cache": write_latent_cache,
         "fused_experts": fused_experts,
         # hybrid models' state ops: the decode step on the GPU, prompt chunks by the reference
         "causal_conv1d": causal_conv1d,

@@ -21,9 +21,12 @@ def write_latent_cache(
     latent: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """latent: [num_tokens, kv_lora_rank]; k_pe: [num_tokens, rope_dim] (rotated); slot_mapping:
-    [num_tokens] int64."""
+    [num_tokens] int64. A negative slot (a padded CUDA graph row) is skipped."""
     flat = kv_cache.view(-1, kv_cache.shape[-1])  # [num_slots, kv_lora_rank + rope_dim]
     rows = torch.cat([latent, k_pe], dim=-1).to(kv_cache.dtype)  # [num_tokens, rank + rope]
+    keep = slot_mapping >= 0  # [num_tokens]
+    if not bool(keep.all()):
+        rows, slot_mapping = rows[keep], slot_mapping[keep]
     flat.index_copy_(0, slot_mapping, rows)
 
 

@@ -36,6 +36,7 @@ REFERENCES: dict[str, Callable[..., Any]] = {
     "write_kv_cache": kv_cache.write_kv_cache,
     "paged_attention": paged_attention.paged_attention,
     "mla_decode_attention": mla_attention.mla_decode_attention,
+    "write_latent_cache": mla_attention.write_latent_cache,
     "fused_experts": moe.fused_experts,
     # hybrid models' state ops over flat batches with state slots
     "causal_conv1d": causal_conv1d.causal_conv1d,

@@ -89,12 +89,13 @@ def test_latent_attention_mixed_batch_equals_expanded_form():
         assert_close(out[s:e].view(e - s, HEADS, V_DIM), want, rtol=1e-5, atol=1e-5)
 
 
-def test_write_latent_cache_writes_each_slot_once():
+def test_write_latent_cache_writes_each_slot_once_and_skips_padding():
     cache = torch.zeros(2, BLOCK, RANK + ROPE)
-    latent, k_pe = torch.randn(3, RANK), torch.randn(3, ROPE)
-    write_latent_cache(latent, k_pe, cache, torch.tensor([17, 0, 31]))
+    latent, k_pe = torch.randn(4, RANK), torch.randn(4, ROPE)
+    write_latent_cache(latent, k_pe, cache, torch.tensor([17, 0, -1, 31]))  # -1: a padded row
     assert_close(cache[1, 1], torch.cat([latent[0], k_pe[0]]))
-    assert_close(cache[1, 15], torch.cat([latent[2], k_pe[2]]))
+    assert_close(cache[0, 0], torch.cat([latent[1], k_pe[1]]))
+    assert_close(cache[1, 15], torch.cat([latent[3], k_pe[3]]))
     assert cache.abs().sum(-1).count_nonzero() == 3
 
 
