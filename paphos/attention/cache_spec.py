@@ -18,6 +18,8 @@ class LayerCacheSpec:
     layout: Literal["kv", "latent"]
     num_kv_heads: int  # 1 for a latent layer
     head_size: int  # per kv head; a latent layer: kv_lora_rank + qk_rope_head_dim
+    # a latent layer's (heads, q/k head size): what per-head K and V would keep instead, reported
+    per_head_equivalent: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in ("kv", "latent"):

@@ -49,7 +49,9 @@ class LatentAttention(nn.Module):
         self._write_cache = pick("write_latent_cache", device_type)
 
     def cache_spec(self) -> LayerCacheSpec:
-        return LayerCacheSpec("latent", 1, self.kv_lora_rank + self.qk_rope_head_dim)
+        row = self.kv_lora_rank + self.qk_rope_head_dim
+        qk_head = self.qk_nope_head_dim + self.qk_rope_head_dim
+        return LayerCacheSpec("latent", 1, row, per_head_equivalent=(self.num_heads, qk_head))
 
     def forward(
         self,

@@ -48,11 +48,14 @@ class KVCacheSpec:
             kinds[layer] = kinds.get(layer, 0) + 1
         parts = []
         for layer, count in kinds.items():
-            what = (
-                f"latent {layer.head_size}"
-                if layer.layout == "latent"
-                else f"2 x {layer.num_kv_heads} heads x {layer.head_size}"
-            )
+            what = f"2 x {layer.num_kv_heads} heads x {layer.head_size}"
+            if layer.layout == "latent":
+                what = f"latent {layer.head_size}"
+                if layer.per_head_equivalent is not None:
+                    heads, size = layer.per_head_equivalent
+                    what += (
+                        f"; per-head K/V would be 2 x {heads} heads x {size} = {2 * heads * size}"
+                    )
             values = layer.values_per_token
             parts.append(f"{count} {layer.layout} layers x {values} values ({what})")
         dtype = str(self.dtype).removeprefix("torch.")

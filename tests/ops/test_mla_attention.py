@@ -73,7 +73,7 @@ def test_latent_attention_mixed_batch_equals_expanded_form():
         slots, starts, torch.tensor(seq_lens), tables, torch.arange(num_tokens), 9, 30
     )
     layer = LatentAttention(HEADS, RANK, NOPE, ROPE, V_DIM, scale=0.2)
-    assert layer.cache_spec() == LayerCacheSpec("latent", 1, RANK + ROPE)
+    assert layer.cache_spec() == LayerCacheSpec("latent", 1, RANK + ROPE, (HEADS, NOPE + ROPE))
     w_kv_b = torch.randn(HEADS, NOPE + V_DIM, RANK, generator=gen) * 0.3
     q_nope = torch.randn(num_tokens, HEADS, NOPE, generator=gen)
     q_pe = torch.randn(num_tokens, HEADS, ROPE, generator=gen)
@@ -106,7 +106,9 @@ def test_deepseek_v3_cache_is_576_values_per_token_per_layer():
     spec = KVCacheSpec(block_size=64, dtype=torch.bfloat16, layers=(mla,) * 61)
     assert spec.bytes_per_token == 61 * 576 * 2
     assert spec.bytes_per_block == 64 * 61 * 576 * 2
-    assert "70272 bytes per token" in spec.describe() and "latent 576" in spec.describe()
+    line = spec.describe()
+    assert "70272 bytes per token" in line and "latent 576" in line
+    assert "2 x 128 heads x 192 = 49152" in line
 
 
 def test_allocation_holds_kv_and_latent_layers_side_by_side():
