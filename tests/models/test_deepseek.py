@@ -8,6 +8,7 @@ group-limited), with shared experts."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -98,9 +99,10 @@ def test_greedy_equals_transformers_generate(tmp_path, name):
     check_greedy(tmp_path, hf, max_tokens=12)
 
 
-def test_greedy_from_the_prefix_cache_equals_transformers(tmp_path):
+def test_greedy_from_the_prefix_cache_equals_transformers(tmp_path, caplog):
     """Two requests sharing a 40-token prefix, the second after the first finished: it reads two
-    cached blocks (of 16) of latents, its last chunk and decodes attend to them."""
+    cached blocks (of 16) of latents, its last chunk and decodes attend to them. Start-up logs
+    the latent cache's bytes per token."""
     hf = make_deepseek(tmp_path, "v3-moe")
     gen = torch.Generator().manual_seed(5)
     prefix = torch.randint(3, 211, (40,), generator=gen).tolist()
@@ -108,10 +110,12 @@ def test_greedy_from_the_prefix_cache_equals_transformers(tmp_path):
     params = SamplingParams(temperature=0, max_tokens=8, min_tokens=8)
     kwargs = dict(dtype="float32", skip_tokenizer_init=True, kv_cache_space=0.01, device="cpu")
     outs = []
+    caplog.set_level(logging.INFO, logger="paphos.runner.model_runner")
     with LLM(model=str(tmp_path), max_num_batched_tokens=24, **kwargs) as llm:
         for prompt in prompts:
             outs += llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
     assert outs[1].num_cached_tokens == 32
+    assert "KV cache: 480 bytes per token (float32; 3 latent layers x 40 values" in caplog.text
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
             ref = hf.generate(
