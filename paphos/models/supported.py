@@ -59,7 +59,7 @@ FAMILY_NOTES: dict[str, tuple[str, str]] = {
         "multi-head latent attention (latent cache), softmax group-limited experts + shared",
     ),
     "DeepseekV3ForCausalLM": (
-        "DeepSeek-V3, R1, Kimi K2",
+        "DeepSeek-V3, DeepSeek-R1",
         "multi-head latent attention, yarn mscale, dense first layers, sigmoid grouped experts",
     ),
     # GPT-style and Phi families
