@@ -187,6 +187,26 @@ def _as_tuple(x: object) -> tuple:
     return x if isinstance(x, tuple) else (x,)
 
 
+# MLA decode at DeepSeek-V3's row (512 latent + 64 rope): 128 heads (TP=1) and 16 (TP=8)
+MLA_CASES = {
+    "mla h128 b1 L4096": (128, [4096]),
+    "mla h128 b64 L2048": (128, [2048] * 64),
+    "mla h16 b256 L1024": (16, [1024] * 256),
+}
+MLA_LATENT, MLA_ROPE = 512, 64
+
+
+def mla_case(heads: int, seq_lens: list[int], device: torch.device) -> tuple[tuple, float, float]:
+    """(args, bytes, flops): every sequence's latent rows read once (keys and values at once);
+    scores over 576 values and outputs over 512 per head and row."""
+    row = MLA_LATENT + MLA_ROPE
+    batch = paged_batch([(1, s) for s in seq_lens], device, heads, 1, row)
+    cache = batch["kv_cache"][0, :, :, 0]  # [num_blocks, block, row]
+    args = (batch["query"], cache, batch["seq_lens"], batch["block_tables"], row**-0.5, MLA_LATENT)
+    num_bytes = sum(seq_lens) * row * 2 + len(seq_lens) * heads * (row + MLA_LATENT) * 2
+    return args, num_bytes, 2 * sum(seq_lens) * heads * (row + MLA_LATENT)
+
+
 PREFILL_CASES = ("prefill 4x2048", "chunk 4x512 ctx4096")
 DECODE_CASES = ("decode b64 L2048", "decode b4 L32768", "decode b256 L512")
 
@@ -287,6 +307,9 @@ def main() -> None:
                 name, "paged_attention", tuple(batch.values()), hints, attention_cost(lens), floors
             )
         )
+    for name, (heads, seq_lens) in MLA_CASES.items():
+        args, num_bytes, flops = mla_case(heads, seq_lens, device)
+        rows.extend(_guarded(name, "mla_decode_attention", args, {}, (num_bytes, flops), floors))
     print(
         f"{'case':<22}{'rel_err':>9}{'kernel ms':>11}{'ref ms':>10}{'floor ms':>10}"
         f"{'floor/kern':>11}{'speedup':>9}"
