@@ -1,7 +1,8 @@
 """DeepSeek V2 / V3 (multi-head latent attention) against transformers on tiny random checkpoints:
 every token's logprobs in mixed batches (prefill chunks with cached context beside decodes, the
 decodes in MLA's absorbed form, the chunks expanded), greedy tokens against HF `generate` (also
-with a shared prompt prefix served from the prefix cache), and TP=2 against TP=1 over gloo.
+with a shared prompt prefix served from the prefix cache), TP=2 against TP=1 over gloo, and 2-rank
+tensor and expert parallel `LLM`s against `generate`.
 Variants: q_lora_rank set and None, biases, yarn with mscale_all_dim, V3's neox-style rope; all
 dense, or a dense first layer then experts (V3's sigmoid grouped routing, V2's softmax greedy and
 group-limited), with shared experts."""
@@ -140,3 +141,10 @@ def test_tensor_parallel_greedy_in_mixed_batches_equals_transformers(tmp_path):
     chunks beside other requests' decodes."""
     hf = make_deepseek(tmp_path, "v3-moe")
     check_greedy(tmp_path, hf, max_tokens=8, tensor_parallel_size=2, max_num_batched_tokens=16)
+
+
+def test_expert_parallel_greedy_equals_transformers(tmp_path):
+    """LLM at 2 ranks with --enable-expert-parallel: each rank holds 4 whole experts of 8 (and
+    half the attention heads)."""
+    hf = make_deepseek(tmp_path, "v2-moe-group-limited")
+    check_greedy(tmp_path, hf, max_tokens=8, tensor_parallel_size=2, enable_expert_parallel=True)
