@@ -17,6 +17,7 @@ from paphos.layers.norm import RMSNorm
 from paphos.layers.rotary import RotaryEmbedding
 from paphos.models.decoder_spec import LayerSpec
 from paphos.parallel import ParallelInfo
+from paphos.quant import UnquantizedLinearMethod
 from paphos.quant.base import LinearMethod
 
 
@@ -54,8 +55,11 @@ class LatentDecoderAttention(nn.Module):
         self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, kv_a_size, spec.qkv_bias, **common)
         self.kv_a_layernorm = RMSNorm(rank, mla.norm_eps)
         self.kv_b_proj = ColumnParallelLinear(rank, heads * (self.nope + self.v_dim), **common)
-        if not isinstance(getattr(self.kv_b_proj, "weight", None), torch.Tensor):
-            raise ValueError("latent attention absorbs kv_b_proj's weight: it cannot be quantized")
+        if not isinstance(self.kv_b_proj.linear_method, UnquantizedLinearMethod):
+            raise ValueError(
+                "latent attention absorbs kv_b_proj's weight into queries and outputs: "
+                f"kv_b_proj cannot be quantized ({type(self.kv_b_proj.linear_method).__name__})"
+            )
         self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, spec.o_bias, **common)
         self.rotary_emb = rotary_emb  # shared by the layers with the same rope (no weights)
         self.attn = LatentAttention(

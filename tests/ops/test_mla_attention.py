@@ -11,6 +11,7 @@ from torch.testing import assert_close
 
 from paphos.attention import AttentionMetadata, LatentAttention
 from paphos.attention.cache_spec import LayerCacheSpec
+from paphos.layers.rotary import get_rope
 from paphos.ops.mla_attention import (
     absorb_query,
     mla_decode_attention,
@@ -122,3 +123,19 @@ def test_allocation_holds_kv_and_latent_layers_side_by_side():
     assert all(bool((c == i).all()) for i, c in enumerate(caches))
     with pytest.raises(ValueError, match="one head per token"):
         LayerCacheSpec("latent", 2, 40)
+
+
+def test_latent_attention_refuses_a_quantized_kv_b_proj():
+    from paphos.models.decoder_mla import LatentDecoderAttention
+    from paphos.models.decoder_spec import LatentSpec, LayerSpec, NormSpec, RopeSpec
+    from paphos.parallel import ParallelInfo
+    from paphos.quant.gptq import GPTQLinearMethod
+
+    spec = LayerSpec(
+        hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=NOPE + ROPE, intermediate_size=64,
+        norm=NormSpec("rms", 1e-6), rope=RopeSpec(10000.0, ROPE, False),
+        latent=LatentSpec(RANK, NOPE, ROPE, V_DIM, q_lora_rank=None),
+    )  # fmt: skip
+    rope = get_rope(ROPE, ROPE, 64, 10000.0, is_neox_style=False)
+    with pytest.raises(ValueError, match="kv_b_proj cannot be quantized"):
+        LatentDecoderAttention(spec, rope, GPTQLinearMethod(bits=4, group_size=32), ParallelInfo())
