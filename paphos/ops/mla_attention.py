@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+MAX_SCORES = 1 << 27  # expanded prefill: float32 scores held at once (512 MiB)
+
 
 def write_latent_cache(
     latent: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
@@ -87,7 +89,15 @@ def mla_expanded_attention(
     k = torch.cat([kv[..., :nope], k_pe], dim=-1)  # [heads, seq_len, nope + rope]
     v = kv[..., nope:]  # [heads, seq_len, v_dim]
     q = torch.cat([q_nope, q_pe], dim=-1).float().transpose(0, 1)  # [heads, q_len, nope + rope]
-    positions = torch.arange(seq_len - q_len, seq_len, device=q.device)  # [q_len]
-    mask = torch.arange(seq_len, device=q.device)[None, :] <= positions[:, None]  # [q_len, len]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [heads, q, v]
+    out = torch.empty(num_heads, q_len, v.shape[-1], device=q.device)  # [heads, q_len, v_dim]
+    keys = torch.arange(seq_len, device=q.device)[None, :]  # [1, seq_len]
+    # queries in blocks: at most MAX_SCORES scores at once, whatever backend SDPA picks
+    step = max(1, MAX_SCORES // (num_heads * seq_len))
+    for start in range(0, q_len, step):
+        end = min(start + step, q_len)
+        positions = torch.arange(seq_len - q_len + start, seq_len - q_len + end, device=q.device)
+        mask = keys <= positions[:, None]  # [block, seq_len]
+        out[:, start:end] = F.scaled_dot_product_attention(
+            q[:, start:end], k, v, attn_mask=mask, scale=scale
+        )  # [heads, block, v_dim]
     return out.transpose(0, 1).to(q_nope.dtype)  # [q_len, heads, v_dim]

@@ -139,3 +139,19 @@ def test_latent_attention_refuses_a_quantized_kv_b_proj():
     rope = get_rope(ROPE, ROPE, 64, 10000.0, is_neox_style=False)
     with pytest.raises(ValueError, match="kv_b_proj cannot be quantized"):
         LatentDecoderAttention(spec, rope, GPTQLinearMethod(bits=4, group_size=32), ParallelInfo())
+
+
+def test_expanded_form_in_query_blocks_equals_one_block(monkeypatch):
+    """A long prefill runs its queries in blocks (bounded score memory): same result."""
+    import paphos.ops.mla_attention as mla
+
+    gen = torch.Generator().manual_seed(3)
+    cache = random_cache(4, gen)
+    table = torch.tensor([2, 0, 3, 1])
+    w_kv_b = torch.randn(HEADS, NOPE + V_DIM, RANK, generator=gen) * 0.3
+    q_nope = torch.randn(37, HEADS, NOPE, generator=gen)
+    q_pe = torch.randn(37, HEADS, ROPE, generator=gen)
+    whole = mla.mla_expanded_attention(q_nope, q_pe, cache, 50, table, w_kv_b, 0.2)
+    monkeypatch.setattr(mla, "MAX_SCORES", HEADS * 50 * 5)  # blocks of 5 queries
+    blocks = mla.mla_expanded_attention(q_nope, q_pe, cache, 50, table, w_kv_b, 0.2)
+    assert_close(blocks, whole, rtol=1e-6, atol=1e-6)
