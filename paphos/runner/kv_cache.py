@@ -59,7 +59,8 @@ class KVCacheSpec:
             values = layer.values_per_token
             parts.append(f"{count} {layer.layout} layers x {values} values ({what})")
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"KV cache layout: {self.bytes_per_token} bytes per token ({dtype}; {', '.join(parts)})"
+        layers = ", ".join(parts)
+        return f"KV cache layout: {self.bytes_per_token} bytes per token ({dtype}; {layers})"
 
 
 def allocate_kv_caches(

@@ -116,7 +116,8 @@ def test_greedy_from_the_prefix_cache_equals_transformers(tmp_path, caplog):
         for prompt in prompts:
             outs += llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
     assert outs[1].num_cached_tokens == 32
-    assert "KV cache layout: 480 bytes per token (float32; 3 latent layers x 40 values" in caplog.text
+    layout = "KV cache layout: 480 bytes per token (float32; 3 latent layers x 40 values"
+    assert layout in caplog.text
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
             ref = hf.generate(
