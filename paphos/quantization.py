@@ -10,22 +10,26 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from paphos import quant_schemes
+
 logger = logging.getLogger(__name__)
 
 # User-facing values of `quantization`: auto = what the checkpoint says; none = dense weights
 # (a GGUF file is dequantized at load, the reference path); gguf = GGUF blocks kept (CPU);
 # q8_0 ... q4_0 = a float checkpoint quantized into those GGUF blocks at load (CPU).
+# int8/fp8 = a float checkpoint quantized per channel at load (ScaledLinearMethod, any device).
 RUNTIME_GGUF = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
-QUANTIZATIONS = ("auto", "none", "gguf", *RUNTIME_GGUF)
+RUNTIME_SCALED = ("int8", "fp8")
+QUANTIZATIONS = ("auto", "none", "gguf", *RUNTIME_GGUF, *RUNTIME_SCALED)
 # GGUF tensor types the kept-quantized path runs (F32/F16/BF16 tensors load as dense parts).
 GGUF_KEPT_TYPE_NAMES = (
     *("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"),
     *("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"),
 )
 GGUF_FLOAT_TYPE_NAMES = ("F32", "F16", "BF16")
-# config.json quant_method values paphos loads (GPTQ: a CPU/GPU reference path; AWQ, FP8 and
-# compressed-tensors are issue 17's next part), and the GPTQ settings it takes.
-HF_QUANT_METHODS: tuple[str, ...] = ("gptq", "awq")
+# config.json quant_method values paphos loads, and the GPTQ/AWQ settings it takes
+# (compressed-tensors and fp8 settings: paphos.quant_schemes).
+HF_QUANT_METHODS: tuple[str, ...] = ("gptq", "awq", "compressed-tensors", "fp8")
 GPTQ_BITS = (4, 8)
 GPTQ_FORMATS = ("gptq", "gptq_v2")
 AWQ_BITS = (4,)
@@ -35,8 +39,9 @@ AWQ_VERSIONS = ("gemm",)
 def resolve_quant_method(
     requested: str, model: str, gguf_file: str | None, hf_config: Any, device: str
 ) -> str | None:
-    """The linear method to build ('gguf') or None for dense weights. `device` is the device
-    type ('cpu'/'cuda'): kept GGUF blocks run on CPU only."""
+    """The linear method to build (a checkpoint's quant_method, 'gguf', a runtime GGUF type or
+    'runtime-int8'/'runtime-fp8') or None for dense weights. `device` is the device type
+    ('cpu'/'cuda'): kept GGUF blocks run on CPU only."""
     if requested not in QUANTIZATIONS:
         raise ValueError(f"quantization={requested!r} is invalid: expected one of {QUANTIZATIONS}")
     hf_method = _hf_quant_method(model, hf_config, gguf_file)
@@ -47,6 +52,13 @@ def resolve_quant_method(
                 "quantization_config.quant_method in its config.json); use --quantization auto"
             )
         return hf_method
+    if requested in RUNTIME_SCALED:
+        if gguf_file is not None:
+            raise ValueError(
+                f"quantization={requested!r} quantizes safetensors/.bin float checkpoints; "
+                f"{model!r} is a GGUF file (try --quantization q8_0 for its CPU path)"
+            )
+        return f"runtime-{requested}"
     if requested in RUNTIME_GGUF:
         if gguf_file is not None:
             raise ValueError(
@@ -114,6 +126,13 @@ def _hf_quant_method(model: str, hf_config: Any, gguf_file: str | None) -> str |
             f"quantization format {described} (field: {field}) is not supported; supported: "
             f"{_supported(hf_config)}"
         )
+    where = f"{model}/config.json"
+    if method == "compressed-tensors":
+        quant_schemes.parse_compressed_tensors(config, where)
+        return method
+    if method == "fp8":
+        quant_schemes.parse_fp8(config, where)
+        return method
     allowed_bits = GPTQ_BITS if method == "gptq" else AWQ_BITS
     if bits not in allowed_bits:
         raise ValueError(
@@ -154,6 +173,8 @@ def _supported(hf_config: Any) -> str:
     return (
         "unquantized safetensors/.bin checkpoints, GGUF files with tensor types "
         f"{', '.join(GGUF_KEPT_TYPE_NAMES + GGUF_FLOAT_TYPE_NAMES)}"
-        + f", and config.json quant_method gptq (bits {GPTQ_BITS}) or awq (bits {AWQ_BITS}, "
-        "GEMM layout)"
+        + f", and config.json quant_method gptq (bits {GPTQ_BITS}), awq (bits {AWQ_BITS}, "
+        "GEMM layout), compressed-tensors (formats "
+        f"{', '.join(quant_schemes.CT_FORMATS)}: int4/int8 and fp8 weights, 8-bit "
+        "activations) or fp8 (e4m3, per-tensor/channel or block scales)"
     )

@@ -7,17 +7,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from paphos import quant_schemes
 from paphos.quant.base import LinearMethod, MoEMethod, set_weight_attrs
 from paphos.quant.unquantized import UnquantizedLinearMethod, UnquantizedMoEMethod
 from paphos.quantization import hf_quantization_config
 
 
-def create_linear_method(quant_method: str | None, hf_config: Any = None) -> LinearMethod | None:
+def create_linear_method(
+    quant_method: str | None, hf_config: Any = None, device_type: str = "cpu"
+) -> LinearMethod | None:
     """The method named by `ModelConfig.quant_method` (resolved by paphos.quantization, which
     validated the checkpoint's settings); None for dense weights (each layer then uses
-    UnquantizedLinearMethod)."""
+    UnquantizedLinearMethod). `device_type` picks -q int8's product: W8A8 on CUDA and on CPUs
+    with int8 dot products (VNNI/AMX), weight-only elsewhere."""
     if quant_method is None:
         return None
+    if quant_method in ("compressed-tensors", "fp8", "runtime-int8", "runtime-fp8"):
+        return _scaled_method(quant_method, hf_config, device_type)
     if quant_method == "gptq":
         from paphos.quant.gptq import GPTQLinearMethod
 
@@ -47,6 +53,20 @@ def create_linear_method(quant_method: str | None, hf_config: Any = None) -> Lin
         f"quant_method={quant_method!r} is invalid: expected None, 'gguf' or one of "
         f"{sorted(runtime)}"
     )
+
+
+def _scaled_method(quant_method: str, hf_config: Any, device_type: str) -> LinearMethod:
+    from paphos.kernels.cpu import isa
+    from paphos.quant.scaled import ScaledLinearMethod
+
+    config = hf_quantization_config(hf_config) or {}
+    if quant_method == "compressed-tensors":
+        return ScaledLinearMethod(quant_schemes.parse_compressed_tensors(config, "config.json"))
+    if quant_method == "fp8":
+        return ScaledLinearMethod(quant_schemes.parse_fp8(config, "config.json"))
+    int8_dot = {"avx512_vnni", "avx_vnni", "amx_int8"} & isa.cpu_flags()
+    w8a8 = device_type == "cuda" or bool(int8_dot)
+    return ScaledLinearMethod(quant_schemes.runtime_scheme(quant_method[len("runtime-") :], w8a8))
 
 
 def moe_method_for(linear_method: LinearMethod | None) -> MoEMethod:

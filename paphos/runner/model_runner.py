@@ -189,7 +189,7 @@ class ModelRunner:
 
     def _load_model(self, model_cls: type) -> torch.nn.Module:
         linear_method = create_linear_method(
-            self.config.model.quant_method, self.config.model.hf_config
+            self.config.model.quant_method, self.config.model.hf_config, self.device.type
         )
         if self.device.type == "cpu":
             dense.set_cpu_prepack(self.config.runtime.cpu_prepack_weights)

@@ -204,10 +204,12 @@ def test_an_unsupported_gguf_type_fails_at_start_up_naming_it(tmp_path):
 
 def test_a_quantized_hf_checkpoint_fails_at_start_up_naming_its_field(tiny_llama_dir, tmp_path):
     config = json.loads((tiny_llama_dir / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "bits": 8}
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "bits": 4}
     (tiny_llama_dir / "config.json").write_text(json.dumps(config))
     try:
-        with pytest.raises(ValueError, match=r"'fp8' \(8-bit\).*quantization_config.quant_method"):
+        with pytest.raises(
+            ValueError, match=r"'bitsandbytes' \(4-bit\).*quantization_config.quant_method"
+        ):
             EngineConfig.from_kwargs(model=str(tiny_llama_dir))
     finally:
         del config["quantization_config"]
