@@ -27,7 +27,6 @@ class WeightScheme:
     row_block: int = 1  # output rows per checkpoint scale row
     symmetric: bool = True
     packed: bool = False  # compressed-tensors pack-quantized (int32 words along the input)
-    actorder: bool = False  # weight_g_idx gives each input column's group
     scale_name: str = "weight_scale"
     quantize_at_load: bool = False  # runtime -q: quantized from dense weights after loading
 
@@ -110,8 +109,11 @@ def _ct_weights(args: dict[str, Any], fmt: str, field: str) -> WeightScheme:
         row_block = _positive(block[0], f"{field}.block_structure")
         column_block = _positive(block[1], f"{field}.block_structure")
     actorder = args.get("actorder")
-    if actorder not in (None, "static", "group", "weight"):
-        raise ValueError(f"{field}.actorder={actorder!r}: supported None, static, group, weight")
+    if actorder not in (None, "static", "weight"):  # both keep each group's columns together
+        raise ValueError(
+            f"{field}.actorder={actorder!r} (a weight_g_idx per layer, which compressed-tensors "
+            "no longer writes) is not supported; supported: None, static, weight"
+        )
     return WeightScheme(
         type=kind,
         bits=bits,
@@ -119,7 +121,6 @@ def _ct_weights(args: dict[str, Any], fmt: str, field: str) -> WeightScheme:
         row_block=row_block,
         symmetric=symmetric,
         packed=fmt == "pack-quantized",
-        actorder=actorder in ("group", "weight") and strategy == "group",
     )
 
 

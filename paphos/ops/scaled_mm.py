@@ -3,7 +3,7 @@
 
 Weights: values q [out, in] (int8/int4 held in int8, or fp8 e4m3), one scale per (row, column
 block) and, when asymmetric, a zero point beside it: W[o, i] = (q[o, i] - z[o, c(i)]) * s[o, c(i)]
-with c(i) = i // column_block, or g_idx[i] (act-order). Per-tensor, per-channel and row-block
+with c(i) = i // column_block. Per-tensor, per-channel and row-block
 scales arrive expanded to one row per output feature (quant/scaled.py does that at load).
 Activations (`ActivationQuant`), symmetric: s_x = amax / half_range per token, per token group or
 per tensor (a static scale); q = clamp(round(x / s_x)) for int8, (x / s_x) cast for fp8.

@@ -12,7 +12,6 @@ Layout on a rank (out = output features of the rank, in = its input features):
                 alignment with the blocks along the output.
   weight_zero_point  (asymmetric) packed like the values but along the OUTPUT
                 (pack-quantized: [out * bits / 32, blocks] int32), or [out, blocks] int8
-  weight_g_idx  [in] (act-order): each input column's group; the scales then stay whole
   input_scale   (static activations) per tensor, expanded like the weight scales; the product
                 uses their maximum over a fused layer's parts (as vLLM does)
 Invariant: `dequantize(layer)` is exactly what the checkpoint means, and every `apply` path is
@@ -69,7 +68,7 @@ class ScaledLinearMethod:
             self._register(layer, "weight", torch.empty(out_pp, in_pp, dtype=params_dtype), 1)
             return
         block = wq.column_block
-        whole_columns = block is None or wq.actorder  # every rank holds all column scales
+        whole_columns = block is None  # every rank holds the (one) column of scales
         if sharded_in and not whole_columns and in_pp % block:
             raise ValueError(
                 f"a row-parallel shard of {in_pp} inputs is not whole scale blocks of {block} "
@@ -99,10 +98,6 @@ class ScaledLinearMethod:
             else:
                 zero, attrs = torch.empty(out_pp, columns, dtype=torch.int8), {}
             self._register(layer, "weight_zero_point", zero, None if whole_columns else 1, attrs)
-        if wq.actorder:
-            self._register(
-                layer, "weight_g_idx", torch.empty(in_pp, dtype=torch.int32), 0, out=None
-            )
         if self.act is not None and self.act.static:
             input_scale = torch.empty(out_pp, 1, dtype=torch.float32)
             self._register(layer, "input_scale", input_scale, None, row_scales=True)
@@ -114,11 +109,10 @@ class ScaledLinearMethod:
         data: torch.Tensor,
         input_dim: int | None,
         extra: dict | None = None,
-        out: int | None = 0,
         row_scales: bool = False,
     ) -> None:
         param = nn.Parameter(data, requires_grad=False)
-        attrs = {"input_dim": input_dim, "output_dim": out} | (extra or {})
+        attrs = {"input_dim": input_dim, "output_dim": 0} | (extra or {})
         if row_scales:  # the checkpoint's scale rows expanded before the layer cuts its shard
             row_block = 1 if name == "input_scale" else self.weight.row_block
             attrs["weight_loader"] = functools.partial(_load_row_scales, layer, row_block)
@@ -141,9 +135,7 @@ class ScaledLinearMethod:
             layer.register_parameter(wq.scale_name, nn.Parameter(scale, requires_grad=False))
         values = layer.weight_packed if wq.packed else layer.weight
         in_pp = values.shape[1] * (32 // wq.bits if wq.packed else 1)
-        if wq.actorder:
-            columns = layer.weight_g_idx.data.long()  # [in]: global groups, scales whole
-        elif wq.column_block is None:
+        if wq.column_block is None:
             columns = torch.zeros(in_pp, dtype=torch.long)
         else:
             columns = torch.arange(in_pp) // wq.column_block  # [in]: this rank's blocks

@@ -160,7 +160,6 @@ def _dequantized_state(model) -> dict[str, torch.Tensor]:
             module.weight_scale.data,
             getattr(module, "weight_zero_point", None),
             scheme.weights,
-            getattr(module, "weight_g_idx", None),
         )
         state[f"{name}.weight"] = weight.clone()
     for name, tensor in model.state_dict().items():

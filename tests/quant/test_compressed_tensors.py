@@ -145,7 +145,11 @@ def test_gptq_checkpoint_from_llmcompressor(checkpoints, scheme):
 
 @pytest.mark.parametrize(
     "scheme, atol",
-    [("w4a16-g32-asym", 1e-5), ("fp8-block-32", 1e-5), ("w8a8-int8", INT8_ACTS_ATOL)],
+    [
+        ("w4a16-g32-asym", 1e-5),
+        ("fp8-block-32", 1e-5),
+        ("w8a8-int8", INT8_ACTS_ATOL),
+    ],
 )
 def test_tensor_parallel_equals_single_process(checkpoints, scheme, atol):
     """Column shards cut packed zero points along the output and expanded block scales; row
@@ -208,8 +212,9 @@ def _edit_config(path: Path, edit) -> None:
         (lambda q: q.update(kv_cache_scheme={"num_bits": 8}), "kv_cache_scheme"),
         (lambda q: q.update(ignore=["lm_head", "model.layers.0.mlp.down_proj"]), "ignore"),
         (lambda q: q.update(format="marlin-24"), "format='marlin-24'"),
+        (lambda q: q["config_groups"]["group_0"]["weights"].update(actorder="group"), "g_idx"),
     ],
-    ids=["two-groups", "2-bit", "kv-cache-scheme", "ignored-layer", "format"],
+    ids=["two-groups", "2-bit", "kv-cache-scheme", "ignored-layer", "format", "g_idx"],
 )
 def test_unsupported_compressed_tensors_configs_fail_naming_their_field(
     checkpoints, tmp_path, edit, message
