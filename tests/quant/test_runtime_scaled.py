@@ -1,0 +1,110 @@
+"""Runtime `-q int8` / `-q fp8` on a float checkpoint: per-channel weights quantized at load;
+int8 weight-only or W8A8 (dynamic per-token int8 through torch._int_mm), fp8 with dynamic
+per-token activations. `apply` equals dequantize-then-matmul (with the activation quantized the
+same way); the tiny Llama gives the logprobs of the same model with the dequantized weights
+(exactly for weight-only int8); -q fp8 equals compressed-tensors' FP8_DYNAMIC checkpoint of
+the same model."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_gptq import ENGINE, LINEARS, PROMPT
+
+from paphos import LLM, SamplingParams
+from paphos.config import EngineConfig
+from paphos.layers.linear import MergedColumnParallelLinear
+from paphos.ops import scaled_mm
+from paphos.quant import create_linear_method
+from paphos.quant.scaled import ScaledLinearMethod
+from paphos.quant_schemes import runtime_scheme
+
+MODES = {"int8": ("int8", False), "w8a8": ("int8", True), "fp8": ("fp8", False)}
+
+
+def _layer(mode: str) -> tuple[MergedColumnParallelLinear, torch.Tensor]:
+    name, w8a8 = MODES[mode]
+    method = ScaledLinearMethod(runtime_scheme(name, w8a8))
+    layer = MergedColumnParallelLinear(64, [48, 48], linear_method=method)
+    dense = torch.randn(96, 64, generator=torch.Generator().manual_seed(0)) * 0.1  # [out, in]
+    for index, part in enumerate(dense.split(48)):
+        layer.weight.weight_loader(layer.weight, part, index)
+    method.process_weights_after_loading(layer)
+    return layer, dense
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_apply_equals_dequantize_then_matmul(mode):
+    layer, dense = _layer(mode)
+    method = layer.linear_method
+    weight = method.dequantize(layer)  # [out, in] float32
+    # per-row quantization: within half a step of the dense weight (fp8: 3 mantissa bits)
+    step = dense.abs().amax(1, keepdim=True) / (127 if MODES[mode][0] == "int8" else 8)
+    assert ((weight - dense).abs() <= step / 2 + 1e-7).all()
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    seen = x if method.act is None else scaled_mm.fake_quantize_activation(x, method.act)
+    torch.testing.assert_close(layer(x), seen @ weight.t(), rtol=1e-5, atol=1e-5)
+    if mode == "w8a8":  # the int32 sum of torch._int_mm, not the float reference
+        assert method._takes_int8_product(layer)
+    assert layer.weight.dtype == (torch.int8 if MODES[mode][0] == "int8" else torch.float8_e4m3fn)
+
+
+def _dequantized_twin(source, target) -> None:
+    """`source` with each linear weight replaced by its per-row int8 quantized-dequantized
+    value."""
+    shutil.copytree(source, target)
+    state = load_file(str(source / "model.safetensors"))
+    for key, tensor in state.items():
+        if key.endswith(".weight") and key.rsplit(".", 2)[-2] in LINEARS:
+            q, scale = scaled_mm.quantize_rows_int8(tensor)
+            state[key] = q.float() * scale
+    save_file(state, str(target / "model.safetensors"))
+
+
+def _run(path, **kwargs):
+    params = SamplingParams(temperature=0, max_tokens=8, min_tokens=8, prompt_logprobs=1)
+    with LLM(model=str(path), **ENGINE, **kwargs) as llm:
+        out = llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
+    prompt = [e[PROMPT[i]].logprob for i, e in enumerate(out.prompt_logprobs) if e]
+    return out.outputs[0].token_ids, np.array(prompt)
+
+
+def test_runtime_int8_model_equals_its_dequantized_weights(tiny_llama_dir, tmp_path):
+    """Weight-only: exactly the dequantized model. W8A8 (chosen on CUDA and on CPUs with int8
+    dot products): within int8 activation noise, whose rounding flips make a greedy
+    continuation of this flat random model diverge, so only the prompt logprobs are compared
+    (the W8A8 product itself is checked exactly above and through compressed-tensors' W8A8)."""
+    config = EngineConfig.from_kwargs(model=str(tiny_llama_dir), quantization="int8")
+    assert config.model.quant_method == "runtime-int8"
+    _dequantized_twin(tiny_llama_dir, tmp_path / "dense")
+    tokens, prompt = _run(tiny_llama_dir, quantization="int8")
+    want_tokens, want_prompt = _run(tmp_path / "dense")
+    method = create_linear_method("runtime-int8", None, "cpu")
+    if method.act is None:
+        assert tokens == want_tokens
+    np.testing.assert_allclose(prompt, want_prompt, atol=1e-5 if method.act is None else 5e-3)
+
+
+def test_runtime_fp8_model_equals_compressed_tensors_fp8_dynamic(tiny_llama_dir, tmp_path):
+    """-q fp8 is compressed-tensors' FP8_DYNAMIC scheme (per-channel e4m3 weights at amax / 448,
+    dynamic per-token activations), made by its own tool from the same model: equal logprobs
+    (that checkpoint equals transformers' forward, test_compressed_tensors) and greedy tokens."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors writes the twin")
+    from ct_checkpoints import write_compressed
+
+    write_compressed(tiny_llama_dir, tmp_path / "ct", tmp_path / "dense", "fp8-dynamic")
+    tokens, prompt = _run(tiny_llama_dir, quantization="fp8")
+    want_tokens, want_prompt = _run(tmp_path / "ct")
+    assert tokens == want_tokens
+    np.testing.assert_allclose(prompt, want_prompt, atol=1e-5, rtol=0)
+
+
+def test_runtime_quantization_refuses_a_gguf_file():
+    from paphos.config import default_model_path  # the default SmolLM2 Q4_1 GGUF
+
+    with pytest.raises(ValueError, match="is a GGUF file"):
+        EngineConfig.from_kwargs(model=default_model_path(), quantization="int8")
