@@ -78,7 +78,9 @@ class ModelConfig:
             "Weight format: auto (what the checkpoint says: a quantized GGUF file keeps its "
             "blocks on CPU), none (dense; a GGUF file is dequantized at load), gguf (keep GGUF "
             "blocks), q8_0/q5_1/q5_0/q4_1/q4_0 (quantize a float checkpoint into those GGUF "
-            "blocks at load; CPU).",
+            "blocks at load; CPU), int8/fp8 (quantize a float checkpoint per channel at load: "
+            "int8 W8A8 on CUDA and CPUs with VNNI, else weight-only; fp8 with dynamic per-token "
+            "activations).",
             choices=QUANTIZATIONS,
             short="-q",
         ),
@@ -86,7 +88,7 @@ class ModelConfig:
     # Filled by `resolve_model_config` / `EngineConfig.from_kwargs`, not by users.
     hf_config: Any = field(default=None, repr=False, compare=False, metadata={"cli": False})
     gguf_file: str | None = field(default=None, metadata={"cli": False})
-    # The linear method the model is built with ("gguf"), None for dense weights.
+    # The linear method the model is built with (paphos.quantization), None for dense weights.
     quant_method: str | None = field(default=None, metadata={"cli": False})
 
     @property
