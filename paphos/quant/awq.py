@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from paphos.ops import dequant_gemm
+from paphos.ops.dequant_gemm import GroupWeights, from_columns_packed
 from paphos.quant.base import set_weight_attrs
 
 BITS, PACK = 4, 8
@@ -58,7 +60,13 @@ class AWQLinearMethod:
         layer.awq_group = group
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        pass
+        """On CUDA: repacked once for the Triton dequant GEMM (the packed copy replaces the
+        checkpoint's)."""
+        layer.group_gemm = None
+        if layer.qweight.is_cuda and dequant_gemm.cuda_gemm_available():
+            layer.group_gemm = self.group_weights(layer)
+            for name in ("qweight", "qzeros"):
+                getattr(layer, name).data = layer.scales.new_empty(0, dtype=torch.int32)
 
     def dequantize(self, layer: nn.Module, start: int, stop: int) -> torch.Tensor:
         """W.T columns [start, stop) (multiples of 8) in float32: [in_pp, stop - start]."""
@@ -70,9 +78,18 @@ class AWQLinearMethod:
         groups = torch.arange(q.shape[0], device=q.device) // layer.awq_group  # [in_pp]
         return scales[groups] * (q - zeros[groups]).float()  # [in_pp, cols]
 
+    def group_weights(self, layer: nn.Module) -> GroupWeights:
+        """The weight in the dequant GEMM's layout (paphos.ops.dequant_gemm)."""
+        shifts = torch.tensor(INTERLEAVE, dtype=torch.int32, device=layer.qweight.device) * BITS
+        q = _unpack(layer.qweight.data, shifts)  # [in_pp, out_pp]
+        zeros = _unpack(layer.qzeros.data, shifts)  # [groups, out_pp]
+        return from_columns_packed(q, layer.scales.data.float(), zeros, layer.awq_group, BITS)
+
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if getattr(layer, "group_gemm", None) is not None:  # CUDA: the Triton kernel
+            return dequant_gemm.linear(x, layer.group_gemm, bias)  # [num_tokens, out_pp]
         out_pp = layer.scales.shape[1]
         x_fp32 = x.float()  # [num_tokens, in_pp]
         out = torch.empty(x.shape[0], out_pp, dtype=torch.float32, device=x.device)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from paphos.ops import dequant_gemm
+from paphos.ops.dequant_gemm import GroupWeights, from_columns_packed
 from paphos.quant.base import set_weight_attrs
 
 SUPPORTED_BITS = (4, 8)
@@ -86,9 +88,16 @@ class GPTQLinearMethod:
         if layer.gptq_sharded_groups:
             g_idx = g_idx - g_idx.min()
         layer.register_buffer("gptq_groups", g_idx, persistent=False)  # [in_pp]
+        layer.group_gemm = None
+        if layer.qweight.is_cuda and dequant_gemm.cuda_gemm_available():
+            layer.group_gemm = self.group_weights(layer)  # (weights, input order) or None
+            if layer.group_gemm is not None:  # the packed copy replaces the checkpoint's
+                for name in ("qweight", "qzeros"):
+                    getattr(layer, name).data = layer.scales.new_empty(0, dtype=torch.int32)
 
-    def dequantize(self, layer: nn.Module, start: int, stop: int) -> torch.Tensor:
-        """W.T columns [start, stop) in float32: [in_pp, stop - start]."""
+    def unpacked(self, layer: nn.Module, start: int, stop: int):
+        """Columns [start, stop) unpacked: (q [in_pp, cols] int32, zeros [groups, cols] int32
+        with the v1 offset added, scales [groups, cols] float32)."""
         bits, pack, mask = self.bits, self.pack, (1 << self.bits) - 1
         qweight = layer.qweight.data[:, start:stop]  # [in_pp / pack, cols]
         shifts = torch.arange(pack, dtype=torch.int32, device=qweight.device) * bits  # [pack]
@@ -100,14 +109,36 @@ class GPTQLinearMethod:
         zeros = ((qzeros.unsqueeze(2) >> shifts.view(1, 1, pack)) & mask).reshape(
             qzeros.shape[0], -1
         )
-        zeros = (zeros + self.zero_offset).float()
+        return q, zeros + self.zero_offset, layer.scales.data[:, start:stop].float()
+
+    def dequantize(self, layer: nn.Module, start: int, stop: int) -> torch.Tensor:
+        """W.T columns [start, stop) in float32: [in_pp, stop - start]."""
+        q, zeros, scales = self.unpacked(layer, start, stop)
         groups = layer.gptq_groups  # [in_pp]
-        scales = layer.scales.data[:, start:stop].float()  # [groups, cols]
-        return scales[groups] * (q.float() - zeros[groups])  # [in_pp, cols]
+        return scales[groups] * (q.float() - zeros[groups].float())  # [in_pp, cols]
+
+    def group_weights(self, layer: nn.Module) -> tuple[GroupWeights, torch.Tensor] | None:
+        """(the weight in the dequant GEMM's layout, the input permutation it expects: act-order
+        sorts the inputs by group), or None where a row-parallel shard's act-order groups are
+        not whole (the reference path then runs)."""
+        groups = layer.gptq_groups  # [in_pp]
+        in_pp = groups.numel()
+        group = in_pp if self.group_size == -1 else self.group_size
+        perm = torch.argsort(groups, stable=True)  # [in_pp]
+        first = int(groups[perm[0]])
+        local = torch.arange(in_pp, device=groups.device) // group + first
+        if in_pp % group or not torch.equal(groups[perm], local):
+            return None
+        q, zeros, scales = self.unpacked(layer, 0, layer.scales.shape[1])
+        used = slice(first, first + in_pp // group)
+        return from_columns_packed(q[perm], scales[used], zeros[used], group, self.bits), perm
 
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if getattr(layer, "group_gemm", None) is not None:  # CUDA: the Triton kernel
+            weights, perm = layer.group_gemm
+            return dequant_gemm.linear(x, weights, bias, perm)  # [num_tokens, out_pp]
         out_pp = layer.scales.shape[1]
         x_fp32 = x.float()  # [num_tokens, in_pp]
         out = torch.empty(x.shape[0], out_pp, dtype=torch.float32, device=x.device)
