@@ -18,6 +18,7 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
     from paphos.kernels.activation import silu_and_mul
     from paphos.kernels.causal_conv1d import causal_conv1d
     from paphos.kernels.dequant_gemm import dequant_gemm
+    from paphos.kernels.fp8_block_gemm import fp8_block_gemm
     from paphos.kernels.fused_moe import fused_experts
     from paphos.kernels.gated_delta_rule import gated_delta_rule
     from paphos.kernels.gemv import gemv, gemv_silu_and_mul
@@ -50,6 +51,7 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
         "gemv_silu_and_mul": gemv_silu_and_mul,
         "skinny_gemm_silu_and_mul": skinny_gemm_silu_and_mul,
         "dequant_gemm": dequant_gemm,  # W4A16/W8A16 group formats (ops.dequant_gemm)
+        "fp8_block_gemm": fp8_block_gemm,  # fp8 block-scaled weights (ops.scaled_mm)
     }
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import paphos.kernels as triton_kernels
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 # compressed-tensors divides the range (max - min = 255) by 2; vLLM's and `-q int8` use 127
@@ -163,6 +165,53 @@ def int8_linear(
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype)
+
+
+def takes_scaled_mm(weight: torch.Tensor) -> bool:
+    """torch._scaled_mm takes this fp8 weight [N, K]: CUDA with fp8 tensor cores (sm 8.9+),
+    N and K multiples of 16."""
+    if not weight.is_cuda or weight.dtype != FP8_DTYPE:
+        return False
+    n, k = weight.shape
+    return torch.cuda.get_device_capability(weight.device) >= (8, 9) and n % 16 == 0 and k % 16 == 0
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: ActivationQuant,
+    static_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W8A8 fp8 with row-wise scales on CUDA: x [M, K] quantized per token (or per tensor),
+    torch._scaled_mm with scale_a [M, 1] and scale_b [1, N] (bf16 out, as row-wise scaling
+    requires) -> [M, N] in x's dtype. q_weight [N, K] e4m3, weight_scale [N, 1] float32."""
+    q_x, scale_x = quantize_activation(x, act, static_scale)  # [M, K] fp8, [M or 1, 1]
+    scale_a = scale_x.expand(x.shape[0], 1).contiguous()  # [M, 1]
+    out = torch._scaled_mm(
+        q_x,
+        q_weight.t(),  # [K, N] column-major
+        scale_a=scale_a,
+        scale_b=weight_scale.reshape(1, -1).float().contiguous(),  # [1, N]
+        bias=None if bias is None else bias.to(torch.bfloat16),
+        out_dtype=torch.bfloat16,
+    )
+    return out.to(x.dtype)
+
+
+def fp8_block_linear(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: ActivationQuant,
+) -> torch.Tensor:
+    """fp8 weights with block scales [N, K / block] (rows expanded) against activations
+    quantized per token and block: the Triton kernel (CUDA, any M) -> [M, N] in x's dtype."""
+    q_x, scale_x = quantize_activation(x, act)  # [M, K] fp8, [M, K / block]
+    kernel = triton_kernels.CUDA_KERNELS["fp8_block_gemm"]
+    return kernel(q_x, scale_x, q_weight, weight_scale, act.group_size, bias, x.dtype)
 
 
 def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:

@@ -25,7 +25,9 @@ import functools
 import torch
 from torch import nn
 
-from paphos.ops import scaled_mm
+import paphos.kernels as triton_kernels
+from paphos.ops import dequant_gemm, scaled_mm
+from paphos.ops.dequant_gemm import GroupWeights
 from paphos.ops.scaled_mm import ActivationQuant
 from paphos.quant.base import set_weight_attrs
 from paphos.quant_schemes import LinearScheme
@@ -151,6 +153,31 @@ class ScaledLinearMethod:
             layer.register_buffer(
                 "input_scale_max", layer.input_scale.data.amax(), persistent=False
             )
+        layer.group_gemm = self._group_weights(layer, in_pp)
+
+    def _group_weights(self, layer: nn.Module, in_pp: int) -> GroupWeights | None:
+        """On CUDA, weight-only int weights in the Triton dequant GEMM's layout (4-bit: the
+        checkpoint's own words; 8-bit packed words unpacked once, replacing them)."""
+        wq = self.weight
+        group = wq.column_block or in_pp
+        scale = self.scales(layer).data  # [out, blocks]
+        if (
+            self.act is not None
+            or wq.type != "int"
+            or not scale.is_cuda
+            or not dequant_gemm.cuda_gemm_available()
+            or in_pp % group
+        ):
+            return None
+        zero = getattr(layer, "zero_values", None)
+        zero = None if zero is None else zero.float()
+        if wq.packed and wq.bits == 4:
+            return GroupWeights(layer.weight_packed.data, scale, group, 4, 8, zero)
+        if wq.packed:  # int8 in words: unpacked once, the words freed
+            q = _unpack(layer.weight_packed.data, 8)  # [out, in] int8
+            layer.weight_packed.data = q.new_empty(0, dtype=torch.int32)
+            return GroupWeights(q, scale, group, 8, 0, zero)
+        return GroupWeights(layer.weight.data, scale, group, 8, 0, zero)
 
     # ---- product ---------------------------------------------------------------------------
 
@@ -182,12 +209,51 @@ class ScaledLinearMethod:
     ) -> torch.Tensor:
         """x [num_tokens, in] -> [num_tokens, out] in x's dtype."""
         static = getattr(layer, "input_scale_max", None)
+        group_gemm = getattr(layer, "group_gemm", None)
+        if group_gemm is not None:  # CUDA, weight-only int: the Triton dequant GEMM
+            return dequant_gemm.linear(x, group_gemm, bias)
+        if x.is_cuda and self._takes_fp8_product(layer):
+            act = self.act
+            return scaled_mm.fp8_linear(x, layer.weight, self.scales(layer), bias, act, static)
+        if x.is_cuda and self._takes_fp8_block_product():
+            act = self.act
+            return scaled_mm.fp8_block_linear(x, layer.weight, self.scales(layer), bias, act)
         if self._takes_int8_product(layer):
             act = self.act
             return scaled_mm.int8_linear(x, layer.weight, self.scales(layer), bias, act, static)
         out_features = self.scales(layer).shape[0]
         rows = functools.partial(self.dequantize_rows, layer)
         return scaled_mm.reference_linear(x, rows, out_features, bias, self.act, static)
+
+    def _takes_fp8_product(self, layer: nn.Module) -> bool:
+        """torch._scaled_mm (row-wise scales): fp8 per-token or per-tensor activations against
+        fp8 weights with one scale per row, on a GPU with fp8 tensor cores."""
+        act = self.act
+        return (
+            act is not None
+            and act.dtype == scaled_mm.FP8_DTYPE
+            and act.strategy in ("token", "tensor")
+            and self.dtype == scaled_mm.FP8_DTYPE
+            and self.scales(layer).shape[1] == 1
+            and scaled_mm.takes_scaled_mm(layer.weight)
+        )
+
+    def _takes_fp8_block_product(self) -> bool:
+        """The Triton fp8 block GEMM: fp8 weights whose column blocks are the activations'
+        groups (DeepSeek's 1x128 per-token groups against 128x128 blocks)."""
+        act, wq = self.act, self.weight
+        block = wq.column_block
+        return (
+            act is not None
+            and act.dtype == scaled_mm.FP8_DTYPE
+            and act.strategy == "group"
+            and self.dtype == scaled_mm.FP8_DTYPE
+            and block is not None
+            and act.group_size == block
+            and block >= 16
+            and block & (block - 1) == 0
+            and "fp8_block_gemm" in triton_kernels.CUDA_KERNELS
+        )
 
     def _takes_int8_product(self, layer: nn.Module) -> bool:
         """int8 x int8 summed exactly: int8 per-token or per-tensor activations against
