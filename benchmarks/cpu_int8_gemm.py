@@ -2,7 +2,7 @@
 beside the bf16 and fp32 GEMMs at SmolLM2-135M's shapes, with and without the per-token activation
 quantization and the rescale that `-q int8`'s W8A8 path adds around it (ops.scaled_mm). Medians of
 the repeats; on a shared machine read the ratios of one run, not the absolute numbers.
-    python benchmarks/cpu_int8_gemm.py [--rows 1,4,16,64,256] [--repeats 21]
+    python benchmarks/cpu_int8_gemm.py [--rows 1,4,16,64,256] [--repeats 21] [--threads 1]
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ def main() -> None:
     parser.add_argument("--rows", default="1,4,16,64,256")
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--lm-head", action="store_true", help="add the 49152x576 LM head")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = dict(SHAPES) | ({"lm_head": LM_HEAD} if args.lm_head else {})
     torch.manual_seed(0)
     dense = {k: torch.randn(*s) * 0.05 for k, s in shapes.items()}  # [out, in] fp32

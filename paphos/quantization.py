@@ -27,6 +27,8 @@ GGUF_KEPT_TYPE_NAMES = (
     *("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"),
 )
 GGUF_FLOAT_TYPE_NAMES = ("F32", "F16", "BF16")
+# ... and on CUDA (the Triton dequant GEMM); a file with other types is dequantized there
+GGUF_CUDA_TYPE_NAMES = ("Q4_0", "Q4_1", "Q8_0")
 # config.json quant_method values paphos loads, and the GPTQ/AWQ settings it takes
 # (compressed-tensors and fp8 settings: paphos.quant_schemes).
 HF_QUANT_METHODS: tuple[str, ...] = ("gptq", "awq", "compressed-tensors", "fp8")
@@ -41,7 +43,7 @@ def resolve_quant_method(
 ) -> str | None:
     """The linear method to build (a checkpoint's quant_method, 'gguf', a runtime GGUF type or
     'runtime-int8'/'runtime-fp8') or None for dense weights. `device` is the device type
-    ('cpu'/'cuda'): kept GGUF blocks run on CPU only."""
+    ('cpu'/'cuda'): on CUDA, GGUF blocks are kept for Q4_0/Q4_1/Q8_0 files only."""
     if requested not in QUANTIZATIONS:
         raise ValueError(f"quantization={requested!r} is invalid: expected one of {QUANTIZATIONS}")
     hf_method = _hf_quant_method(model, hf_config, gguf_file)
@@ -78,17 +80,29 @@ def resolve_quant_method(
     if requested == "none":
         return None
     if device != "cpu":
+        types = _gguf_type_names(gguf_file) - set(GGUF_FLOAT_TYPE_NAMES)
+        if types and types <= set(GGUF_CUDA_TYPE_NAMES):  # kept: the Triton dequant GEMM
+            return "gguf"
         if requested == "gguf":
             raise ValueError(
-                f"quantization='gguf' runs on CPU only (device={device!r}); use "
-                "--quantization none to dequantize the file at load"
+                f"quantization='gguf' on {device} keeps GGUF types "
+                f"{', '.join(GGUF_CUDA_TYPE_NAMES)} quantized; {model!r} has "
+                f"{sorted(types - set(GGUF_CUDA_TYPE_NAMES)) or 'no quantized tensors'}, which "
+                "run kept quantized on CPU only; use --quantization none to dequantize the file "
+                "at load"
             )
-        logger.info("GGUF blocks run on CPU only: dequantizing %s at load on %s", model, device)
+        logger.info("GGUF types %s run kept on CPU only: dequantizing %s at load", types, model)
         return None
     quantized = _quantized_gguf_types(gguf_file)
     if requested == "auto" and not quantized:
         return None
     return "gguf"
+
+
+def _gguf_type_names(gguf_file: str) -> set[str]:
+    from paphos.gguf_file import tensor_types  # the gguf package only for GGUF files
+
+    return {ggml_type.name for ggml_type in tensor_types(gguf_file).values()}
 
 
 def _quantized_gguf_types(gguf_file: str) -> set[str]:

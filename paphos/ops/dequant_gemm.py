@@ -29,6 +29,10 @@ class GroupWeights:
     zero: torch.Tensor | None = None  # [N, K / group] float
     minimum: torch.Tensor | None = None  # [N, K / group] float
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        fields = {"q": self.q, "scale": self.scale, "zero": self.zero, "minimum": self.minimum}
+        return {name: t for name, t in fields.items() if t is not None}
+
     def to(self, device: torch.device) -> GroupWeights:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return GroupWeights(
@@ -78,7 +82,7 @@ def from_gguf(blocks: torch.Tensor, type_name: str, in_features: int) -> GroupWe
     rows = blocks.shape[0]
     data = blocks.cpu().numpy().reshape(rows, in_features // 32, -1)  # [N, blocks, bytes]
     halves = data[:, :, :header].copy().view(np.float16)  # [N, blocks, 1 or 2]
-    scale = torch.from_numpy(halves[:, :, 0].astype(np.float32))  # [N, blocks]
+    scale = torch.from_numpy(halves[:, :, 0].copy())  # [N, blocks] float16, as stored
     values = data[:, :, header:]
     if type_name == "Q8_0":
         q = torch.from_numpy(values.copy().view(np.int8).reshape(rows, in_features))
@@ -87,7 +91,7 @@ def from_gguf(blocks: torch.Tensor, type_name: str, in_features: int) -> GroupWe
     q = pack_int4_rows(torch.from_numpy(nibbles.reshape(rows, in_features).astype(np.int32)))
     if type_name == "Q4_0":
         return GroupWeights(q, scale, 32, 4, zero_offset=8)
-    minimum = torch.from_numpy(halves[:, :, 1].astype(np.float32))
+    minimum = torch.from_numpy(halves[:, :, 1].copy())
     return GroupWeights(q, scale, 32, 4, minimum=minimum)
 
 

@@ -44,8 +44,8 @@ def create_linear_method(
     # imported here: the gguf package is needed only for GGUF formats
     from paphos.quant.gguf import RUNTIME_TYPES, GGUFLinearMethod
 
-    if quant_method == "gguf":
-        return GGUFLinearMethod()
+    if quant_method == "gguf":  # on CUDA: its Q4_0/Q4_1/Q8_0 through the Triton dequant GEMM
+        return GGUFLinearMethod(group_gemm=device_type == "cuda")
     runtime = {t.name.lower(): t for t in RUNTIME_TYPES}
     if quant_method in runtime:  # a float checkpoint quantized into GGUF blocks at load
         return GGUFLinearMethod(quantize_to=runtime[quant_method])

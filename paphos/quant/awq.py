@@ -17,7 +17,7 @@ from torch import nn
 
 from paphos.ops import dequant_gemm
 from paphos.ops.dequant_gemm import GroupWeights, from_columns_packed
-from paphos.quant.base import set_weight_attrs
+from paphos.quant.base import register_weight_buffers, set_weight_attrs
 
 BITS, PACK = 4, 8
 # bit position (in nibbles) of column j of a pack: the inverse of AutoAWQ's packing order
@@ -65,6 +65,7 @@ class AWQLinearMethod:
         layer.group_gemm = None
         if layer.qweight.is_cuda and dequant_gemm.cuda_gemm_available():
             layer.group_gemm = self.group_weights(layer)
+            register_weight_buffers(layer, "gemm", layer.group_gemm.tensors())
             for name in ("qweight", "qzeros"):
                 getattr(layer, name).data = layer.scales.new_empty(0, dtype=torch.int32)
 

@@ -79,3 +79,13 @@ def set_weight_attrs(param: nn.Parameter, attrs: dict[str, Any]) -> None:
         if hasattr(param, key):
             raise ValueError(f"parameter already has attribute {key!r}; refusing to overwrite it")
         setattr(param, key, value)
+
+
+def register_weight_buffers(
+    layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]
+) -> None:
+    """Keep a method's repacked tensors as (non-persistent) buffers named `{prefix}_weight_*`,
+    so the runner's weight-memory count sees them (a storage shared with a parameter counts
+    once)."""
+    for name, tensor in tensors.items():
+        layer.register_buffer(f"{prefix}_weight_{name}", tensor, persistent=False)

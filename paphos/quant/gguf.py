@@ -20,6 +20,7 @@ from torch import nn
 from paphos.gguf_file import GGUFQuantizedTensor
 from paphos.kernels.cpu import gguf_matvec
 from paphos.ops import dense
+from paphos.quant import gguf_gemm
 from paphos.quant.base import set_weight_attrs
 
 T = GGMLQuantizationType
@@ -51,9 +52,13 @@ class GGUFLinearMethod:
     tensor per call would be a fresh mapping: its page faults cost more than the dequantization).
     """
 
-    def __init__(self, quantize_to: GGMLQuantizationType | None = None) -> None:
+    def __init__(
+        self, quantize_to: GGMLQuantizationType | None = None, group_gemm: bool = False
+    ) -> None:
         """quantize_to: dense matrices loaded from a float checkpoint become blocks of this type
-        after loading (runtime `-q q8_0` etc.), where their rows are whole blocks."""
+        after loading (runtime `-q q8_0` etc.), where their rows are whole blocks. group_gemm:
+        the parts are repacked for the dequant GEMM (quant/gguf_gemm.py: CUDA)."""
+        self.group_gemm = group_gemm
         if quantize_to is not None and quantize_to not in RUNTIME_TYPES:
             raise ValueError(f"quantize_to={quantize_to!r}: expected one of {RUNTIME_TYPES}")
         self.quantize_to = quantize_to
@@ -120,6 +125,11 @@ class GGUFLinearMethod:
                 layer.register_buffer(name, src.contiguous(), persistent=False)
                 parts.append(GGUFPart(start, src.shape[0], None, name))
         layer.gguf_parts = tuple(parts)
+        layer.gguf_group = None
+        if self.group_gemm:
+            device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+            dense_of = functools.partial(dequantized_part, layer)
+            layer.gguf_group = gguf_gemm.repack(layer, device, dense_of)
 
     def _quantized(
         self, src: torch.Tensor | GGUFQuantizedTensor
@@ -138,6 +148,8 @@ class GGUFLinearMethod:
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x [num_tokens, in] -> [num_tokens, out] in x's dtype (fp32 sums)."""
+        if getattr(layer, "gguf_group", None) is not None:
+            return gguf_gemm.apply(layer, x, bias)
         lib = gguf_matvec.load_library() if x.is_cpu else None
         x_fp32 = x.float().contiguous()  # [num_tokens, in]
         total_rows = layer.gguf_shape[0]
@@ -185,6 +197,8 @@ class GGUFLinearMethod:
 
     def embedding(self, layer: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of the weight, dequantized: [*ids.shape] -> [*ids.shape, in] in `dtype`."""
+        if getattr(layer, "gguf_group", None) is not None:
+            return gguf_gemm.embedding(layer, ids, dtype)
         flat = ids.reshape(-1)  # [num_ids]
         in_features = layer.gguf_shape[1]
         out = torch.empty(flat.shape[0], in_features, dtype=dtype)  # [num_ids, in]

@@ -20,7 +20,7 @@ from torch import nn
 
 from paphos.ops import dequant_gemm
 from paphos.ops.dequant_gemm import GroupWeights, from_columns_packed
-from paphos.quant.base import set_weight_attrs
+from paphos.quant.base import register_weight_buffers, set_weight_attrs
 
 SUPPORTED_BITS = (4, 8)
 TILE_COLUMNS = 1024  # output columns dequantized per step of `apply`
@@ -92,6 +92,7 @@ class GPTQLinearMethod:
         if layer.qweight.is_cuda and dequant_gemm.cuda_gemm_available():
             layer.group_gemm = self.group_weights(layer)  # (weights, input order) or None
             if layer.group_gemm is not None:  # the packed copy replaces the checkpoint's
+                register_weight_buffers(layer, "gemm", layer.group_gemm[0].tensors())
                 for name in ("qweight", "qzeros"):
                     getattr(layer, name).data = layer.scales.new_empty(0, dtype=torch.int32)
 

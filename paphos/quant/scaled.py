@@ -29,7 +29,7 @@ import paphos.kernels as triton_kernels
 from paphos.ops import dequant_gemm, scaled_mm
 from paphos.ops.dequant_gemm import GroupWeights
 from paphos.ops.scaled_mm import ActivationQuant
-from paphos.quant.base import set_weight_attrs
+from paphos.quant.base import register_weight_buffers, set_weight_attrs
 from paphos.quant_schemes import LinearScheme
 
 
@@ -154,6 +154,8 @@ class ScaledLinearMethod:
                 "input_scale_max", layer.input_scale.data.amax(), persistent=False
             )
         layer.group_gemm = self._group_weights(layer, in_pp)
+        if layer.group_gemm is not None:
+            register_weight_buffers(layer, "gemm", layer.group_gemm.tensors())
 
     def _group_weights(self, layer: nn.Module, in_pp: int) -> GroupWeights | None:
         """On CUDA, weight-only int weights in the Triton dequant GEMM's layout (4-bit: the
