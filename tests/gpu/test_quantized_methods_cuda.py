@@ -128,3 +128,24 @@ def test_runtime_fp8_on_cuda_uses_scaled_mm_and_equals_reference():
     x = torch.randn(7, IN, generator=torch.Generator().manual_seed(6)).bfloat16()
     want = layers[0](x.float())
     assert rel_error(layers[1](x.to(device)).float().cpu(), want) < 2e-2
+
+
+def test_default_gguf_runs_kept_quantized_on_cuda():
+    """The default SmolLM2 Q4_1 file on CUDA keeps its blocks (the Triton dequant GEMM) and
+    generates what the same file dequantized at load does (float16 products of different
+    rounding: 3 of 4 greedy continuations at least)."""
+    from paphos import LLM, SamplingParams
+    from paphos.config import default_model_path
+
+    _cuda()
+    prompts = [list(range(100 + 7 * i, 124 + 7 * i)) for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
+    outs = {}
+    for quantization in ("auto", "none"):
+        kwargs = dict(device="cuda", dtype="float16", skip_tokenizer_init=True, max_num_seqs=4)
+        with LLM(model=default_model_path(), quantization=quantization, **kwargs) as llm:
+            method = llm.engine.config.model.quant_method
+            assert method == ("gguf" if quantization == "auto" else None)
+            got = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            outs[quantization] = [o.outputs[0].token_ids for o in got]
+    assert sum(a == b for a, b in zip(outs["auto"], outs["none"])) >= 3
