@@ -18,6 +18,7 @@ from typing import Any
 from paphos.quantization import QUANTIZATIONS, resolve_quant_method
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # fp8 = e4m3
 LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_IMPLS = ("auto", "paphos", "transformers")
@@ -135,6 +136,14 @@ class CacheConfig:
         metadata=_help(
             "Hybrid models (Mamba2, Gated DeltaNet): recurrent-state slots, the most requests "
             "holding state at once; default max_num_seqs."
+        ),
+    )
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata=_help(
+            "KV cache element type: auto (the model's dtype), fp8 / fp8_e4m3 or fp8_e5m2 "
+            "(one byte, per-tensor scale 1.0: twice bf16's tokens; CPU).",
+            choices=KV_CACHE_DTYPES,
         ),
     )
 
@@ -272,6 +281,12 @@ class EngineConfig:
             auto_device(device),
         )
         model_config = dataclasses.replace(model_config, quant_method=quant_method)
+        kv_dtype = parts["cache"].get("kv_cache_dtype", "auto")
+        if kv_dtype != "auto" and auto_device(device) != "cpu":
+            raise ValueError(
+                f"kv_cache_dtype={kv_dtype!r} runs on CPU only so far (the Triton attention "
+                "kernels are not checked with fp8 caches); use kv_cache_dtype='auto'"
+            )
         if not parts["scheduler"].get("max_num_batched_tokens"):
             parts["scheduler"]["max_num_batched_tokens"] = default_token_budget(device)
         config = cls(
@@ -299,6 +314,12 @@ class EngineConfig:
             "a multiple of 8",
         )
         _check(c.kv_cache_space > 0, "kv_cache_space", c.kv_cache_space, "> 0 GiB")
+        _check(
+            c.kv_cache_dtype in KV_CACHE_DTYPES,
+            "kv_cache_dtype",
+            c.kv_cache_dtype,
+            f"one of {KV_CACHE_DTYPES}",
+        )
         _check(
             0 < c.gpu_memory_utilization <= 1,
             "gpu_memory_utilization",

@@ -63,6 +63,20 @@ class KVCacheSpec:
         return f"KV cache layout: {self.bytes_per_token} bytes per token ({dtype}; {layers})"
 
 
+FP8_CACHE_DTYPES = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache's element type for `--kv-cache-dtype` (auto: the model's). fp8 caches hold
+    K and V cast with a per-tensor scale of 1.0 and are read by the torch reference attention
+    (the C kernels take fp32/bf16 caches and fall back to it); CPU only (EngineConfig)."""
+    return model_dtype if name == "auto" else FP8_CACHE_DTYPES[name]
+
+
 def allocate_kv_caches(
     spec: KVCacheSpec, num_blocks: int, device: torch.device
 ) -> list[torch.Tensor]:

@@ -36,7 +36,13 @@ from paphos.quant import create_linear_method
 from paphos.runner.cpu_threads import ThreadGovernor, plan_threads
 from paphos.runner.cuda_graph import MAX_SEQ_LEN_TO_CAPTURE, DecodeGraphs, batch_size_buckets
 from paphos.runner.inputs import InputBuffers, RunnerRequestState, StepInputs, build_step_inputs
-from paphos.runner.kv_cache import GiB, KVCacheSpec, allocate_kv_caches, num_blocks_for_device
+from paphos.runner.kv_cache import (
+    GiB,
+    KVCacheSpec,
+    allocate_kv_caches,
+    kv_cache_dtype,
+    num_blocks_for_device,
+)
 from paphos.runner.state_cache import (
     allocate_state_caches,
     cache_layout,
@@ -233,7 +239,8 @@ class ModelRunner:
         """Every attention layer's cache (each describes its own, `cache_spec()`), in order; none
         for a pure state-space model (its blocks then only count tokens)."""
         layers = [m.cache_spec() for m in self.model.modules() if hasattr(m, "cache_spec")]
-        return KVCacheSpec(block_size=self.block_size, dtype=self.dtype, layers=tuple(layers))
+        dtype = kv_cache_dtype(self.config.cache.kv_cache_dtype, self.dtype)
+        return KVCacheSpec(block_size=self.block_size, dtype=dtype, layers=tuple(layers))
 
     def state_cache_bytes(self) -> int:
         if self.state_spec is None or self.num_state_slots is None:
