@@ -79,7 +79,7 @@ class ModelConfig:
             "Weight format: auto (what the checkpoint says: a quantized GGUF file keeps its "
             "blocks on CPU), none (dense; a GGUF file is dequantized at load), gguf (keep GGUF "
             "blocks), q8_0/q5_1/q5_0/q4_1/q4_0 (quantize a float checkpoint into those GGUF "
-            "blocks at load; CPU), int8/fp8 (quantize a float checkpoint per channel at load: "
+            "blocks at load; CPU), int8/fp8 (quantize weights per channel at load: "
             "int8 W8A8 on CUDA and CPUs with VNNI, else weight-only; fp8 with dynamic per-token "
             "activations).",
             choices=QUANTIZATIONS,

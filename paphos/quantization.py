@@ -54,12 +54,7 @@ def resolve_quant_method(
                 "quantization_config.quant_method in its config.json); use --quantization auto"
             )
         return hf_method
-    if requested in RUNTIME_SCALED:
-        if gguf_file is not None:
-            raise ValueError(
-                f"quantization={requested!r} quantizes safetensors/.bin float checkpoints; "
-                f"{model!r} is a GGUF file (try --quantization q8_0 for its CPU path)"
-            )
+    if requested in RUNTIME_SCALED:  # a GGUF file's blocks are dequantized, then quantized
         return f"runtime-{requested}"
     if requested in RUNTIME_GGUF:
         if gguf_file is not None:

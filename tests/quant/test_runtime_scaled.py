@@ -103,8 +103,22 @@ def test_runtime_fp8_model_equals_compressed_tensors_fp8_dynamic(tiny_llama_dir,
     np.testing.assert_allclose(prompt, want_prompt, atol=1e-5, rtol=0)
 
 
-def test_runtime_quantization_refuses_a_gguf_file():
-    from paphos.config import default_model_path  # the default SmolLM2 Q4_1 GGUF
+def test_runtime_int8_on_the_default_gguf_file():
+    """-q int8 on the default SmolLM2 Q4_1 file: its blocks dequantized at load, then quantized
+    per channel. Greedy continuations of the real model leave the dense model's after a few
+    tokens (notes/quant.md: 2-27 tokens for int8 weight-only, 5-13 for W8A8 in bf16), so only
+    the first two are compared."""
+    from paphos.config import default_model_path
 
-    with pytest.raises(ValueError, match="is a GGUF file"):
-        EngineConfig.from_kwargs(model=default_model_path(), quantization="int8")
+    prompt = [1, 504, 3458, 282, 4649, 314, 1046, 2152, 30, 378, 3458, 282]
+    params = SamplingParams(temperature=0, max_tokens=12, min_tokens=12)
+    outs = {}
+    for quantization in ("int8", "none"):
+        kwargs = dict(ENGINE, quantization=quantization, dtype="bfloat16")
+        with LLM(model=default_model_path(), **kwargs) as llm:
+            assert llm.engine.config.model.quant_method == (
+                "runtime-int8" if quantization == "int8" else None
+            )
+            out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+            outs[quantization] = out.outputs[0].token_ids
+    assert outs["int8"][:2] == outs["none"][:2] and len(outs["int8"]) == 12
