@@ -4,6 +4,7 @@ same dtype, the reference path); one table with the ratios.
 
     python benchmarks/cpu_quant.py                         # bf16 and fp32, 64 x 128
     python benchmarks/cpu_quant.py --dtypes bfloat16 --num-prompts 16
+    python benchmarks/cpu_quant.py --methods int8,none --dtypes bfloat16   # -q int8 (W8A8)
 
 Throughput: output tokens per wall second, all prompts submitted at once. ms/tok: batch 1 (the
 latency prompt), mean per output token after the first. Weights: parameter and weight-buffer
@@ -37,7 +38,13 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD)
     parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
+    parser.add_argument(
+        "--methods", default="gguf,none", help="-q values to run; ratios are against none"
+    )
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    if "none" not in methods:
+        methods.append("none")
     args.load_format, args.device, args.tensor_parallel_size = "auto", "cpu", 1
     from paphos.config import default_model_path
 
@@ -45,7 +52,7 @@ def main() -> None:
     prompts, max_tokens, latency_index = load_workload(args.workload, args.num_prompts)
     rows = []
     for dtype in args.dtypes.split(","):
-        for quantization in ("gguf", "none"):
+        for quantization in methods:
             args.quantization = quantization
             result = run_paphos(model, dtype, prompts, max_tokens, latency_index, args)
             reference = _check_reference(args.reference, dtype, result["outputs"])
@@ -60,9 +67,11 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    for index, (dtype, quantization, result, reference) in enumerate(rows):
-        peer = rows[index + 1 if quantization == "gguf" else index][2]
-        name = "GGUF kept (-q gguf)" if quantization == "gguf" else "dequantized (none)"
+    dense_rows = {dtype: result for dtype, q, result, _ in rows if q == "none"}
+    names = {"gguf": "GGUF kept (-q gguf)", "none": "dequantized (none)"}
+    for dtype, quantization, result, reference in rows:
+        peer = dense_rows[dtype]
+        name = names.get(quantization, f"-q {quantization}")
         mib = f"{result['weight_mib']:.1f}" if result["weight_mib"] is not None else "-"
         print(
             f"{dtype:9} {name:18} {mib:>6} {result['tok_s']:7.1f} "
