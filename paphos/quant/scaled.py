@@ -14,6 +14,9 @@ Layout on a rank (out = output features of the rank, in = its input features):
                 (pack-quantized: [out * bits / 32, blocks] int32), or [out, blocks] int8
   input_scale   (static activations) per tensor, expanded like the weight scales; the product
                 uses their maximum over a fused layer's parts (as vLLM does)
+Products: int8 x int8 through torch._int_mm (exact); on CUDA weight-only int through the
+Triton dequant GEMM, per-row fp8 through torch._scaled_mm, fp8 blocks through the Triton block
+GEMM; everything else dequantize-then-matmul per tile of rows (ops.scaled_mm).
 Invariant: `dequantize(layer)` is exactly what the checkpoint means, and every `apply` path is
 tested against dequantize-then-matmul (with the activation quantized the same way).
 """

@@ -122,3 +122,28 @@ def test_runtime_int8_on_the_default_gguf_file():
             out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
             outs[quantization] = out.outputs[0].token_ids
     assert outs["int8"][:2] == outs["none"][:2] and len(outs["int8"]) == 12
+
+
+def test_static_input_scales_take_the_largest_over_fused_parts():
+    """compressed-tensors/fp8 static activations: one input_scale per checkpoint tensor; a fused
+    layer's parts share their input, so the product quantizes it once, by the largest scale
+    (vLLM's rule; exact where the parts' scales are equal, as llmcompressor's observers of
+    one input give)."""
+    from paphos.quant_schemes import ActivationScheme, LinearScheme, WeightScheme
+
+    acts = ActivationScheme("float", "tensor", static=True, half_range=448.0)
+    method = ScaledLinearMethod(LinearScheme(WeightScheme("float"), acts))
+    layer = MergedColumnParallelLinear(64, [32, 32], linear_method=method)
+    gen = torch.Generator().manual_seed(7)
+    q = (torch.randn(64, 64, generator=gen) * 40).to(torch.float8_e4m3fn)  # [out, in]
+    for index, input_scale in enumerate((0.004, 0.01)):
+        layer.weight.weight_loader(layer.weight, q[32 * index : 32 * (index + 1)], index)
+        scale = torch.tensor([0.02 * (index + 1)])
+        layer.weight_scale.weight_loader(layer.weight_scale, scale, index)
+        layer.input_scale.weight_loader(layer.input_scale, torch.tensor(input_scale), index)
+    method.process_weights_after_loading(layer)
+    assert float(layer.input_scale_max) == pytest.approx(0.01)
+    x = torch.randn(3, 64, generator=gen)
+    seen = (x / 0.01).clamp(-448, 448).to(torch.float8_e4m3fn).float() * 0.01
+    weight = q.float() * torch.tensor([0.02] * 32 + [0.04] * 32)[:, None]
+    torch.testing.assert_close(layer(x), seen @ weight.t(), rtol=1e-5, atol=1e-5)
