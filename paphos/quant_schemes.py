@@ -89,7 +89,8 @@ def parse_compressed_tensors(config: dict[str, Any], where: str) -> LinearScheme
 def _ct_weights(args: dict[str, Any], fmt: str, field: str) -> WeightScheme:
     kind, bits, strategy = args.get("type"), args.get("num_bits"), args.get("strategy")
     allowed = {"int": (4, 8) if fmt == "pack-quantized" else (8,), "float": (8,)}
-    if kind not in allowed or bits not in allowed[kind] or (kind == "float" and fmt[0] == "p"):
+    packed = fmt == "pack-quantized"
+    if kind not in allowed or bits not in allowed[kind] or (kind == "float" and packed):
         raise ValueError(
             f"{field}: type={kind!r} num_bits={bits!r} in format {fmt!r} is not supported; "
             "supported: int 4/8 (pack-quantized), int 8 (int-quantized), float 8 (float-quantized)"
@@ -120,7 +121,7 @@ def _ct_weights(args: dict[str, Any], fmt: str, field: str) -> WeightScheme:
         column_block=column_block,
         row_block=row_block,
         symmetric=symmetric,
-        packed=fmt == "pack-quantized",
+        packed=packed,
     )
 
 
