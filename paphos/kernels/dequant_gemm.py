@@ -40,6 +40,7 @@ def _dequant_gemm_kernel(
     HAS_ZERO: tl.constexpr,
     HAS_MIN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding), else "tf32"
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -70,7 +71,7 @@ def _dequant_gemm_kernel(
         w *= tl.load(scale_ptr + groups, mask=wmask, other=0.0).to(tl.float32)
         if HAS_MIN:
             w += tl.load(min_ptr + groups, mask=wmask, other=0.0).to(tl.float32)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     out_rows = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
@@ -122,6 +123,7 @@ def dequant_gemm(
         HAS_ZERO=zero is not None,
         HAS_MIN=minimum is not None,
         HAS_BIAS=bias is not None,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

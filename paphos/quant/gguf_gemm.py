@@ -53,17 +53,20 @@ def apply(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 
 def embedding(layer: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows `ids` dequantized: [*ids.shape] -> [*ids.shape, in] in `dtype`."""
+    """Rows `ids` dequantized: [*ids.shape] -> [*ids.shape, in] in `dtype`. No boolean indexing
+    (a host sync): each part's rows are gathered for clamped ids and kept where the id is
+    inside the part, so the lookup can be captured in a CUDA graph."""
     flat = ids.reshape(-1)  # [num_ids]
-    out = torch.empty(flat.shape[0], layer.gguf_shape[1], dtype=dtype, device=ids.device)
+    out = torch.zeros(flat.shape[0], layer.gguf_shape[1], dtype=dtype, device=ids.device)
     for row_start, rows, weights in layer.gguf_group:
         local = flat - row_start
-        inside = (local >= 0) & (local < rows)
-        picked = local[inside]
+        inside = ((local >= 0) & (local < rows)).unsqueeze(1)  # [num_ids, 1]
+        picked = local.clamp(0, rows - 1)
         if isinstance(weights, GroupWeights):
-            out[inside] = dequant_gemm.dequantize(_rows(weights, picked)).to(dtype)
+            values = dequant_gemm.dequantize(_rows(weights, picked))  # [num_ids, in]
         else:
-            out[inside] = weights.index_select(0, picked).to(dtype)
+            values = weights.index_select(0, picked)
+        out = torch.where(inside, values.to(dtype), out)
     return out.reshape(*ids.shape, -1)
 
 
