@@ -51,8 +51,8 @@ class ActivationQuant:
 def activation_scales(x: torch.Tensor, spec: ActivationQuant) -> torch.Tensor:
     """Dynamic scales of x [M, K]: [M, 1] (token), [M, ceil(K / group)] (group), [1, 1]."""
     x = x.float()
-    if spec.strategy == "token":
-        amax = x.abs().amax(dim=1, keepdim=True)  # [M, 1]
+    if spec.strategy == "token":  # max |x| per row in one op (abs + amax would be two)
+        amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)  # [M, 1]
     elif spec.strategy == "group":
         amax = _grouped(x, spec.group_size).abs().amax(dim=2)  # [M, groups]
     else:
@@ -66,9 +66,9 @@ def quantize_activation(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [M, K] in spec.dtype, scale) of x [M, K]; scale as `activation_scales` gives it."""
     scale = static_scale.reshape(1, 1).float() if spec.static else activation_scales(x, spec)
-    scaled = _divide(x.float(), scale, spec)  # [M, K]
+    scaled = _divide(x.float(), scale, spec)  # [M, K], a new tensor: rounded in place
     if spec.dtype == torch.int8:
-        return scaled.round().clamp(-128, 127).to(torch.int8), scale
+        return scaled.round_().clamp_(-128, 127).to(torch.int8), scale
     return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
@@ -161,9 +161,10 @@ def int8_linear(
         acc = torch._int_mm(padded, q_weight.t())[: q_x.shape[0]]  # [M, N] int32
     else:
         acc = torch._int_mm(q_x, q_weight.t())  # [M, N] int32
-    out = acc.float() * scale_x * weight_scale.reshape(1, -1).float()
+    # [M, N] float32: int32 * float32 promotes; one outer product of the two scales
+    out = acc * (scale_x * weight_scale.reshape(1, -1))
     if bias is not None:
-        out += bias.float()
+        out += bias
     return out.to(x.dtype)
 
 
