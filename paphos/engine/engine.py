@@ -88,13 +88,14 @@ class Engine:
         self._grammars_lock = threading.Lock()
         self.num_overlapped_steps = 0  # steps launched while the one before them still ran
         num_cache_tokens = self.num_kv_blocks * config.cache.block_size
+        fp8 = "" if config.cache.kv_cache_dtype == "auto" else f", {config.cache.kv_cache_dtype}"
         logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, kv_cache_dtype %s); max_model_len %d; "
+            "KV cache: %d blocks of %d tokens (%d tokens%s); max_model_len %d; "
             "%d sequences of max_model_len fit at once",
             self.num_kv_blocks,
             config.cache.block_size,
             num_cache_tokens,
-            config.cache.kv_cache_dtype,
+            fp8,
             self.max_model_len,
             num_cache_tokens // self.max_model_len,
         )
