@@ -9,6 +9,8 @@ and soft-cap its scores (`logits_soft_cap`: c * tanh(s / c)); both travel to the
 A layer with `chunk_size` c attends only within its query's chunk of c positions (Llama 4).
 A layer built with `use_sinks` takes each call's per-head sink logits (`sinks=`, the model's
 parameter, gpt-oss): they join every query's softmax.
+The runner binds each layer to its KV cache group (`kv_cache_group`: sliding-window layers have
+block tables of their own); unbound layers use group 0, the only one of a model without windows.
 
 The implementation (torch reference on CPU, Triton on CUDA) is picked once when the layer is built.
 A kernel that takes the batch's host-side bounds (`max_query_len`, `max_seq_len`) gets them from the
@@ -63,6 +65,7 @@ class Attention(nn.Module):
             raise ValueError(f"logits_soft_cap={logits_soft_cap} must be > 0 (or None)")
         self.sliding_window = sliding_window
         self.logits_soft_cap = logits_soft_cap
+        self.kv_cache_group = 0  # set by the runner (ModelRunner.initialize_kv_cache)
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = scale
@@ -92,7 +95,9 @@ class Attention(nn.Module):
             self._limits["chunk_size"] = chunk_size
 
     def cache_spec(self) -> LayerCacheSpec:
-        return LayerCacheSpec("kv", self.num_kv_heads, self.head_size)
+        return LayerCacheSpec(
+            "kv", self.num_kv_heads, self.head_size, sliding_window=self.sliding_window
+        )
 
     def forward(
         self,
@@ -113,7 +118,8 @@ class Attention(nn.Module):
                 "exactly when it is set"
             )
         num_tokens = query.shape[0]
-        query = self._rotate_and_write_kv(query, key, value, kv_cache, attn_metadata, positions)
+        slots, block_tables = attn_metadata.kv_group(self.kv_cache_group)
+        query = self._rotate_and_write_kv(query, key, value, kv_cache, slots, positions)
         q = query.view(num_tokens, self.num_heads, self.head_size)
         bounds = {}
         if self._takes_bounds:
@@ -126,7 +132,7 @@ class Attention(nn.Module):
             kv_cache,
             attn_metadata.query_start_loc,
             attn_metadata.seq_lens,
-            attn_metadata.block_tables,
+            block_tables,
             self.scale,
             **bounds,
             **self._limits,
@@ -140,14 +146,14 @@ class Attention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         kv_cache: torch.Tensor,
-        attn_metadata: AttentionMetadata,
+        slots: torch.Tensor,
         positions: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Rotate q and k (with a rotary embedding), write k and v to the cache; returns q."""
+        """Rotate q and k (with a rotary embedding), write k and v to the cache slots [num_tokens];
+        returns q."""
         rope = self.rotary_emb
         if rope is not None and positions is None:
             raise ValueError("this Attention layer has a rotary embedding: pass positions=")
-        slots = attn_metadata.slot_mapping
         if rope is not None and self._rotary_and_write_kv is not None:
             return self._rotary_and_write_kv(
                 positions,

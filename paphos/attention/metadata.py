@@ -1,4 +1,9 @@
-"""Where each sequence's tokens sit in the flat batch and in the paged KV cache, for one step."""
+"""Where each sequence's tokens sit in the flat batch and in the paged KV cache, for one step.
+
+A model with sliding-window layers has several KV cache groups (`paphos.core.kv_cache_groups`),
+each with its own block tables and slots: `slot_mapping`/`block_tables` are group 0's, the others
+in `group_tables`; a layer reads its own through `kv_group`.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,14 @@ class AttentionMetadata:
     # batch: the scratch slot); None for models without state layers. A sequence continues its
     # slot's state when it has context (seq_lens > its query length), else starts from zeros.
     state_indices: torch.Tensor | None = None
+    # (slot_mapping, block_tables) of KV cache groups 1, 2, ... (shapes as group 0's)
+    group_tables: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+
+    def kv_group(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot_mapping [num_tokens], block_tables [num_seqs, max_blocks]) of one group."""
+        if group == 0:
+            return self.slot_mapping, self.block_tables
+        return self.group_tables[group - 1]
 
     @property
     def num_seqs(self) -> int:

@@ -2,7 +2,9 @@
 
 Invariant: every block is either in the free queue with ref_cnt 0, or out of it with ref_cnt > 0; a
 hash-map entry always points at a block that holds that hash (free blocks keep their hash, and stay
-findable, until they are handed out again). Pure Python: no torch.
+findable, until they are handed out again). A pool may reserve block 0 as its null block (the table
+entry of a sliding-window block no query sees any more): never free, never cached, never counted
+as held. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -131,15 +133,26 @@ class PrefixCacheStats:
 class BlockPool:
     """Owns every KV cache block: hands them out, takes them back, remembers full ones by hash."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool) -> None:
-        if not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks={num_blocks!r} is invalid: expected an int >= 1")
+    def __init__(
+        self, num_blocks: int, enable_caching: bool, reserve_null_block: bool = False
+    ) -> None:
+        least = 2 if reserve_null_block else 1
+        if not isinstance(num_blocks, int) or num_blocks < least:
+            raise ValueError(f"num_blocks={num_blocks!r} is invalid: expected an int >= {least}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(block_id=i) for i in range(num_blocks)]
-        self.free_queue = FreeBlockQueue(self.blocks)
+        self.null_block: KVCacheBlock | None = None
+        if reserve_null_block:
+            self.null_block = self.blocks[0]
+            self.null_block.ref_cnt = 1  # held forever, by nobody
+        self.free_queue = FreeBlockQueue(b for b in self.blocks if b is not self.null_block)
         self.cached_blocks: dict[BlockHash, KVCacheBlock] = {}
         self.prefix_cache_stats = PrefixCacheStats()
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.num_blocks - (self.null_block is not None)
 
     @property
     def num_free_blocks(self) -> int:
@@ -148,7 +161,7 @@ class BlockPool:
     @property
     def usage(self) -> float:
         """Fraction of blocks held by requests (free cached blocks count as free)."""
-        return 1.0 - self.num_free_blocks / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_usable_blocks
 
     def get_cached_block(self, block_hash: BlockHash) -> KVCacheBlock | None:
         if not self.enable_caching:
@@ -172,6 +185,8 @@ class BlockPool:
     def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Add a reference to each block (a prefix-cache hit), taking free ones out of the queue."""
         for block in blocks:
+            if block is self.null_block:
+                continue
             if block.ref_cnt == 0:
                 self.free_queue.remove(block)
             block.ref_cnt += 1
@@ -180,6 +195,8 @@ class BlockPool:
         """Drop one reference from each block; blocks reaching 0 go to the tail in this order, so
         the first block given here is the first to be evicted among them."""
         for block in ordered_blocks:
+            if block is self.null_block:
+                continue
             assert block.ref_cnt > 0, f"block {block.block_id} freed more often than taken"
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
@@ -188,7 +205,7 @@ class BlockPool:
     def cache_block(self, block: KVCacheBlock, block_hash: BlockHash) -> None:
         """Register a full, held block under its hash. If another block already caches the same
         content, this one stays unregistered (no hash) and is simply reused when freed."""
-        if not self.enable_caching or block.block_hash is not None:
+        if not self.enable_caching or block.block_hash is not None or block is self.null_block:
             return
         assert block.ref_cnt > 0, f"block {block.block_id} must be held to be cached"
         if block_hash in self.cached_blocks:
@@ -202,7 +219,7 @@ class BlockPool:
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only when no block is held (returns False otherwise)."""
-        if self.num_free_blocks != self.num_blocks:
+        if self.num_free_blocks != self.num_usable_blocks:
             return False
         for block in self.blocks:
             block.block_hash = None
@@ -230,7 +247,9 @@ class BlockPool:
         for block in self.blocks:
             in_queue = block.block_id in queued_ids
             assert in_queue == block.in_free_queue, f"block {block.block_id}: stale queue flag"
-            if in_queue:
+            if block is self.null_block:
+                assert not in_queue and block.block_hash is None, "the null block was handed out"
+            elif in_queue:
                 assert block.ref_cnt == 0, f"free block {block.block_id} has refs"
             else:
                 assert block.ref_cnt > 0, f"block {block.block_id} is lost (no refs, not free)"

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from paphos.config import CacheConfig, SchedulerConfig
-from paphos.core.kv_cache_manager import KVCacheManager
+from paphos.core.kv_cache_groups import KVCacheLayout, sliding_group_bound
+from paphos.core.kv_cache_manager import GroupBlockIds, KVCacheManager
 from paphos.core.state_pool import StatePool
 from paphos.core.step_data import (
     CachedRequestData,
@@ -71,12 +72,12 @@ class _StepPlan:
     """What `schedule()` decided so far in this step (batch order = insertion order)."""
 
     token_budget: int
-    # (request, tokens it computes, blocks allocated for them), in batch order
-    entries: list[tuple[Request, int, list[int]]] = field(default_factory=list)
+    # (request, tokens it computes, blocks allocated for them per group), in batch order
+    entries: list[tuple[Request, int, GroupBlockIds]] = field(default_factory=list)
     admitted: list[Request] = field(default_factory=list)
     num_preempted: int = 0
 
-    def add(self, request: Request, num_tokens: int, new_block_ids: list[int]) -> None:
+    def add(self, request: Request, num_tokens: int, new_block_ids: GroupBlockIds) -> None:
         self.entries.append((request, num_tokens, new_block_ids))
         self.token_budget -= num_tokens
 
@@ -86,7 +87,8 @@ class Scheduler:
 
     Engine loop: `add_request`, then per step `schedule()` -> runner -> `update()`; aborts and
     stop-string finishes go through `finish_requests`. A request that cannot get KV blocks
-    preempts the latest-arriving running request (recompute later, outputs kept).
+    preempts the latest-arriving running request (recompute later, outputs kept). `num_blocks`
+    is a block count (one full-attention group) or a `KVCacheLayout` (sliding-window groups).
 
     Hybrid models (`num_state_slots` given): each running request also holds one recurrent-state
     slot; a waiting request is admitted only when a slot and its blocks are both free. Prefix
@@ -97,10 +99,14 @@ class Scheduler:
         self,
         scheduler_config: SchedulerConfig,
         cache_config: CacheConfig,
-        num_blocks: int,
+        num_blocks: int | KVCacheLayout,
         max_model_len: int,
         num_state_slots: int | None = None,
     ) -> None:
+        if not isinstance(num_blocks, KVCacheLayout):
+            if not isinstance(num_blocks, int) or num_blocks < 1:
+                raise ValueError(f"num_blocks={num_blocks!r} is invalid: expected an int >= 1")
+            num_blocks = KVCacheLayout.single(num_blocks)
         _validate(scheduler_config, cache_config, num_blocks, max_model_len)
         self.config = scheduler_config
         self.max_model_len = max_model_len
@@ -182,6 +188,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Running requests first (arrival order), then waiting ones (FIFO) while budget lasts."""
         plan = _StepPlan(token_budget=self.config.max_num_batched_tokens)
+        if self.kv_cache_manager.sliding_groups:  # out-of-window blocks back before allocating
+            for request in self.running:
+                self.kv_cache_manager.remove_skipped_blocks(request)
         self._schedule_running(plan)
         if plan.num_preempted == 0:  # blocks are short: admitting more would only thrash
             self._schedule_waiting(plan)
@@ -286,7 +295,7 @@ class Scheduler:
 
     def _allocate_or_preempt(
         self, request: Request, num_new_tokens: int, plan: _StepPlan
-    ) -> list[int] | None:
+    ) -> GroupBlockIds | None:
         """Blocks for the request, preempting the latest arrivals (possibly itself) until they fit.
         Victims come from the end of `running`, which this step has not scheduled yet."""
         while True:
@@ -364,12 +373,14 @@ class Scheduler:
         all of them, or (False) for none when the free blocks do not cover all."""
         kv = self.kv_cache_manager
         needed = sum(kv.num_new_blocks(request, num_steps) for request, _, _ in plan.entries)
-        if needed > kv.num_free_blocks:
+        if not kv.has_free_blocks(needed):
             return False
-        for request, _, new_block_ids in plan.entries:
+        for index, (request, num_tokens, new_block_ids) in enumerate(plan.entries):
             more = kv.allocate_slots(request, num_steps)
             assert more is not None, "counted free blocks did not suffice"
-            new_block_ids.extend(more)
+            if more:
+                merged = tuple(a + b for a, b in zip(new_block_ids, more)) or more
+                plan.entries[index] = (request, num_tokens, merged)
         return True
 
     def _build_output(self, plan: _StepPlan, step_id: int, num_steps: int = 1) -> SchedulerOutput:
@@ -390,11 +401,7 @@ class Scheduler:
                 outputs = request.output_token_ids
                 known_outputs = num_known - len(request.prompt_token_ids)  # >= 0: prompt sent
                 fresh = tuple(outputs[known_outputs:]) if known_outputs < len(outputs) else ()
-                cached_requests.append(
-                    CachedRequestData(
-                        req_id, fresh, tuple(new_block_ids) if new_block_ids else (), start
-                    )
-                )
+                cached_requests.append(CachedRequestData(req_id, fresh, new_block_ids, start))
             num_tokens_known = request.num_tokens
             runner_tokens[req_id] = num_tokens_known
             if num_steps > 1:  # every request decodes: it computes and samples num_steps tokens
@@ -425,7 +432,7 @@ class Scheduler:
             prompt_token_ids=tuple(request.prompt_token_ids),
             output_token_ids=tuple(request.output_token_ids),
             sampling_params=request.sampling_params,
-            block_ids=tuple(self.kv_cache_manager.get_block_ids(request.request_id)),
+            block_ids=tuple(map(tuple, self.kv_cache_manager.get_block_ids(request.request_id))),
             num_computed_tokens=request.num_computed_tokens,
             state_slot=None if self.state_pool is None else self.state_pool.get_slot(req_id),
         )
@@ -503,7 +510,7 @@ class Scheduler:
             num_scheduled = request.num_tokens + request.num_pending_tokens
             assert request.num_computed_tokens <= num_scheduled
             assert request.num_tokens <= self.max_model_len
-            num_slots = len(kv.get_block_ids(request.request_id)) * kv.block_size
+            num_slots = len(kv.get_block_ids(request.request_id)[0]) * kv.block_size
             assert num_slots >= request.num_computed_tokens, f"{request.request_id}: too few blocks"
         for request in self.waiting:
             assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
@@ -513,7 +520,7 @@ class Scheduler:
 def _validate(
     scheduler_config: SchedulerConfig,
     cache_config: CacheConfig,
-    num_blocks: int,
+    layout: KVCacheLayout,
     max_model_len: int,
 ) -> None:
     if scheduler_config.max_num_batched_tokens < 1:
@@ -521,17 +528,34 @@ def _validate(
             f"max_num_batched_tokens={scheduler_config.max_num_batched_tokens!r} is invalid: "
             "expected >= 1 (EngineConfig.from_kwargs resolves 0 to the device's default)"
         )
-    if not isinstance(num_blocks, int) or num_blocks < 1:
-        raise ValueError(f"num_blocks={num_blocks!r} is invalid: expected an int >= 1")
     if max_model_len < 1:
         raise ValueError(f"max_model_len={max_model_len!r} is invalid: expected >= 1")
-    capacity = num_blocks * cache_config.block_size
-    if max_model_len > capacity:
-        # A single request must always fit alone, or preemption could never let it finish.
+    # A single request must always fit alone, or preemption could never let it finish.
+    block_size = cache_config.block_size
+    capacity = layout.token_capacity(block_size)
+    if capacity is not None and max_model_len > capacity:
         raise ValueError(
             f"max_model_len={max_model_len!r} is invalid: expected <= the KV cache capacity "
-            f"({num_blocks} blocks x {cache_config.block_size} = {capacity} tokens)"
+            f"({layout.num_blocks} blocks x {block_size} = {capacity} tokens)"
         )
+    for group in layout.groups:
+        if group.sliding_window is None:
+            continue
+        one_request = min(  # its window and a step's tokens, at most its whole length (+ null)
+            sliding_group_bound(
+                group.sliding_window,
+                block_size,
+                1,
+                scheduler_config.max_num_batched_tokens,
+                scheduler_config.num_scheduler_steps,
+            ),
+            -(-max_model_len // block_size) + 1,
+        )
+        if group.num_blocks < one_request:
+            raise ValueError(
+                f"the KV cache group of window {group.sliding_window} has {group.num_blocks} "
+                f"blocks: expected >= {one_request} (one request's window plus a step's tokens)"
+            )
     if not scheduler_config.enable_chunked_prefill:
         if scheduler_config.max_num_batched_tokens < max_model_len:
             raise ValueError(

@@ -27,7 +27,9 @@ class NewRequestData:
     # Outputs already generated (non-empty only when resuming after preemption).
     output_token_ids: tuple[int, ...]
     sampling_params: SamplingParams
-    block_ids: tuple[int, ...]
+    # The request's block table in each KV cache group (one group unless the model has
+    # sliding-window layers); in a sliding group leading entries may be the null block.
+    block_ids: tuple[tuple[int, ...], ...]
     num_computed_tokens: int  # prefix-cache hits make this > 0 at first schedule
     # Hybrid models: the request's recurrent-state slot (index into every state layer's cache).
     state_slot: int | None = None
@@ -42,7 +44,9 @@ class CachedRequestData(NamedTuple):
     # step). With an overlapped step in flight, the token that step samples is not known yet: the
     # runner reads it from its own device-side result and gets it here one step later.
     new_token_ids: tuple[int, ...]
-    new_block_ids: tuple[int, ...]
+    # Blocks appended to the request's table in each group; () when no group got one. (Blocks a
+    # sliding group freed are not sent: the runner nulls the same entries by the same rule.)
+    new_block_ids: tuple[list[int], ...]
     num_computed_tokens: int
 
 

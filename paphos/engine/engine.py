@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from paphos.config import EngineConfig
+from paphos.core.kv_cache_groups import KVCacheLayout
 from paphos.core.scheduler import Scheduler
 from paphos.core.step_data import SchedulerOutput, StepHandle
 from paphos.engine.detokenizer import IncrementalDetokenizer
@@ -66,12 +67,17 @@ class Engine:
         self.extra_stop_token_ids = eos_ids[1:]
         self.vocab_size = config.model.text_config.vocab_size
         self.executor = make_executor(config)
-        self.num_kv_blocks = self.executor.determine_num_blocks()
-        self.max_model_len = self._effective_max_model_len(self.num_kv_blocks)
-        self.executor.initialize_kv_cache(self.num_kv_blocks)
+        self.kv_cache_layout = self.executor.determine_num_blocks()
+        self.num_kv_blocks = self.kv_cache_layout.num_blocks  # the full group's, if any
+        self.max_model_len = self._effective_max_model_len(self.kv_cache_layout)
+        self.executor.initialize_kv_cache(self.kv_cache_layout)
         num_state_slots = self.executor.num_state_slots
         self.scheduler = Scheduler(
-            config.scheduler, config.cache, self.num_kv_blocks, self.max_model_len, num_state_slots
+            config.scheduler,
+            config.cache,
+            self.kv_cache_layout,
+            self.max_model_len,
+            num_state_slots,
         )
         if num_state_slots is not None and config.cache.enable_prefix_caching:
             logger.info(
@@ -100,15 +106,19 @@ class Engine:
             num_cache_tokens // self.max_model_len,
         )
 
-    def _effective_max_model_len(self, num_blocks: int) -> int:
-        capacity = num_blocks * self.config.cache.block_size
+    def _effective_max_model_len(self, layout: KVCacheLayout) -> int:
+        """The configured (or the model's) length, capped by the full-attention layers' cache
+        (with every layer sliding, any length fits)."""
         requested = self.model_config.max_model_len
         model_len = self.model_config.model_max_len
+        capacity = layout.token_capacity(self.config.cache.block_size)
+        if capacity is None:
+            capacity = requested or model_len
         if requested is not None and requested > capacity:
             raise ValueError(
                 f"max_model_len={requested} does not fit the KV cache, which holds {capacity} "
-                f"tokens ({num_blocks} blocks): raise kv_cache_space/gpu_memory_utilization or "
-                "lower max_model_len"
+                f"tokens ({layout.num_blocks} blocks): raise kv_cache_space/gpu_memory_utilization "
+                "or lower max_model_len"
             )
         limit = min(requested or model_len, capacity)
         if limit < self.config.cache.block_size:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from paphos.config import EngineConfig
+from paphos.core.kv_cache_groups import KVCacheLayout
 from paphos.core.step_data import RunnerOutput, SchedulerOutput, StepHandle
 
 
@@ -19,9 +20,9 @@ class Executor(Protocol):
     # Hybrid models: the size of the recurrent-state pool (every rank's); None without state layers.
     num_state_slots: int | None
 
-    def determine_num_blocks(self) -> int: ...
+    def determine_num_blocks(self) -> KVCacheLayout: ...
 
-    def initialize_kv_cache(self, num_blocks: int) -> None: ...
+    def initialize_kv_cache(self, num_blocks: KVCacheLayout) -> None: ...
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
 
@@ -41,10 +42,10 @@ class UniprocExecutor:
         wanted = config.runtime.async_scheduling
         self.overlaps_steps = self.runner.device.type == "cuda" if wanted is None else wanted
 
-    def determine_num_blocks(self) -> int:
+    def determine_num_blocks(self) -> KVCacheLayout:
         return self.runner.determine_num_blocks()
 
-    def initialize_kv_cache(self, num_blocks: int) -> None:
+    def initialize_kv_cache(self, num_blocks: KVCacheLayout) -> None:
         self.runner.initialize_kv_cache(num_blocks)
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:

@@ -23,6 +23,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from paphos.config import EngineConfig
+from paphos.core.kv_cache_groups import KVCacheLayout
 from paphos.core.step_data import RunnerOutput, SchedulerOutput, StepHandle
 from paphos.models.registry import ModelRegistry
 from paphos.parallel import ParallelInfo, destroy_distributed, init_distributed
@@ -128,14 +129,17 @@ class MultiprocExecutor:
 
     # ---- the Executor protocol ------------------------------------------------------------------
 
-    def determine_num_blocks(self) -> int:
-        """The fewest blocks any rank can hold (each rank holds its own kv heads of every block)."""
+    def determine_num_blocks(self) -> KVCacheLayout:
+        """The fewest blocks any rank can hold, per KV cache group (each rank holds its own kv
+        heads of every block)."""
         self._send(worker.DETERMINE_NUM_BLOCKS, None)
         own = self._run_locally(lambda runner: runner.determine_num_blocks())
         replies = self._await_all(worker.OK, time.monotonic() + COMMAND_TIMEOUT_S)
-        return min([own, *replies])
+        for reply in replies:
+            own = own.min_with(reply)
+        return own
 
-    def initialize_kv_cache(self, num_blocks: int) -> None:
+    def initialize_kv_cache(self, num_blocks: KVCacheLayout) -> None:
         self._send(worker.INITIALIZE_KV_CACHE, num_blocks)
         self._run_locally(lambda runner: runner.initialize_kv_cache(num_blocks))
         self._await_all(worker.OK, time.monotonic() + COMMAND_TIMEOUT_S)

@@ -117,9 +117,13 @@ class DecodeGraphs:
         input_ids, positions, metadata = self.buffers.decode_views(bs, self.max_seq_len)
         input_ids.zero_()
         positions.zero_()
-        metadata.slot_mapping.fill_(-1)
         metadata.seq_lens.fill_(1)
-        metadata.block_tables.zero_()
+        for slot_mapping, block_tables in (
+            (metadata.slot_mapping, metadata.block_tables),
+            *metadata.group_tables,
+        ):
+            slot_mapping.fill_(-1)
+            block_tables.zero_()
         if metadata.state_indices is not None:
             metadata.state_indices.fill_(self.buffers.num_state_slots or 0)
         device = input_ids.device

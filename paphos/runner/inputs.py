@@ -4,10 +4,14 @@ A step lays out the scheduled requests in `SchedulerOutput.num_scheduled_tokens`
 tokens are `token_ids[num_computed : num_computed + num_scheduled]`. `InputBuffers` keeps a numpy
 mirror of every request's tokens and blocks in a row of its own, and persistent (pinned host and
 device) buffers: a step is a few vectorized gathers and two host-to-device copies, no token loop.
+With several KV cache groups (sliding-window layers) each group has its own block table mirror and
+slots; before a step the entries of a sliding group's blocks no query of it can see any more become
+the null block, the same entries the scheduler's KV cache manager freed (`first_live_block`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +19,7 @@ import numpy as np
 import torch
 
 from paphos.attention import AttentionMetadata
+from paphos.core.kv_cache_groups import NULL_BLOCK_ID
 from paphos.layers.sampler import RequestSamplingState
 
 # Up to this many block-table entries per step, whole rows are copied (contiguous, one memcpy).
@@ -26,7 +31,7 @@ class RunnerRequestState:
     request_id: str
     token_ids: list[int]  # prompt + outputs known so far
     num_prompt_tokens: int
-    block_ids: list[int]
+    block_ids: list[list[int]]  # the block table of each KV cache group
     num_computed_tokens: int
     sampling: RequestSamplingState
     wants_prompt_logprobs: bool = False
@@ -69,6 +74,7 @@ class InputBuffers:
     them. Small per-step arrays share one int64 buffer (one copy per step); the block table is
     `[max_rows, max_blocks_per_seq]` and a step copies only the `[num_seqs, widest]` corner of it
     (entries past a sequence's length are never read, so stale ones there are harmless).
+    `group_windows`: the sliding window of each KV cache group (None: full attention).
     """
 
     def __init__(
@@ -79,6 +85,7 @@ class InputBuffers:
         block_size: int,
         device: torch.device,
         num_state_slots: int | None = None,
+        group_windows: tuple[int | None, ...] = (None,),
     ) -> None:
         for name, value in (
             ("max_num_seqs", max_num_seqs),
@@ -96,31 +103,39 @@ class InputBuffers:
         self.max_num_tokens = max_num_tokens
         self.max_blocks = -(-max_model_len // block_size)
         self.device = device
+        self.group_windows = group_windows
+        num_groups = len(group_windows)
         # Mirrors: np.zeros is calloc, so untouched rows of a long max_model_len cost no memory.
         self.token_table = np.zeros((max_num_seqs, max_model_len), dtype=np.int64)  # [rows, len]
-        self.block_table = np.zeros((max_num_seqs, self.max_blocks), dtype=np.int64)  # [rows, blk]
-        self.num_blocks = np.zeros(max_num_seqs, dtype=np.int64)  # [rows]
+        # [groups, rows, max_blocks]
+        self.block_tables = np.zeros((num_groups, max_num_seqs, self.max_blocks), dtype=np.int64)
+        self.num_blocks = np.zeros(max_num_seqs, dtype=np.int64)  # [rows]: entries per group
+        self.num_nulled = np.zeros((num_groups, max_num_seqs), dtype=np.int64)  # [groups, rows]
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         t, s = max_num_tokens, max_num_seqs
         # Offsets of the small arrays in one flat buffer: ids, positions, slots, logits rows,
-        # seq_lens, query_start_loc, pending-token sources and destinations, state slots.
-        sizes = (t, t, t, t + s, s, s + 1, s, s, s)
+        # seq_lens, query_start_loc, pending-token sources and destinations, state slots, then
+        # the slots of KV cache groups 1, 2, ...
+        sizes = (t, t, t, t + s, s, s + 1, s, s, s) + (t,) * (num_groups - 1)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        self._slot_offsets = [self._offsets[2]] + self._offsets[9 : 9 + num_groups - 1]
         self._on_host = device.type == "cpu"
         total = self._offsets[-1]
         pin = device.type == "cuda"
         self._host_small = torch.zeros(total, dtype=torch.int64, pin_memory=pin)  # [total]
-        self._host_blocks = torch.zeros(s * self.max_blocks, dtype=torch.int64, pin_memory=pin)
+        num_entries = num_groups * s * self.max_blocks
+        self._host_blocks = torch.zeros(num_entries, dtype=torch.int64, pin_memory=pin)
         self._small_np = self._host_small.numpy()
         self._blocks_np = self._host_blocks.numpy()
         # On the CPU the host buffers are the model's inputs; elsewhere they are staged copies.
         self.small = self._host_small
-        self.blocks = self._host_blocks.view(s, self.max_blocks)  # [rows, max_blocks]
+        self.blocks = self._host_blocks.view(num_groups, s, self.max_blocks)  # [groups, rows, blk]
         self._copied: torch.cuda.Event | None = None
         self._graph_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, Any]] = {}
         if not self._on_host:
             self.small = torch.zeros(total, dtype=torch.int64, device=device)  # [total]
-            self.blocks = torch.zeros((s, self.max_blocks), dtype=torch.int64, device=device)
+            shape = (num_groups, s, self.max_blocks)
+            self.blocks = torch.zeros(shape, dtype=torch.int64, device=device)
 
     # ---- mirrors --------------------------------------------------------------------------------
 
@@ -130,6 +145,7 @@ class InputBuffers:
             raise ValueError(f"more than max_num_seqs={self.max_num_seqs} requests are running")
         state.row = self.free_rows.pop()
         self.num_blocks[state.row] = 0
+        self.num_nulled[:, state.row] = 0
         self.append(state, state.token_ids, 0, state.block_ids)
 
     def append(
@@ -137,8 +153,10 @@ class InputBuffers:
         state: RunnerRequestState,
         new_token_ids: list[int] | tuple[int, ...],
         first_position: int,
-        new_block_ids: list[int] | tuple[int, ...],
+        new_block_ids: Sequence[Sequence[int]],
     ) -> None:
+        """Mirror tokens from first_position on, and blocks appended to each group's table
+        (new_block_ids: one sequence per group, or empty: none)."""
         row = state.row
         assert row is not None, "request was never added to the input buffers"
         num_new = len(new_token_ids)
@@ -151,15 +169,21 @@ class InputBuffers:
             self.token_table[row, first_position] = new_token_ids[0]
         elif num_new:
             self.token_table[row, first_position : first_position + num_new] = new_token_ids
-        if new_block_ids:
+        if new_block_ids and new_block_ids[0]:
+            if len(new_block_ids) != len(self.group_windows):
+                raise ValueError(
+                    f"request {state.request_id!r}: blocks for {len(new_block_ids)} KV cache "
+                    f"groups; the cache has {len(self.group_windows)}"
+                )
             first_block = int(self.num_blocks[row])
-            last_block = first_block + len(new_block_ids)
+            last_block = first_block + len(new_block_ids[0])
             if last_block > self.max_blocks:
                 raise ValueError(
                     f"request {state.request_id!r} holds {last_block} blocks; at most "
                     f"{self.max_blocks} fit max_model_len={self.max_model_len}"
                 )
-            self.block_table[row, first_block:last_block] = new_block_ids
+            for table, ids in zip(self.block_tables, new_block_ids):
+                table[row, first_block:last_block] = ids
             self.num_blocks[row] = last_block
 
     def advance(self, inputs: StepInputs, sampled: torch.Tensor) -> None:
@@ -174,13 +198,15 @@ class InputBuffers:
         positions += 1
         md.seq_lens[:n] += 1
         inputs.input_ids[:n].copy_(sampled)
-        blocks = md.block_tables[:n].gather(1, (positions // self.block_size).unsqueeze(1))
-        torch.add(
-            positions % self.block_size,
-            blocks.squeeze(1),
-            alpha=self.block_size,
-            out=md.slot_mapping[:n],
-        )  # [n]
+        for group in range(len(self.group_windows)):
+            slot_mapping, block_tables = md.kv_group(group)
+            blocks = block_tables[:n].gather(1, (positions // self.block_size).unsqueeze(1))
+            torch.add(
+                positions % self.block_size,
+                blocks.squeeze(1),
+                alpha=self.block_size,
+                out=slot_mapping[:n],
+            )  # [n]
 
     def remove(self, state: RunnerRequestState) -> None:
         if state.row is not None:
@@ -197,11 +223,15 @@ class InputBuffers:
             slot_mapping=self.small[o[2] : o[2] + bs],
             query_start_loc=self.small[o[5] : o[5] + bs + 1],
             seq_lens=self.small[o[4] : o[4] + bs],
-            block_tables=self.blocks[:bs],
+            block_tables=self.blocks[0, :bs],
             logits_indices=self.small[o[3] : o[3] + bs],
             max_query_len=1,
             max_seq_len=max_seq_len,
             state_indices=self._state_view(bs),
+            group_tables=tuple(
+                (self.small[start : start + bs], self.blocks[g, :bs])
+                for g, start in enumerate(self._slot_offsets[1:], start=1)
+            ),
         )
         return self.small[o[0] : o[0] + bs], self.small[o[1] : o[1] + bs], metadata
 
@@ -242,6 +272,7 @@ class InputBuffers:
                 f"a step of {padded} requests and {num_tokens} tokens does not fit the buffers "
                 f"({self.max_num_seqs} requests, {self.max_num_tokens} tokens)"
             )
+        self._null_out_of_window(rows, starts)
         qsl = self._fill_tokens(rows, starts, counts, padded, num_tokens)
         if self.num_state_slots is not None:
             self._fill_state_slots(states, padded)
@@ -357,11 +388,27 @@ class InputBuffers:
         ids = self._small_np[o[0] : o[0] + num_tokens]  # [num_tokens]
         ids[:real] = self.token_table[token_rows, positions[:real]]
         ids[real:] = 0
-        slots = self._small_np[o[2] : o[2] + num_tokens]  # [num_tokens]
-        slots[:real] = self.block_table[token_rows, positions[:real] // bs] * bs
-        slots[:real] += positions[:real] % bs
-        slots[real:] = -1
+        block_index, offset = positions[:real] // bs, positions[:real] % bs  # [real] each
+        for table, start in zip(self.block_tables, self._slot_offsets):
+            slots = self._small_np[start : start + num_tokens]  # [num_tokens]
+            slots[:real] = table[token_rows, block_index] * bs
+            slots[:real] += offset
+            slots[real:] = -1
         return qsl
+
+    def _null_out_of_window(self, rows: np.ndarray, starts: np.ndarray) -> None:
+        """In each sliding group, point the entries of blocks no query from `starts` on sees
+        at the null block (as the KV cache manager did when it freed them)."""
+        for group, window in enumerate(self.group_windows):
+            if window is None:
+                continue
+            # first_live_block of each row, vectorized
+            first = np.maximum(starts - window + 1, 0) // self.block_size  # [num_seqs]
+            nulled = self.num_nulled[group]
+            behind = first > nulled[rows]  # [num_seqs]
+            for row, end in zip(rows[behind].tolist(), first[behind].tolist()):
+                self.block_tables[group, row, nulled[row] : end] = NULL_BLOCK_ID
+                nulled[row] = end
 
     def _upload(
         self,
@@ -380,18 +427,20 @@ class InputBuffers:
         num_seqs = len(rows)
         if not self._on_host and num_seqs * self.max_blocks <= FULL_ROW_COPY_ENTRIES:
             width = self.max_blocks  # whole rows: one contiguous copy beats a strided one
-        host_blocks = self._blocks_np[: num_seqs * width].reshape(num_seqs, width)  # [seqs, w]
-        np.take(self.block_table[:, :width], rows, axis=0, out=host_blocks)
-        staged = self._host_blocks[: num_seqs * width].view(num_seqs, width)  # [seqs, w]
+        num_groups = len(self.group_windows)
+        entries = num_groups * num_seqs * width
+        host_blocks = self._blocks_np[:entries].reshape(num_groups, num_seqs, width)  # [g, seqs, w]
+        np.take(self.block_tables[:, :, :width], rows, axis=1, out=host_blocks)
+        staged = self._host_blocks[:entries].view(num_groups, num_seqs, width)  # [g, seqs, w]
         if self._on_host:
-            block_tables = staged
+            tables = list(staged.unbind(0))  # per group [seqs, w]
         else:
             self.small.copy_(self._host_small, non_blocking=True)
-            self.blocks[:num_seqs, :width].copy_(staged, non_blocking=True)
+            self.blocks[:, :num_seqs, :width].copy_(staged, non_blocking=True)
             if self._copied is None:
                 self._copied = torch.cuda.Event()
             self._copied.record()
-            block_tables = self.blocks[:padded]  # [padded, max_blocks]
+            tables = list(self.blocks[:, :padded].unbind(0))  # per group [padded, max_blocks]
         if graph_seq_len is not None:
             key = (padded, graph_seq_len)
             if key not in self._graph_views:
@@ -403,11 +452,15 @@ class InputBuffers:
             slot_mapping=small[o[2] : o[2] + num_tokens],
             query_start_loc=small[o[5] : o[5] + padded + 1],
             seq_lens=small[o[4] : o[4] + padded],
-            block_tables=block_tables,
+            block_tables=tables[0],
             logits_indices=small[o[3] : o[3] + num_logits],
             max_query_len=int(counts.max()) if len(counts) else 1,
             max_seq_len=int(seq_lens.max()),
             state_indices=self._state_view(padded),
+            group_tables=tuple(
+                (small[start : start + num_tokens], table)
+                for start, table in zip(self._slot_offsets[1:], tables[1:])
+            ),
         )
         return StepInputs(
             small[o[0] : o[0] + num_tokens], small[o[1] : o[1] + num_tokens], metadata, []
@@ -457,7 +510,7 @@ def build_step_inputs(
     longest = max(
         max(len(s.token_ids), s.num_computed_tokens + n) for s, n in zip(states, num_scheduled)
     )
-    num_blocks = max(len(s.block_ids) for s in states)
+    num_blocks = max(len(s.block_ids[0]) for s in states)
     buffers = InputBuffers(
         len(states),
         max(sum(num_scheduled), 1),
@@ -465,6 +518,7 @@ def build_step_inputs(
         block_size,
         device,
         num_state_slots,
+        (None,) * len(states[0].block_ids),
     )
     rows = [s.row for s in states]
     try:

@@ -22,6 +22,7 @@ import torch
 
 from paphos.attention import AttentionMetadata
 from paphos.config import EngineConfig, auto_device
+from paphos.core.kv_cache_groups import KVCacheLayout, sliding_group_bound
 from paphos.core.step_data import RunnerOutput, SchedulerOutput, StepHandle
 from paphos.layers.moe import moe_parameter_bytes
 from paphos.layers.sampler import (
@@ -40,8 +41,12 @@ from paphos.runner.kv_cache import (
     GiB,
     KVCacheSpec,
     allocate_kv_caches,
+    describe_kv_cache_layout,
+    kv_cache_budget,
+    kv_cache_bytes,
     kv_cache_dtype,
-    num_blocks_for_device,
+    layout_with_blocks,
+    plan_kv_cache_layout,
 )
 from paphos.runner.state_cache import (
     allocate_state_caches,
@@ -235,32 +240,63 @@ class ModelRunner:
 
     # ---- KV cache -------------------------------------------------------------------------------
 
+    def attention_layers(self) -> list[torch.nn.Module]:
+        """The model's attention layers; layer i uses kv_caches[i]."""
+        return [m for m in self.model.modules() if type(m).__name__ == "Attention"]
+
     def kv_cache_spec(self) -> KVCacheSpec:
         """Every attention layer's cache (each describes its own, `cache_spec()`), in order; none
-        for a pure state-space model (its blocks then only count tokens)."""
-        layers = [m.cache_spec() for m in self.model.modules() if hasattr(m, "cache_spec")]
+        for a pure state-space model (its blocks then only count tokens). A hybrid model's
+        attention layers all stay in the full group (a sliding one keeps every block)."""
+        layers = [m.cache_spec() for m in self.cache_layers()]
         dtype = kv_cache_dtype(self.config.cache.kv_cache_dtype, self.dtype)
-        return KVCacheSpec(block_size=self.block_size, dtype=dtype, layers=tuple(layers))
+        spec = KVCacheSpec(block_size=self.block_size, dtype=dtype, layers=tuple(layers))
+        return spec if self.state_spec is None else spec.without_windows()
+
+    def cache_layers(self) -> list[torch.nn.Module]:
+        """The layers that keep a KV cache (K/V or latent), in order: layer i uses kv_caches[i]."""
+        return [m for m in self.model.modules() if hasattr(m, "cache_spec")]
 
     def state_cache_bytes(self) -> int:
         if self.state_spec is None or self.num_state_slots is None:
             return 0
         return (self.num_state_slots + 1) * self.state_spec.bytes_per_slot
 
-    def determine_num_blocks(self) -> int:
+    def determine_num_blocks(self) -> KVCacheLayout:
+        """The KV cache groups and their block counts: num_blocks_override for the full group
+        (and as many + 1, at most their bound, for sliding groups), or what fits the memory
+        left on the device beside the state cache."""
         spec = self.kv_cache_spec()
         if self.parallel.rank == 0 and spec.num_layers:
             logger.info("%s", spec.describe())
-        if self.config.cache.num_blocks_override is not None:
-            num_blocks = self.config.cache.num_blocks_override
-        elif spec.num_layers == 0:  # no KV bytes: enough blocks for every slot's longest sequence
+        sched = self.config.scheduler
+        bounds = {
+            w: sliding_group_bound(
+                w,
+                self.block_size,
+                sched.max_num_seqs,
+                sched.max_num_batched_tokens,
+                sched.num_scheduler_steps,
+            )
+            for w in spec.group_windows
+            if w is not None
+        }
+        override = self.config.cache.num_blocks_override
+        if spec.num_layers == 0:  # no KV bytes: enough blocks for every slot's longest sequence
             assert self.num_state_slots is not None
             model_len = self.config.model.max_model_len or self.config.model.model_max_len
-            num_blocks = self.num_state_slots * -(-model_len // self.block_size)
+            num_blocks = override or self.num_state_slots * -(-model_len // self.block_size)
+            layout = KVCacheLayout.single(num_blocks)
+        elif override is not None:  # the full group's count, exactly
+            layout = layout_with_blocks(spec, override, bounds)
+            budget = override * spec.bytes_per_block
         else:
-            num_blocks = num_blocks_for_device(
+            budget = kv_cache_budget(
                 spec, self.config.cache, self.device, self._profile, self.state_cache_bytes()
             )
+            layout = plan_kv_cache_layout(spec, budget, bounds)
+        if spec.num_layers:
+            logger.info("KV cache groups: %s", describe_kv_cache_layout(spec, layout, budget))
         if self.state_spec is not None:
             logger.info(
                 "memory split on rank %d: state cache %d slots x %.3f MiB = %.3f GiB "
@@ -270,13 +306,15 @@ class ModelRunner:
                 self.state_spec.bytes_per_slot / 2**20,
                 self.state_cache_bytes() / GiB,
                 len(self.state_spec.layers),
-                num_blocks,
-                num_blocks * spec.bytes_per_block / GiB,
+                layout.num_blocks,
+                kv_cache_bytes(spec, layout) / GiB,
                 spec.num_layers,
             )
-        return num_blocks
+        return layout
 
-    def _allocate_caches(self, spec: KVCacheSpec, num_blocks: int, num_slots: int) -> list:
+    def _allocate_caches(
+        self, spec: KVCacheSpec, num_blocks: int | KVCacheLayout, num_slots: int
+    ) -> list:
         """The model's cache list: KV tensors and (hybrid models) state tuples, in layer order."""
         kv = allocate_kv_caches(spec, num_blocks, self.device) if spec.num_layers else []
         if self.state_spec is None:
@@ -296,7 +334,7 @@ class ModelRunner:
             _profile_params(), [0] * num_tokens, [], None, self.vocab_size, self.device
         )
         state = RunnerRequestState(
-            "__profile__", [0] * num_tokens, num_tokens, list(range(num_blocks)), 0, sampling
+            "__profile__", [0] * num_tokens, num_tokens, [list(range(num_blocks))], 0, sampling
         )
         slots = None
         if self.state_spec is not None:
@@ -307,14 +345,20 @@ class ModelRunner:
             self.model.compute_logits(hidden, inputs.attn_metadata)
         del caches
 
-    def initialize_kv_cache(self, num_blocks: int) -> None:
-        """Allocate the cache and the step buffers; on CUDA capture the decode graphs."""
-        self.kv_caches = self._allocate_caches(
-            self.kv_cache_spec(), num_blocks, self.num_state_slots or 0
-        )
+    def initialize_kv_cache(self, layout: KVCacheLayout | int) -> None:
+        """Allocate the cache (each layer bound to its group's tensors and tables) and the step
+        buffers; on CUDA capture the decode graphs. An int: one group of that many blocks for
+        every layer, sliding ones too (nothing freed: for callers that build block tables)."""
+        spec = self.kv_cache_spec()
+        if isinstance(layout, int):
+            layout = KVCacheLayout.single(layout)
+            spec = spec.without_windows()
+        self.kv_caches = self._allocate_caches(spec, layout, self.num_state_slots or 0)
+        for layer, group in zip(self.cache_layers(), spec.layer_groups(), strict=True):
+            layer.kv_cache_group = group
         sched = self.config.scheduler
         buckets = batch_size_buckets(sched.max_num_seqs)
-        max_model_len = self._max_model_len(num_blocks)
+        max_model_len = self._max_model_len(layout)
         self.buffers = InputBuffers(
             max(sched.max_num_seqs, buckets[-1]),
             max(sched.max_num_batched_tokens, buckets[-1]),
@@ -322,6 +366,7 @@ class ModelRunner:
             self.block_size,
             self.device,
             self.num_state_slots,
+            tuple(g.sliding_window for g in layout.groups),
         )
         # a model class may opt out of graphs (the transformers fallback: HF code may sync)
         graphs_ok = getattr(self.model, "supports_cuda_graphs", True)
@@ -337,11 +382,12 @@ class ModelRunner:
             with torch.inference_mode():
                 self.graphs.capture()
 
-    def _max_model_len(self, num_blocks: int) -> int:
+    def _max_model_len(self, layout: KVCacheLayout) -> int:
         """The longest sequence the engine can schedule: the model's (or the configured) length,
-        capped by what the cache holds (the engine applies the same rule)."""
+        capped by what the full-attention cache holds (the engine applies the same rule)."""
         requested = self.config.model.max_model_len or self.config.model.model_max_len
-        return max(1, min(requested, num_blocks * self.block_size))
+        capacity = layout.token_capacity(self.block_size)
+        return max(1, requested if capacity is None else min(requested, capacity))
 
     # ---- steps ----------------------------------------------------------------------------------
 
@@ -441,7 +487,7 @@ class ModelRunner:
                 request_id=new.request_id,
                 token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
                 num_prompt_tokens=len(new.prompt_token_ids),
-                block_ids=list(new.block_ids),
+                block_ids=[list(ids) for ids in new.block_ids],
                 num_computed_tokens=new.num_computed_tokens,
                 sampling=RequestSamplingState(
                     params,
@@ -464,6 +510,8 @@ class ModelRunner:
             self.buffers.append(
                 state, cached.new_token_ids, len(state.token_ids), cached.new_block_ids
             )
+            for ids, new_ids in zip(state.block_ids, cached.new_block_ids):
+                ids.extend(new_ids)
             state.num_pending -= len(cached.new_token_ids)
             if state.num_pending < 0:
                 raise ValueError(
@@ -474,7 +522,6 @@ class ModelRunner:
             seen = min(len(new_tokens), state.num_seen_ahead)  # already in the sampler history
             state.num_seen_ahead -= seen
             state.sampling.output_token_ids.extend(new_tokens[seen:])
-            state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
     def _grammar_state(self, params: SamplingParams) -> GrammarState:

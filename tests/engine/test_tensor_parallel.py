@@ -45,7 +45,7 @@ def _runner_config(model_dir: Path) -> EngineConfig:
 def _state(runner: ModelRunner, rid: str, tokens: list[int], blocks: list[int], computed: int):
     params = SamplingParams(temperature=0)
     sampling = RequestSamplingState(params, tokens, [], None, runner.vocab_size, runner.device)
-    return RunnerRequestState(rid, list(tokens), len(tokens), blocks, computed, sampling)
+    return RunnerRequestState(rid, list(tokens), len(tokens), [blocks], computed, sampling)
 
 
 def _step_logits(runner: ModelRunner, states, counts) -> torch.Tensor:

@@ -226,7 +226,7 @@ def _state(runner: ModelRunner, rid: str, tokens: list[int], blocks: list[int], 
     sampling = RequestSamplingState(
         SamplingParams(temperature=0), tokens, [], None, runner.vocab_size, runner.device
     )
-    return RunnerRequestState(rid, list(tokens), len(tokens), blocks, computed, sampling)
+    return RunnerRequestState(rid, list(tokens), len(tokens), [blocks], computed, sampling)
 
 
 def _all_logits(runner: ModelRunner, states, counts) -> torch.Tensor:
@@ -262,7 +262,7 @@ def test_kv_cache_is_sized_from_a_profiled_step_and_too_little_memory_is_a_clear
     peaked_llama,
 ):
     runner = _runner(peaked_llama[0], gpu_memory_utilization=0.05)
-    num_blocks = runner.determine_num_blocks()
+    num_blocks = runner.determine_num_blocks().num_blocks
     spec = runner.kv_cache_spec()
     _, total = torch.cuda.mem_get_info()
     assert 0 < num_blocks * spec.bytes_per_block <= 0.05 * total

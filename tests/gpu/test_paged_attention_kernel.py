@@ -272,3 +272,35 @@ def test_decode_splits_with_chunks_match_reference(device, num_splits):
     upcast = dict(batch, query=batch["query"].float(), kv_cache=batch["kv_cache"].float())
     exact = ref_paged_attention(**upcast, chunk_size=128, sinks=_sinks(8, device))
     assert rel_error(out, exact) < ATTN_TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_sliding_window_ignores_table_entries_before_the_window(device, dtype, block_size):
+    """A sliding group's table points every block before the window at its null block (a zero
+    block, never written): the kernels give what the full table gives, and what the reference
+    gives over the real blocks."""
+    from paphos.kernels.paged_attention import paged_attention
+
+    window = 20
+    batch = make_batch(LIMITED_BATCH, 8, 2, 64, block_size, dtype, device, 1)
+    cache = batch["kv_cache"]
+    null_id = cache.shape[1]
+    zero = torch.zeros_like(cache[:, :1])  # [2, 1, block_size, kv_heads, head_size]
+    with_null = torch.cat([cache, zero], dim=1)
+    tables = batch["block_tables"].clone()
+    starts = batch["query_start_loc"].tolist()
+    num_nulled = 0
+    for b, seq_len in enumerate(batch["seq_lens"].tolist()):
+        first_query = seq_len - (starts[b + 1] - starts[b])
+        first_live = max(0, first_query - window + 1) // block_size
+        tables[b, :first_live] = null_id
+        num_nulled += first_live
+    assert num_nulled > 0, "the batch has no sequence past its window"
+    limits = dict(sliding_window=window, max_query_len=40)
+    full = paged_attention(**dict(batch, kv_cache=with_null), **limits)
+    nulled = paged_attention(**dict(batch, kv_cache=with_null, block_tables=tables), **limits)
+    assert torch.equal(full, nulled)
+    upcast = dict(batch, query=batch["query"].float(), kv_cache=cache.float())
+    exact = ref_paged_attention(**upcast, sliding_window=window)
+    assert rel_error(nulled, exact) < ATTN_TOLERANCE[dtype]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.models.test_hybrid import CASES as HYBRID_CASES
+from tests.models import test_sliding_window_blocks as sliding
 from tests.models.test_zoo import CASES
 from tests.models.test_zoo_moe import CASES as MOE_CASES
 from tests.models.test_zoo_moe import make_tiny_moe
@@ -64,3 +65,13 @@ def test_hybrid_family_on_cuda_matches_transformers(tmp_path, name):
     assert runner.graphs is not None, "decode steps should replay CUDA graphs"
     check_paged_logits(hf, runner, atol=CUDA_LOGPROB_ATOL)
     check_greedy(hf, tmp_path, device="cuda")
+
+
+@pytest.mark.parametrize("name", list(sliding.CASES))
+def test_sliding_window_blocks_freed_on_cuda(tmp_path, name):
+    """Triton attention reads the sliding groups' own block tables (null entries before the
+    window) in eager steps and CUDA graph replays: exact, window-sized, tables in sync."""
+    config_class, overrides = sliding.CASES[name]
+    hf = make_tiny_model(tmp_path, config_class, **overrides)
+    sliding.check_exact_with_blocks_freed(tmp_path, hf, "cuda", atol=CUDA_LOGPROB_ATOL)
+    sliding.check_window_sized_generation(tmp_path, hf, "cuda")

@@ -57,7 +57,7 @@ def _state(runner: ModelRunner, rid: str, tokens: list[int], blocks: list[int]):
     sampling = RequestSamplingState(
         SP(temperature=0), tokens, [], None, runner.vocab_size, runner.device
     )
-    return RunnerRequestState(rid, list(tokens), len(tokens), blocks, 0, sampling)
+    return RunnerRequestState(rid, list(tokens), len(tokens), [blocks], 0, sampling)
 
 
 def step_logits(runner: ModelRunner, states, counts: list[int]) -> torch.Tensor:

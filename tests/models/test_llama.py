@@ -78,7 +78,7 @@ def _state(runner: ModelRunner, rid: str, tokens: list[int], blocks: list[int], 
     sampling = RequestSamplingState(
         SP(temperature=0), tokens, [], None, runner.vocab_size, runner.device
     )
-    return RunnerRequestState(rid, list(tokens), len(tokens), blocks, computed, sampling)
+    return RunnerRequestState(rid, list(tokens), len(tokens), [blocks], computed, sampling)
 
 
 def _all_logits(runner: ModelRunner, states, counts) -> torch.Tensor:

@@ -73,7 +73,7 @@ def _state(runner: ModelRunner, rid: str, tokens: list[int], blocks: list[int], 
     sampling = RequestSamplingState(
         SP(temperature=0), tokens, [], None, runner.vocab_size, runner.device
     )
-    state = RunnerRequestState(rid, list(tokens), len(tokens), blocks, computed, sampling)
+    state = RunnerRequestState(rid, list(tokens), len(tokens), [blocks], computed, sampling)
     if runner.num_state_slots is not None:  # a hybrid model: a state slot per request, scattered
         state.state_slot = (7 * (ord(rid[0]) - ord("a")) + 3) % runner.num_state_slots
     return state

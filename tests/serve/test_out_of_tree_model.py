@@ -95,7 +95,7 @@ def test_example_model_registered_from_outside_matches_transformers_logits(neox_
     runner.initialize_kv_cache(4)
     params = SamplingParams(temperature=0)
     sampling = RequestSamplingState(params, PROMPT_IDS, [], None, runner.vocab_size, runner.device)
-    state = RunnerRequestState("a", list(PROMPT_IDS), len(PROMPT_IDS), [0], 0, sampling)
+    state = RunnerRequestState("a", list(PROMPT_IDS), len(PROMPT_IDS), [[0]], 0, sampling)
     inputs = build_step_inputs([state], [len(PROMPT_IDS)], config.cache.block_size, runner.device)
     every_token = torch.arange(len(PROMPT_IDS))  # [num_prompt]
     metadata = dataclasses.replace(inputs.attn_metadata, logits_indices=every_token)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from paphos.config import CacheConfig, SchedulerConfig
+from paphos.core.kv_cache_groups import KVCacheGroup, KVCacheLayout, sliding_group_bound
 from paphos.core.scheduler import RequestUpdate, Scheduler
 from paphos.core.step_data import RunnerOutput, SchedulerOutput, TokenLogprobs
 from paphos.request import Request, RequestStatus
@@ -32,7 +33,7 @@ def fake_model(tokens: list[int]) -> int:
 
 def make_scheduler(
     *,
-    num_blocks: int = 64,
+    num_blocks: int | KVCacheLayout = 64,
     block_size: int = 4,
     max_model_len: int = 64,
     max_num_seqs: int = 8,
@@ -85,7 +86,7 @@ class FakeRunner:
             assert new.request_id not in self.requests, f"{new.request_id} sent twice as new"
             self.requests[new.request_id] = RunnerCopy(
                 list(new.prompt_token_ids) + list(new.output_token_ids),
-                list(new.block_ids),
+                list(new.block_ids[0]),
                 new.num_computed_tokens,
                 new.sampling_params.prompt_logprobs is not None,
             )
@@ -93,7 +94,7 @@ class FakeRunner:
             copy = self.requests[cached.request_id]
             assert copy.num_computed_tokens == cached.num_computed_tokens
             copy.tokens.extend(cached.new_token_ids)
-            copy.block_ids.extend(cached.new_block_ids)
+            copy.block_ids.extend(cached.new_block_ids[0] if cached.new_block_ids else ())
         scheduled = [n.request_id for n in out.new_requests]
         scheduled += [c.request_id for c in out.cached_requests]
         assert set(scheduled) == set(out.num_scheduled_tokens)
@@ -128,7 +129,7 @@ def assert_runner_in_sync(scheduler: Scheduler, runner: FakeRunner, out: Schedul
     for request in scheduler.running:
         copy = runner.requests[request.request_id]
         assert copy.tokens == request.all_token_ids, request.request_id
-        assert copy.block_ids == scheduler.kv_cache_manager.get_block_ids(request.request_id)
+        assert copy.block_ids == scheduler.kv_cache_manager.get_block_ids(request.request_id)[0]
         scheduled = out.num_scheduled_tokens.get(request.request_id, 0)
         assert copy.num_computed_tokens + scheduled == request.num_computed_tokens
 
@@ -141,6 +142,7 @@ def step(scheduler: Scheduler, runner: FakeRunner) -> tuple[SchedulerOutput, lis
     runner.apply(out)
     assert_runner_in_sync(scheduler, runner, out)
     scheduler.check_invariants()
+    assert_sliding_tables_window_sized(scheduler, out)
     runner_output = runner.execute(out, scheduler.kv_cache_manager.block_size)
     updates = scheduler.update(out, runner_output)
     scheduler.check_invariants()
@@ -164,7 +166,21 @@ def assert_all_blocks_free(scheduler: Scheduler) -> None:
     scheduler.check_invariants()
     kv = scheduler.kv_cache_manager
     assert kv.num_free_blocks == kv.num_blocks
+    assert all(pool.num_free_blocks == pool.num_usable_blocks for pool in kv.pools)
     assert kv.usage == 0.0
+
+
+def assert_sliding_tables_window_sized(scheduler: Scheduler, out: SchedulerOutput) -> None:
+    """A request holds, in a sliding group, only the blocks its window sees from the step's
+    first query on, plus those of the step's tokens."""
+    kv = scheduler.kv_cache_manager
+    for request in scheduler.running:
+        ids = kv.get_block_ids(request.request_id)
+        num_tokens = out.num_scheduled_tokens.get(request.request_id, 0)
+        for group in kv.sliding_groups:
+            live = [b for b in ids[group] if b != 0]
+            bound = -(-(kv.windows[group] - 1 + num_tokens) // kv.block_size) + 1
+            assert len(live) <= bound, f"{request.request_id}: {len(live)} > {bound} blocks"
 
 
 def is_self_consistent(request: Request) -> bool:
@@ -512,15 +528,24 @@ def test_stats_report_running_waiting_usage() -> None:
 # ---- randomized soak ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_random_workload_keeps_invariants_and_consistent_outputs(seed: int) -> None:
+def test_random_workload_keeps_invariants_and_consistent_outputs(seed: int, window) -> None:
+    """With window=5 a sliding group (sized by its bound) beside the full one frees blocks."""
     rng = random.Random(seed)
     chunked = seed % 2 == 0
+    num_blocks = rng.randint(8, 10)
+    max_num_seqs = rng.randint(3, 6)
+    max_num_batched_tokens = rng.randint(6, 20) if chunked else 32
+    layout = KVCacheLayout.single(num_blocks)
+    if window is not None:
+        bound = sliding_group_bound(window, 4, max_num_seqs, max_num_batched_tokens)
+        layout = KVCacheLayout((KVCacheGroup(None, num_blocks), KVCacheGroup(window, bound)))
     scheduler = make_scheduler(
-        num_blocks=rng.randint(8, 10),
+        num_blocks=layout,
         max_model_len=32,
-        max_num_seqs=rng.randint(3, 6),
-        max_num_batched_tokens=rng.randint(6, 20) if chunked else 32,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
         chunked=chunked,
         prefix_caching=seed != 1,
     )

@@ -38,7 +38,7 @@ class OverlapRunner:
             assert new.request_id not in self.requests
             tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
             self.requests[new.request_id] = OwnCopy(
-                tokens, [], list(new.block_ids), new.num_computed_tokens
+                tokens, [], list(new.block_ids[0]), new.num_computed_tokens
             )
         for cached in out.cached_requests:
             copy = self.requests[cached.request_id]
@@ -47,7 +47,7 @@ class OverlapRunner:
             assert delivered == copy.pending[: len(delivered)], "scheduler handed back other tokens"
             copy.tokens += delivered
             del copy.pending[: len(delivered)]
-            copy.block_ids.extend(cached.new_block_ids)
+            copy.block_ids.extend(cached.new_block_ids[0] if cached.new_block_ids else ())
 
     def execute(self, out: SchedulerOutput, block_size: int) -> RunnerOutput:
         """Computes the scheduled tokens; a multi-step decode (out.num_steps > 1) feeds each
@@ -189,7 +189,7 @@ def test_a_multi_step_decode_runs_only_when_every_request_decodes() -> None:
     scheduler.update(first, RunnerOutput({"a": [11]}))
     second = scheduler.schedule()  # decoding alone: four steps, slots for all four
     assert second.num_steps == 4 and scheduler.requests["a"].num_computed_tokens == 3 + 4
-    assert len(scheduler.kv_cache_manager.get_block_ids("a")) * 4 >= 3 + 4
+    assert len(scheduler.kv_cache_manager.get_block_ids("a")[0]) * 4 >= 3 + 4
     scheduler.add_request(make_request("b", [7, 8]))
     third = scheduler.schedule()  # b's prompt joins: one step
     assert third.num_steps == 1 and set(third.num_scheduled_tokens) == {"a", "b"}
