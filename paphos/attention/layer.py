@@ -9,6 +9,8 @@ and soft-cap its scores (`logits_soft_cap`: c * tanh(s / c)); both travel to the
 A layer with `chunk_size` c attends only within its query's chunk of c positions (Llama 4).
 A layer built with `use_sinks` takes each call's per-head sink logits (`sinks=`, the model's
 parameter, gpt-oss): they join every query's softmax.
+A layer that shares another layer's KV cache (Gemma 4's last layers) is called with key and value
+None on the other layer's `Attention` and cache: it rotates the query alone and writes nothing.
 The runner binds each layer to its KV cache group (`kv_cache_group`: sliding-window layers have
 block tables of their own); unbound layers use group 0, the only one of a model without windows.
 
@@ -102,16 +104,17 @@ class Attention(nn.Module):
     def forward(
         self,
         query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
+        key: torch.Tensor | None,
+        value: torch.Tensor | None,
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
         positions: torch.Tensor | None = None,
         sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """query: [num_tokens, num_heads * head_size]; key/value: [num_tokens, num_kv_heads *
-        head_size]; positions [num_tokens] when the layer has a rotary embedding; sinks
-        [num_heads] when built with use_sinks. Returns [num_tokens, num_heads * head_size]."""
+        head_size], or both None to attend over the cache as it is (a layer sharing another's);
+        positions [num_tokens] when the layer has a rotary embedding; sinks [num_heads] when
+        built with use_sinks. Returns [num_tokens, num_heads * head_size]."""
         if (sinks is None) == self.use_sinks:
             raise ValueError(
                 f"this Attention layer was built with use_sinks={self.use_sinks}: pass sinks= "
@@ -119,7 +122,12 @@ class Attention(nn.Module):
             )
         num_tokens = query.shape[0]
         slots, block_tables = attn_metadata.kv_group(self.kv_cache_group)
-        query = self._rotate_and_write_kv(query, key, value, kv_cache, slots, positions)
+        if key is None or value is None:
+            if key is not None or value is not None:
+                raise ValueError("pass key and value both, or neither (a KV-sharing layer)")
+            query = self._rotate_query(query, positions)
+        else:
+            query = self._rotate_and_write_kv(query, key, value, kv_cache, slots, positions)
         q = query.view(num_tokens, self.num_heads, self.head_size)
         bounds = {}
         if self._takes_bounds:
@@ -139,6 +147,15 @@ class Attention(nn.Module):
             **({} if sinks is None else {"sinks": sinks}),
         )  # [num_tokens, num_heads, head_size]
         return out.reshape(num_tokens, self.num_heads * self.head_size)
+
+    def _rotate_query(self, query: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        rope = self.rotary_emb
+        if rope is None:
+            return query
+        if positions is None:
+            raise ValueError("this Attention layer has a rotary embedding: pass positions=")
+        query, _ = rope(positions, query, query[:, : rope.head_size])  # one head as a dummy key
+        return query
 
     def _rotate_and_write_kv(
         self,

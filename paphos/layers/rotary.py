@@ -1,5 +1,6 @@
-"""Rotary position embeddings: a cos/sin table built once (default, linear, llama3 and yarn
-scaling, or llama.cpp's per-dimension frequency factors, its form of llama3 scaling in GGUF files).
+"""Rotary position embeddings: a cos/sin table built once (default, linear, llama3, yarn,
+LongRoPE, dynamic NTK and Gemma 4's proportional scaling, or llama.cpp's per-dimension frequency
+factors, its form of llama3 scaling in GGUF files).
 Yarn also scales the table by its attention factor, as transformers scales cos and sin."""
 
 from __future__ import annotations
@@ -142,10 +143,25 @@ def dynamic_ntk_table(
     return torch.cat((inside, _table(beyond, inv_freq)))
 
 
+def proportional_table(
+    base: float, rotary_dim: int, max_position: int, scaling: dict[str, Any]
+) -> torch.Tensor:
+    """Gemma 4's proportional rope: over the whole head (rotary_dim = head_dim, halves paired
+    as neox), only the first partial_rotary_factor of the frequencies turn (exponents over the
+    whole head_dim); the others are 0, so those dimensions stay as they are."""
+    num_turning = int(float(scaling.get("partial_rotary_factor", 1.0)) * rotary_dim // 2)
+    exponents = torch.arange(0, 2 * num_turning, 2, dtype=torch.float32) / rotary_dim
+    inv_freq = torch.zeros(rotary_dim // 2)  # [rotary_dim // 2]
+    inv_freq[:num_turning] = 1.0 / base**exponents
+    inv_freq /= float(scaling.get("factor", 1.0))
+    return _table(torch.arange(max_position, dtype=torch.float32), inv_freq)
+
+
 _TABLE_BUILDERS = {
     "longrope": longrope_table,
     "su": longrope_table,
     "dynamic": dynamic_ntk_table,
+    "proportional": proportional_table,
 }
 
 

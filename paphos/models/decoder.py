@@ -5,6 +5,8 @@ files subclass `DecoderForCausalLM` with a `describe(hf_config)` and their check
 
 On the CPU, pure-decode steps run as one C call per layer (paphos.layers.cpu_decode) when every
 layer is a plain pre-norm RMSNorm / gated-SiLU / full-rope layer (Qwen 2, Mistral without window).
+A layer sharing an earlier layer's keys and values (`LayerSpec.kv_source`) owns no KV cache:
+`kv_caches` holds one tensor per cache-owning layer, in order.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from paphos.config import ModelConfig
 from paphos.layers import cpu_decode
 from paphos.layers.cpu_decode import FusedDecodeSlot
 from paphos.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from paphos.layers.linear import ReplicatedLinear
 from paphos.layers.logits import LogitsProcessor
 from paphos.layers.moe import map_expert_name
 from paphos.layers.rotary import RotaryEmbedding, get_rope
 from paphos.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from paphos.layers.weight_utils import default_weight_loader
 from paphos.models.decoder_layer import DecoderLayer, make_norm
-from paphos.models.decoder_spec import DecoderSpec, RopeSpec
+from paphos.models.decoder_spec import DecoderSpec, NormSpec, RopeSpec
 from paphos.parallel import ParallelInfo
 from paphos.quant.base import LinearMethod
 
@@ -49,6 +52,43 @@ def _rope(spec: RopeSpec, head_dim: int, max_position: int) -> RotaryEmbedding:
     )
 
 
+class PerLayerInputs(nn.Module):
+    """Gemma 4's per-layer embeddings: for each token and layer an input of `size`, the mean of
+    a token embedding (x sqrt(size)) and a normed projection of the main embedding (x 1 /
+    sqrt(hidden)), each / sqrt(2). Checkpoint names: Gemma 4's."""
+
+    def __init__(
+        self,
+        spec: DecoderSpec,
+        linear_method: LinearMethod | None,
+        parallel: ParallelInfo,
+    ) -> None:
+        super().__init__()
+        assert spec.per_layer_inputs is not None
+        vocab, self.size = spec.per_layer_inputs
+        self.num_layers = len(spec.layers)
+        width = self.num_layers * self.size
+        self.embed_tokens_per_layer = VocabParallelEmbedding(
+            vocab, width, parallel=parallel, linear_method=linear_method
+        )
+        self.per_layer_model_projection = ReplicatedLinear(
+            spec.hidden_size, width, linear_method=linear_method
+        )
+        self.per_layer_projection_norm = make_norm(NormSpec("rms", spec.final_norm.eps), self.size)
+        dtype = self.embed_tokens_per_layer.params_dtype  # the scale rounded to it, as HF
+        self.embed_scale = float(torch.tensor(self.size**0.5, dtype=dtype))
+        self.projection_scale = spec.hidden_size**-0.5
+
+    def forward(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """input_ids [num_tokens], the scaled main embeddings [num_tokens, hidden] ->
+        [num_tokens, num_layers, size]."""
+        shape = (input_ids.shape[0], self.num_layers, self.size)
+        tokens = (self.embed_tokens_per_layer(input_ids) * self.embed_scale).view(shape)
+        projected = self.per_layer_model_projection(embeds) * self.projection_scale
+        projected = self.per_layer_projection_norm(projected.view(-1, self.size)).view(shape)
+        return (projected + tokens) * 2**-0.5
+
+
 class DecoderModel(nn.Module):
     def __init__(
         self, spec: DecoderSpec, linear_method: LinearMethod | None, parallel: ParallelInfo
@@ -68,7 +108,20 @@ class DecoderModel(nn.Module):
                     rope = _rope(layer.rope, layer.rope_head_size, spec.max_position)
                     ropes.append((layer.rope, rope))
             layers.append(DecoderLayer(layer, rope, linear_method, parallel))
+        self.cache_index: list[int] = []  # layer -> its KV cache (its source's, when shared)
+        for index, layer in enumerate(spec.layers):
+            source = layer.kv_source
+            if source is None:
+                self.cache_index.append(len(set(self.cache_index)))
+                continue
+            if not 0 <= source < index or spec.layers[source].kv_source is not None:
+                raise ValueError(f"layer {index}: kv_source={source} is not an earlier owner")
+            layers[index].self_attn.share_kv_of(layers[source].self_attn)
+            self.cache_index.append(self.cache_index[source])
         self.layers = nn.ModuleList(layers)
+        self.per_layer_inputs = None
+        if spec.per_layer_inputs is not None:
+            self.per_layer_inputs = PerLayerInputs(spec, linear_method, parallel)
         self.norm = make_norm(spec.final_norm, spec.hidden_size)
         self.fused = FusedDecodeSlot(parallel.world_size == 1 and cpu_decode.enabled_from_env())
         self.embedding_multiplier = spec.embedding_multiplier  # a host float: graph-safe
@@ -100,10 +153,23 @@ class DecoderModel(nn.Module):
                 positions, hidden_states, kv_caches, attn_metadata
             )
         else:
+            if len(kv_caches) != len(set(self.cache_index)):
+                raise ValueError(
+                    f"{len(kv_caches)} KV caches for {len(set(self.cache_index))} cache-owning "
+                    "layers"
+                )
+            per_layer = None  # [num_tokens, num_layers, size]
+            if self.per_layer_inputs is not None:
+                per_layer = self.per_layer_inputs(input_ids, hidden_states)
             residual = None
-            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            for index, layer in enumerate(self.layers):
                 hidden_states, residual = layer(
-                    positions, hidden_states, residual, kv_cache, attn_metadata
+                    positions,
+                    hidden_states,
+                    residual,
+                    kv_caches[self.cache_index[index]],
+                    attn_metadata,
+                    None if per_layer is None else per_layer[:, index],
                 )
         if residual is None:
             return self.norm(hidden_states)

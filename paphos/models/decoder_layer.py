@@ -1,6 +1,8 @@
 """The configurable decoder's layer: attention, MLP and norms built from one `LayerSpec`
 (paphos.models.decoder_spec). Layers pass (hidden, residual) on, as Llama's do: the residual
-stream is their sum. A plain pre-norm RMSNorm / gated-SiLU / full-rope layer also hands its
+stream is their sum (a layer with a per-layer input or a scalar returns the whole stream and no
+residual). A layer sharing another's KV cache has a query projection only and attends through
+that layer's `Attention`. A plain pre-norm RMSNorm / gated-SiLU / full-rope layer also hands its
 weights to the fused CPU decode (`fused_weights`).
 """
 
@@ -18,6 +20,7 @@ from paphos.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
     QKVParallelLinear,
+    ReplicatedLinear,
     RowParallelLinear,
 )
 from paphos.layers.moe import FusedMoE
@@ -88,6 +91,14 @@ class DecoderAttention(nn.Module):
             linear_method=linear_method, parallel=parallel,
         )  # fmt: skip
         num_heads, num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.shares_kv = spec.kv_source is not None
+        if self.shares_kv:  # the query alone: keys and values come from the source layer
+            del self.qkv_proj
+            self.q_proj = ColumnParallelLinear(
+                spec.hidden_size, spec.num_heads * head_dim, spec.qkv_bias,
+                linear_method=linear_method, parallel=parallel,
+            )  # fmt: skip
+        self.v_norm_eps = spec.norm.eps if spec.v_norm else None
         self.q_size, self.kv_size, self.head_dim = (
             num_heads * head_dim,
             num_kv_heads * head_dim,
@@ -108,6 +119,8 @@ class DecoderAttention(nn.Module):
                 spec.num_kv_heads, num_kv_heads, head_dim, norm.eps, parallel,
                 replicas=self.qkv_proj.num_kv_head_replicas,
             )  # fmt: skip
+        if self.shares_kv and spec.qk_norm is not None:
+            del self.k_norm  # keys are normed in the source layer
         self.rotary_emb = rotary_emb  # shared by the layers with the same rope (no weights)
         self.attn_gate = None
         if spec.output_gate:
@@ -119,7 +132,8 @@ class DecoderAttention(nn.Module):
         self.position_query_offset = spec.position_query_offset
         self.clip_qkv = spec.clip_qkv
         self.norm_eps = norm.eps
-        self.attn = Attention(
+        # A KV-sharing layer gets its source layer's Attention (share_kv_of), and its cache.
+        self.attn = None if self.shares_kv else Attention(
             num_heads, head_dim, spec.attention_scale, num_kv_heads, rotary_emb=rotary_emb,
             sliding_window=spec.sliding_window, logits_soft_cap=spec.soft_cap,
             use_sinks=spec.sinks, chunk_size=spec.chunk_size,
@@ -142,6 +156,17 @@ class DecoderAttention(nn.Module):
         part = narrow_checked(loaded, 0, self.parallel.rank * size, size, full, what)
         copy_checked(param.data, part, what)
 
+    def share_kv_of(self, source: DecoderAttention) -> None:
+        """Attend through the source layer's Attention (one module: one KV cache, one group)."""
+        assert self.shares_kv and source.attn is not None
+        attn = source.attn
+        if (attn.num_heads, attn.head_size) != (self.q_size // self.head_dim, self.head_dim):
+            raise ValueError(
+                f"a KV-sharing layer of {self.q_size // self.head_dim} heads of {self.head_dim} "
+                f"cannot attend through a layer of {attn.num_heads} heads of {attn.head_size}"
+            )
+        self.attn = attn
+
     def forward(
         self,
         positions: torch.Tensor,
@@ -149,18 +174,27 @@ class DecoderAttention(nn.Module):
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        k = v = None
+        if self.shares_kv:
+            q = self.q_proj(hidden_states)  # [num_tokens, q_size]
+        else:
+            qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm == "head":
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)  # [num_tokens, q_size]
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)  # [num_tokens, kv_size]
+            if k is not None:
+                k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)  # [tokens, kv_size]
         elif self.qk_norm == "l2":  # no weight; commutes with the rotation applied later
-            q, k = self._l2_norm(q), self._l2_norm(k)
+            q, k = self._l2_norm(q), None if k is None else self._l2_norm(k)
         elif self.qk_norm is not None:  # headwise or over the projection
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q), None if k is None else self.k_norm(k)
         if self.clip_qkv is not None:
             c = self.clip_qkv
-            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+            q = q.clamp(-c, c)
+            if k is not None:
+                k, v = k.clamp(-c, c), v.clamp(-c, c)
+        if v is not None:
+            v = v.contiguous() if self.v_norm_eps is None else self._v_norm(v)
         if self.position_query_scale is not None:  # commutes with the rotation: applied first
             beta, n = self.position_query_scale
             shifted = positions.float() + self.position_query_offset
@@ -169,10 +203,17 @@ class DecoderAttention(nn.Module):
         extra = {} if self.rotary_emb is None else {"positions": positions}
         if self.sinks is not None:
             extra["sinks"] = self.sinks
-        out = self.attn(q, k, v.contiguous(), kv_cache, attn_metadata, **extra)
+        assert self.attn is not None, "a KV-sharing layer was never linked to its source"
+        out = self.attn(q, k, v, kv_cache, attn_metadata, **extra)
         if self.attn_gate is not None:
             out = out * torch.sigmoid(self.attn_gate(hidden_states))
         return self.o_proj(out)
+
+    def _v_norm(self, v: torch.Tensor) -> torch.Tensor:
+        """RMS of each value head to 1 (no weight), in float32: [num_tokens, kv_size]."""
+        heads = v.reshape(-1, self.head_dim).float()  # [num_tokens * kv_heads, head_dim]
+        normed = F.rms_norm(heads, (self.head_dim,), None, self.v_norm_eps)
+        return normed.to(v.dtype).view(v.shape)
 
 
 class DecoderLayer(nn.Module):
@@ -195,6 +236,14 @@ class DecoderLayer(nn.Module):
         self.norm_names = spec.norm_names()  # role -> attribute (the checkpoint's name)
         for name in self.norm_names.values():
             setattr(self, name, make_norm(spec.norm, spec.hidden_size))
+        if spec.per_layer_input_size:  # checkpoint names: Gemma 4's
+            size, common = spec.per_layer_input_size, dict(linear_method=linear_method)
+            self.per_layer_input_gate = ReplicatedLinear(spec.hidden_size, size, **common)
+            self.per_layer_projection = ReplicatedLinear(size, spec.hidden_size, **common)
+            self.post_per_layer_input_norm = make_norm(spec.norm, spec.hidden_size)
+            self.per_layer_act = activation(spec.hidden_act)
+        if spec.layer_scalar:
+            self.layer_scalar = nn.Parameter(torch.ones(1))  # [1]
 
     def _norm(self, role: str) -> Norm | None:
         name = self.norm_names.get(role)
@@ -225,8 +274,10 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden, residual) in and out: the stream after this layer is their sum."""
+        per_layer_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden, residual) in and out: the stream after this layer is their sum (residual
+        None: hidden is the stream). per_layer_input: [num_tokens, per_layer_input_size]."""
         x, stream = self._add_and_norm("pre_attn", hidden_states, residual)
         attn_out = self.self_attn(positions, x, kv_cache, attn_metadata)
         if self.spec.parallel_block:  # attention and MLP both read the pre-attention norm
@@ -234,7 +285,18 @@ class DecoderLayer(nn.Module):
             return self._finish_branch("post_mlp", out), stream
         attn_out = self._finish_branch("post_attn", attn_out)
         x, stream = self._add_and_norm("pre_mlp", attn_out, stream)
-        return self._finish_branch("post_mlp", self.mlp(x)), stream
+        out = self._finish_branch("post_mlp", self.mlp(x))
+        if not (self.spec.per_layer_input_size or self.spec.layer_scalar):
+            return out, stream
+        stream = out + stream
+        if self.spec.per_layer_input_size:
+            if per_layer_input is None:
+                raise ValueError("this layer takes a per-layer input: pass per_layer_input=")
+            gate = self.per_layer_act(self.per_layer_input_gate(stream)) * per_layer_input
+            stream = stream + self.post_per_layer_input_norm(self.per_layer_projection(gate))
+        if self.spec.layer_scalar:
+            stream = stream * self.layer_scalar
+        return stream, None
 
     def fused_unfit_reason(self) -> str | None:
         """Why the fused CPU decode kernel cannot run this layer, in plain words (None: it can:
@@ -242,6 +304,8 @@ class DecoderLayer(nn.Module):
         spec, attn, mlp = self.spec, self.self_attn, self.mlp
         if not isinstance(mlp, DecoderMLP):
             return "it has a mixture-of-experts MLP, which the fused kernel does not compute"
+        if spec.kv_source is not None:
+            return "it attends to another layer's keys and values, which the fused kernel cannot"
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj if spec.gated else None)
         quantized = cpu_decode.quantized_reason((*linears, mlp.down_proj))
         if quantized is not None:
@@ -263,6 +327,9 @@ class DecoderLayer(nn.Module):
             "q/k/v clipping": spec.clip_qkv is not None,
             "a gated attention output": spec.output_gate,
             "multi-head latent attention": spec.latent is not None,
+            "value norms": spec.v_norm,
+            "per-layer inputs": spec.per_layer_input_size > 0,
+            "a layer scalar": spec.layer_scalar,
         }
         found = [name for name, present in features.items() if present]
         if found:

@@ -96,6 +96,14 @@ class LayerSpec:
     output_gate: bool = False
     # MLA instead of q/k/v heads (head_dim is then the q/k head: nope + rope dims)
     latent: LatentSpec | None = None
+    # An earlier layer (of the same attention shape) whose keys and values this layer attends
+    # to: it has a query projection only and no cache of its own (Gemma 4's last layers).
+    kv_source: int | None = None
+    v_norm: bool = False  # values RMS-normalized per head, without a weight (Gemma 4)
+    # Per-layer input (Gemma 4): after the MLP, x += norm(proj(act(gate(x)) * input)), the
+    # input of this size from the model's per-layer embedding; 0: none.
+    per_layer_input_size: int = 0
+    layer_scalar: bool = False  # the layer's output times a loaded scalar (Gemma 4)
 
     @property
     def rope_head_size(self) -> int:
@@ -126,6 +134,9 @@ class DecoderSpec:
     embedding_multiplier_in_dtype: bool = False  # Gemma rounds sqrt(hidden) to the model dtype
     logits_multiplier: float = 1.0  # Cohere's logit_scale, Granite's 1 / logits_scaling
     final_soft_cap: float | None = None  # logits: c * tanh(l / c)
+    # Gemma 4's per-layer embeddings: (vocab size, size per layer); each layer's input is a
+    # token embedding plus a projection of the main embedding (`PerLayerInputs`).
+    per_layer_inputs: tuple[int, int] | None = None
 
     def with_layers(self, layers: list[LayerSpec]) -> DecoderSpec:
         return dataclasses.replace(self, layers=tuple(layers))

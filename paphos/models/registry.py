@@ -38,6 +38,7 @@ _BUILTIN_MODELS: dict[str, str] = {
     "GemmaForCausalLM": "paphos.models.gemma:GemmaForCausalLM",
     "Gemma2ForCausalLM": "paphos.models.gemma:Gemma2ForCausalLM",
     "Gemma3ForCausalLM": "paphos.models.gemma:Gemma3ForCausalLM",
+    "Gemma4ForCausalLM": "paphos.models.gemma4:Gemma4ForCausalLM",
     "GraniteForCausalLM": "paphos.models.granite:GraniteForCausalLM",
     "Olmo2ForCausalLM": "paphos.models.olmo:Olmo2ForCausalLM",
     "Olmo3ForCausalLM": "paphos.models.olmo:Olmo3ForCausalLM",

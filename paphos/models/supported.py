@@ -28,6 +28,10 @@ FAMILY_NOTES: dict[str, tuple[str, str]] = {
     "GemmaForCausalLM": ("Gemma", "RMSNorm(1 + w), scaled embeddings, gelu-tanh"),
     "Gemma2ForCausalLM": ("Gemma 2", "soft-caps, alternating sliding window, sandwich norms"),
     "Gemma3ForCausalLM": ("Gemma 3 (text)", "per-layer types and rope bases, q/k norm"),
+    "Gemma4ForCausalLM": (
+        "Gemma 4 (text, dense)",
+        "per-layer head sizes, KV shared across layers, per-layer embeddings, v-norm",
+    ),
     "GraniteForCausalLM": ("Granite 3", "embedding/residual/attention/logit multipliers"),
     "Olmo2ForCausalLM": ("OLMo 2", "post-norms, q/k norm over the projection"),
     "Olmo3ForCausalLM": ("OLMo 3", "OLMo 2's layout with 3:1 sliding windows"),

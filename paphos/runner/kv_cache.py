@@ -11,8 +11,8 @@ memory this leaves goes to the full-attention layers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.models.test_hybrid import CASES as HYBRID_CASES
 from tests.models import test_sliding_window_blocks as sliding
+from tests.models.test_hybrid import CASES as HYBRID_CASES
 from tests.models.test_zoo import CASES
 from tests.models.test_zoo_moe import CASES as MOE_CASES
 from tests.models.test_zoo_moe import make_tiny_moe
@@ -31,6 +31,7 @@ CUDA_CASES = [
     "mistral-window",
     "gemma2",
     "gemma3",
+    "gemma4",
     "olmo3",
     "stablelm-parallel-qknorm",
     "cohere2",

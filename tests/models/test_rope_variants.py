@@ -90,3 +90,19 @@ def test_dynamic_ntk_table_is_plain_inside_and_per_length_beyond():
         cos, sin = _hf_cos_sin(_config(dict(rope_type="dynamic", factor=2.0)), [position])
         torch.testing.assert_close(table[position, : HEAD_DIM // 2], cos[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(table[position, HEAD_DIM // 2 :], sin[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("partial, factor", [(0.25, 1.0), (0.5, 2.0)])
+def test_proportional_table_equals_transformers(partial, factor):
+    """Gemma 4's full layers: a quarter (here also a half, scaled) of the frequencies turn, with
+    exponents over the whole head; the rest of the head stays put."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = dict(rope_type="proportional", partial_rotary_factor=partial, factor=factor)
+    config = _config(params)
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["proportional"](config)  # [HEAD_DIM // 2]
+    freqs = torch.outer(torch.arange(MAX_POS, dtype=torch.float32), inv_freq)
+    theta, scaling = rope_settings(config)
+    table = get_rope(HEAD_DIM, HEAD_DIM, MAX_POS, theta, scaling).cos_sin_cache
+    torch.testing.assert_close(table, torch.cat((freqs.cos(), freqs.sin()), -1))
+    assert (inv_freq == 0).sum() == HEAD_DIM // 2 - int(partial * HEAD_DIM // 2)

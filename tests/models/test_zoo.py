@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.models.zoo_harness import check_greedy, check_paged_logits, make_runner, make_tiny_model
+from tests.models.zoo_harness import (
+    VOCAB,
+    check_greedy,
+    check_paged_logits,
+    make_runner,
+    make_tiny_model,
+)
 
 GEMMA3_ROPE = {
     "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
@@ -49,6 +55,18 @@ CASES = {
         "Gemma3TextConfig",
         dict(num_key_value_heads=1, sliding_window=12, final_logit_softcapping=3.0),
         False,
+    ),
+    # 5 layers: the last two attend to layer 2's (sliding) and layer 1's (full) keys and values;
+    # full layers: head 32, one kv head (replicated under TP), values = keys, proportional rope
+    "gemma4": (
+        "Gemma4TextConfig",
+        dict(num_hidden_layers=5, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+             attention_k_eq_v=True, sliding_window=8, num_kv_shared_layers=2,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                          "sliding_attention", "full_attention"],
+             hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+             use_double_wide_mlp=True, final_logit_softcapping=5.0),
+        True,
     ),
     "granite": (
         "GraniteConfig",

@@ -2,7 +2,8 @@
 (both ranks, a prefill and a decode step) for the features that shard in their own way: q/k norm
 over the whole projection (a cross-rank mean of squares, with one kv head replicated), per-head
 q/k LayerNorms (loaded head by head: StableLM; whole: Cohere) in a parallel block, Gemma 3's
-sandwich norms and windows."""
+sandwich norms and windows, Gemma 4's per-layer shapes (a replicated single kv head) with KV
+shared across layers and per-layer inputs."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from tests.models.zoo_harness import make_tiny_model
 
 
 @pytest.mark.parametrize(
-    "name", ["olmo2-1kv-bias", "stablelm-parallel-qknorm", "cohere-qknorm-bias", "gemma3"]
+    "name",
+    ["olmo2-1kv-bias", "stablelm-parallel-qknorm", "cohere-qknorm-bias", "gemma3", "gemma4"],
 )
 def test_two_ranks_give_the_logits_of_one_rank(tmp_path, name):
     config_class, overrides, _ = CASES[name]

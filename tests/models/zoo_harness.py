@@ -46,6 +46,9 @@ def make_tiny_model(path: Path, config_class: str, **overrides: Any) -> torch.nn
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 param.add_(torch.randn_like(param) * 0.1)
+        for name, buffer in model.named_buffers():  # Gemma 4's (saved) per-layer scalars
+            if name.endswith("layer_scalar"):
+                buffer.add_(torch.randn_like(buffer) * 0.3)
     model.save_pretrained(path)
     return model
 

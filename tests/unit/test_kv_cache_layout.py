@@ -76,3 +76,16 @@ def test_layout_checks() -> None:
         a.min_with(KVCacheLayout.single(9))
     with pytest.raises(ValueError, match="holds no block"):
         plan_kv_cache_layout(spec(None, WINDOW), 10, {WINDOW: 5})
+
+
+def test_layers_of_different_shapes_get_caches_of_their_own_shape() -> None:
+    """Gemma 4: sliding layers (2 kv heads of 16) beside full ones (1 kv head of 32)."""
+    layers = tuple(
+        LayerCacheSpec("kv", heads, size, sliding_window=w)
+        for (heads, size), w in zip(((2, 16), (1, 32), (2, 16)), (WINDOW, None, WINDOW))
+    )
+    s = KVCacheSpec(block_size=16, dtype=torch.float32, layers=layers)
+    assert s.group_bytes_per_block(WINDOW) == 2 * s.group_bytes_per_block(None)
+    layout = KVCacheLayout((KVCacheGroup(None, 5), KVCacheGroup(WINDOW, 4)))
+    caches = allocate_kv_caches(s, layout, torch.device("cpu"))
+    assert [tuple(c.shape[1:]) for c in caches] == [(4, 16, 2, 16), (5, 16, 1, 32), (4, 16, 2, 16)]
