@@ -1,15 +1,16 @@
 """The device benchmark, one table: paphos vs HF transformers `generate` on the same random weights,
 beside the physical floor (bytes of weights + KV read per decode step / measured copy bandwidth).
 
-    python benchmarks/gpu.py --shapes 1b,8b --out $OUT/gpu_bench.json
+    python benchmarks/gpu.py --shapes 1b,8b,qwen3-8b,gemma2-9b --out $OUT/gpu_bench.json
 
-Per shape (Llama-3.2-1B / Llama-3-8B configs, bf16): HF's model is built with random weights on the
-GPU, and paphos (`--load-format dummy`) loads the same tensors through `load_weights`. Batch 1 and
-64: decode ms per step (paphos: median pure-decode step with overlapped steps, the default, and
-without; graph replay GPU time; host time; HF: total / new tokens); throughput at batch 64 and 256
-(output tokens / wall s, prompts of 128, 128 new), with single steps (the server's default) and
-with multi-step decodes (num_scheduler_steps=8: offline `LLM`'s default on CUDA); the batch-64
-step with both too (per decode step).
+Per shape (Llama-3.2-1B / Llama-3-8B / Qwen3-8B / Gemma-2-9B configs, bf16): HF's model is built
+with random weights on the GPU, and paphos (`--load-format dummy`) loads the same tensors through
+`load_weights`. Batch 1 and 64: decode ms per step (paphos: median pure-decode step with
+overlapped steps, the default, and without; graph replay GPU time; host time; HF: total / new
+tokens); throughput at batch 64 and 256 (output tokens / wall s, prompts of 128, 128 new), with
+single steps (the server's default) and with multi-step decodes (num_scheduler_steps=8: offline
+`LLM`'s default on CUDA); the batch-64 step with both too (per decode step). Target: every shape's
+ratios to the floor as the Llama-3-8B shape's (batch 1 within 1.15x, batch 64 within 1.3x).
 
 Mixture-of-experts shapes (Qwen3-30B-A3B, Mixtral-8x7B; `--shapes qwen3-30b-a3b,mixtral-8x7b`):
 paphos runs on dummy weights and is closed before HF's random model is built (both would not fit
@@ -35,22 +36,67 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import measure_decode, random_prompts  # noqa: E402
 
+LLAMA_3 = dict(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+# shape -> (transformers config class, its fields): the published configs' shapes
 SHAPES = {
-    "1b": dict(
-        hidden_size=2048,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=8192,
-        tie_word_embeddings=True,
+    "1b": (
+        "LlamaConfig",
+        dict(
+            LLAMA_3,
+            hidden_size=2048,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=8192,
+            tie_word_embeddings=True,
+        ),
     ),
-    "8b": dict(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=14336,
-        tie_word_embeddings=False,
+    "8b": (
+        "LlamaConfig",
+        dict(
+            LLAMA_3,
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=14336,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3-8b": (  # q/k norm per head
+        "Qwen3Config",
+        dict(
+            vocab_size=151936,
+            max_position_embeddings=40960,
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+            hidden_size=4096,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            intermediate_size=12288,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "gemma2-9b": (  # head_dim 256 != hidden / heads, soft-caps, alternating 4096 windows
+        "Gemma2Config",
+        dict(
+            vocab_size=256000,
+            max_position_embeddings=8192,
+            hidden_size=3584,
+            num_hidden_layers=42,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=256,
+            intermediate_size=14336,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=256,
+            sliding_window=4096,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            tie_word_embeddings=True,
+        ),
     ),
 }
 # transformers config class and shape of each mixture-of-experts benchmark (bf16)
@@ -89,31 +135,15 @@ def copy_bandwidth() -> float:
     return 2 * (1 << 30) / sorted(times[2:])[len(times[2:]) // 2]
 
 
-def llama_config(shape: str):  # noqa: ANN201 - LlamaConfig
-    """The Llama-3-shaped config of `shape` (bf16, 128K vocabulary)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        bos_token_id=1,
-        eos_token_id=2,
-        architectures=["LlamaForCausalLM"],
-        dtype="bfloat16",
-        **SHAPES[shape],
-    )
-
-
-def model_config(shape: str):  # noqa: ANN201 - a transformers config
-    if shape not in MOE_SHAPES:
-        return llama_config(shape)
+def model_config(shape: str):  # noqa: ANN201 - a transformers PretrainedConfig
+    """The config of `shape` (bf16)."""
     import transformers
 
-    class_name, sizes = MOE_SHAPES[shape]
+    class_name, fields = SHAPES[shape] if shape in SHAPES else MOE_SHAPES[shape]
     architecture = class_name.removesuffix("Config") + "ForCausalLM"
-    return getattr(transformers, class_name)(
-        bos_token_id=1, eos_token_id=2, architectures=[architecture], dtype="bfloat16", **sizes
+    config_class = getattr(transformers, class_name)
+    return config_class(
+        bos_token_id=1, eos_token_id=2, architectures=[architecture], dtype="bfloat16", **fields
     )
 
 
@@ -158,7 +188,7 @@ def floor_ms(hf, config, batch: int, context: int, bandwidth: float) -> float:  
     weights = sum(p.numel() * p.element_size() for p in hf.parameters())
     if not config.tie_word_embeddings:
         weights -= hf.model.embed_tokens.weight.numel() * 2
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv = batch * context * config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 2
     return 1e3 * (weights + kv) / bandwidth
 
@@ -338,7 +368,7 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
         f"prompts {PROMPT_LEN}, {NEW_TOKENS} new tokens, greedy, bf16"
     )
     head = (
-        f"{'shape':5} {'metric':28} {'paphos':>9} {'GPU(replay)':>11} {'host':>6} "
+        f"{'shape':9} {'metric':28} {'paphos':>9} {'GPU(replay)':>11} {'host':>6} "
         f"{'floor':>7} {'x floor':>7} {'HF':>8} {'vs HF':>7}"
     )
     print(head)
@@ -351,7 +381,7 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
             host = lat["schedule_ms"] + lat["prepare_ms"]
             theirs = hf.get(b, {}).get("ms_per_step", float("nan"))
             print(
-                f"{r['shape']:5} {label.format(b=b):28} {lat['decode_step_ms']:9.3f} "
+                f"{r['shape']:9} {label.format(b=b):28} {lat['decode_step_ms']:9.3f} "
                 f"{lat['replay_ms']:11.3f} {host:6.3f} {lat['floor_ms']:7.3f} "
                 f"{lat['decode_step_ms'] / lat['floor_ms']:7.2f} {theirs:8.2f} "
                 f"{theirs / lat['decode_step_ms']:6.1f}x"
@@ -359,7 +389,7 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
         lat = r["b64_multi"]
         theirs = hf.get(64, {}).get("ms_per_step", float("nan"))
         print(
-            f"{r['shape']:5} {f'  same, {MULTI_STEPS} steps per schedule':28} "
+            f"{r['shape']:9} {f'  same, {MULTI_STEPS} steps per schedule':28} "
             f"{lat['decode_step_ms']:9.3f} {lat['replay_ms']:11.3f} "
             f"{lat['schedule_ms'] + lat['prepare_ms']:6.3f} {lat['floor_ms']:7.3f} "
             f"{lat['decode_step_ms'] / lat['floor_ms']:7.2f} {theirs:8.2f} "
@@ -369,20 +399,20 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
             theirs = hf.get(b, {}).get("tok_s", float("nan"))
             for key, label in ((f"tput{b}", ""), (f"tput{b}_multi", f", {MULTI_STEPS} steps")):
                 print(
-                    f"{r['shape']:5} {f'output tok/s, batch {b}{label}':28} {r[key]:9.0f} "
+                    f"{r['shape']:9} {f'output tok/s, batch {b}{label}':28} {r[key]:9.0f} "
                     f"{'':>11} {'':>6} {'':>7} {'':>7} {theirs:8.0f} {r[key] / theirs:6.1f}x"
                 )
         b1 = 1e3 / r["b1"]["decode_step_ms"]
         theirs = hf.get(1, {}).get("tok_s", float("nan"))
         print(
-            f"{r['shape']:5} {'tok/s batch 1':28} {b1:9.1f} {'':>11} {'':>6} {'':>7} {'':>7} "
+            f"{r['shape']:9} {'tok/s batch 1':28} {b1:9.1f} {'':>11} {'':>6} {'':>7} {'':>7} "
             f"{theirs:8.1f} {b1 / theirs:6.1f}x"
         )
         for b in batches:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r[f"kernels_b{b}"].items()))
             lat = r[f"b{b}"]
             print(
-                f"{r['shape']:5}   batch {b}: GPU ms per replay by kernel group: {parts}; "
+                f"{r['shape']:9}   batch {b}: GPU ms per replay by kernel group: {parts}; "
                 f"host ms: schedule {lat['schedule_ms']:.3f}, "
                 f"runner prepare {lat['prepare_ms']:.3f}, "
                 f"engine update+outputs {lat['engine_rest_ms']:.3f}"
@@ -391,7 +421,7 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
         if given is None:
             continue
         print(
-            f"{r['shape']:5} {'HF static+compile b1 (given)':28} {'':>9} {'':>11} {'':>6} "
+            f"{r['shape']:9} {'HF static+compile b1 (given)':28} {'':>9} {'':>11} {'':>6} "
             f"{'':>7} {'':>7} {given:8.1f} {b1 / given:6.1f}x"
         )
 

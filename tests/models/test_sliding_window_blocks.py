@@ -197,3 +197,17 @@ def test_pools_are_whole_after_aborts_and_prefix_hits_stay_exact(case):
         _assert_pools_whole(engine)
     for prompt, out in zip(prompts, first + rest):
         assert list(out.outputs[0].token_ids) == _hf_greedy(hf, prompt, num_tokens)
+
+
+def test_two_ranks_agree_on_the_groups_and_stay_exact(tmp_path):
+    """TP=2 through the multiprocess executor: the ranks' layouts meet group by group and the
+    greedy tokens equal transformers' (Gemma 2, one kv head per rank)."""
+    config_class, overrides = CASES["gemma2"]
+    hf = make_tiny_model(tmp_path, config_class, **overrides)
+    prompt = _prompts(30)[0]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    with _llm(tmp_path, tensor_parallel_size=2, num_threads=1) as llm:
+        assert len(llm.engine.kv_cache_layout.groups) == 2
+        out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+        _assert_pools_whole(llm.engine)
+    assert list(out.outputs[0].token_ids) == _hf_greedy(hf, prompt, 20)
