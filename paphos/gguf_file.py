@@ -2,7 +2,10 @@
 kept as stored in `GGUFQuantizedTensor`s).
 
 Invariant: what this module yields equals what transformers reads from the same file (config fields,
-tensor names, values after undoing llama.cpp's rotary permutation of attn_q/attn_k rows).
+tensor names, values after undoing llama.cpp's rotary permutation of attn_q/attn_k rows, GPT-2's
+Conv1D matrices transposed back to [in, out]). Exceptions: GPT-2's context and MLP sizes go to the
+fields GPT2Config reads (n_positions, n_inner; transformers' table names n_ctx), and a GPT-2 matrix
+kept quantized stays as stored, [out, in] (blocks cannot be transposed).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ _MODEL_TYPES = {
     "qwen3": "qwen3",
     "gemma2": "gemma2",
     "gemma3": "gemma3_text",
+    "gpt2": "gpt2",
 }
 # Architectures whose q/k rows llama.cpp's converter permuted for its interleaved rotary.
 _PERMUTED_QK_ARCHS = frozenset({"llama"})
@@ -82,6 +86,26 @@ _GLOBAL_NAMES = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
+# GPT-2: its own layout (layer prefix, layer and global names); c_attn/c_proj/c_fc are Conv1D.
+_GPT2_LAYER_NAMES = {
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
+_GPT2_GLOBAL_NAMES = {
+    "token_embd": "transformer.wte",
+    "position_embd": "transformer.wpe",
+    "output_norm": "transformer.ln_f",
+    "output": "lm_head",
+}
+_CONV1D_TENSORS = tuple(
+    f".{kind}.weight" for kind in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
+)
+# Config fields transformers' GGUF table maps to names the config class no longer reads.
+_CONFIG_RENAMES = {"gpt2": {"n_ctx": "n_positions", "feed_forward_length": "n_inner"}}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 
@@ -309,7 +333,7 @@ def _mapped_config_fields(contents: GGUFContents, model_type: str) -> dict[str, 
         target = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
         if target is None or target == -1:
             continue
-        config[target] = value
+        config[_CONFIG_RENAMES.get(arch, {}).get(target, target)] = value
     return config
 
 
@@ -337,13 +361,17 @@ def _fill_head_dim(contents: GGUFContents, config: dict[str, Any]) -> None:
 
 def gguf_to_hf_name(name: str, arch: str = "llama") -> str:
     """Map a llama.cpp tensor name to its HF name; unknown names raise ValueError."""
+    if arch == "gpt2":
+        prefix, layer_names, global_names = "transformer.h", _GPT2_LAYER_NAMES, _GPT2_GLOBAL_NAMES
+    else:
+        prefix, global_names = "model.layers", _GLOBAL_NAMES
+        layer_names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(arch, {})}
     if match := _LAYER_RE.fullmatch(name):
         layer, kind, suffix = match.groups()
-        names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(arch, {})}
-        if kind in names:
-            return f"model.layers.{layer}.{names[kind]}.{suffix}"
-    elif (match := _GLOBAL_RE.fullmatch(name)) and match.group(1) in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[match.group(1)]}.{match.group(2)}"
+        if kind in layer_names:
+            return f"{prefix}.{layer}.{layer_names[kind]}.{suffix}"
+    elif (match := _GLOBAL_RE.fullmatch(name)) and match.group(1) in global_names:
+        return f"{global_names[match.group(1)]}.{match.group(2)}"
     raise ValueError(f"unknown GGUF tensor name {name!r}: no HF name is known for it")
 
 
@@ -397,6 +425,8 @@ def read_gguf_tensors(
             values = unpermute_rotary_rows(values, num_kv_heads)
         elif arch in _OFFSET_NORM_ARCHS and info.name.endswith("norm.weight"):
             values = values - 1.0  # back to the checkpoint's zero-centred weight
+        elif arch == "gpt2" and info.name.endswith(_CONV1D_TENSORS) and not kept:
+            values = np.ascontiguousarray(values.T)  # back to Conv1D's [in, out]
         tensor = torch.from_numpy(values)
         if kept:
             rows, cols = info.shape  # a kept tensor is a matrix

@@ -163,8 +163,8 @@ class GPT2LMHeadModel(CausalLMHead):
             return []
         if not name.startswith(("transformer.", "lm_head.")):
             name = f"transformer.{name}"  # checkpoints of the bare GPT2Model
-        if name.endswith(_CONV1D):
-            tensor = tensor.t()  # Conv1D [in, out] -> [out, in]
+        if name.endswith(_CONV1D) and isinstance(tensor, torch.Tensor):
+            tensor = tensor.t()  # Conv1D [in, out] -> [out, in] (GGUF blocks are [out, in])
         return [(name, tensor, None)]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
