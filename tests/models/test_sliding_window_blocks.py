@@ -13,7 +13,7 @@ import torch
 
 from paphos import LLM, SamplingParams
 from tests.models.test_zoo import GEMMA3_ROPE
-from tests.models.zoo_harness import LOGPROB_ATOL, VOCAB, make_tiny_model
+from tests.models.zoo_harness import LOGPROB_ATOL, VOCAB, hf_greedy, make_tiny_model
 
 BLOCK = 8
 WINDOW = 8
@@ -57,19 +57,6 @@ def _llm(path, **kwargs) -> LLM:
 def _prompts(*lengths: int, seed: int = 5) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in lengths]
-
-
-def _hf_greedy(hf, prompt: list[int], num_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=num_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
 
 
 def _assert_logprobs_match(hf, prompt: list[int], output, atol: float = LOGPROB_ATOL) -> None:
@@ -141,7 +128,7 @@ def check_exact_with_blocks_freed(path, hf, device: str = "cpu", atol=LOGPROB_AT
     assert all(freed)
     for prompt, out in zip(prompts, outs):
         _assert_logprobs_match(hf, prompt, out, atol)
-        assert list(out.outputs[0].token_ids) == _hf_greedy(hf, prompt, num_tokens)
+        assert list(out.outputs[0].token_ids) == hf_greedy(hf, prompt, num_tokens)
 
 
 def check_window_sized_generation(path, hf, device: str = "cpu") -> None:
@@ -165,7 +152,7 @@ def check_window_sized_generation(path, hf, device: str = "cpu") -> None:
         if kv.layout.has_full_group:
             assert kv.layout.num_blocks > kv.pools[kv.sliding_groups[0]].num_blocks
         _assert_pools_whole(engine)
-    assert tokens == _hf_greedy(hf, prompt, num_tokens)
+    assert tokens == hf_greedy(hf, prompt, num_tokens)
 
 
 def test_window_shorter_than_the_sequence_is_exact_with_blocks_freed(case):
@@ -196,7 +183,7 @@ def test_pools_are_whole_after_aborts_and_prefix_hits_stay_exact(case):
         assert engine.get_stats().prefix_cache_hits > 0
         _assert_pools_whole(engine)
     for prompt, out in zip(prompts, first + rest):
-        assert list(out.outputs[0].token_ids) == _hf_greedy(hf, prompt, num_tokens)
+        assert list(out.outputs[0].token_ids) == hf_greedy(hf, prompt, num_tokens)
 
 
 def test_two_ranks_agree_on_the_groups_and_stay_exact(tmp_path):
@@ -210,4 +197,4 @@ def test_two_ranks_agree_on_the_groups_and_stay_exact(tmp_path):
         assert len(llm.engine.kv_cache_layout.groups) == 2
         out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
         _assert_pools_whole(llm.engine)
-    assert list(out.outputs[0].token_ids) == _hf_greedy(hf, prompt, 20)
+    assert list(out.outputs[0].token_ids) == hf_greedy(hf, prompt, 20)

@@ -154,13 +154,18 @@ def check_greedy(
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     llm.close()  # an open engine keeps the process's threads pinned
     for prompt, out in zip(prompts, outs):
-        with torch.no_grad():
-            ref = hf.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=max_tokens,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )[0, len(prompt) :].tolist()
-        assert out.outputs[0].token_ids == ref
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, max_tokens)
+
+
+def hf_greedy(hf: torch.nn.Module, prompt: list[int], num_tokens: int) -> list[int]:
+    """HF `generate`'s greedy tokens after prompt, no EOS stop."""
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=num_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
