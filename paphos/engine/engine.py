@@ -95,6 +95,9 @@ class Engine:
         self.num_overlapped_steps = 0  # steps launched while the one before them still ran
         num_cache_tokens = self.num_kv_blocks * config.cache.block_size
         fp8 = "" if config.cache.kv_cache_dtype == "auto" else f", {config.cache.kv_cache_dtype}"
+        num_fit = num_cache_tokens // self.max_model_len
+        if not self.kv_cache_layout.has_full_group:  # every layer slides: window-sized caches
+            num_fit = config.scheduler.max_num_seqs
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens%s); max_model_len %d; "
             "%d sequences of max_model_len fit at once",
@@ -103,7 +106,7 @@ class Engine:
             num_cache_tokens,
             fp8,
             self.max_model_len,
-            num_cache_tokens // self.max_model_len,
+            num_fit,
         )
 
     def _effective_max_model_len(self, layout: KVCacheLayout) -> int:
