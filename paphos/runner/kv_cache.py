@@ -92,6 +92,8 @@ class KVCacheSpec:
                     what += (
                         f"; per-head K/V would be 2 x {heads} heads x {size} = {2 * heads * size}"
                     )
+            if layer.sliding_window is not None:
+                what += f"; window {layer.sliding_window}"
             values = layer.values_per_token
             parts.append(f"{count} {layer.layout} layers x {values} values ({what})")
         dtype = str(self.dtype).removeprefix("torch.")

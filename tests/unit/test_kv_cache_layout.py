@@ -89,3 +89,26 @@ def test_layers_of_different_shapes_get_caches_of_their_own_shape() -> None:
     layout = KVCacheLayout((KVCacheGroup(None, 5), KVCacheGroup(WINDOW, 4)))
     caches = allocate_kv_caches(s, layout, torch.device("cpu"))
     assert [tuple(c.shape[1:]) for c in caches] == [(4, 16, 2, 16), (5, 16, 1, 32), (4, 16, 2, 16)]
+
+
+def test_latent_layers_stay_in_the_full_group_beside_sliding_kv_layers() -> None:
+    """MLA's latent rows take the full group's block count, sliding K/V layers their own; the
+    budget counts each layer's bytes; `without_windows` (hybrid models) leaves one group."""
+    latent = LayerCacheSpec("latent", 1, 40)
+    sliding = LayerCacheSpec("kv", 2, 8, sliding_window=WINDOW)
+    s = KVCacheSpec(block_size=16, dtype=torch.float32, layers=(latent, sliding, latent))
+    assert s.group_windows == (None, WINDOW) and s.layer_groups() == (0, 1, 0)
+    layout = plan_kv_cache_layout(s, 100 * s.bytes_per_block, {WINDOW: 12})
+    assert [g.num_blocks for g in layout.groups] == [
+        (100 * s.bytes_per_block - 12 * s.layer_bytes_per_block(1)) // (2 * 16 * 40 * 4),
+        12,
+    ]
+    caches = allocate_kv_caches(s, layout, torch.device("cpu"))
+    assert [tuple(c.shape) for c in caches] == [
+        (layout.groups[0].num_blocks, 16, 40),
+        (2, 12, 16, 2, 8),
+        (layout.groups[0].num_blocks, 16, 40),
+    ]
+    assert "window 64" in s.describe()
+    full = s.without_windows()
+    assert full.group_windows == (None,) and full.bytes_per_block == s.bytes_per_block
