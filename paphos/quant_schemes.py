@@ -7,6 +7,7 @@ ValueError naming the field, its value and what is supported. No torch here (dat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +116,7 @@ def _ct_weights(args: dict[str, Any], fmt: str, field: str) -> WeightScheme:
             f"{field}.actorder={actorder!r} (a weight_g_idx per layer, which compressed-tensors "
             "no longer writes) is not supported; supported: None, static, weight"
         )
+    assert isinstance(bits, int)  # checked above: one of the allowed widths
     return WeightScheme(
         type=kind,
         bits=bits,
@@ -197,7 +199,7 @@ def runtime_scheme(name: str, w8a8: bool) -> LinearScheme:
     raise ValueError(f"runtime quantization {name!r}: expected one of {RUNTIME_SCHEMES}")
 
 
-def _fields(where: str):
+def _fields(where: str) -> Callable[[str], str]:
     return lambda key: f"quantization_config.{key} in {where}"
 
 
