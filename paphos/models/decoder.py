@@ -28,7 +28,7 @@ from paphos.layers.logits import LogitsProcessor
 from paphos.layers.moe import map_expert_name
 from paphos.layers.rotary import RotaryEmbedding, get_rope
 from paphos.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
-from paphos.layers.weight_utils import default_weight_loader
+from paphos.models.checkpoint_names import Load, load_mapped
 from paphos.models.decoder_layer import DecoderLayer, make_norm
 from paphos.models.decoder_spec import DecoderSpec, NormSpec, RopeSpec
 from paphos.parallel import ParallelInfo
@@ -261,23 +261,13 @@ class DecoderForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         self.model.fused.reset()
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if any(part in name for part in self.skipped_weights) or self._is_extra_layer(name):
-                continue
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                continue  # tied: the embedding's weight serves both
-            target, shard_id = self.map_name(name)
-            param = params.get(target)
-            if param is None:
-                raise ValueError(
-                    f"checkpoint weight {name!r} has no parameter in {type(self).__name__}"
-                )
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard_id is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard_id)
-            loaded.add(target)
-        return loaded
+        return load_mapped(self, weights, self._map_weight)
+
+    def _map_weight(self, name: str, tensor: torch.Tensor) -> list[Load]:
+        """The load a checkpoint tensor makes (none for skipped and tied names)."""
+        if any(part in name for part in self.skipped_weights) or self._is_extra_layer(name):
+            return []
+        if name == "lm_head.weight" and self.tie_word_embeddings:
+            return []  # tied: the embedding's weight serves both
+        target, shard_id = self.map_name(name)
+        return [(target, tensor, shard_id)]

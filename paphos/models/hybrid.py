@@ -20,8 +20,8 @@ from paphos.attention import AttentionMetadata
 from paphos.config import ModelConfig
 from paphos.layers.embedding import VocabParallelEmbedding
 from paphos.layers.moe import map_expert_name
-from paphos.layers.weight_utils import default_weight_loader
 from paphos.models.causal_lm import CausalLMHead
+from paphos.models.checkpoint_names import Load, load_mapped
 from paphos.parallel import ParallelInfo
 from paphos.quant.base import LinearMethod
 
@@ -220,24 +220,16 @@ class HybridForCausalLM(CausalLMHead):
         return name, None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for checkpoint_name, whole in weights:
-            if any(part in checkpoint_name for part in self.ignored_weights):
-                continue
-            if checkpoint_name == "lm_head.weight" and self.tie_word_embeddings:
-                continue
-            for name, tensor in self.split_weight(checkpoint_name, whole):
-                target, shard_id = self.map_name(name)
-                param = params.get(target)
-                if param is None:
-                    raise ValueError(
-                        f"checkpoint weight {name!r} has no parameter in {type(self).__name__}"
-                    )
-                loader = getattr(param, "weight_loader", default_weight_loader)
-                if shard_id is None:
-                    loader(param, tensor)
-                else:
-                    loader(param, tensor, shard_id)
-                loaded.add(target)
-        return loaded
+        return load_mapped(self, weights, self._map_weight)
+
+    def _map_weight(self, checkpoint_name: str, whole: torch.Tensor) -> list[Load]:
+        """The loads a checkpoint tensor makes (none for ignored and tied names)."""
+        if any(part in checkpoint_name for part in self.ignored_weights):
+            return []
+        if checkpoint_name == "lm_head.weight" and self.tie_word_embeddings:
+            return []
+        loads = []
+        for name, tensor in self.split_weight(checkpoint_name, whole):
+            target, shard_id = self.map_name(name)
+            loads.append((target, tensor, shard_id))
+        return loads

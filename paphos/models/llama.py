@@ -24,7 +24,7 @@ from paphos.layers.logits import LogitsProcessor
 from paphos.layers.norm import RMSNorm
 from paphos.layers.rotary import get_rope
 from paphos.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
-from paphos.layers.weight_utils import default_weight_loader
+from paphos.models.checkpoint_names import Load, load_mapped
 from paphos.parallel import ParallelInfo
 from paphos.quant.base import LinearMethod
 
@@ -286,26 +286,16 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         self.model.reset_fused_decode()
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                continue  # tied: the embedding's weight serves both
-            target, shard_id = _map_name(name, self.stacked_params)
-            param = params.get(target)
-            if param is None:
-                raise ValueError(
-                    f"checkpoint weight {name!r} has no parameter in {type(self).__name__}"
-                )
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard_id is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard_id)
-            loaded.add(target)
-        return loaded
+        return load_mapped(self, weights, self._map_weight)
+
+    def _map_weight(self, name: str, tensor: torch.Tensor) -> list[Load]:
+        """The load a checkpoint tensor makes (none for rotary buffers and tied names)."""
+        if "rotary_emb.inv_freq" in name:
+            return []
+        if name == "lm_head.weight" and self.tie_word_embeddings:
+            return []  # tied: the embedding's weight serves both
+        target, shard_id = _map_name(name, self.stacked_params)
+        return [(target, tensor, shard_id)]
 
 
 def _data(param: torch.Tensor | None) -> torch.Tensor | None:
