@@ -25,6 +25,7 @@ from tests.models.zoo_harness import (
     VOCAB,
     check_greedy,
     check_paged_logits,
+    hf_greedy,
     make_runner,
     make_tiny_model,
 )
@@ -87,19 +88,6 @@ def test_greedy_equals_transformers_generate(tiny) -> None:
     check_greedy(hf, path)
 
 
-def _hf_greedy(hf: torch.nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 def _assert_pool_whole(llm: LLM) -> None:
     scheduler = llm.engine.scheduler
     scheduler.check_invariants()
@@ -124,7 +112,7 @@ def test_preemption_chunks_and_few_slots_keep_greedy_tokens(tiny) -> None:
         assert llm.engine.scheduler.get_stats().num_preemptions > 0
         _assert_pool_whole(llm)
     for prompt, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == _hf_greedy(hf, prompt, 12)
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 12)
 
 
 def test_aborts_return_every_state_slot(tiny) -> None:
