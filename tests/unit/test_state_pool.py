@@ -18,9 +18,9 @@ from paphos.request import RequestStatus
 from tests.unit.test_scheduler import (
     VOCAB,
     FakeRunner,
-    assert_runner_in_sync,
     is_self_consistent,
     make_request,
+    step,
 )
 
 
@@ -90,16 +90,6 @@ def hybrid_scheduler(num_slots: int, **overrides: object) -> Scheduler:
     )
 
 
-def step(scheduler: Scheduler, runner: StatefulFakeRunner) -> SchedulerOutput:
-    out = scheduler.schedule()
-    runner.apply(out)
-    assert_runner_in_sync(scheduler, runner, out)
-    scheduler.check_invariants()
-    scheduler.update(out, runner.execute(out, scheduler.kv_cache_manager.block_size))
-    scheduler.check_invariants()
-    return out
-
-
 def assert_whole(scheduler: Scheduler) -> None:
     assert scheduler.state_pool is not None
     scheduler.check_invariants()
@@ -112,11 +102,11 @@ def test_admission_waits_for_a_state_slot_even_with_blocks_free() -> None:
     runner = StatefulFakeRunner()
     for i in range(3):
         scheduler.add_request(make_request(f"r{i}", [1, 2, 3], max_tokens=4, arrival=float(i)))
-    out = step(scheduler, runner)
+    out, _ = step(scheduler, runner)
     assert set(out.num_scheduled_tokens) == {"r0", "r1"}  # blocks for all, slots for two
     assert [r.request_id for r in scheduler.waiting] == ["r2"]
     scheduler.finish_requests("r0", RequestStatus.FINISHED_ABORTED)  # its slot comes back
-    out = step(scheduler, runner)
+    out, _ = step(scheduler, runner)
     assert "r2" in out.num_scheduled_tokens
     while scheduler.has_unfinished_requests():
         step(scheduler, runner)
