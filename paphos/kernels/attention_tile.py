@@ -86,7 +86,7 @@ def attend_tile(
     return acc, m_new, l_sum
 
 
-LOG2_E_SINK = 1.4426950408889634  # the sink logits (natural log) into the log2 domain
+LOG2_E_SINK = tl.constexpr(1.4426950408889634)  # the sink logits (natural log) into the log2 domain
 
 
 @triton.jit
