@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+MAX_BLOCK_K = 128
+
 
 @triton.jit
 def _dequant_gemm_kernel(
@@ -45,37 +47,49 @@ def _dequant_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    # BLOCK_K divides GROUP (the host picks it so), hence K: a K tile lies inside one group, whose
+    # scale (zero, minimum) is one [BLOCK_N] vector, and needs no K mask. Every operand is loaded
+    # once per tile (4-bit: each word once, unpacked in registers): the loads the pipeliner stages
+    # in shared memory stay small (one element per k would need 128-393 KB at 128x128 tiles).
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features
     row_mask, col_mask = rows < M, cols < N
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
+    q_rows = q_ptr + cols[:, None].to(tl.int64) * stride_qn  # [BLOCK_N, 1]
+    group_rows = cols.to(tl.int64) * stride_sn  # [BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
-        k_mask = ks < K
-        x = tl.load(
-            x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
-            mask=row_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )  # [BLOCK_M, BLOCK_K]
-        wmask = col_mask[:, None] & k_mask[None, :]  # [BLOCK_N, BLOCK_K]
-        q_rows = q_ptr + cols[:, None].to(tl.int64) * stride_qn
+        x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
         if BITS == 4:
-            words = tl.load(q_rows + ks[None, :] // 8, mask=wmask, other=0)
-            values = (words >> ((ks[None, :] % 8) * 4)) & 0xF
+            words = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # [BLOCK_K / 8]
+            packed = tl.load(q_rows + words[None, :], mask=col_mask[:, None], other=0)
+            shifts = tl.arange(0, 8) * 4  # [8]: value k of a word at bits 4 * (k % 8)
+            nibbles = (packed[:, :, None] >> shifts[None, None, :]) & 0xF  # [BLOCK_N, BLOCK_K/8, 8]
+            values = tl.reshape(nibbles, (BLOCK_N, BLOCK_K))  # k = 8 * word + position
         else:
-            values = tl.load(q_rows + ks[None, :], mask=wmask, other=0).to(tl.int32)
-        groups = cols[:, None].to(tl.int64) * stride_sn + ks[None, :] // GROUP
+            values = tl.load(q_rows + ks[None, :], mask=col_mask[:, None], other=0).to(tl.int32)
+        group = group_rows + k0 // GROUP  # [BLOCK_N]
         w = (values - ZERO_OFFSET).to(tl.float32)  # [BLOCK_N, BLOCK_K]
         if HAS_ZERO:
-            w -= tl.load(zero_ptr + groups, mask=wmask, other=0.0).to(tl.float32)
-        w *= tl.load(scale_ptr + groups, mask=wmask, other=0.0).to(tl.float32)
+            w -= tl.load(zero_ptr + group, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+        w *= tl.load(scale_ptr + group, mask=col_mask, other=0.0).to(tl.float32)[:, None]
         if HAS_MIN:
-            w += tl.load(min_ptr + groups, mask=wmask, other=0.0).to(tl.float32)
+            w += tl.load(min_ptr + group, mask=col_mask, other=0.0).to(tl.float32)[:, None]
         acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     out_rows = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
     tl.store(out_rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def tile_k(group: int) -> int | None:
+    """The K tile for a group size: the largest power of two up to MAX_BLOCK_K dividing it (a
+    tile inside one group), or None where that is below tl.dot's 16 (the reference serves)."""
+    block_k = MAX_BLOCK_K
+    while group % block_k:
+        block_k //= 2
+    return block_k if block_k >= 16 else None
 
 
 def dequant_gemm(
@@ -92,6 +106,8 @@ def dequant_gemm(
     """x [M, K] (fp16/bf16/fp32) @ W.T -> [M, N] in x's dtype, W as in the module docstring."""
     if bits not in (4, 8):
         raise ValueError(f"bits={bits}: the dequant GEMM takes 4- or 8-bit weights")
+    if tile_k(group) is None:
+        raise ValueError(f"group={group}: the dequant GEMM takes groups of a multiple of 16")
     x = x.contiguous()
     num_tokens, in_features = x.shape
     out_features = q.shape[0]
@@ -100,7 +116,7 @@ def dequant_gemm(
     out = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)  # [M, N]
     block_m = 16 if num_tokens <= 16 else 64  # decode: one row tile; prefill: square-ish tiles
     block_n = 64 if num_tokens <= 16 else 128
-    block_k = min(128, max(32, triton.next_power_of_2(group)))
+    block_k = tile_k(group)
     grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(out_features, block_n))
     _dequant_gemm_kernel[grid](
         x,

@@ -6,6 +6,7 @@ q: 4-bit [N, K / 8] int32 (value k at bits 4 * (k % 8) of word k // 8) or 8-bit 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -109,15 +110,21 @@ def from_columns_packed(
     )  # fmt: skip
 
 
-# The Triton kernel failed cases of its own GPU test on an H200 (2026-12-03: the 33-row tiles of
-# int4 and int8, asymmetric int4 in float16), so CUDA uses it only where this variable is 1; the
-# torch reference (dequantize, then one GEMM) serves CUDA until the kernel passes there.
+# CUDA runs the Triton kernel (kernels/dequant_gemm.py) unless this variable is 0 at start-up:
+# then the torch reference (dequantize, then one GEMM per call) serves CUDA too, for comparisons.
 ENV_SWITCH = "PAPHOS_TRITON_DEQUANT_GEMM"
 
 
-def cuda_gemm_available() -> bool:
-    on = os.environ.get(ENV_SWITCH, "0").strip() == "1"
-    return on and "dequant_gemm" in triton_kernels.CUDA_KERNELS
+@functools.cache
+def _switched_on() -> bool:
+    """Read once, at the first load that asks."""
+    return os.environ.get(ENV_SWITCH, "1").strip() != "0"
+
+
+def cuda_gemm_available(group: int) -> bool:
+    """Whether a CUDA weight of this group size runs through the Triton kernel (asked at load).
+    Its K tile divides the group and is at least 16 (kernels.dequant_gemm.tile_k)."""
+    return _switched_on() and "dequant_gemm" in triton_kernels.CUDA_KERNELS and group % 16 == 0
 
 
 def linear(
@@ -130,7 +137,7 @@ def linear(
     sorted W's), the reference elsewhere."""
     if perm is not None:
         x = x[:, perm]  # [M, K] in W's column order
-    if not (x.is_cuda and cuda_gemm_available()):
+    if not (x.is_cuda and cuda_gemm_available(w.group)):
         return dequant_gemm(x, w, bias)
     kernel = triton_kernels.CUDA_KERNELS["dequant_gemm"]
     return kernel(x, w.q, w.scale, w.group, w.bits, w.zero_offset, w.zero, w.minimum, bias)

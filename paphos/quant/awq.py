@@ -63,7 +63,7 @@ class AWQLinearMethod:
         """On CUDA: repacked once for the Triton dequant GEMM (the packed copy replaces the
         checkpoint's)."""
         layer.group_gemm = None
-        if layer.qweight.is_cuda and dequant_gemm.cuda_gemm_available():
+        if layer.qweight.is_cuda and dequant_gemm.cuda_gemm_available(layer.awq_group):
             layer.group_gemm = self.group_weights(layer)
             register_weight_buffers(layer, "gemm", layer.group_gemm.tensors())
             for name in ("qweight", "qzeros"):

@@ -89,7 +89,8 @@ class GPTQLinearMethod:
             g_idx = g_idx - g_idx.min()
         layer.register_buffer("gptq_groups", g_idx, persistent=False)  # [in_pp]
         layer.group_gemm = None
-        if layer.qweight.is_cuda and dequant_gemm.cuda_gemm_available():
+        group = g_idx.numel() if self.group_size == -1 else self.group_size
+        if layer.qweight.is_cuda and dequant_gemm.cuda_gemm_available(group):
             layer.group_gemm = self.group_weights(layer)  # (weights, input order) or None
             if layer.group_gemm is not None:  # the packed copy replaces the checkpoint's
                 register_weight_buffers(layer, "gemm", layer.group_gemm[0].tensors())

@@ -170,7 +170,7 @@ class ScaledLinearMethod:
             self.act is not None
             or wq.type != "int"
             or not scale.is_cuda
-            or not dequant_gemm.cuda_gemm_available()
+            or not dequant_gemm.cuda_gemm_available(group)
             or in_pp % group
         ):
             return None
