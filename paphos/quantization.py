@@ -76,9 +76,7 @@ def resolve_quant_method(
         return None
     if device != "cpu":
         types = _gguf_type_names(gguf_file) - set(GGUF_FLOAT_TYPE_NAMES)
-        # kept on request only, until the Triton dequant GEMM passes on the device (see
-        # paphos.ops.dequant_gemm.ENV_SWITCH); auto dequantizes at load, as before
-        if requested == "gguf" and types and types <= set(GGUF_CUDA_TYPE_NAMES):
+        if types and types <= set(GGUF_CUDA_TYPE_NAMES):  # kept: the Triton dequant GEMM
             return "gguf"
         if requested == "gguf":
             raise ValueError(

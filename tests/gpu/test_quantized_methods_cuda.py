@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from paphos.layers.linear import ReplicatedLinear
-from paphos.ops import dequant_gemm
 from paphos.quant.awq import AWQLinearMethod
 from paphos.quant.gptq import GPTQLinearMethod
 from paphos.quant.scaled import ScaledLinearMethod
@@ -22,12 +21,6 @@ from tests.gpu.conftest import rel_error
 sys.path.insert(0, str(Path(__file__).parents[1] / "quant"))
 pytestmark = pytest.mark.gpu
 IN, OUT = 256, 192
-
-
-@pytest.fixture(autouse=True)
-def _triton_dequant_gemm_on(monkeypatch):
-    """These tests check the kernels, which CUDA takes only when asked (ops.dequant_gemm)."""
-    monkeypatch.setenv(dequant_gemm.ENV_SWITCH, "1")
 
 
 def _cuda() -> torch.device:
@@ -148,11 +141,11 @@ def test_default_gguf_runs_kept_quantized_on_cuda():
     prompts = [list(range(100 + 7 * i, 124 + 7 * i)) for i in range(4)]
     params = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
     outs = {}
-    for quantization in ("gguf", "none"):
+    for quantization in ("auto", "none"):
         kwargs = dict(device="cuda", dtype="float16", skip_tokenizer_init=True, max_num_seqs=4)
         with LLM(model=default_model_path(), quantization=quantization, **kwargs) as llm:
             method = llm.engine.config.model.quant_method
-            assert method == ("gguf" if quantization == "gguf" else None)
+            assert method == ("gguf" if quantization == "auto" else None)
             got = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
             outs[quantization] = [o.outputs[0].token_ids for o in got]
     assert sum(a == b for a, b in zip(outs["auto"], outs["none"])) >= 3

@@ -44,10 +44,10 @@ def test_group_gemm_embedding_lookup_and_tied_head():
     torch.testing.assert_close(logits[:, :100], x @ values.T, atol=ATOL, rtol=0)
 
 
-def test_cuda_keeps_q4_q8_files_quantized_when_asked():
+def test_cuda_keeps_q4_q8_files_quantized():
     path = default_model_path()  # SmolLM2 Q4_1 (+ one Q8_0 tensor, F32 norms)
     assert resolve_quant_method("gguf", path, path, None, "cuda") == "gguf"
-    assert resolve_quant_method("auto", path, path, None, "cuda") is None  # dequantized at load
+    assert resolve_quant_method("auto", path, path, None, "cuda") == "gguf"
     assert resolve_quant_method("none", path, path, None, "cuda") is None
 
 
