@@ -8,6 +8,9 @@ the row's own chunk of `window` positions) a row may see nothing in a tile; its 
 Scores are kept in the log2 domain: `scale_log2 = scale * log2(e)`. With a soft-cap c (SOFT_CAP)
 the caller passes `scale_log2 = scale / c` and `cap_log2 = c * log2(e)`: the score is
 tanh(q.k * scale / c) * c * log2(e).
+With KV_FP8 the cache holds fp8 K/V: each tile is upcast to q's dtype (exact) before its dot;
+the per-tensor scales stay outside the tile (the caller folds k_scale into `scale_log2` and
+multiplies the normalized output by v_scale).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def attend_tile(
     WINDOW: tl.constexpr = False,
     SOFT_CAP: tl.constexpr = False,
     CHUNK: tl.constexpr = False,
+    KV_FP8: tl.constexpr = False,
 ):
     """q: [M, HEAD_PAD]; acc: [M, HEAD_PAD] f32; m, l_sum: [M] f32; keys start..start+BLOCK_N-1.
     CHUNK: `window` is a chunk size; a row sees only the keys of its own chunk."""
@@ -63,6 +67,8 @@ def attend_tile(
     kv_mask = tok_mask[:, None] & (dims < HEAD_SIZE)[None, :]
     kv_ptrs = cache_ptr + offsets[:, None] + dims[None, :]  # [BLOCK_N, HEAD_PAD]
     k = tl.load(kv_ptrs, mask=kv_mask, other=0.0)
+    if KV_FP8:
+        k = k.to(q.dtype)
     s = _dot(q, tl.trans(k), IEEE) * scale_log2  # [M, BLOCK_N]
     if SOFT_CAP:
         s = (2.0 * tl.sigmoid(2.0 * s) - 1.0) * cap_log2  # tanh(s) * c * log2(e)
@@ -82,6 +88,8 @@ def attend_tile(
     p = tl.exp2(s - m_exp[:, None])  # [M, BLOCK_N]
     l_sum = l_sum * alpha + tl.sum(p, axis=1)
     v = tl.load(kv_ptrs + stride_kv, mask=kv_mask, other=0.0)
+    if KV_FP8:
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
     return acc, m_new, l_sum
 

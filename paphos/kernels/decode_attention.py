@@ -15,6 +15,7 @@ import triton.language as tl
 
 from paphos.kernels._checks import DEFAULT_NUM_SMS, num_sms
 from paphos.kernels.attention_tile import LOG2_E_SINK, attend_tile, normalize_with_sinks
+from paphos.kernels.kv_cache import FP8_DTYPES
 from paphos.kernels.pdl import pdl_options, pdl_prologue
 
 
@@ -46,6 +47,7 @@ def _attend_tiles(
     WINDOW: tl.constexpr,
     SOFT_CAP: tl.constexpr,
     CHUNK: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Online softmax over tiles tile_start..tile_end-1, software-pipelined NUM_STAGES deep.
     The query sits at position seq_len - 1 (what a sliding window is measured from)."""
@@ -78,6 +80,7 @@ def _attend_tiles(
             WINDOW,
             SOFT_CAP,
             CHUNK,
+            KV_FP8,
         )
     return acc, m, l_sum
 
@@ -106,6 +109,7 @@ def _decode_kernel(
     scale_log2,
     window,
     cap_log2,
+    v_scale,
     num_heads,
     num_splits,
     GROUP: tl.constexpr,
@@ -124,6 +128,7 @@ def _decode_kernel(
     SOFT_CAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     CHUNK: tl.constexpr,
+    KV_FP8: tl.constexpr,  # fp8 K/V (attention_tile); the output times v_scale
 ):
     pdl_prologue(USE_PDL)
     seq = tl.program_id(0)
@@ -187,6 +192,7 @@ def _decode_kernel(
             WINDOW,
             SOFT_CAP,
             CHUNK,
+            KV_FP8,
         )
     else:
         acc, m, l_sum = _attend_tiles(
@@ -216,11 +222,14 @@ def _decode_kernel(
             WINDOW,
             SOFT_CAP,
             CHUNK,
+            KV_FP8,
         )
     if SPLIT:  # the sinks join once, when the splits merge
         out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # [GROUP_PAD, HEAD_PAD]
     else:
         out = normalize_with_sinks(acc, m, l_sum, sinks_ptr, heads, g < GROUP, HAS_SINKS)
+    if KV_FP8:  # the merge of splits is linear in the partial outputs
+        out = out * v_scale
     if SPLIT:
         part = (seq * num_heads + heads) * num_splits + split  # [GROUP_PAD]
         tl.store(part_out_ptr + part[:, None] * HEAD_PAD + dims[None, :], out, mask=io_mask)
@@ -345,10 +354,13 @@ def decode_attention(
     soft_cap: float | None = None,
     sinks: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Write `out` rows of the sequences with one query token; other rows are left untouched.
     sinks: [num_heads] float32 logits joining each row's softmax (None: none); chunk_size: each
-    query sees only its own chunk (not with a sliding window)."""
+    query sees only its own chunk (not with a sliding window); k_scale, v_scale: an fp8 cache's
+    per-tensor scales (float caches ignore them). An fp8 cache runs the same tiles."""
     if chunk_size is not None and sliding_window is not None:
         raise ValueError("a layer attends within a sliding window or within chunks, not both")
     num_seqs = seq_lens.shape[0]
@@ -373,7 +385,8 @@ def decode_attention(
     )  # [num_seqs, heads, splits]
     part_l = torch.empty_like(part_m)  # [num_seqs, num_heads, num_splits]
     pdl = pdl_options(query.device)
-    scale_log2, cap_log2 = score_scales(scale, soft_cap)
+    kv_fp8 = kv_cache.dtype in FP8_DTYPES
+    scale_log2, cap_log2 = score_scales(scale * (k_scale if kv_fp8 else 1.0), soft_cap)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query,
         kv_cache,
@@ -397,6 +410,7 @@ def decode_attention(
         scale_log2,
         sliding_window or chunk_size or 0,
         cap_log2,
+        v_scale,
         num_heads,
         num_splits,
         GROUP=group,
@@ -416,6 +430,7 @@ def decode_attention(
         SOFT_CAP=soft_cap is not None,
         HAS_SINKS=sinks is not None,
         CHUNK=chunk_size is not None,
+        KV_FP8=kv_fp8,
         **pdl,
     )
     if split:

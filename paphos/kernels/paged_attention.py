@@ -11,6 +11,7 @@ import torch
 
 from paphos.kernels._checks import check_dim, check_float_dtype, check_same_device, num_sms
 from paphos.kernels.decode_attention import decode_attention, num_decode_splits
+from paphos.kernels.kv_cache import FP8_DTYPES
 from paphos.kernels.prefill_attention import prefill_attention
 
 
@@ -27,7 +28,8 @@ def _check(
     check_dim("seq_lens", seq_lens, 1)
     check_dim("block_tables", block_tables, 2)
     check_float_dtype("query", query)
-    check_float_dtype("kv_cache", kv_cache)
+    if kv_cache.dtype not in FP8_DTYPES:
+        check_float_dtype("kv_cache", kv_cache)
     check_same_device(
         query=query,
         kv_cache=kv_cache,
@@ -74,10 +76,12 @@ def paged_attention(
     soft_cap: float | None = None,
     sinks: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """As paphos.ops.paged_attention.paged_attention (sliding window, soft-cap, sinks and chunks
-    included);
-    returns [num_tokens, num_heads, head_size].
+    """As paphos.ops.paged_attention.paged_attention (sliding window, soft-cap, sinks, chunks and
+    fp8 caches with their per-tensor scales included); returns [num_tokens, num_heads,
+    head_size].
 
     max_query_len / max_seq_len: host-side upper bounds of this batch (optional; the reference
     ignores them). max_query_len == 1 skips the prefill kernel; max_seq_len sizes the decode
@@ -105,7 +109,7 @@ def paged_attention(
         sinks = sinks.float().contiguous()  # [num_heads]
     limits = {
         "sliding_window": sliding_window, "soft_cap": soft_cap, "sinks": sinks,
-        "chunk_size": chunk_size,
+        "chunk_size": chunk_size, "k_scale": k_scale, "v_scale": v_scale,
     }  # fmt: skip
     decode_attention(
         query, kv_cache, query_start_loc, seq_lens, block_tables, scale, out, num_splits, **limits

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from paphos.kernels.attention_tile import attend_tile, normalize_with_sinks
 from paphos.kernels.decode_attention import score_scales
+from paphos.kernels.kv_cache import FP8_DTYPES
 
 
 @triton.jit
@@ -39,6 +40,7 @@ def _prefill_kernel(
     scale_log2,
     window,
     cap_log2,
+    v_scale,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -51,6 +53,7 @@ def _prefill_kernel(
     SOFT_CAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     CHUNK: tl.constexpr,
+    KV_FP8: tl.constexpr,  # fp8 K/V (attention_tile); the output times v_scale
 ):
     seq = tl.program_id(0)
     q_block = tl.program_id(1)
@@ -115,6 +118,8 @@ def _prefill_kernel(
             IEEE,
             False,
             SOFT_CAP,
+            False,
+            KV_FP8,
         )
     for start in range(unmasked_end, kv_end, BLOCK_N):
         acc, m, l_sum = attend_tile(
@@ -144,8 +149,11 @@ def _prefill_kernel(
             WINDOW,
             SOFT_CAP,
             CHUNK,
+            KV_FP8,
         )
     out = normalize_with_sinks(acc, m, l_sum, sinks_ptr, heads, g < GROUP, HAS_SINKS)
+    if KV_FP8:
+        out = out * v_scale
     dst = out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -182,10 +190,13 @@ def prefill_attention(
     soft_cap: float | None = None,
     sinks: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Write `out` rows of sequences with more than one query token; others stay untouched.
     sinks: [num_heads] float32 logits joining each row's softmax (None: none); chunk_size: each
-    query sees only its own chunk (not with a sliding window)."""
+    query sees only its own chunk (not with a sliding window); k_scale, v_scale: an fp8 cache's
+    per-tensor scales (float caches ignore them)."""
     if chunk_size is not None and sliding_window is not None:
         raise ValueError("a layer attends within a sliding window or within chunks, not both")
     num_seqs = seq_lens.shape[0]
@@ -196,7 +207,8 @@ def prefill_attention(
     group_pad = triton.next_power_of_2(group)
     block_q = max(tiles.rows // group_pad, 1)
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
-    scale_log2, cap_log2 = score_scales(scale, soft_cap)
+    kv_fp8 = kv_cache.dtype in FP8_DTYPES
+    scale_log2, cap_log2 = score_scales(scale * (k_scale if kv_fp8 else 1.0), soft_cap)
     _prefill_kernel[grid](
         query,
         kv_cache,
@@ -217,6 +229,7 @@ def prefill_attention(
         scale_log2,
         sliding_window or chunk_size or 0,
         cap_log2,
+        v_scale,
         GROUP=group,
         GROUP_PAD=group_pad,
         BLOCK_Q=block_q,
@@ -229,6 +242,7 @@ def prefill_attention(
         SOFT_CAP=soft_cap is not None,
         HAS_SINKS=sinks is not None,
         CHUNK=chunk_size is not None,
+        KV_FP8=kv_fp8,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from paphos.kernels._checks import check_dim, check_float_dtype, check_same_device
-from paphos.kernels.kv_cache import check_kv_write
+from paphos.kernels.kv_cache import check_kv_write, fp8_max, to_cache
 from paphos.kernels.pdl import pdl_options, pdl_prologue
 
 
@@ -30,8 +30,12 @@ def _rotate_heads(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
+    inv_scale=1.0,
+    FP8_MAX: tl.constexpr = 0.0,
 ):
-    """Rotate the heads of one token row: src and dst point at the row's first head."""
+    """Rotate the heads of one token row: src and dst point at the row's first head. FP8_MAX > 0:
+    dst is an fp8 cache (paphos.kernels.kv_cache.to_cache), the rotated values rounded to src's
+    dtype first, as the unfused rotary + write do."""
     heads = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
     pairs = tl.arange(0, BLOCK_HALF)[None, :]  # [1, BLOCK_HALF]
     mask = (heads < num_heads) & (pairs < HALF)
@@ -46,12 +50,17 @@ def _rotate_heads(
     x1 = tl.load(src + i1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + i2, mask=mask, other=0.0).to(tl.float32)
     out_type = dst.dtype.element_ty
-    tl.store(dst + i1, (x1 * cos - x2 * sin).to(out_type), mask=mask)
-    tl.store(dst + i2, (x2 * cos + x1 * sin).to(out_type), mask=mask)
+    y1 = x1 * cos - x2 * sin
+    y2 = x2 * cos + x1 * sin
+    if FP8_MAX > 0:
+        y1, y2 = y1.to(src.dtype.element_ty), y2.to(src.dtype.element_ty)
+    tl.store(dst + i1, to_cache(y1, inv_scale, out_type, FP8_MAX), mask=mask)
+    tl.store(dst + i2, to_cache(y2, inv_scale, out_type, FP8_MAX), mask=mask)
     if BLOCK_PASS > 0:
         rest = 2 * HALF + tl.arange(0, BLOCK_PASS)[None, :]  # [1, BLOCK_PASS]
         pass_mask = (heads < num_heads) & (rest < HEAD_SIZE)
-        tl.store(dst + rest, tl.load(src + rest, mask=pass_mask).to(out_type), mask=pass_mask)
+        kept = to_cache(tl.load(src + rest, mask=pass_mask), inv_scale, out_type, FP8_MAX)
+        tl.store(dst + rest, kept, mask=pass_mask)
 
 
 @triton.jit
@@ -74,10 +83,13 @@ def _rotary_kernel(
     stride_kv,
     num_q_heads,
     num_k_heads,
+    inv_k_scale,
+    inv_v_scale,
     HEAD_SIZE: tl.constexpr,
     HALF: tl.constexpr,
     IS_NEOX: tl.constexpr,
     WRITE_KV: tl.constexpr,  # rotated keys and the values go to the paged cache, not k_out
+    FP8_MAX: tl.constexpr,  # > 0: the cache is fp8 (paphos.kernels.kv_cache.to_cache)
     BLOCK_QH: tl.constexpr,
     BLOCK_KH: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
@@ -126,6 +138,8 @@ def _rotary_kernel(
             BLOCK_KH,
             BLOCK_HALF,
             BLOCK_PASS,
+            inv_k_scale,
+            FP8_MAX,
         )
         if WRITE_KV:
             heads = tl.arange(0, BLOCK_KH)[:, None]  # [BLOCK_KH, 1]
@@ -133,7 +147,8 @@ def _rotary_kernel(
             mask = (heads < num_k_heads) & (dims < HEAD_SIZE)
             v = tl.load(v_ptr + token * stride_v + heads * HEAD_SIZE + dims, mask=mask)
             dst = k_dst + stride_kv + heads * HEAD_SIZE + dims
-            tl.store(dst, v.to(kv_cache_ptr.dtype.element_ty), mask=mask)
+            v = to_cache(v, inv_v_scale, kv_cache_ptr.dtype.element_ty, FP8_MAX)
+            tl.store(dst, v, mask=mask)
 
 
 def _check(
@@ -196,10 +211,13 @@ def rotary_and_write_kv(
     is_neox: bool,
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Same contract as paphos.ops.rotary.rotary_and_write_kv: one launch rotates query and key
     and writes the rotated keys and the values into their cache slots (the rotated keys are not
-    returned: attention reads them from the cache). Returns the rotated query."""
+    returned: attention reads them from the cache; an fp8 cache as paphos.kernels.kv_cache
+    writes it). Returns the rotated query."""
     _check(positions, query, key, cos_sin_cache, head_size)
     num_tokens, num_kv_heads = key.shape[0], key.shape[1] // head_size
     check_kv_write(
@@ -211,8 +229,9 @@ def rotary_and_write_kv(
     k = key if key.stride(1) == 1 else key.contiguous()  # [num_tokens, num_kv_heads * head_size]
     v = value if value.stride(1) == 1 else value.contiguous()  # [num_tokens, kv width]
     return _launch(
-        positions, query, k, None, v, kv_cache, slot_mapping, cos_sin_cache, head_size, is_neox
-    )
+        positions, query, k, None, v, kv_cache, slot_mapping, cos_sin_cache, head_size, is_neox,
+        (k_scale, v_scale),
+    )  # fmt: skip
 
 
 def _launch(
@@ -226,9 +245,10 @@ def _launch(
     cos_sin_cache: torch.Tensor,
     head_size: int,
     is_neox: bool,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
-    """One program per token; keys to key_out, or with the values to kv_cache when it is given.
-    Returns the rotated query."""
+    """One program per token; keys to key_out, or with the values to kv_cache when it is given
+    (kv_scales: an fp8 cache's K and V scales). Returns the rotated query."""
     q = query if query.stride(1) == 1 else query.contiguous()  # [num_tokens, heads * head_size]
     cache = cos_sin_cache.contiguous()  # [max_position, rot_dim]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [num_tokens, q width]
@@ -257,10 +277,13 @@ def _launch(
             kv_cache.stride(0) if write_kv else 0,
             num_q_heads,
             num_k_heads,
+            1.0 / kv_scales[0],
+            1.0 / kv_scales[1],
             HEAD_SIZE=head_size,
             HALF=half,
             IS_NEOX=is_neox,
             WRITE_KV=write_kv,
+            FP8_MAX=fp8_max(kv_cache.dtype) if write_kv else 0.0,
             BLOCK_QH=triton.next_power_of_2(num_q_heads),
             BLOCK_KH=triton.next_power_of_2(num_k_heads),
             BLOCK_HALF=triton.next_power_of_2(half),

@@ -10,7 +10,8 @@ only to the last w of them (positions > its own - w, as transformers' mask); wit
 A soft-cap c bounds
 every scaled score s as c * tanh(s / c) before the softmax (Gemma 2). Attention sinks (gpt-oss)
 are one learned logit per head that joins each query's softmax and is then dropped: the weights
-of the real keys sum to less than one.
+of the real keys sum to less than one. An fp8 cache holds K / k_scale and V / v_scale
+(paphos.ops.kv_cache): they are upcast and multiplied back.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from paphos.ops.kv_cache import FP8_DTYPES
 
 
 def paged_attention(
@@ -33,14 +36,20 @@ def paged_attention(
     soft_cap: float | None = None,
     sinks: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """query: [num_tokens, num_heads, head_size]; kv_cache: [2, num_blocks, block_size,
     num_kv_heads, head_size]; query_start_loc: [num_seqs + 1]; seq_lens: [num_seqs]; block_tables:
-    [num_seqs, max_blocks]; sinks: [num_heads] logits. Returns [num_tokens, num_heads, head_size].
+    [num_seqs, max_blocks]; sinks: [num_heads] logits; k_scale, v_scale: an fp8 cache's scales
+    (float caches ignore them). Returns [num_tokens, num_heads, head_size].
 
     Computed in float32 whatever the cache dtype (CPUs without native bf16 run fp32 products faster,
     and the reference doubles as the test oracle)."""
     limits = _Limits(sliding_window, soft_cap, None if sinks is None else sinks.float(), chunk_size)
+    if kv_cache.dtype in FP8_DTYPES and (k_scale, v_scale) != (1.0, 1.0):
+        scales = torch.tensor([k_scale, v_scale], device=kv_cache.device).view(2, 1, 1, 1, 1)
+        kv_cache = kv_cache.float() * scales  # [2, num_blocks, block_size, kv_heads, head]
     if query.shape[0] == seq_lens.shape[0]:  # one query token per sequence: a pure decode step
         return _decode_attention(query, kv_cache, seq_lens, block_tables, scale, limits)
     starts = query_start_loc.tolist()

@@ -54,11 +54,13 @@ def rotary_and_write_kv(
     is_neox: bool,
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """rotary_embedding, then write_kv_cache of the rotated keys and the values (value: [num_tokens,
     num_kv_heads * head_size]). Returns the rotated query [num_tokens, num_heads * head_size]."""
     q, k = rotary_embedding(positions, query, key, cos_sin_cache, head_size, is_neox)
     num_tokens = positions.shape[0]
     shape = (num_tokens, -1, head_size)
-    write_kv_cache(k.view(shape), value.reshape(shape), kv_cache, slot_mapping)
+    write_kv_cache(k.view(shape), value.reshape(shape), kv_cache, slot_mapping, k_scale, v_scale)
     return q
