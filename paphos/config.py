@@ -77,11 +77,11 @@ class ModelConfig:
         default="auto",
         metadata=_help(
             "Weight format: auto (what the checkpoint says: a quantized GGUF file keeps its "
-            "blocks on CPU), none (dense; a GGUF file is dequantized at load), gguf (keep GGUF "
-            "blocks), q8_0/q5_1/q5_0/q4_1/q4_0 (quantize a float checkpoint into those GGUF "
-            "blocks at load; CPU), int8/fp8 (quantize weights per channel at load: "
-            "int8 W8A8 on CUDA and CPUs with VNNI, else weight-only; fp8 with dynamic per-token "
-            "activations).",
+            "blocks; on CUDA Q4_0/Q4_1/Q8_0 files only), none (dense; a GGUF file is "
+            "dequantized at load), gguf (keep GGUF blocks), q8_0/q5_1/q5_0/q4_1/q4_0 (quantize "
+            "a float checkpoint into those GGUF blocks at load; CPU), int8/fp8 (quantize "
+            "weights per channel at load: int8 W8A8 on CUDA and CPUs with VNNI, else "
+            "weight-only; fp8 with dynamic per-token activations).",
             choices=QUANTIZATIONS,
             short="-q",
         ),
@@ -142,7 +142,7 @@ class CacheConfig:
         default="auto",
         metadata=_help(
             "KV cache element type: auto (the model's dtype), fp8 / fp8_e4m3 or fp8_e5m2 "
-            "(one byte, per-tensor scale 1.0: twice bf16's tokens; CPU).",
+            "(one byte, per-tensor scale 1.0: twice bf16's tokens).",
             choices=KV_CACHE_DTYPES,
         ),
     )
@@ -281,12 +281,6 @@ class EngineConfig:
             auto_device(device),
         )
         model_config = dataclasses.replace(model_config, quant_method=quant_method)
-        kv_dtype = parts["cache"].get("kv_cache_dtype", "auto")
-        if kv_dtype != "auto" and auto_device(device) != "cpu":
-            raise ValueError(
-                f"kv_cache_dtype={kv_dtype!r} runs on CPU only so far (the Triton attention "
-                "kernels are not checked with fp8 caches); use kv_cache_dtype='auto'"
-            )
         if not parts["scheduler"].get("max_num_batched_tokens"):
             parts["scheduler"]["max_num_batched_tokens"] = default_token_budget(device)
         config = cls(

@@ -110,8 +110,9 @@ FP8_CACHE_DTYPES = {
 
 def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     """The cache's element type for `--kv-cache-dtype` (auto: the model's). fp8 caches hold
-    K and V cast with a per-tensor scale of 1.0 and are read by the torch reference attention
-    (the C kernels take fp32/bf16 caches and fall back to it); CPU only (EngineConfig)."""
+    K and V cast with a per-tensor scale of 1.0, saturated; on CPU the torch reference attention
+    reads them (the C kernels take fp32/bf16 caches and fall back to it), on CUDA the Triton
+    kernels (upcast per tile); MLA layers take fp8 on CPU only (ModelRunner.kv_cache_spec)."""
     return model_dtype if name == "auto" else FP8_CACHE_DTYPES[name]
 
 

@@ -38,6 +38,7 @@ from paphos.runner.cpu_threads import ThreadGovernor, plan_threads
 from paphos.runner.cuda_graph import MAX_SEQ_LEN_TO_CAPTURE, DecodeGraphs, batch_size_buckets
 from paphos.runner.inputs import InputBuffers, RunnerRequestState, StepInputs, build_step_inputs
 from paphos.runner.kv_cache import (
+    FP8_CACHE_DTYPES,
     GiB,
     KVCacheSpec,
     allocate_kv_caches,
@@ -250,6 +251,13 @@ class ModelRunner:
         attention layers all stay in the full group (a sliding one keeps every block)."""
         layers = [m.cache_spec() for m in self.cache_layers()]
         dtype = kv_cache_dtype(self.config.cache.kv_cache_dtype, self.dtype)
+        if dtype in FP8_CACHE_DTYPES.values() and self.device.type == "cuda":
+            if any(layer.layout == "latent" for layer in layers):
+                raise ValueError(
+                    f"kv_cache_dtype={self.config.cache.kv_cache_dtype!r}: on CUDA fp8 caches "
+                    "hold K/V layers only (the MLA kernels read the model's dtype); use "
+                    "kv_cache_dtype='auto'"
+                )
         spec = KVCacheSpec(block_size=self.block_size, dtype=dtype, layers=tuple(layers))
         return spec if self.state_spec is None else spec.without_windows()
 
