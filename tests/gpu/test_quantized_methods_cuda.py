@@ -132,20 +132,34 @@ def test_runtime_fp8_on_cuda_uses_scaled_mm_and_equals_reference():
 
 def test_default_gguf_runs_kept_quantized_on_cuda():
     """The default SmolLM2 Q4_1 file on CUDA keeps its blocks (the Triton dequant GEMM) and
-    generates what the same file dequantized at load does (float16 products of different
-    rounding: 3 of 4 greedy continuations at least)."""
+    scores its prompts as the same file dequantized at load does (teacher-forced prompt logprobs,
+    so no greedy divergence compounds). The two are not bit-equal: the kept path's tied Q8_0 LM
+    head multiplies float32 hidden states by exact float32 weights, the dequantized one float16
+    by float16 (d * q rounded), and their GEMMs sum in other orders; greedy continuations of
+    these random-token prompts may then part at a near tie, so only their first tokens are
+    compared, for 3 prompts of 4."""
+    import numpy as np
+
     from paphos import LLM, SamplingParams
     from paphos.config import default_model_path
 
     _cuda()
     prompts = [list(range(100 + 7 * i, 124 + 7 * i)) for i in range(4)]
-    params = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
-    outs = {}
+    params = SamplingParams(temperature=0, max_tokens=16, min_tokens=16, prompt_logprobs=1)
+    tokens, logprobs = {}, {}
     for quantization in ("auto", "none"):
         kwargs = dict(device="cuda", dtype="float16", skip_tokenizer_init=True, max_num_seqs=4)
         with LLM(model=default_model_path(), quantization=quantization, **kwargs) as llm:
             method = llm.engine.config.model.quant_method
             assert method == ("gguf" if quantization == "auto" else None)
             got = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-            outs[quantization] = [o.outputs[0].token_ids for o in got]
-    assert sum(a == b for a, b in zip(outs["auto"], outs["none"])) >= 3
+        tokens[quantization] = [o.outputs[0].token_ids for o in got]
+        logprobs[quantization] = np.array(
+            [
+                [e[p[i]].logprob for i, e in enumerate(o.prompt_logprobs) if e]
+                for o, p in zip(got, prompts)
+            ]
+        )  # [prompts, 23]
+    np.testing.assert_allclose(logprobs["auto"], logprobs["none"], atol=0.1, rtol=0)
+    same = [a[:4] == b[:4] for a, b in zip(tokens["auto"], tokens["none"])]
+    assert sum(same) >= 3, (tokens["auto"], tokens["none"])
