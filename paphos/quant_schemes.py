@@ -47,15 +47,29 @@ class LinearScheme:
     activations: ActivationScheme | None = None  # None: weight-only (activations stay float)
 
 
+def _check_kv_cache_scheme(scheme: dict[str, Any] | None, field: str) -> None:
+    """compressed-tensors' fp8 KV cache: static per-tensor scales (`self_attn.k_scale` /
+    `v_scale` in the checkpoint), which an fp8 cache (--kv-cache-dtype fp8) uses."""
+    if not scheme:
+        return
+    kind = (scheme.get("type"), scheme.get("num_bits"), scheme.get("strategy"))
+    if kind != ("float", 8, "tensor") or scheme.get("dynamic"):
+        raise ValueError(
+            f"compressed-tensors {field}={scheme!r} is not supported: paphos takes static "
+            "per-tensor 8-bit float KV scales (type float, num_bits 8, strategy tensor)"
+        )
+
+
 def parse_compressed_tensors(config: dict[str, Any], where: str) -> LinearScheme:
     """The one scheme of a compressed-tensors config (where: the config.json it came from)."""
     field = _fields(where)
-    for key in ("sparsity_config", "transform_config", "kv_cache_scheme"):
+    for key in ("sparsity_config", "transform_config"):
         if config.get(key):
             raise ValueError(
                 f"compressed-tensors {field(key)} is not supported (only dense "
                 f"quantized weights): {config[key]!r}"
             )
+    _check_kv_cache_scheme(config.get("kv_cache_scheme"), field("kv_cache_scheme"))
     groups = config.get("config_groups") or {}
     if len(groups) != 1:
         raise ValueError(

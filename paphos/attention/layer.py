@@ -9,6 +9,8 @@ and soft-cap its scores (`logits_soft_cap`: c * tanh(s / c)); both travel to the
 A layer with `chunk_size` c attends only within its query's chunk of c positions (Llama 4).
 A layer built with `use_sinks` takes each call's per-head sink logits (`sinks=`, the model's
 parameter, gpt-oss): they join every query's softmax.
+An fp8 cache holds K / k_scale and V / v_scale (per-tensor scales, 1.0 unless the checkpoint
+gives them: `set_kv_scales`); caches in the model's dtype ignore them.
 A layer that shares another layer's KV cache (Gemma 4's last layers) is called with key and value
 None on the other layer's `Attention` and cache: it rotates the query alone and writes nothing.
 The runner binds each layer to its KV cache group (`kv_cache_group`: sliding-window layers have
@@ -23,6 +25,7 @@ decode split count from a bound that stays fixed across CUDA graph replays.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Protocol
 
 import torch
@@ -88,6 +91,8 @@ class Attention(nn.Module):
         )
         params = inspect.signature(self._paged_attention).parameters
         self._takes_bounds = "max_query_len" in params and "max_seq_len" in params
+        self.k_scale = self.v_scale = 1.0
+        self._kv_scales: dict[str, float] = {}  # given to the ops only when not 1.0
         self._limits: dict[str, float] = {}  # only this layer's features: plain calls unchanged
         if sliding_window is not None:
             self._limits["sliding_window"] = sliding_window
@@ -95,6 +100,15 @@ class Attention(nn.Module):
             self._limits["soft_cap"] = logits_soft_cap
         if chunk_size is not None:
             self._limits["chunk_size"] = chunk_size
+
+    def set_kv_scales(self, k_scale: float, v_scale: float) -> None:
+        """An fp8 cache's per-tensor scales for this layer (the checkpoint's)."""
+        for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value} must be a positive finite number")
+        self.k_scale, self.v_scale = float(k_scale), float(v_scale)
+        scales = {"k_scale": self.k_scale, "v_scale": self.v_scale}
+        self._kv_scales = {} if (k_scale, v_scale) == (1.0, 1.0) else scales
 
     def cache_spec(self) -> LayerCacheSpec:
         return LayerCacheSpec(
@@ -144,6 +158,7 @@ class Attention(nn.Module):
             self.scale,
             **bounds,
             **self._limits,
+            **self._kv_scales,
             **({} if sinks is None else {"sinks": sinks}),
         )  # [num_tokens, num_heads, head_size]
         return out.reshape(num_tokens, self.num_heads * self.head_size)
@@ -182,9 +197,10 @@ class Attention(nn.Module):
                 rope.is_neox_style,
                 kv_cache,
                 slots,
+                **self._kv_scales,
             )  # [num_tokens, num_heads * head_size]
         if rope is not None:
             query, key = rope(positions, query, key)
         shape = (query.shape[0], self.num_kv_heads, self.head_size)
-        self._write_kv_cache(key.view(shape), value.view(shape), kv_cache, slots)
+        self._write_kv_cache(key.view(shape), value.view(shape), kv_cache, slots, **self._kv_scales)
         return query

@@ -227,6 +227,23 @@ class ModelRunner:
             type(linear_method).__name__ if linear_method else "UnquantizedLinearMethod",
             describe_weight_memory(model),
         )
+        scaled = [
+            m
+            for m in model.modules()
+            if (getattr(m, "k_scale", 1.0), getattr(m, "v_scale", 1.0)) != (1.0, 1.0)
+        ]
+        if scaled:
+            fp8 = self.config.cache.kv_cache_dtype != "auto"
+            logger.info(
+                "KV cache scales from the checkpoint on %d attention layers (k %.3g-%.3g, "
+                "v %.3g-%.3g): %s",
+                len(scaled),
+                min(m.k_scale for m in scaled),
+                max(m.k_scale for m in scaled),
+                min(m.v_scale for m in scaled),
+                max(m.v_scale for m in scaled),
+                "the fp8 cache uses them" if fp8 else "unused (--kv-cache-dtype fp8 uses them)",
+            )
         moe_bytes = moe_parameter_bytes(model)
         if moe_bytes is not None:
             total, active = moe_bytes

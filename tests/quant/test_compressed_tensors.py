@@ -237,3 +237,25 @@ def test_unsupported_fp8_config_fails_naming_its_field(checkpoints, tmp_path):
     _edit_config(tmp_path / "fp8", lambda q: q.update(fmt="e5m2"))
     with pytest.raises(ValueError, match=r"fmt='e5m2' \(field: quantization_config.fmt"):
         EngineConfig.from_kwargs(model=str(tmp_path / "fp8"))
+
+
+def test_fp8_kv_cache_scheme_loads_its_scales(checkpoints, tmp_path):
+    """llm-compressor's static fp8 KV scheme: `self_attn.k_scale` / `v_scale` per layer reach
+    the attention layers (tests/quant/test_kv_cache_scales.py checks what an fp8 cache does)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ct_path, _ = checkpoints("w4a16-g32-sym")
+    shutil.copytree(ct_path, tmp_path / "ct")
+    scheme = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}
+    _edit_config(tmp_path / "ct", lambda q: q.update(kv_cache_scheme=scheme))
+    file = next((tmp_path / "ct").glob("*.safetensors"))
+    tensors = load_file(file)
+    for layer in range(2):
+        tensors[f"model.layers.{layer}.self_attn.k_scale"] = torch.tensor(0.5)
+        tensors[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor(0.25)
+    save_file(tensors, file, metadata={"format": "pt"})
+    with LLM(model=str(tmp_path / "ct"), **ENGINE, kv_cache_dtype="fp8") as llm:
+        layers = llm.engine.executor.runner.attention_layers()
+        assert [(m.k_scale, m.v_scale) for m in layers] == [(0.5, 0.25)] * 2

@@ -80,16 +80,20 @@ def paged_attention(
     scale: float,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """The reference's contract: query [num_tokens, num_heads, head_size]; kv_cache [2, num_blocks,
     block_size, num_kv_heads, head_size]; query_start_loc [num_seqs + 1]; seq_lens [num_seqs];
     block_tables [num_seqs, max_blocks]. Returns [num_tokens, num_heads, head_size] in query's
-    dtype. The host-side bounds are accepted for the layer's interface; the kernel needs none."""
+    dtype. The host-side bounds are accepted for the layer's interface; the kernel needs none.
+    An fp8 cache (the reference reads it) takes its scales; the kernel's caches ignore them."""
     lib = load_library()
     if lib is None or not supports(query, kv_cache):
         return reference_paged_attention(
-            query, kv_cache, query_start_loc, seq_lens, block_tables, scale
-        )
+            query, kv_cache, query_start_loc, seq_lens, block_tables, scale,
+            k_scale=k_scale, v_scale=v_scale,
+        )  # fmt: skip
     return launch(lib, query, kv_cache, query_start_loc, seq_lens, block_tables, scale)
 
 
