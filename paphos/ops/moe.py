@@ -10,6 +10,7 @@ Expert ids of -1 contribute nothing (experts held by another rank under expert p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -173,11 +174,31 @@ def fused_experts(
     topk_* [num_tokens, top_k] (ids of -1 skipped). Returns [num_tokens, hidden] in x's dtype,
     summed in float32.
     """
+
+    def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
+        h = _linear(rows, w13[expert], None if w13_bias is None else w13_bias[expert])
+        return _linear(activation(h), w2[expert], None if w2_bias is None else w2_bias[expert])
+
+    return routed_sum(x, topk_weights, topk_ids, w13.shape[0], w2.shape[1], expert_mlp)
+
+
+def routed_sum(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    out_features: int,
+    expert_mlp: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """sum_k topk_weights[t, k] * expert_mlp(e, x[t]) for e = topk_ids[t, k], calling
+    `expert_mlp(e, rows [n, hidden]) -> [n, out_features]` once per active expert with the rows
+    routed to it (so only those experts' weights are read); ids of -1 skipped. Slots (token, k)
+    are grouped by expert with one stable argsort; the sum is float32, returned in x's dtype."""
     num_tokens, top_k = topk_ids.shape
     flat_ids = topk_ids.reshape(-1)  # [num_tokens * top_k]
     order = torch.argsort(flat_ids, stable=True)  # slots grouped by expert, tokens in order
-    counts = torch.bincount(flat_ids + 1, minlength=w13.shape[0] + 1).tolist()  # [-1, 0, 1, ..]
-    out = torch.zeros(num_tokens, w2.shape[1], dtype=torch.float32, device=x.device)
+    counts = torch.bincount(flat_ids + 1, minlength=num_experts + 1).tolist()  # [-1, 0, 1, ..]
+    out = torch.zeros(num_tokens, out_features, dtype=torch.float32, device=x.device)
     start = counts[0]  # the slots of id -1 sort first
     for expert, count in enumerate(counts[1:]):
         if count == 0:
@@ -185,8 +206,7 @@ def fused_experts(
         slots = order[start : start + count]  # [count]
         start += count
         tokens = slots // top_k
-        h = _linear(x[tokens], w13[expert], None if w13_bias is None else w13_bias[expert])
-        y = _linear(activation(h), w2[expert], None if w2_bias is None else w2_bias[expert])
+        y = expert_mlp(expert, x[tokens])  # [count, out_features]
         weight = topk_weights.reshape(-1)[slots].float()  # [count]
         out.index_add_(0, tokens, y.float() * weight[:, None])
     return out.to(x.dtype)
