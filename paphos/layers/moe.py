@@ -34,11 +34,12 @@ import torch
 from torch import nn
 
 from paphos.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from paphos.layers.moe_experts import PerExpertMoEMethod, moe_method_for
 from paphos.layers.weight_utils import copy_checked, narrow_checked
 from paphos.ops.moe import ExpertActivation, RouterSpec, select_experts
 from paphos.ops.registry import pick
 from paphos.parallel import SINGLE_PROCESS, ParallelInfo, all_reduce, divide
-from paphos.quant import LinearMethod, moe_method_for, set_weight_attrs
+from paphos.quant import LinearMethod, set_weight_attrs
 
 EXPERT_PARTS = ("gate", "up", "gate_up", "down")
 # checkpoint projection name of an expert -> its part
@@ -46,9 +47,8 @@ _CHECKPOINT_PARTS = {
     "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up",
     "w2": "down",
 }  # fmt: skip
-_EXPERT_NAME = re.compile(
-    r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.(weight|bias)$"
-)
+# the last part: weight/bias, or a quantized format's tensor (qweight, weight_packed, blocks, ...)
+_EXPERT_NAME = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.(\w+)$")
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,8 @@ class MoESpec:
 
 def map_expert_name(name: str) -> tuple[str, tuple[str, int]] | None:
     """`...mlp.experts.3.gate_proj.weight` -> ("...mlp.w13_weight", ("gate", 3)); None for a
-    name of no routed expert."""
+    name of no routed expert. A quantized tensor maps alike (`...experts.3.down_proj.qweight` ->
+    "...mlp.w2_qweight"); `expert_loads` then finds its parameter in the layer."""
     match = _EXPERT_NAME.search(name)
     if match is None:
         return None
@@ -136,13 +137,13 @@ class FusedMoE(nn.Module):
         if router.correction_bias:
             bias = torch.zeros(router.num_experts, dtype=torch.float32)  # [num_experts]
             self.e_score_correction_bias = nn.Parameter(bias, requires_grad=False)
-        self.moe_method = moe_method_for(linear_method)
+        self.moe_method = moe_method_for(linear_method, torch.empty(0).device.type)
         self.moe_method.create_weights(
             self, self.num_local_experts, hidden_size, self.intermediate_per_rank, params_dtype
         )
         self._create_biases(spec.expert_bias, params_dtype)
         for name in ("w13_weight", "w2_weight", "w13_bias", "w2_bias"):
-            param = getattr(self, name)
+            param = getattr(self, name, None)  # (quantized experts: no stacked weights)
             if param is not None and not hasattr(param, "weight_loader"):
                 set_weight_attrs(param, {"weight_loader": self.weight_loader})
         # the down bias once in the sum over ranks: by the rank holding the expert
@@ -194,7 +195,7 @@ class FusedMoE(nn.Module):
         local = expert - self.first_expert
         if not 0 <= local < self.num_local_experts:
             return  # held by another rank
-        is_w13 = param is self.w13_weight or param is self.w13_bias
+        is_w13 = param is getattr(self, "w13_weight", None) or param is self.w13_bias
         if is_w13 == (part == "down"):
             raise ValueError(f"part {part!r} does not load into this parameter")
         if part == "gate_up":
@@ -204,7 +205,7 @@ class FusedMoE(nn.Module):
         elif part in ("gate", "up"):
             index = 0 if part == "gate" else 1
             self._load_w13(param.data[local], loaded_weight, index, f"expert {expert} {part}")
-        elif param is self.w2_weight:  # [hidden, inter]: this rank's input columns
+        elif param is getattr(self, "w2_weight", None):  # [hidden, inter]: this rank's inputs
             size = self.intermediate_per_rank
             full = size * self.tp_size
             what = f"expert {expert} down"
@@ -212,6 +213,24 @@ class FusedMoE(nn.Module):
             copy_checked(param.data[local], src, what)
         else:  # the down bias: whole
             copy_checked(param.data[local], loaded_weight, f"expert {expert} down bias")
+
+    def expert_load_target(self, param_name: str, shard_id: tuple) -> tuple[str, object] | None:
+        """(parameter name under this layer, shard id) that a routed expert's checkpoint tensor,
+        mapped by `map_expert_name` to `param_name` ("w13_weight", "w2_qweight", ...), loads into;
+        None for an expert another rank holds."""
+        if param_name in self._parameters:  # stacked dense weights, expert biases
+            return param_name, shard_id
+        part, expert = shard_id
+        if not isinstance(self.moe_method, PerExpertMoEMethod):
+            raise ValueError(
+                f"{param_name} of expert {expert}: a quantized expert tensor, but this model's "
+                "experts are dense (the checkpoint's quantization_config does not cover them)"
+            )
+        if expert is None:
+            raise ValueError(f"{param_name}: quantized experts load one expert at a time")
+        if not 0 <= expert - self.first_expert < self.num_local_experts:
+            return None  # held by another rank
+        return self.moe_method.expert_param(part, expert, param_name.split("_", 1)[1])
 
     def _load_w13(self, dst: torch.Tensor, src: torch.Tensor, index: int, what: str) -> None:
         """Rows of this rank's slice of the gate (index 0) or up (1) part into dst's half."""
@@ -250,9 +269,13 @@ class FusedMoE(nn.Module):
     # ---- sizes ----------------------------------------------------------------------------------
 
     def expert_bytes(self) -> int:
-        """Bytes of this rank's routed experts (weights and biases)."""
-        params = (self.w13_weight, self.w2_weight, self.w13_bias, self.w2_bias)
-        return sum(p.numel() * p.element_size() for p in params if p is not None)
+        """Bytes of this rank's routed experts (weights and biases; quantized experts: their
+        parameters and the buffers their method keeps, GGUF blocks among them)."""
+        tensors = [getattr(self, n, None) for n in ("w13_weight", "w2_weight")]
+        tensors += [self.w13_bias, self.w2_bias]
+        if "experts" in self._modules:
+            tensors += [*self.experts.parameters(), *self.experts.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def active_expert_bytes(self) -> float:
         """Bytes of routed experts one token reads on this rank: top_k of num_experts (under
@@ -297,5 +320,43 @@ def moe_parameter_bytes(model: nn.Module) -> tuple[int, int] | None:
     if not layers:
         return None
     total = sum(p.numel() * p.element_size() for p in model.parameters())
+    # the buffers quantized experts keep their weights in (GGUF blocks)
+    total += sum(
+        b.numel() * b.element_size()
+        for layer in layers
+        if "experts" in layer._modules
+        for b in layer.experts.buffers()
+    )
     inactive = sum(layer.expert_bytes() - layer.active_expert_bytes() for layer in layers)
     return total, int(total - inactive)
+
+
+def is_expert_shard(shard_id: object) -> bool:
+    """Whether a shard id is a routed expert's (part, expert_id)."""
+    return isinstance(shard_id, tuple) and len(shard_id) == 2 and shard_id[0] in EXPERT_PARTS
+
+
+def expert_loads(
+    model: nn.Module, target: str, tensor: torch.Tensor, shard_id: object
+) -> list[tuple[str, torch.Tensor, object]]:
+    """The load of a routed expert's tensor that `map_expert_name` mapped to `target` (a name
+    under a FusedMoE layer of `model`): into the stacked dense weights, or into the expert's own
+    quantized layers; none where another rank holds the expert."""
+    prefix, param_name = target.rsplit(".", 1)
+    layer = model.get_submodule(prefix)
+    if not isinstance(layer, FusedMoE):
+        raise ValueError(f"checkpoint expert tensor {target!r}: {prefix!r} is no MoE layer")
+    resolved = layer.expert_load_target(param_name, shard_id)  # type: ignore[arg-type]
+    if resolved is None:
+        return []
+    return [(f"{prefix}.{resolved[0]}", tensor, resolved[1])]
+
+
+def experts_format(model: nn.Module) -> str:
+    """How the model's routed experts are stored: "dense", or the quantized format's name."""
+    for layer in model.modules():
+        if isinstance(layer, FusedMoE) and isinstance(layer.moe_method, PerExpertMoEMethod):
+            kept = "experts" in layer._modules
+            name = layer.moe_method.format_name
+            return f"{name} (kept quantized)" if kept else f"{name} (dequantized at load)"
+    return "dense"

@@ -25,7 +25,7 @@ from paphos.layers.cpu_decode import FusedDecodeSlot
 from paphos.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from paphos.layers.linear import ReplicatedLinear
 from paphos.layers.logits import LogitsProcessor
-from paphos.layers.moe import map_expert_name
+from paphos.layers.moe import expert_loads, is_expert_shard, map_expert_name
 from paphos.layers.rotary import RotaryEmbedding, get_rope
 from paphos.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from paphos.models.checkpoint_names import Load, load_mapped
@@ -270,4 +270,6 @@ class DecoderForCausalLM(nn.Module):
         if name == "lm_head.weight" and self.tie_word_embeddings:
             return []  # tied: the embedding's weight serves both
         target, shard_id = self.map_name(name)
+        if is_expert_shard(shard_id):  # stacked dense experts, or one quantized expert's layers
+            return expert_loads(self, target, tensor, shard_id)
         return [(target, tensor, shard_id)]

@@ -19,7 +19,7 @@ from torch import nn
 from paphos.attention import AttentionMetadata
 from paphos.config import ModelConfig
 from paphos.layers.embedding import VocabParallelEmbedding
-from paphos.layers.moe import map_expert_name
+from paphos.layers.moe import expert_loads, is_expert_shard, map_expert_name
 from paphos.models.causal_lm import CausalLMHead
 from paphos.models.checkpoint_names import Load, load_mapped
 from paphos.parallel import ParallelInfo
@@ -231,5 +231,8 @@ class HybridForCausalLM(CausalLMHead):
         loads = []
         for name, tensor in self.split_weight(checkpoint_name, whole):
             target, shard_id = self.map_name(name)
-            loads.append((target, tensor, shard_id))
+            if is_expert_shard(shard_id):
+                loads += expert_loads(self, target, tensor, shard_id)
+            else:
+                loads.append((target, tensor, shard_id))
         return loads

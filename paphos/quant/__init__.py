@@ -24,6 +24,10 @@ def create_linear_method(
         return None
     if quant_method in ("compressed-tensors", "fp8", "runtime-int8", "runtime-fp8"):
         return _scaled_method(quant_method, hf_config, device_type)
+    if quant_method == "mxfp4":  # gpt-oss: MXFP4 experts, dense everything else
+        from paphos.quant.mxfp4 import Mxfp4ExpertsLinearMethod
+
+        return Mxfp4ExpertsLinearMethod()
     if quant_method == "gptq":
         from paphos.quant.gptq import GPTQLinearMethod
 
@@ -69,18 +73,33 @@ def _scaled_method(quant_method: str, hf_config: Any, device_type: str) -> Linea
     return ScaledLinearMethod(quant_schemes.runtime_scheme(quant_method[len("runtime-") :], w8a8))
 
 
-def moe_method_for(linear_method: LinearMethod | None) -> MoEMethod:
-    """The expert-weight method that goes with a model's linear method: dense experts for dense
-    models; a quantized method gives its own through `moe_method()`, or is refused."""
-    if linear_method is None or isinstance(linear_method, UnquantizedLinearMethod):
-        return UnquantizedMoEMethod()
-    make = getattr(linear_method, "moe_method", None)
-    if make is None:
+def expert_linear_method(linear_method: LinearMethod | None) -> LinearMethod | None:
+    """The linear method of each routed expert's projections (layers.moe_experts builds one
+    gate_up and one down layer per expert with it): None for dense stacked experts (dense models);
+    a method's own `expert_linear_method()` where its checkpoints quantize the experts in another
+    format than the dense layers (mxfp4); else the method itself, where it declares
+    `runs_experts`. Any other method is refused, naming its format."""
+    if linear_method is None:
+        return None
+    own = getattr(linear_method, "expert_linear_method", None)
+    if own is not None:
+        return own()
+    if isinstance(linear_method, UnquantizedLinearMethod):
+        return None
+    if not getattr(linear_method, "runs_experts", False):
         raise ValueError(
-            f"{type(linear_method).__name__} has no method for mixture-of-experts weights: "
-            "quantized experts in this format are not supported; use a dense checkpoint"
+            f"quantized mixture-of-experts weights in the format of {type(linear_method).__name__}"
+            " are not supported (no per-expert method); supported expert formats: GPTQ, AWQ, "
+            "compressed-tensors, fp8, GGUF, MXFP4, -q int8/fp8/q8_0..q4_0; or use a dense "
+            "checkpoint"
         )
-    return make()
+    return linear_method
+
+
+def quantizes_activations(linear_method: LinearMethod) -> bool:
+    """Whether the method quantizes its input per call (W8A8, fp8 activations): its product is
+    then not dequantize-then-matmul of float activations."""
+    return getattr(linear_method, "act", None) is not None
 
 
 __all__ = [
@@ -89,6 +108,7 @@ __all__ = [
     "UnquantizedLinearMethod",
     "UnquantizedMoEMethod",
     "create_linear_method",
-    "moe_method_for",
+    "expert_linear_method",
+    "quantizes_activations",
     "set_weight_attrs",
 ]

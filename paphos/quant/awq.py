@@ -26,6 +26,9 @@ TILE_COLUMNS = 1024  # output columns dequantized per step of `apply`
 
 
 class AWQLinearMethod:
+    # a MoE layer builds one layer per routed expert with this method (layers.moe_experts)
+    runs_experts = True
+
     def __init__(self, group_size: int) -> None:
         self.group_size = group_size
 

@@ -52,6 +52,9 @@ class GGUFLinearMethod:
     tensor per call would be a fresh mapping: its page faults cost more than the dequantization).
     """
 
+    # a MoE layer builds one layer per routed expert with this method (layers.moe_experts)
+    runs_experts = True
+
     def __init__(
         self, quantize_to: GGMLQuantizationType | None = None, group_gemm: bool = False
     ) -> None:

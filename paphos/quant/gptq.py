@@ -27,6 +27,9 @@ TILE_COLUMNS = 1024  # output columns dequantized per step of `apply`
 
 
 class GPTQLinearMethod:
+    # a MoE layer builds one layer per routed expert with this method (layers.moe_experts)
+    runs_experts = True
+
     def __init__(
         self, bits: int, group_size: int, desc_act: bool = False, zero_offset: int = 1
     ) -> None:

@@ -37,6 +37,9 @@ from paphos.quant_schemes import LinearScheme
 
 
 class ScaledLinearMethod:
+    # a MoE layer builds one layer per routed expert with this method (layers.moe_experts)
+    runs_experts = True
+
     def __init__(self, scheme: LinearScheme) -> None:
         self.weight = wq = scheme.weights
         if wq.packed and (wq.type != "int" or 32 % wq.bits):
