@@ -47,6 +47,14 @@ class LinearScheme:
     activations: ActivationScheme | None = None  # None: weight-only (activations stay float)
 
 
+# `ignore` entries paphos honours: layers it never quantizes (lm_head; MoE routers and Qwen2-MoE's
+# shared-expert gate, plain ReplicatedLinears in layers.moe, as llm-compressor's MoE recipes list)
+CT_IGNORED_DENSE = (
+    "lm_head", "re:.*lm_head", "re:.*mlp.gate$", "re:.*mlp.router$", "re:.*block_sparse_moe.gate$",
+    "re:.*shared_expert_gate$",
+)  # fmt: skip
+
+
 def _check_kv_cache_scheme(scheme: dict[str, Any] | None, field: str) -> None:
     """compressed-tensors' fp8 KV cache: static per-tensor scales (`self_attn.k_scale` /
     `v_scale` in the checkpoint), which an fp8 cache (--kv-cache-dtype fp8) uses."""
@@ -80,10 +88,11 @@ def parse_compressed_tensors(config: dict[str, Any], where: str) -> LinearScheme
     targets = group.get("targets") or []
     if list(targets) != ["Linear"]:
         raise ValueError(f"{field(f'config_groups.{name}.targets')}={targets!r}: only ['Linear']")
-    ignored = [i for i in config.get("ignore") or [] if i not in ("lm_head", "re:.*lm_head")]
+    ignored = [i for i in config.get("ignore") or [] if i not in CT_IGNORED_DENSE]
     if ignored:
         raise ValueError(
-            f"{field('ignore')} lists {ignored!r}: paphos keeps only lm_head unquantized"
+            f"{field('ignore')} lists {ignored!r}: paphos keeps only lm_head and MoE routers "
+            f"unquantized ({', '.join(CT_IGNORED_DENSE)})"
         )
     if group.get("output_activations"):
         raise ValueError(f"{field(f'config_groups.{name}.output_activations')} is not supported")
