@@ -31,7 +31,7 @@ GGUF_FLOAT_TYPE_NAMES = ("F32", "F16", "BF16")
 GGUF_CUDA_TYPE_NAMES = ("Q4_0", "Q4_1", "Q8_0")
 # config.json quant_method values paphos loads, and the GPTQ/AWQ settings it takes
 # (compressed-tensors and fp8 settings: paphos.quant_schemes).
-HF_QUANT_METHODS: tuple[str, ...] = ("gptq", "awq", "compressed-tensors", "fp8")
+HF_QUANT_METHODS: tuple[str, ...] = ("gptq", "awq", "compressed-tensors", "fp8", "mxfp4")
 GPTQ_BITS = (4, 8)
 GPTQ_FORMATS = ("gptq", "gptq_v2")
 AWQ_BITS = (4,)
@@ -142,6 +142,8 @@ def _hf_quant_method(model: str, hf_config: Any, gguf_file: str | None) -> str |
     if method == "fp8":
         quant_schemes.parse_fp8(config, where)
         return method
+    if method == "mxfp4":  # gpt-oss: routed experts in MXFP4 blocks, all else dense
+        return method
     allowed_bits = GPTQ_BITS if method == "gptq" else AWQ_BITS
     if bits not in allowed_bits:
         raise ValueError(
@@ -185,5 +187,6 @@ def _supported(hf_config: Any) -> str:
         + f", and config.json quant_method gptq (bits {GPTQ_BITS}), awq (bits {AWQ_BITS}, "
         "GEMM layout), compressed-tensors (formats "
         f"{', '.join(quant_schemes.CT_FORMATS)}: int4/int8 and fp8 weights, 8-bit "
-        "activations) or fp8 (e4m3, per-tensor/channel or block scales)"
+        "activations), fp8 (e4m3, per-tensor/channel or block scales) or mxfp4 (gpt-oss's "
+        "MXFP4 experts)"
     )
