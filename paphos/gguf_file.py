@@ -47,6 +47,7 @@ _MODEL_TYPES = {
     "llama": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "qwen3moe": "qwen3_moe",
     "gemma2": "gemma2",
     "gemma3": "gemma3_text",
     "gpt2": "gpt2",
@@ -71,7 +72,18 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # a MoE router
 }
+# llama.cpp's MoE experts: one 3-D tensor [num_experts, rows, cols] per projection, yielded as
+# each expert's matrix (`mlp.experts.{e}.gate_proj.weight`, ...: FusedMoE's checkpoint names)
+_EXPERT_NAMES = {
+    "ffn_gate_exps": "gate_proj",
+    "ffn_up_exps": "up_proj",
+    "ffn_down_exps": "down_proj",
+}
+_STACKED_EXPERTS_RE = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\w+_proj)\.weight")
+# Config fields llama.cpp writes that transformers' GGUF table leaves out (None there)
+_EXTRA_CONFIG_FIELDS = {"qwen3moe": {"expert_feed_forward_length": "moe_intermediate_size"}}
 # Where an architecture names a layer tensor otherwise (Gemma 2/3's four norms per layer).
 _SANDWICH_NORM_NAMES = {
     "post_attention_norm": "post_attention_layernorm",
@@ -321,16 +333,22 @@ def _model_type(contents: GGUFContents) -> str:
 
 def _mapped_config_fields(contents: GGUFContents, model_type: str) -> dict[str, Any]:
     """Apply transformers' own GGUF key -> config field table (so field names match exactly)."""
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.integrations import ggml
 
+    GGUF_CONFIG_MAPPING = ggml.GGUF_CONFIG_MAPPING
     arch = contents.architecture
     arch_table = model_type if model_type in GGUF_CONFIG_MAPPING else arch  # gemma3_text: gemma3
-    config: dict[str, Any] = {}
+    # what llama.cpp assumes where the file says nothing (Qwen3-MoE: norm_topk_prob=True)
+    config: dict[str, Any] = dict(
+        getattr(ggml, "GGUF_CONFIG_DEFAULTS_MAPPING", {}).get(model_type, {})
+    )
     for key, value in contents.metadata.items():
         prefix, _, rest = key.partition(".")
         if prefix == arch:
             prefix = arch_table
         target = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        if target is None and prefix == arch_table:
+            target = _EXTRA_CONFIG_FIELDS.get(arch, {}).get(rest)
         if target is None or target == -1:
             continue
         config[_CONFIG_RENAMES.get(arch, {}).get(target, target)] = value
@@ -370,6 +388,8 @@ def gguf_to_hf_name(name: str, arch: str = "llama") -> str:
         layer, kind, suffix = match.groups()
         if kind in layer_names:
             return f"{prefix}.{layer}.{layer_names[kind]}.{suffix}"
+        if kind in _EXPERT_NAMES and suffix == "weight":  # stacked: read_gguf_tensors splits it
+            return f"{prefix}.{layer}.mlp.experts.{_EXPERT_NAMES[kind]}.weight"
     elif (match := _GLOBAL_RE.fullmatch(name)) and match.group(1) in global_names:
         return f"{global_names[match.group(1)]}.{match.group(2)}"
     raise ValueError(f"unknown GGUF tensor name {name!r}: no HF name is known for it")
@@ -414,7 +434,7 @@ def read_gguf_tensors(
     num_kv_heads = int(contents.metadata.get(f"{arch}.attention.head_count_kv", num_heads))
     file_data = np.memmap(path, dtype=np.uint8, mode="r")  # [file_size]
     for info in weights:
-        kept = keep_quantized and info.ggml_type not in FLOAT_TYPES and len(info.shape) == 2
+        kept = keep_quantized and info.ggml_type not in FLOAT_TYPES and len(info.shape) in (2, 3)
         values = quantized_tensor(file_data, info).data.numpy() if kept else None
         if values is None:
             values = dequantize_tensor(file_data, info)
@@ -428,12 +448,33 @@ def read_gguf_tensors(
         elif arch == "gpt2" and info.name.endswith(_CONV1D_TENSORS) and not kept:
             values = np.ascontiguousarray(values.T)  # back to Conv1D's [in, out]
         tensor = torch.from_numpy(values)
-        if kept:
+        if len(info.shape) == 3:  # MoE experts stacked [num_experts, rows, cols]: one each
+            yield from _per_expert(gguf_to_hf_name(info.name, arch), info, tensor, kept)
+        elif kept:
             rows, cols = info.shape  # a kept tensor is a matrix
             packed = GGUFQuantizedTensor(info.ggml_type, tensor, (rows, cols))
             yield gguf_to_hf_name(info.name, arch), packed
         else:
             yield gguf_to_hf_name(info.name, arch), tensor
+
+
+def _per_expert(
+    name: str, info: GGUFTensorInfo, tensor: torch.Tensor, kept: bool
+) -> Iterator[tuple[str, torch.Tensor | GGUFQuantizedTensor]]:
+    """A stacked expert tensor (blocks [E * rows, row_bytes] or floats [E, rows, cols]) as each
+    expert's matrix, named `...mlp.experts.{e}.{proj}.weight`."""
+    match = _STACKED_EXPERTS_RE.fullmatch(name)
+    if match is None:
+        raise ValueError(f"GGUF tensor {info.name!r} has 3 dimensions but is no expert tensor")
+    num_experts, rows, cols = info.shape
+    prefix = f"model.layers.{match[1]}.mlp.experts"
+    per_expert = tensor.reshape(num_experts, rows, -1)  # [E, rows, row_bytes or cols]
+    for expert in range(num_experts):
+        out_name = f"{prefix}.{expert}.{match[2]}.weight"
+        if kept:
+            yield out_name, GGUFQuantizedTensor(info.ggml_type, per_expert[expert], (rows, cols))
+        else:
+            yield out_name, per_expert[expert]
 
 
 def tensor_types(path: str) -> dict[str, GGMLQuantizationType]:

@@ -25,9 +25,9 @@ def create_linear_method(
     if quant_method in ("compressed-tensors", "fp8", "runtime-int8", "runtime-fp8"):
         return _scaled_method(quant_method, hf_config, device_type)
     if quant_method == "mxfp4":  # gpt-oss: MXFP4 experts, dense everything else
-        from paphos.quant.mxfp4 import Mxfp4ExpertsLinearMethod
+        from paphos.quant.mxfp4 import MXFP4ExpertsLinearMethod
 
-        return Mxfp4ExpertsLinearMethod()
+        return MXFP4ExpertsLinearMethod()
     if quant_method == "gptq":
         from paphos.quant.gptq import GPTQLinearMethod
 

@@ -36,7 +36,7 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return (values * scale).flatten(-2)  # [rows, G * 32]
 
 
-class Mxfp4LinearMethod:
+class MXFP4LinearMethod:
     """A linear layer whose weight is MXFP4 blocks (`blocks`, `scales`); reference product."""
 
     def create_weights(
@@ -87,10 +87,10 @@ class Mxfp4LinearMethod:
         return out.to(x.dtype)  # [num_tokens, out]
 
 
-class Mxfp4ExpertsLinearMethod(UnquantizedLinearMethod):
+class MXFP4ExpertsLinearMethod(UnquantizedLinearMethod):
     """A `quant_method: mxfp4` checkpoint (gpt-oss): routed experts in MXFP4, every other linear
     (attention, router, LM head: its `modules_to_not_convert`) dense. Dense layers therefore take
     every dense fast path; FusedMoE asks `expert_linear_method` for its experts' format."""
 
-    def expert_linear_method(self) -> Mxfp4LinearMethod:
-        return Mxfp4LinearMethod()
+    def expert_linear_method(self) -> MXFP4LinearMethod:
+        return MXFP4LinearMethod()

@@ -24,7 +24,7 @@ from paphos.attention import AttentionMetadata
 from paphos.config import EngineConfig, auto_device
 from paphos.core.kv_cache_groups import KVCacheLayout, sliding_group_bound
 from paphos.core.step_data import RunnerOutput, SchedulerOutput, StepHandle
-from paphos.layers.moe import moe_parameter_bytes
+from paphos.layers.moe import experts_format, moe_parameter_bytes
 from paphos.layers.sampler import (
     RequestSamplingState,
 )
@@ -249,10 +249,11 @@ class ModelRunner:
             total, active = moe_bytes
             logger.info(
                 "mixture of experts: %.1f MiB of parameters on rank %d, %.1f MiB of them read "
-                "per token (the routed experts it chooses, all else)",
+                "per token (the routed experts it chooses, all else); experts %s",
                 total / 2**20,
                 self.parallel.rank,
                 active / 2**20,
+                experts_format(model),
             )
         return model.eval()
 

@@ -17,11 +17,13 @@ import sys
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
 from torch.testing import assert_close
 
+from paphos.config import EngineConfig
 from paphos.layers import moe as moe_layer
 from paphos.layers.moe import FusedMoE, MoESpec
 from paphos.layers.moe_experts import PerExpertMoEMethod, moe_method_for
@@ -37,11 +39,17 @@ from tests.engine.test_tensor_parallel import (
     prefill_then_decode_logits,
 )
 from tests.models.test_zoo_moe import CASES, make_tiny_moe
-from tests.models.zoo_harness import check_greedy, check_paged_logits, make_runner
+from tests.models.zoo_harness import (
+    check_greedy,
+    check_paged_logits,
+    make_runner,
+    make_runner_for,
+)
 from tests.quant.mxfp4_checkpoint import write_mxfp4_gpt_oss
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ct_checkpoints import write_compressed_moe  # noqa: E402
+from gguf_blocks import QUANTIZABLE, random_blocks  # noqa: E402
 
 GPT_OSS = CASES["gpt-oss"]
 # intermediate sizes whose halves are whole MXFP4 blocks / W4 groups of 32 (for TP=2)
@@ -238,3 +246,111 @@ def test_activation_quantized_experts_are_refused_on_cuda():
     assert isinstance(moe_method_for(w8a8, "cpu"), PerExpertMoEMethod)
     with pytest.raises(ValueError, match="ScaledLinearMethod experts with quantized activations"):
         moe_method_for(w8a8, "cuda")
+
+
+# ---- GGUF (llama.cpp's stacked expert tensors) -----------------------------------------------
+
+_GGUF_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp",
+}  # fmt: skip
+_GGUF_TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def write_qwen3_moe_gguf(path: Path, hf: torch.nn.Module, expert_type) -> torch.nn.Module:
+    """`hf` (a Qwen3-MoE) as llama.cpp's converter and llama-quantize write it (arch qwen3moe,
+    experts as `blk.N.ffn_{gate,up,down}_exps.weight` [E, rows, cols] in `expert_type`, the rest
+    F32); the dequantized experts are loaded back into `hf`: the twin the file means."""
+    import gguf
+
+    config = hf.config
+    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    writer.add_name("tiny qwen3moe")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    writer.add_expert_count(config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
+
+    rng = np.random.default_rng(0)
+
+    def add_experts(name: str, values: torch.Tensor) -> torch.Tensor:
+        """values [E, rows, cols] quantized (random valid blocks where the gguf package cannot
+        quantize the type: the K-quants)."""
+        num_experts, rows, cols = values.shape
+        if expert_type in QUANTIZABLE:
+            blocks = gguf.quants.quantize(values.numpy(), expert_type)  # [E, rows, row_bytes]
+        else:
+            blocks = random_blocks(expert_type, num_experts * rows, cols, rng, scale=5e-3)
+            blocks = blocks.reshape(num_experts, rows, -1)
+        writer.add_tensor(name, blocks, raw_dtype=expert_type)
+        dense = gguf.quants.dequantize(blocks, expert_type)
+        return torch.from_numpy(dense.reshape(values.shape).copy())
+
+    with torch.no_grad():
+        for name, tensor in hf.state_dict().items():
+            module, suffix = name.rsplit(".", 1)
+            values = tensor.detach().float()
+            if module in _GGUF_TOP:
+                writer.add_tensor(f"{_GGUF_TOP[module]}.{suffix}", values.numpy())
+                continue
+            _, _, layer, rest = module.split(".", 3)
+            blk = f"blk.{layer}"
+            if name.endswith(".experts.gate_up_proj"):
+                gate, up = values.chunk(2, dim=1)  # [E, I, H] each
+                gate = add_experts(f"{blk}.ffn_gate_exps.weight", gate.contiguous())
+                up = add_experts(f"{blk}.ffn_up_exps.weight", up.contiguous())
+                hf.get_parameter(name).copy_(torch.cat([gate, up], dim=1))
+            elif name.endswith(".experts.down_proj"):
+                down = add_experts(f"{blk}.ffn_down_exps.weight", values.contiguous())
+                hf.get_parameter(name).copy_(down)
+            else:
+                writer.add_tensor(f"{blk}.{_GGUF_LAYER_NAMES[rest]}.{suffix}", values.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return hf
+
+
+# type -> sizes whose rows are whole blocks (K-quants: 256)
+GGUF_CASES = {
+    "Q8_0": {},
+    "Q4_K": {"hidden_size": 256, "moe_intermediate_size": 256, "intermediate_size": 256},
+}
+
+
+@pytest.mark.parametrize("type_name", list(GGUF_CASES))
+def test_gguf_experts_kept_match_the_dequantized_file(tmp_path, type_name):
+    import gguf
+
+    overrides = {**QWEN3_MOE[1], "norm_topk_prob": True, **GGUF_CASES[type_name]}
+    hf = make_tiny_moe(tmp_path / "hf", QWEN3_MOE[0], **overrides)
+    path = tmp_path / f"tiny-qwen3moe-{type_name}.gguf"
+    hf = write_qwen3_moe_gguf(path, hf, gguf.GGMLQuantizationType[type_name]).eval()
+    runner = make_runner_for(str(path))
+    layer = _moe_layers(runner)[0]
+    assert runner.config.model.quant_method == "gguf"
+    parts = layer.experts["2"].down_proj.gguf_parts
+    assert [p.ggml_type.name for p in parts] == [type_name]
+    check_paged_logits(hf, runner)
+    # --quantization none: the file dequantized at load into the dense stacked experts
+    settings = dict(dtype="float32", skip_tokenizer_init=True, device="cpu", num_threads=1)
+    settings |= dict(model=str(path), quantization="none", num_blocks_override=64)
+    dense_runner = ModelRunner(EngineConfig.from_kwargs(**settings))
+    assert _moe_layers(dense_runner)[0].w13_weight.dtype == torch.float32
+    kept = prefill_then_decode_logits(ModelRunner(_runner_config(path)))
+    for got, want in zip(prefill_then_decode_logits(dense_runner), kept, strict=True):
+        assert_close(got, want, rtol=1e-4, atol=1e-4)  # fp32 sums in another order
