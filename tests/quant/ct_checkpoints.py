@@ -181,59 +181,32 @@ def _write_dense(source: Path, dense: Path, state: dict[str, torch.Tensor]) -> N
 
 
 def write_compressed_moe(hf: torch.nn.Module, path: Path, scheme: str) -> torch.nn.Module:
-    """Replace `hf`'s checkpoint at `path` (a transformers MoE with stacked [E, out, in] experts)
-    by a pack-quantized one in llm-compressor's MoE layout: each attention projection and each
-    routed expert's gate_proj / up_proj / down_proj (`mlp.experts.{e}.gate_proj.weight_packed`,
-    as llm-compressor writes Qwen3-30B-A3B) quantized by compressed-tensors' own qparams and
-    compressor; the router (`mlp.gate`) and lm_head ignored. The dequantized weights (the
-    compressor's own decompress) are loaded back into `hf`: the twin the checkpoint means."""
+    """`hf` (a transformers MoE) as a pack-quantized checkpoint in llm-compressor's MoE layout
+    (tests/quant/moe_checkpoints.py): attention projections and each routed expert's projections
+    quantized by compressed-tensors' own qparams and compressor, router (`mlp.gate`) and lm_head
+    ignored; `hf` gets the compressor's own decompressed weights (the twin)."""
     from compressed_tensors.compressors import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from compressed_tensors.quantization.utils import calculate_qparams
-    from safetensors.torch import save_file
+    from moe_checkpoints import write_per_expert_moe
 
     args = QuantizationArgs(**SCHEMES[scheme]["weights"])
     qscheme = QuantizationScheme(targets=["Linear"], weights=args)
 
-    def compress(prefix: str, weight: torch.Tensor, out: dict) -> torch.Tensor:
+    def compress(prefix: str, weight: torch.Tensor):
         low, high = _block_min_max(weight, args)
         scale, zero = calculate_qparams(low, high, args)
-        local = {"weight": weight.contiguous(), "weight_scale": scale}
+        local = {"weight": weight, "weight_scale": scale}
         if not args.symmetric:
             local["weight_zero_point"] = zero
         packed = PackedQuantizationCompressor.compress(local, qscheme)
-        out.update({f"{prefix}.{k}": v.contiguous() for k, v in packed.items()})
-        return PackedQuantizationCompressor.decompress(dict(packed), qscheme)["weight"]
+        return packed, PackedQuantizationCompressor.decompress(dict(packed), qscheme)["weight"]
 
-    state: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, tensor in hf.state_dict().items():
-            tensor = tensor.detach()
-            if name.endswith("_proj.weight") and ".self_attn." in name:
-                prefix = name.removesuffix(".weight")
-                hf.get_parameter(name).copy_(compress(prefix, tensor, state))
-            elif name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
-                prefix = name.rsplit(".", 1)[0]
-                dense = hf.get_parameter(name)
-                for e in range(tensor.shape[0]):
-                    if name.endswith(".down_proj"):
-                        dense[e] = compress(f"{prefix}.{e}.down_proj", tensor[e], state)
-                        continue
-                    gate, up = tensor[e].chunk(2)
-                    gate = compress(f"{prefix}.{e}.gate_proj", gate, state)
-                    dense[e] = torch.cat([gate, compress(f"{prefix}.{e}.up_proj", up, state)])
-            else:
-                state[name] = tensor.contiguous()
-    for old in path.glob("*.safetensors*"):
-        old.unlink()
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((path / "config.json").read_text())
-    config["quantization_config"] = {
+    config = {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], **SCHEMES[scheme]}},
         "ignore": ["lm_head", "re:.*mlp.gate$"],
     }
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    return hf
+    return write_per_expert_moe(hf, path, compress, config)

@@ -12,9 +12,11 @@ format."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing
 import sys
 import traceback
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ from paphos.layers.moe import FusedMoE, MoESpec
 from paphos.layers.moe_experts import PerExpertMoEMethod, moe_method_for
 from paphos.ops.moe import RouterSpec
 from paphos.parallel import destroy_distributed, init_distributed
-from paphos.quant.mxfp4 import Mxfp4LinearMethod
+from paphos.quant.mxfp4 import MXFP4LinearMethod
 from paphos.runner.model_runner import ModelRunner
 from tests.engine.test_tensor_parallel import (
     TIMEOUT_S,
@@ -50,6 +52,9 @@ from tests.quant.mxfp4_checkpoint import write_mxfp4_gpt_oss
 sys.path.insert(0, str(Path(__file__).parent))
 from ct_checkpoints import write_compressed_moe  # noqa: E402
 from gguf_blocks import QUANTIZABLE, random_blocks  # noqa: E402
+from moe_checkpoints import write_per_expert_moe  # noqa: E402
+from test_awq import awq_quantize  # noqa: E402
+from test_gptq import gptq_quantize  # noqa: E402
 
 GPT_OSS = CASES["gpt-oss"]
 # intermediate sizes whose halves are whole MXFP4 blocks / W4 groups of 32 (for TP=2)
@@ -109,14 +114,16 @@ def test_mxfp4_greedy_tokens_equal_transformers(mxfp4):
     check_greedy(hf, path)
 
 
-def test_mxfp4_start_up_bytes_count_the_blocks(mxfp4):
+def test_mxfp4_start_up_bytes_count_the_blocks(mxfp4, caplog):
     path, _ = mxfp4
-    layer = _moe_layers(make_runner(path))[0]
+    with caplog.at_level(logging.INFO, logger="paphos.runner.model_runner"):
+        runner = make_runner(path)
+    assert "experts MXFP4 (kept quantized)" in caplog.text
+    layer = _moe_layers(runner)[0]
     # per expert: (2I x H + H x I) / 2 bytes of values, 1 byte per 32 of scales; f32 biases
     values = 3 * 96 * 64
     want = 4 * (values // 2 + values // 32) + 4 * 4 * (2 * 96 + 64)
     assert layer.expert_bytes() == want
-    assert moe_layer.experts_format(make_runner(path).model) == "Mxfp4 (kept quantized)"
 
 
 def test_decode_reads_only_the_chosen_experts(mxfp4):
@@ -161,6 +168,36 @@ def test_compressed_tensors_experts_match_dequantized_twin(ct_moe):
     assert not hasattr(layer, "w13_weight")
     check_paged_logits(hf, runner)
     check_greedy(hf, path)
+
+
+# ---- GPTQ and AWQ (AutoGPTQ / AutoAWQ per-expert layouts) ----------------------------------------
+
+
+def _gptq(prefix: str, weight: torch.Tensor):
+    # act-order: layers of one input (q/k/v; an expert's gate/up) share its permutation, as
+    # GPTQ's Hessian of that input orders them alike (a fused layer keeps one g_idx)
+    for other, first in (("k_proj", "q_proj"), ("v_proj", "q_proj"), ("up_proj", "gate_proj")):
+        prefix = prefix.replace(other, first)
+    return gptq_quantize(weight, 4, 32, True, True, zlib.crc32(prefix.encode()))
+
+
+QUANTIZERS = {
+    "gptq": (_gptq, {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True,
+                     "sym": False, "checkpoint_format": "gptq"}),
+    "awq": (lambda prefix, weight: awq_quantize(weight, 32),
+            {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+             "version": "gemm"}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(QUANTIZERS))
+def test_gptq_and_awq_experts_match_dequantized_twin(tmp_path, name):
+    quantize, config = QUANTIZERS[name]
+    hf = make_tiny_moe(tmp_path, QWEN3_MOE[0], **QWEN3_MOE[1])
+    hf = write_per_expert_moe(hf, tmp_path, quantize, config).eval()
+    runner = make_runner(tmp_path)
+    assert _moe_layers(runner)[0].experts["1"].gate_up_proj.qweight.dtype == torch.int32
+    check_paged_logits(hf, runner)
 
 
 # ---- tensor and expert parallelism -------------------------------------------------------------
@@ -228,7 +265,7 @@ def test_two_ranks_give_the_logits_of_one_rank(tmp_path):
 # ---- refusals --------------------------------------------------------------------------------
 
 
-class _NoExpertsMethod(Mxfp4LinearMethod):
+class _NoExpertsMethod(MXFP4LinearMethod):
     """A quantized dense-layer format that declares no per-expert support."""
 
 
