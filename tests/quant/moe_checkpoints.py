@@ -6,11 +6,14 @@ is given; the dequantized weights go back into the transformers model (the check
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from test_awq import awq_quantize
+from test_gptq import gptq_quantize
 
 # (module prefix, weight [out, in]) -> (the format's tensors by suffix, dequantized [out, in])
 Quantize = Callable[[str, torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]
@@ -52,3 +55,20 @@ def write_per_expert_moe(
     config["quantization_config"] = quantization_config
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return hf
+
+
+def _gptq(prefix: str, weight: torch.Tensor):
+    # act-order: layers of one input (q/k/v; an expert's gate/up) share its permutation, as
+    # GPTQ's Hessian of that input orders them alike (a fused layer keeps one g_idx)
+    for other, first in (("k_proj", "q_proj"), ("v_proj", "q_proj"), ("up_proj", "gate_proj")):
+        prefix = prefix.replace(other, first)
+    return gptq_quantize(weight, 4, 32, True, True, zlib.crc32(prefix.encode()))
+
+
+QUANTIZERS = {
+    "gptq": (_gptq, {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True,
+                     "sym": False, "checkpoint_format": "gptq"}),
+    "awq": (lambda prefix, weight: awq_quantize(weight, 32),
+            {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+             "version": "gemm"}),
+}  # fmt: skip

@@ -16,7 +16,6 @@ import logging
 import multiprocessing
 import sys
 import traceback
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +51,7 @@ from tests.quant.mxfp4_checkpoint import write_mxfp4_gpt_oss
 sys.path.insert(0, str(Path(__file__).parent))
 from ct_checkpoints import write_compressed_moe  # noqa: E402
 from gguf_blocks import QUANTIZABLE, random_blocks  # noqa: E402
-from moe_checkpoints import write_per_expert_moe  # noqa: E402
-from test_awq import awq_quantize  # noqa: E402
-from test_gptq import gptq_quantize  # noqa: E402
+from moe_checkpoints import QUANTIZERS, write_per_expert_moe  # noqa: E402
 
 GPT_OSS = CASES["gpt-oss"]
 # intermediate sizes whose halves are whole MXFP4 blocks / W4 groups of 32 (for TP=2)
@@ -171,23 +168,6 @@ def test_compressed_tensors_experts_match_dequantized_twin(ct_moe):
 
 
 # ---- GPTQ and AWQ (AutoGPTQ / AutoAWQ per-expert layouts) ----------------------------------------
-
-
-def _gptq(prefix: str, weight: torch.Tensor):
-    # act-order: layers of one input (q/k/v; an expert's gate/up) share its permutation, as
-    # GPTQ's Hessian of that input orders them alike (a fused layer keeps one g_idx)
-    for other, first in (("k_proj", "q_proj"), ("v_proj", "q_proj"), ("up_proj", "gate_proj")):
-        prefix = prefix.replace(other, first)
-    return gptq_quantize(weight, 4, 32, True, True, zlib.crc32(prefix.encode()))
-
-
-QUANTIZERS = {
-    "gptq": (_gptq, {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True,
-                     "sym": False, "checkpoint_format": "gptq"}),
-    "awq": (lambda prefix, weight: awq_quantize(weight, 32),
-            {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
-             "version": "gemm"}),
-}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(QUANTIZERS))
