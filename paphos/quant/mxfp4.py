@@ -14,6 +14,7 @@ inputs (row-parallel).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from paphos.quant.base import set_weight_attrs
@@ -27,11 +28,23 @@ SCALE_BIAS = 127
 TILE_BYTES = 4 << 20  # fp32 bytes of one dequantized tile of rows
 
 
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """blocks [rows, G, 16] uint8, scales [rows, G] uint8 -> float32 [rows, G * 32]."""
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)  # [16]
-    low, high = lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]  # [rows, G, 16] each
-    values = torch.stack((low, high), dim=-1).flatten(-2)  # [rows, G, 32]: low nibble first
+def byte_values(device: torch.device | str = "cpu") -> torch.Tensor:
+    """[256, 2] float32: the two FP4 values of each byte, low nibble first."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=device)  # [16]
+    codes = torch.arange(256, device=device)  # [256]
+    return torch.stack((lut[codes & 0x0F], lut[codes >> 4]), dim=-1)  # [256, 2]
+
+
+def dequantize_mxfp4(
+    blocks: torch.Tensor, scales: torch.Tensor, pairs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """blocks [rows, G, 16] uint8, scales [rows, G] uint8 -> float32 [rows, G * 32]. `pairs`:
+    byte_values() on the blocks' device (one lookup per byte: ~3x fewer passes than a lookup per
+    nibble, measured)."""
+    pairs = byte_values(blocks.device) if pairs is None else pairs
+    rows, groups, _ = blocks.shape
+    values = F.embedding(blocks.reshape(rows, -1).long(), pairs)  # [rows, G * 16, 2]
+    values = values.view(rows, groups, 2 * blocks.shape[2])  # [rows, G, 32]
     scale = torch.exp2(scales.float() - SCALE_BIAS).unsqueeze(-1)  # [rows, G, 1]
     return (values * scale).flatten(-2)  # [rows, G * 32]
 
@@ -65,11 +78,12 @@ class MXFP4LinearMethod:
             layer.register_parameter(name, param)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        return None
+        layer.mxfp4_pairs = byte_values(layer.blocks.device)  # [256, 2]: 2 KiB, shared lookup
 
     def dequantize_rows(self, layer: nn.Module, start: int, stop: int) -> torch.Tensor:
         """W rows [start, stop) in float32: [rows, in]."""
-        return dequantize_mxfp4(layer.blocks.data[start:stop], layer.scales.data[start:stop])
+        blocks, scales = layer.blocks.data[start:stop], layer.scales.data[start:stop]
+        return dequantize_mxfp4(blocks, scales, getattr(layer, "mxfp4_pairs", None))
 
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
