@@ -30,7 +30,7 @@ from paphos.layers.moe import FusedMoE, MoESpec
 from paphos.layers.moe_experts import PerExpertMoEMethod, moe_method_for
 from paphos.ops.moe import RouterSpec
 from paphos.parallel import destroy_distributed, init_distributed
-from paphos.quant.mxfp4 import MXFP4LinearMethod
+from paphos.quant.mxfp4 import MXFP4LinearMethod, dequantize_mxfp4
 from paphos.runner.model_runner import ModelRunner
 from tests.engine.test_tensor_parallel import (
     TIMEOUT_S,
@@ -94,6 +94,18 @@ def _moe_layers(runner: ModelRunner) -> list[FusedMoE]:
 
 
 # ---- gpt-oss MXFP4 ---------------------------------------------------------------------------
+
+
+def test_mxfp4_dequantization_is_transformers_bit_for_bit():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 40, 4, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(100, 140, (3, 40, 4), dtype=torch.uint8, generator=gen)
+    want = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, in, out]
+    for expert in range(3):
+        got = dequantize_mxfp4(blocks[expert], scales[expert])  # [out, in]
+        assert torch.equal(got, want[expert].T)
 
 
 def test_mxfp4_logprobs_match_transformers_dequantized(mxfp4):
