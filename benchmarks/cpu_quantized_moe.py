@@ -1,6 +1,7 @@
 """CPU decode of one MoE layer's routed experts, kept quantized (layers/moe_experts.py: one layer
 pair per expert, each product through its format's CPU path) beside dense bf16 stacked experts
-(ops.moe.fused_experts, the matvec kernel at decode). Shapes: gpt-oss-20b's experts (hidden 2880,
+(ops.moe.fused_experts, the matvec kernel at decode). Formats: MXFP4, GGUF Q4_0,
+compressed-tensors W4A16 (group 128). Shapes: gpt-oss-20b's experts (hidden 2880,
 intermediate 2880, top-4) or Qwen3-30B-A3B's (2048, 768, top-8), with fewer experts held than the
 model has (a token reads top-k of them either way). Medians; on a shared machine read ratios.
     python benchmarks/cpu_quantized_moe.py [--shape gpt-oss-20b] [--rows 1,4] [--repeats 11]
@@ -51,6 +52,26 @@ def _fill_gguf_q4_0(layer: FusedMoE) -> None:
             linear.linear_method.process_weights_after_loading(linear)
 
 
+def _ct_w4a16_method():
+    """compressed-tensors pack-quantized W4A16, group 128 (llm-compressor's Qwen3-30B-A3B)."""
+    from paphos import quant_schemes
+    from paphos.quant.scaled import ScaledLinearMethod
+
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+               "group_size": 128}  # fmt: skip
+    config = {"format": "pack-quantized", "config_groups": {"g": {"targets": ["Linear"],
+              "weights": weights}}}  # fmt: skip
+    return ScaledLinearMethod(quant_schemes.parse_compressed_tensors(config, "benchmark"))
+
+
+def _fill_ct(layer: FusedMoE) -> None:
+    for expert in layer.experts.values():
+        for linear in (expert.gate_up_proj, expert.down_proj):
+            linear.weight_packed.data.random_(-(2**31), 2**31 - 1)
+            linear.weight_scale.data.fill_(0.01)
+            linear.linear_method.process_weights_after_loading(linear)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="gpt-oss-20b", choices=list(SHAPES))
@@ -69,7 +90,10 @@ def main() -> None:
     _fill_mxfp4(mxfp4)
     q4_0 = _layer(hidden, inter, top_k, experts, GGUFLinearMethod())
     _fill_gguf_q4_0(q4_0)
-    layers = {"dense bf16": dense, "MXFP4 kept": mxfp4, "GGUF Q4_0 kept": q4_0}
+    ct = _layer(hidden, inter, top_k, experts, _ct_w4a16_method())
+    _fill_ct(ct)
+    layers = {"dense bf16": dense, "MXFP4 kept": mxfp4, "GGUF Q4_0 kept": q4_0,
+              "CT W4A16 g128 kept": ct}  # fmt: skip
     print(f"{args.shape}: hidden {hidden}, intermediate {inter}, top-{top_k} of {experts}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     print("| rows | experts | MiB held | ms per layer |")
