@@ -47,6 +47,7 @@ _MODEL_TYPES = {
     "llama": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "qwen2moe": "qwen2_moe",
     "qwen3moe": "qwen3_moe",
     "gemma2": "gemma2",
     "gemma3": "gemma3_text",
@@ -73,6 +74,10 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
     "ffn_gate_inp": "mlp.gate",  # a MoE router
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",  # Qwen2-MoE's shared expert and its gate
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 # llama.cpp's MoE experts: one 3-D tensor [num_experts, rows, cols] per projection, yielded as
 # each expert's matrix (`mlp.experts.{e}.gate_proj.weight`, ...: FusedMoE's checkpoint names)
@@ -83,7 +88,15 @@ _EXPERT_NAMES = {
 }
 _STACKED_EXPERTS_RE = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\w+_proj)\.weight")
 # Config fields llama.cpp writes that transformers' GGUF table leaves out (None there)
-_EXTRA_CONFIG_FIELDS = {"qwen3moe": {"expert_feed_forward_length": "moe_intermediate_size"}}
+_EXTRA_CONFIG_FIELDS = {
+    "qwen3moe": {"expert_feed_forward_length": "moe_intermediate_size"},
+    "qwen2moe": {
+        "expert_feed_forward_length": "moe_intermediate_size",
+        "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+    },
+    # Mixtral: llama.cpp files it under llama, with expert counts
+    "llama": {"expert_count": "num_local_experts", "expert_used_count": "num_experts_per_tok"},
+}
 # Where an architecture names a layer tensor otherwise (Gemma 2/3's four norms per layer).
 _SANDWICH_NORM_NAMES = {
     "post_attention_norm": "post_attention_layernorm",
@@ -326,6 +339,8 @@ def _model_type(contents: GGUFContents) -> str:
             f"supported: {sorted(_MODEL_TYPES)}"
         )
     name = str(contents.metadata.get("general.name", "")).lower()
+    if arch == "llama" and "llama.expert_count" in contents.metadata:
+        return "mixtral"  # llama.cpp files Mixtral under llama, with experts
     if arch == "llama" and "mistral" in name:
         return "mistral"  # llama.cpp files Mistral under llama; transformers tells them apart so
     return _MODEL_TYPES[arch]
@@ -443,6 +458,8 @@ def read_gguf_tensors(
             values = unpermute_rotary_rows(values, num_heads)
         elif arch in _PERMUTED_QK_ARCHS and ".attn_k." in info.name:
             values = unpermute_rotary_rows(values, num_kv_heads)
+        elif info.name.endswith(".ffn_gate_inp_shexp.weight"):
+            values = values.reshape(1, -1)  # stored [hidden]; the gate is a [1, hidden] linear
         elif arch in _OFFSET_NORM_ARCHS and info.name.endswith("norm.weight"):
             values = values - 1.0  # back to the checkpoint's zero-centred weight
         elif arch == "gpt2" and info.name.endswith(_CONV1D_TENSORS) and not kept:

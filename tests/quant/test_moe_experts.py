@@ -284,35 +284,53 @@ _GGUF_LAYER_NAMES = {
     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm", "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }  # fmt: skip
 _GGUF_TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
-def write_qwen3_moe_gguf(path: Path, hf: torch.nn.Module, expert_type) -> torch.nn.Module:
-    """`hf` (a Qwen3-MoE) as llama.cpp's converter and llama-quantize write it (arch qwen3moe,
-    experts as `blk.N.ffn_{gate,up,down}_exps.weight` [E, rows, cols] in `expert_type`, the rest
-    F32); the dequantized experts are loaded back into `hf`: the twin the file means."""
-    import gguf
+def _llama_cpp_permute(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """llama.cpp's converter's q/k row order for arch llama (interleaved pairs -> halves)."""
+    head_dim = rows.shape[0] // num_heads
+    split = rows.reshape(num_heads, 2, head_dim // 2, *rows.shape[1:])
+    return split.swapaxes(1, 2).reshape(rows.shape)
 
-    config = hf.config
-    writer = gguf.GGUFWriter(str(path), "qwen3moe")
-    writer.add_name("tiny qwen3moe")
+
+def _write_gguf_metadata(writer, config, arch: str) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_name(f"tiny {arch}")
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
-    writer.add_expert_count(config.num_experts)
+    if arch != "llama":
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if arch == "qwen2moe":
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    writer.add_expert_count(getattr(config, "num_experts", None) or config.num_local_experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
 
+
+def write_moe_gguf(path: Path, hf: torch.nn.Module, arch: str, expert_type) -> torch.nn.Module:
+    """`hf` (Qwen3-MoE, Qwen2-MoE or Mixtral) as llama.cpp's converter and llama-quantize write
+    it (arch qwen3moe / qwen2moe / llama; experts as `blk.N.ffn_{gate,up,down}_exps.weight`
+    [E, rows, cols] in `expert_type`, the rest F32; arch llama's q/k rows permuted); the
+    dequantized experts are loaded back into `hf`: the twin the file means."""
+    import gguf
+
+    config = hf.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    _write_gguf_metadata(writer, config, arch)
     rng = np.random.default_rng(0)
 
     def add_experts(name: str, values: torch.Tensor) -> torch.Tensor:
@@ -346,7 +364,14 @@ def write_qwen3_moe_gguf(path: Path, hf: torch.nn.Module, expert_type) -> torch.
                 down = add_experts(f"{blk}.ffn_down_exps.weight", values.contiguous())
                 hf.get_parameter(name).copy_(down)
             else:
-                writer.add_tensor(f"{blk}.{_GGUF_LAYER_NAMES[rest]}.{suffix}", values.numpy())
+                if arch == "llama" and rest in ("self_attn.q_proj", "self_attn.k_proj"):
+                    heads = config.num_attention_heads if "q_proj" in rest else None
+                    heads = heads or config.num_key_value_heads
+                    values = _llama_cpp_permute(values, heads)
+                if rest == "mlp.shared_expert_gate":
+                    values = values.reshape(-1)  # llama.cpp stores it [hidden]
+                gguf_name = f"{blk}.{_GGUF_LAYER_NAMES[rest]}.{suffix}"
+                writer.add_tensor(gguf_name, np.ascontiguousarray(values.numpy()))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -354,22 +379,34 @@ def write_qwen3_moe_gguf(path: Path, hf: torch.nn.Module, expert_type) -> torch.
     return hf
 
 
-# type -> sizes whose rows are whole blocks (K-quants: 256)
+# case -> (GGUF arch, transformers config, overrides: rows of whole blocks (K-quants: 256),
+# expert type)
 GGUF_CASES = {
-    "Q8_0": {},
-    "Q4_K": {"hidden_size": 256, "moe_intermediate_size": 256, "intermediate_size": 256},
-}
+    "qwen3moe-Q8_0": ("qwen3moe", QWEN3_MOE[0], {"norm_topk_prob": True}, "Q8_0"),
+    "qwen3moe-Q4_K": (
+        "qwen3moe", QWEN3_MOE[0],
+        {"norm_topk_prob": True, "hidden_size": 256, "moe_intermediate_size": 256,
+         "intermediate_size": 256},
+        "Q4_K",
+    ),
+    "qwen2moe-Q8_0": ("qwen2moe", "Qwen2MoeConfig", {"mlp_only_layers": []}, "Q8_0"),
+    "mixtral-Q5_1": ("llama", "MixtralConfig", {}, "Q5_1"),
+}  # fmt: skip
+_GGUF_BASE = {"qwen3moe": QWEN3_MOE[1], "qwen2moe": CASES["qwen2-moe"][1],
+              "llama": CASES["mixtral"][1]}  # fmt: skip
 
 
-@pytest.mark.parametrize("type_name", list(GGUF_CASES))
-def test_gguf_experts_kept_match_the_dequantized_file(tmp_path, type_name):
+@pytest.mark.parametrize("case", list(GGUF_CASES))
+def test_gguf_experts_kept_match_the_dequantized_file(tmp_path, case):
     import gguf
 
-    overrides = {**QWEN3_MOE[1], "norm_topk_prob": True, **GGUF_CASES[type_name]}
-    hf = make_tiny_moe(tmp_path / "hf", QWEN3_MOE[0], **overrides)
-    path = tmp_path / f"tiny-qwen3moe-{type_name}.gguf"
-    hf = write_qwen3_moe_gguf(path, hf, gguf.GGMLQuantizationType[type_name]).eval()
+    arch, config_class, extra, type_name = GGUF_CASES[case]
+    overrides = {**_GGUF_BASE[arch], **extra}
+    hf = make_tiny_moe(tmp_path / "hf", config_class, **overrides)
+    path = tmp_path / f"tiny-{case}.gguf"
+    hf = write_moe_gguf(path, hf, arch, gguf.GGMLQuantizationType[type_name]).eval()
     runner = make_runner_for(str(path))
+    assert type(runner.model).__name__ == type(hf).__name__  # the config the file implies
     layer = _moe_layers(runner)[0]
     assert runner.config.model.quant_method == "gguf"
     parts = layer.experts["2"].down_proj.gguf_parts
