@@ -18,7 +18,7 @@ from torch import nn
 
 from paphos.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from paphos.ops.moe import routed_sum
-from paphos.parallel import SINGLE_PROCESS
+from paphos.parallel import SINGLE_PROCESS, ParallelInfo
 from paphos.quant import (
     LinearMethod,
     MoEMethod,
@@ -55,7 +55,7 @@ class ExpertProjections(nn.Module):
         hidden_size: int,
         intermediate_size: int,
         linear_method: LinearMethod,
-        parallel,
+        parallel: ParallelInfo,
         params_dtype: torch.dtype,
     ) -> None:
         super().__init__()
