@@ -74,31 +74,33 @@ def prefill_then_decode_logits(runner: ModelRunner) -> list[torch.Tensor]:
     return [first, second]
 
 
-def _rank_main(rank: int, port: int, model_dir: str, results: multiprocessing.Queue) -> None:
-    try:
-        parallel = init_distributed(rank, 2, "gloo", f"tcp://127.0.0.1:{port}")
-        runner = ModelRunner(_runner_config(Path(model_dir)), parallel)
-        logits = prefill_then_decode_logits(runner)
-        # numpy, not tensors: torch would pass tensors by shared memory, gone once we exit
-        results.put((rank, [t.numpy() for t in logits], None))
-    except BaseException:  # noqa: BLE001 - reported to the test process
-        results.put((rank, None, traceback.format_exc()))
-    finally:
-        destroy_distributed()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _run_two_ranks(model_dir: Path) -> dict[int, list[torch.Tensor]]:
+def _rank_entry(rank, port, rank_fn, args, results) -> None:
+    """One spawned rank: join the gloo group, run rank_fn(parallel, *args), send back its result
+    (numpy, not tensors: torch would pass tensors by shared memory, gone once we exit)."""
+    try:
+        parallel = init_distributed(rank, 2, "gloo", f"tcp://127.0.0.1:{port}")
+        results.put((rank, rank_fn(parallel, *args), None))
+    except BaseException:  # noqa: BLE001 - reported to the test process
+        results.put((rank, None, traceback.format_exc()))
+    finally:
+        destroy_distributed()
+
+
+def run_on_two_ranks(rank_fn, *args, timeout_s: float = TIMEOUT_S) -> dict[int, object]:
+    """rank_fn(parallel, *args) on ranks 0 and 1 (spawned processes over gloo; rank_fn a
+    module-level function): {rank: its result}. A rank's exception fails the test with its
+    traceback; no process outlives the call."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     port = _free_port()
     procs = [
-        context.Process(target=_rank_main, args=(rank, port, str(model_dir), results))
+        context.Process(target=_rank_entry, args=(rank, port, rank_fn, args, results))
         for rank in range(2)
     ]
     try:
@@ -106,9 +108,9 @@ def _run_two_ranks(model_dir: Path) -> dict[int, list[torch.Tensor]]:
             p.start()
         out = {}
         for _ in procs:
-            rank, logits, error = results.get(timeout=TIMEOUT_S)
+            rank, result, error = results.get(timeout=timeout_s)
             assert error is None, f"rank {rank} failed:\n{error}"
-            out[rank] = [torch.from_numpy(a) for a in logits]
+            out[rank] = result
         return out
     finally:
         for p in procs:
@@ -116,6 +118,16 @@ def _run_two_ranks(model_dir: Path) -> dict[int, list[torch.Tensor]]:
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+def _model_logits(parallel, model_dir: str) -> list:
+    runner = ModelRunner(_runner_config(Path(model_dir)), parallel)
+    return [t.numpy() for t in prefill_then_decode_logits(runner)]
+
+
+def _run_two_ranks(model_dir: Path) -> dict[int, list[torch.Tensor]]:
+    by_rank = run_on_two_ranks(_model_logits, str(model_dir))
+    return {rank: [torch.from_numpy(a) for a in logits] for rank, logits in by_rank.items()}
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,6 @@ model without a tp plan, or with one kv head, is refused at TP=2 with the reason
 
 from __future__ import annotations
 
-import multiprocessing
-import traceback
 from pathlib import Path
 
 import pytest
@@ -14,13 +12,12 @@ import torch
 import transformers
 from torch.testing import assert_close
 
-from paphos.parallel import destroy_distributed, init_distributed
 from paphos.runner.model_runner import ModelRunner
 from tests.engine.test_tensor_parallel import (
     TIMEOUT_S,
-    _free_port,
     _runner_config,
     prefill_then_decode_logits,
+    run_on_two_ranks,
 )
 from tests.models.hf_compare import save_tiny
 from tests.models.test_gpt_phi_families import CASES, _config
@@ -54,46 +51,20 @@ FALLBACK = {  # no native class: the transformers fallback, sharded by its tp pl
 }
 
 
-def _ranks_main(rank: int, port: int, model_dirs: list[str], results) -> None:
-    try:
-        parallel = init_distributed(rank, 2, "gloo", f"tcp://127.0.0.1:{port}")
-        out = {}
-        for model_dir in model_dirs:
-            try:
-                runner = ModelRunner(_runner_config(Path(model_dir)), parallel)
-                out[model_dir] = [t.numpy() for t in prefill_then_decode_logits(runner)]
-            except ValueError as e:  # a refusal is a result too
-                out[model_dir] = str(e)
-        results.put((rank, out, None))
-    except BaseException:  # noqa: BLE001 - reported to the test process
-        results.put((rank, None, traceback.format_exc()))
-    finally:
-        destroy_distributed()
+def _rank_logits(parallel, model_dirs: list[str]) -> dict[str, object]:
+    out = {}
+    for model_dir in model_dirs:
+        try:
+            runner = ModelRunner(_runner_config(Path(model_dir)), parallel)
+            out[model_dir] = [t.numpy() for t in prefill_then_decode_logits(runner)]
+        except ValueError as e:  # a refusal is a result too
+            out[model_dir] = str(e)
+    return out
 
 
 def _run_two_ranks(model_dirs: list[Path]) -> dict[int, dict[str, object]]:
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    port = _free_port()
     dirs = [str(d) for d in model_dirs]
-    procs = [
-        context.Process(target=_ranks_main, args=(rank, port, dirs, results)) for rank in (0, 1)
-    ]
-    try:
-        for p in procs:
-            p.start()
-        by_rank = {}
-        for _ in procs:
-            rank, out, error = results.get(timeout=TIMEOUT_S * 2)
-            assert error is None, f"rank {rank} failed:\n{error}"
-            by_rank[rank] = out
-        return by_rank
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    return run_on_two_ranks(_rank_logits, dirs, timeout_s=TIMEOUT_S * 2)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing
-import traceback
 from pathlib import Path
 
 import pytest
@@ -17,14 +15,13 @@ import torch
 from torch.testing import assert_close
 
 from paphos.layers.moe import FusedMoE
-from paphos.parallel import destroy_distributed, init_distributed
 from paphos.runner.model_runner import ModelRunner
 from tests.engine.test_tensor_parallel import (
     TIMEOUT_S,
-    _free_port,
     _runner_config,
     no_process_left_behind,  # noqa: F401 - autouse: no rank process survives a test
     prefill_then_decode_logits,
+    run_on_two_ranks,
 )
 from tests.models.zoo_harness import check_greedy, check_paged_logits, make_runner, make_tiny_model
 
@@ -125,22 +122,16 @@ def _config(model_dir: str, expert_parallel: bool):
     return dataclasses.replace(config, parallel=parallel)
 
 
-def _rank_main(rank: int, port: int, model_dirs: dict, results: multiprocessing.Queue) -> None:
-    """One rank: every case's logits in both modes (numpy: tensors would be shared memory)."""
-    try:
-        parallel = init_distributed(rank, 2, "gloo", f"tcp://127.0.0.1:{port}")
-        out = {}
-        for name, model_dir in model_dirs.items():
-            for mode, expert_parallel in MODES.items():
-                runner = ModelRunner(_config(model_dir, expert_parallel), parallel)
-                moe = next(m for m in runner.model.modules() if isinstance(m, FusedMoE))
-                held = (moe.num_local_experts, moe.num_experts, moe.w2_weight.shape[-1])
-                out[name, mode] = held, [t.numpy() for t in prefill_then_decode_logits(runner)]
-        results.put((rank, out, None))
-    except BaseException:  # noqa: BLE001 - reported to the test process
-        results.put((rank, None, traceback.format_exc()))
-    finally:
-        destroy_distributed()
+def _rank_logits(parallel, model_dirs: dict) -> dict:
+    """One rank: every case's logits in both modes."""
+    out = {}
+    for name, model_dir in model_dirs.items():
+        for mode, expert_parallel in MODES.items():
+            runner = ModelRunner(_config(model_dir, expert_parallel), parallel)
+            moe = next(m for m in runner.model.modules() if isinstance(m, FusedMoE))
+            held = (moe.num_local_experts, moe.num_experts, moe.w2_weight.shape[-1])
+            out[name, mode] = held, [t.numpy() for t in prefill_then_decode_logits(runner)]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -152,26 +143,7 @@ def two_rank_logits(tmp_path_factory):
         make_tiny_moe(path, config_class, **overrides)
         dirs[name] = str(path)
         expected[name] = prefill_then_decode_logits(ModelRunner(_runner_config(path)))
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    port = _free_port()
-    procs = [
-        context.Process(target=_rank_main, args=(rank, port, dirs, results)) for rank in (0, 1)
-    ]
-    try:
-        for p in procs:
-            p.start()
-        by_rank = {}
-        for _ in procs:
-            rank, out, error = results.get(timeout=TIMEOUT_S * 3)
-            assert error is None, f"rank {rank} failed:\n{error}"
-            by_rank[rank] = out
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    by_rank = run_on_two_ranks(_rank_logits, dirs, timeout_s=TIMEOUT_S * 3)
     return expected, by_rank
 
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing
 import sys
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +27,14 @@ from paphos.layers import moe as moe_layer
 from paphos.layers.moe import FusedMoE, MoESpec
 from paphos.layers.moe_experts import PerExpertMoEMethod, moe_method_for
 from paphos.ops.moe import RouterSpec
-from paphos.parallel import destroy_distributed, init_distributed
 from paphos.quant.mxfp4 import MXFP4LinearMethod, dequantize_mxfp4
 from paphos.runner.model_runner import ModelRunner
 from tests.engine.test_tensor_parallel import (
     TIMEOUT_S,
-    _free_port,
     _runner_config,
     no_process_left_behind,  # noqa: F401 - autouse: no rank process survives a test
     prefill_then_decode_logits,
+    run_on_two_ranks,
 )
 from tests.models.test_zoo_moe import CASES, make_tiny_moe
 from tests.models.zoo_harness import (
@@ -195,29 +192,20 @@ def test_gptq_and_awq_experts_match_dequantized_twin(tmp_path, name):
 # ---- tensor and expert parallelism -------------------------------------------------------------
 
 
-def _rank_main(rank: int, port: int, model_dirs: dict, results: multiprocessing.Queue) -> None:
-    try:
-        parallel = init_distributed(rank, 2, "gloo", f"tcp://127.0.0.1:{port}")
-        out = {}
-        for name, model_dir in model_dirs.items():
-            for mode in ("tp", "ep"):
-                config = _runner_config(Path(model_dir))
-                config = dataclasses.replace(
-                    config,
-                    parallel=dataclasses.replace(
-                        config.parallel, enable_expert_parallel=mode == "ep"
-                    ),
-                )
-                runner = ModelRunner(config, parallel)
-                layer = _moe_layers(runner)[0]
-                held = sorted(int(e) for e in layer.experts)
-                logits = [t.numpy() for t in prefill_then_decode_logits(runner)]
-                out[name, mode] = held, logits
-        results.put((rank, out, None))
-    except BaseException:  # noqa: BLE001 - reported to the test process
-        results.put((rank, None, traceback.format_exc()))
-    finally:
-        destroy_distributed()
+def _rank_logits(parallel, model_dirs: dict) -> dict:
+    out = {}
+    for name, model_dir in model_dirs.items():
+        for mode in ("tp", "ep"):
+            config = _runner_config(Path(model_dir))
+            config = dataclasses.replace(
+                config,
+                parallel=dataclasses.replace(config.parallel, enable_expert_parallel=mode == "ep"),
+            )
+            runner = ModelRunner(config, parallel)
+            layer = _moe_layers(runner)[0]
+            held = sorted(int(e) for e in layer.experts)
+            out[name, mode] = held, [t.numpy() for t in prefill_then_decode_logits(runner)]
+    return out
 
 
 def test_two_ranks_give_the_logits_of_one_rank(tmp_path):
@@ -226,25 +214,8 @@ def test_two_ranks_give_the_logits_of_one_rank(tmp_path):
     expected = {
         n: prefill_then_decode_logits(ModelRunner(_runner_config(d))) for n, d in dirs.items()
     }
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    port = _free_port()
     args = {n: str(d) for n, d in dirs.items()}
-    procs = [context.Process(target=_rank_main, args=(r, port, args, results)) for r in (0, 1)]
-    try:
-        for p in procs:
-            p.start()
-        by_rank = {}
-        for _ in procs:
-            rank, out, error = results.get(timeout=TIMEOUT_S * 2)
-            assert error is None, f"rank {rank} failed:\n{error}"
-            by_rank[rank] = out
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    by_rank = run_on_two_ranks(_rank_logits, args, timeout_s=TIMEOUT_S * 2)
     for rank in (0, 1):
         for name in dirs:
             assert by_rank[rank][name, "tp"][0] == [0, 1, 2, 3]  # every expert, sliced
