@@ -70,10 +70,6 @@ class NemotronHForCausalLM(HybridForCausalLM):
             head_dim="mamba_head_dim",
             state_size="ssm_state_size",
         )
-        # NemotronH floors dt at time_step_min (and no ceiling)
-        mamba = type(mamba)(
-            **{**mamba.__dict__, "dt_limit": (hf_config.time_step_min, float("inf"))}
-        )
         hidden, eps = hf_config.hidden_size, hf_config.layer_norm_epsilon
         layers = []
         for index, kind in enumerate(hf_config.layers_block_type):

@@ -50,17 +50,22 @@ def _grouped_gated_norm(module) -> bool:
 def without_reference_quirks(name: str, overrides: dict) -> dict:
     """The device's transformers may be older than CI's, with fixes missing in its reference
     modules: its Mamba2 gated RMSNorms (before they took `group_size`) normalize over all groups
-    at once, and its gpt-oss experts ignore `swiglu_limit` (7.0 always). paphos follows the fixed
+    at once, its NemotronH floors dt at `time_step_min` instead of `time_step_limit`'s 0, and its
+    gpt-oss experts ignore `swiglu_limit` (7.0 always). paphos follows the fixed
     definitions, so on such a transformers these cases run with the settings where both agree
     (one group; the default limit) instead of failing on the reference's bug."""
     from transformers.models.gpt_oss import modeling_gpt_oss
     from transformers.models.granitemoehybrid import modeling_granitemoehybrid
     from transformers.models.mamba2 import modeling_mamba2
+    from transformers.models.nemotron_h import modeling_nemotron_h
 
     if name == "mamba2" and not _grouped_gated_norm(modeling_mamba2):
         return {**overrides, "n_groups": 1}
     if name == "granite_moe_hybrid" and not _grouped_gated_norm(modeling_granitemoehybrid):
         return {**overrides, "mamba_n_groups": 1}
+    mixer_source = inspect.getsource(modeling_nemotron_h.NemotronHMamba2Mixer.__init__)
+    if name == "nemotron_h" and "config.time_step_min, float" in mixer_source:
+        return {**overrides, "time_step_min": 1e-9}  # its dt floor, ~ time_step_limit's 0
     experts_source = inspect.getsource(modeling_gpt_oss.GptOssExperts.__init__)
     if name == "gpt-oss" and "swiglu_limit" not in experts_source:
         return {**overrides, "swiglu_limit": 7.0}
