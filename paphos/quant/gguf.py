@@ -2,9 +2,11 @@
 
 Invariant: a layer's output rows are covered, in order, by parts; each part is one ggml type
 (llama.cpp's mixes put several types in one file, and a fused qkv may hold q/k in Q4_K and v in
-Q6_K) stored as `[rows, row_bytes]` uint8, or dense rows for float tensors. `apply` equals
-dequantize-then-matmul (`reference_apply`): up to 16 rows multiply the blocks in C, more rows
-multiply tiles dequantized per call (no dense copy is kept: memory stays the file's).
+Q6_K) stored as `[rows, row_bytes]` uint8, or dense rows for float tensors. With fp32 activations
+`apply` equals dequantize-then-matmul (`reference_apply`): up to 16 rows multiply the blocks in C,
+more rows multiply tiles dequantized per call. With 16-bit activations it quantizes them to 8 bits
+per 32 elements, as llama.cpp does, and takes integer dot products with the blocks
+(`reference_apply_q8` is its oracle). No dense copy is kept: memory stays the file's.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ RUNTIME_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
 # fp32 bytes of one dequantized tile of the batched path: large enough that the Python loop over
 # tiles (~30 us each) stays small beside the GEMMs (~150 tiles per SmolLM2 step), in L2/L3
 TILE_BYTES = 4 << 20
+# Activation dtypes that the CPU path quantizes to 8 bits (fp32 stays exact: the fp32 reference)
+Q8_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,8 @@ class GGUFLinearMethod:
         if getattr(layer, "gguf_group", None) is not None:
             return gguf_gemm.apply(layer, x, bias)
         lib = gguf_matvec.load_library() if x.is_cpu else None
+        if lib is not None and x.dtype in Q8_ACTIVATION_DTYPES:
+            return self._apply_q8(lib, layer, x, bias)
         x_fp32 = x.float().contiguous()  # [num_tokens, in]
         total_rows = layer.gguf_shape[0]
         out = torch.empty(x.shape[0], total_rows, dtype=torch.float32)  # [num_tokens, out]
@@ -176,6 +182,24 @@ class GGUFLinearMethod:
         if bias is not None:
             out += bias.float()
         return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def _apply_q8(
+        self, lib, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """16-bit activations: blocks times x quantized to 8 bits (`reference_apply_q8`)."""
+        x_q8 = (x if x.dtype == torch.bfloat16 else x.float()).contiguous()  # [num_tokens, in]
+        out = torch.empty(x.shape[0], layer.gguf_shape[0], dtype=torch.float32)  # [tokens, out]
+        threads = torch.get_num_threads()
+        for part in layer.gguf_parts:
+            y = out if len(layer.gguf_parts) == 1 else out.narrow(1, part.row_start, part.rows)
+            data = getattr(layer, part.name)
+            if part.ggml_type is None:  # float rows: the dense CPU policy
+                y.copy_(dense.linear(x.to(data.dtype).contiguous(), data))
+            else:
+                gguf_matvec.gemm_q8_into(lib, part.ggml_type, x_q8, data, y, threads)
+        if bias is not None:
+            out += bias.float()
+        return out.to(x.dtype)
 
     def _tiled_product(
         self, lib, ggml_type, data: torch.Tensor, x: torch.Tensor, y: torch.Tensor, threads: int
@@ -224,6 +248,32 @@ def reference_apply(
     out = x.float() @ weight.T  # [num_tokens, out]
     if bias is not None:
         out += bias.float()
+    return out.to(x.dtype)
+
+
+def quantize_activations_reference(x: torch.Tensor) -> torch.Tensor:
+    """x [num_tokens, in] -> fp32 x quantized to 8 bits per 32-element block and back: d =
+    max |x| / 127, q = round-half-even(x / d) (0 where d is 0), values q * d. The activations
+    the 16-bit path of `GGUFLinearMethod.apply` multiplies."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)  # [num_tokens, in / 32, 32]
+    d = blocks.abs().amax(-1, keepdim=True) / 127  # [num_tokens, in / 32, 1]
+    q = torch.where(d == 0, torch.zeros_like(blocks), torch.round(blocks / d))
+    return (q * d).reshape(x.shape)
+
+
+def reference_apply_q8(
+    layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The oracle of 16-bit activations: the blocks dequantized by the `gguf` package times the
+    8-bit activations (`quantize_activations_reference`); float parts take x as it is."""
+    pieces = []
+    x_q8 = quantize_activations_reference(x)  # [num_tokens, in]
+    for part in layer.gguf_parts:
+        x_part = x.float() if part.ggml_type is None else x_q8
+        pieces.append(x_part.double() @ dequantized_part(layer, part).double().T)
+    out = torch.cat(pieces, dim=1)  # [num_tokens, out]
+    if bias is not None:
+        out += bias.double()
     return out.to(x.dtype)
 
 

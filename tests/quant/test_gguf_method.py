@@ -20,7 +20,7 @@ from paphos.gguf_file import GGUFQuantizedTensor
 from paphos.layers.embedding import VocabParallelEmbedding
 from paphos.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from paphos.parallel import ParallelInfo
-from paphos.quant.gguf import GGUFLinearMethod, reference_apply
+from paphos.quant.gguf import GGUFLinearMethod, reference_apply, reference_apply_q8
 from paphos.serve.cli import build_parser
 
 T = GGMLQuantizationType
@@ -65,6 +65,24 @@ def test_bf16_activations_of_a_batch_stay_within_bf16_rounding(ggml_type):
     assert got.dtype == torch.bfloat16
     expected = x.double() @ values.double().T
     torch.testing.assert_close(got.double(), expected, atol=0.02 * expected.abs().max(), rtol=0.02)
+
+
+@pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("num_tokens", [1, 8, 33])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_activations_equal_the_8_bit_activation_reference(ggml_type, num_tokens, dtype):
+    """bf16/fp16 activations are quantized to 8 bits per 32 (llama.cpp's integer products): the
+    output is that reference's, rounded once to the activation dtype."""
+    layer = ReplicatedLinear(256, 48, bias=True, linear_method=GGUFLinearMethod())
+    packed, values = _packed(ggml_type, 48, 256, int(ggml_type) + 1)
+    layer.weight.weight_loader(layer.weight, packed)
+    layer.bias.data.normal_()
+    _loaded(layer)
+    x = torch.randn(num_tokens, 256).to(dtype)
+    got = layer(x)
+    assert got.dtype == dtype
+    expected = reference_apply_q8(layer, x, layer.bias).double()
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=2**-7)
 
 
 @pytest.mark.parametrize("num_tokens", [2, 7])

@@ -655,3 +655,6 @@ int paphos_gguf_dequantize(int type, const uint8_t *weight, int64_t rows, int64_
 
 /* 1 when this library computes `type`. */
 int paphos_gguf_supports(int type) { return dequant_for(type) != NULL; }
+
+/* The batched products with 8-bit activations. */
+#include "gguf_gemm.c"

@@ -47,6 +47,24 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.paphos_gguf_supports.restype = c_int
     lib.paphos_gguf_has_avx512.argtypes = []
     lib.paphos_gguf_has_avx512.restype = c_int
+    lib.paphos_gguf_has_vnni.argtypes = []
+    lib.paphos_gguf_has_vnni.restype = c_int
+    lib.paphos_gguf_quantize_q8.argtypes = [ptr, c_int, i64, i64, ptr, ptr]
+    lib.paphos_gguf_quantize_q8.restype = c_int
+    lib.paphos_gguf_gemm_q8.argtypes = [
+        c_int,
+        ptr,
+        c_int,
+        i64,
+        ptr,
+        i64,
+        i64,
+        ptr,
+        i64,
+        c_int,
+        c_int,
+    ]
+    lib.paphos_gguf_gemm_q8.restype = c_int
     return lib
 
 
@@ -63,6 +81,14 @@ def best_isa(lib: ctypes.CDLL) -> int:
     it) and the CPU has it, else AVX2: asked once per library."""
     level = getattr(lib, "paphos_isa_level", "avx2")
     return AVX512 if level != "avx2" and lib.paphos_gguf_has_avx512() else AVX2
+
+
+@cache
+def best_gemm_isa(lib: ctypes.CDLL) -> int:
+    """AVX512 (the VNNI product) where the library's level is AVX-512 or above and the CPU has
+    AVX512-VNNI, else AVX2 (vpmaddubsw)."""
+    level = getattr(lib, "paphos_isa_level", "avx2")
+    return AVX512 if level != "avx2" and lib.paphos_gguf_has_vnni() else AVX2
 
 
 def _check(code: int, name: str) -> None:
@@ -126,3 +152,50 @@ def matvec_into(
         num_threads,
     )
     _check(code, "paphos_gguf_matvec")
+
+
+def quantize_q8(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, in] fp32 or bf16 -> (q [rows, in] int8, d [rows, in / 32] fp32): the activation
+    quantization of `gemm_q8_into` (xq = q * d per 32-element block)."""
+    assert x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous() and x.dim() == 2
+    rows, in_features = x.shape
+    q = torch.empty(rows, in_features, dtype=torch.int8)  # [rows, in]
+    d = torch.empty(rows, in_features // 32, dtype=torch.float32)  # [rows, in / 32]
+    code = lib.paphos_gguf_quantize_q8(
+        x.data_ptr(), x.dtype == torch.bfloat16, rows, in_features, q.data_ptr(), d.data_ptr()
+    )
+    _check(code, "paphos_gguf_quantize_q8")
+    return q, d
+
+
+def gemm_q8_into(
+    lib: ctypes.CDLL,
+    ggml_type: int,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    y: torch.Tensor,
+    num_threads: int,
+    isa: int | None = None,
+) -> None:
+    """y [rows, out] fp32 (rows contiguous, any row stride) = xq @ W.T: x [rows, in] fp32 or bf16
+    quantized to 8 bits per 32-element block (`quantize_q8`), W as weight [out, row_bytes] uint8
+    blocks of `ggml_type`, integer dot products per block. `isa`: AVX2 or AVX512 (VNNI; default
+    `best_gemm_isa`)."""
+    rows, in_features = x.shape
+    assert x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
+    assert weight.is_contiguous()
+    assert y.dtype == torch.float32 and y.stride(1) == 1 and y.shape == (rows, weight.shape[0])
+    code = lib.paphos_gguf_gemm_q8(
+        int(ggml_type),
+        x.data_ptr(),
+        x.dtype == torch.bfloat16,
+        rows,
+        weight.data_ptr(),
+        weight.shape[0],
+        in_features,
+        y.data_ptr(),
+        y.stride(0),
+        best_gemm_isa(lib) if isa is None else isa,
+        num_threads,
+    )
+    _check(code, "paphos_gguf_gemm_q8")
