@@ -73,6 +73,11 @@ static int q8_signed_values(int type) {
     return type == T_Q8_0 || type == T_IQ4_NL || type == T_IQ4_XS;
 }
 
+/* IQ4_VALUES + 128: the unsigned values of the IQ4 types. */
+static const uint8_t IQ4_U8[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
+
+PAPHOS_INLINE __m256i q8_set1(int byte) { return _mm256_set1_epi8((char)byte); }
+
 /* Sub-blocks of 16 elements: the scale changes every 16 values (else every 32). */
 static int q8_sub16(int type) { return type == T_Q2_K || type == T_Q3_K || type == T_Q6_K; }
 
@@ -122,35 +127,39 @@ static void q8_unpack_block(int type, const uint8_t *b, uint8_t *u, float *s, fl
     case T_Q2_K: {
         const uint8_t *scales = b, *qs = b + 16;
         float d = half_to_float(b + 80), dmin = half_to_float(b + 82);
-        for (int half = 0; half < 2; half++)
+        for (int i = 0; i < 16; i++) { /* sub-block i: elements 16 i .. 16 i + 15 */
+            s[i] = d * (float)(scales[i] & 0x0f);
+            m[i] = -(dmin * (float)(scales[i] >> 4));
+        }
+        /* element half * 128 + shift * 32 + l: (qs[half * 32 + l] >> 2 shift) & 3 */
+        for (int half = 0; half < 2; half++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + half * 32));
             for (int shift = 0; shift < 4; shift++)
-                for (int g = 0; g < 2; g++) {
-                    int i = half * 8 + shift * 2 + g, at = half * 128 + shift * 32 + g * 16;
-                    uint8_t sc = scales[i];
-                    s[at / 16] = d * (float)(sc & 0x0f);
-                    m[at / 16] = -(dmin * (float)(sc >> 4));
-                    const uint8_t *q = qs + half * 32 + g * 16;
-                    for (int l = 0; l < 16; l++) u[at + l] = (q[l] >> (2 * shift)) & 3;
-                }
+                _mm256_storeu_si256((__m256i *)(u + half * 128 + shift * 32),
+                                    _mm256_and_si256(_mm256_srli_epi16(q, 2 * shift), q8_set1(3)));
+        }
         return;
     }
     case T_Q3_K: {
         const uint8_t *hmask = b, *qs = b + 32, *packed = b + 96;
         float d = half_to_float(b + 108);
-        for (int half = 0; half < 2; half++)
-            for (int shift = 0; shift < 4; shift++)
-                for (int g = 0; g < 2; g++) {
-                    int i = half * 8 + shift * 2 + g, at = half * 128 + shift * 32 + g * 16;
-                    int low = (i < 8 ? packed[i] : packed[i - 8] >> 4) & 0x0f;
-                    int high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
-                    float dl = d * (float)((low | (high << 4)) - 32);
-                    s[at / 16] = dl;
-                    m[at / 16] = -4.0f * dl;
-                    int bit = half * 4 + shift;
-                    const uint8_t *q = qs + half * 32 + g * 16, *h = hmask + g * 16;
-                    for (int l = 0; l < 16; l++) /* value + 4 = low + 4 * high */
-                        u[at + l] = (uint8_t)(((q[l] >> (2 * shift)) & 3) | (((h[l] >> bit) & 1) << 2));
-                }
+        for (int i = 0; i < 16; i++) {
+            int low = (i < 8 ? packed[i] : packed[i - 8] >> 4) & 0x0f;
+            int high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
+            s[i] = d * (float)((low | (high << 4)) - 32);
+            m[i] = -4.0f * s[i];
+        }
+        /* element half * 128 + shift * 32 + l: value + 4 = low + 4 * (hmask bit half * 4 + shift) */
+        __m256i h = _mm256_loadu_si256((const __m256i *)hmask);
+        for (int half = 0; half < 2; half++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + half * 32));
+            for (int shift = 0; shift < 4; shift++) {
+                __m256i low = _mm256_and_si256(_mm256_srli_epi16(q, 2 * shift), q8_set1(3));
+                __m256i high = _mm256_and_si256(_mm256_srli_epi16(h, half * 4 + shift), q8_set1(1));
+                _mm256_storeu_si256((__m256i *)(u + half * 128 + shift * 32),
+                                    _mm256_or_si256(low, _mm256_slli_epi16(high, 2)));
+            }
+        }
         return;
     }
     case T_Q4_K: case T_Q5_K: {
@@ -158,17 +167,18 @@ static void q8_unpack_block(int type, const uint8_t *b, uint8_t *u, float *s, fl
         int sc[8], mn[8];
         k_scale_min(b + 4, sc, mn);
         int five = type == T_Q5_K;
-        const uint8_t *qh = b + 16, *qs = b + (five ? 48 : 16);
+        const uint8_t *qs = b + (five ? 48 : 16);
+        __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16)); /* Q5_K only */
         for (int sb = 0; sb < 8; sb++) {
             s[2 * sb] = s[2 * sb + 1] = d * (float)sc[sb];
             m[2 * sb] = m[2 * sb + 1] = -(dmin * (float)mn[sb]);
-            const uint8_t *q = qs + (sb / 2) * 32;
-            int shift = 4 * (sb % 2);
-            for (int l = 0; l < 32; l++) {
-                int value = (q[l] >> shift) & 0x0f;
-                if (five) value |= ((qh[l] >> sb) & 1) << 4;
-                u[sb * 32 + l] = (uint8_t)value;
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + (sb / 2) * 32));
+            __m256i v = _mm256_and_si256(_mm256_srli_epi16(q, 4 * (sb % 2)), q8_set1(0x0f));
+            if (five) {
+                __m256i bit = _mm256_and_si256(_mm256_srli_epi16(qh, sb), q8_set1(1));
+                v = _mm256_or_si256(v, _mm256_slli_epi16(bit, 4));
             }
+            _mm256_storeu_si256((__m256i *)(u + sb * 32), v);
         }
         return;
     }
@@ -176,35 +186,38 @@ static void q8_unpack_block(int type, const uint8_t *b, uint8_t *u, float *s, fl
         const uint8_t *ql = b, *qh = b + 128;
         const int8_t *scales = (const int8_t *)(b + 192);
         float d = half_to_float(b + 208);
-        for (int half = 0; half < 2; half++)
-            for (int quarter = 0; quarter < 4; quarter++)
-                for (int g = 0; g < 2; g++) {
-                    int at = half * 128 + quarter * 32 + g * 16;
-                    float dl = d * (float)scales[half * 8 + quarter * 2 + g];
-                    s[at / 16] = dl;
-                    m[at / 16] = -32.0f * dl;
-                    const uint8_t *low_bytes = ql + half * 64 + (quarter % 2) * 32 + g * 16;
-                    const uint8_t *high_bytes = qh + half * 32 + g * 16;
-                    int low_shift = 4 * (quarter / 2), high_shift = 2 * quarter;
-                    for (int l = 0; l < 16; l++)
-                        u[at + l] = (uint8_t)(((low_bytes[l] >> low_shift) & 0x0f) |
-                                              (((high_bytes[l] >> high_shift) & 3) << 4));
-                }
+        for (int i = 0; i < 16; i++) {
+            s[i] = d * (float)scales[i];
+            m[i] = -32.0f * s[i];
+        }
+        /* element half * 128 + quarter * 32 + l: low 4 bits from ql[half * 64 + (quarter % 2) * 32
+         * + l] (nibble quarter / 2), high 2 bits from qh[half * 32 + l] (pair quarter) */
+        for (int half = 0; half < 2; half++) {
+            __m256i h = _mm256_loadu_si256((const __m256i *)(qh + half * 32));
+            for (int quarter = 0; quarter < 4; quarter++) {
+                __m256i l = _mm256_loadu_si256((const __m256i *)(ql + half * 64 + (quarter % 2) * 32));
+                __m256i low = _mm256_and_si256(_mm256_srli_epi16(l, 4 * (quarter / 2)), q8_set1(0x0f));
+                __m256i high = _mm256_and_si256(_mm256_srli_epi16(h, 2 * quarter), q8_set1(3));
+                _mm256_storeu_si256((__m256i *)(u + half * 128 + quarter * 32),
+                                    _mm256_or_si256(low, _mm256_slli_epi16(high, 4)));
+            }
+        }
         return;
     }
     case T_IQ4_XS: {
         float d = half_to_float(b);
         int scales_h = b[2] | (b[3] << 8);
         const uint8_t *scales_l = b + 4, *qs = b + 8;
+        const __m128i table = _mm_loadu_si128((const __m128i *)IQ4_U8), mask = _mm_set1_epi8(0x0f);
         for (int ib = 0; ib < 8; ib++) {
             int low = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0x0f, high = (scales_h >> (2 * ib)) & 3;
             float dl = d * (float)((low | (high << 4)) - 32);
             s[2 * ib] = s[2 * ib + 1] = dl;
             m[2 * ib] = m[2 * ib + 1] = -128.0f * dl;
-            for (int l = 0; l < 16; l++) {
-                u[ib * 32 + l] = (uint8_t)(IQ4_VALUES[qs[ib * 16 + l] & 0x0f] + 128);
-                u[ib * 32 + 16 + l] = (uint8_t)(IQ4_VALUES[qs[ib * 16 + l] >> 4] + 128);
-            }
+            __m128i v = _mm_loadu_si128((const __m128i *)(qs + ib * 16));
+            _mm_storeu_si128((__m128i *)(u + ib * 32), _mm_shuffle_epi8(table, _mm_and_si128(v, mask)));
+            _mm_storeu_si128((__m128i *)(u + ib * 32 + 16),
+                             _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(v, 4), mask)));
         }
         return;
     }
@@ -283,9 +296,7 @@ static void q8_unpack_pair32(const Blocks *mb, const uint8_t *const row[8], int6
                                    (const __m128i *)(row[i] + kb * bb + qs_at));
     q8_transpose8x8(r, t);
     const __m256i mask = _mm256_set1_epi8(0x0f);
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_setr_epi8(
-        1, 24, 45, 63, 79, 93, 106, 118, (char)129, (char)141, (char)153, (char)166, (char)181,
-        (char)197, (char)217, (char)241)); /* IQ4_VALUES + 128 */
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_U8));
     for (int c = 0; c < 2; c++) {
         uint8_t *dst = tile + (kb + c) * Q8_KB_BYTES;
         __m256i qh = _mm256_setzero_si256();
