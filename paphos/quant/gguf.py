@@ -35,7 +35,8 @@ RUNTIME_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
 # fp32 bytes of one dequantized tile of the batched path: large enough that the Python loop over
 # tiles (~30 us each) stays small beside the GEMMs (~150 tiles per SmolLM2 step), in L2/L3
 TILE_BYTES = 4 << 20
-# Activation dtypes that the CPU path quantizes to 8 bits (fp32 stays exact: the fp32 reference)
+# Activation (or model) dtypes whose CPU products quantize activations to 8 bits (fp32 models
+# stay exact: they are held to the fp32 reference)
 Q8_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -158,7 +159,9 @@ class GGUFLinearMethod:
         if getattr(layer, "gguf_group", None) is not None:
             return gguf_gemm.apply(layer, x, bias)
         lib = gguf_matvec.load_library() if x.is_cpu else None
-        if lib is not None and x.dtype in Q8_ACTIVATION_DTYPES:
+        if lib is not None and (
+            x.dtype in Q8_ACTIVATION_DTYPES or layer.gguf_dtype in Q8_ACTIVATION_DTYPES
+        ):  # a 16-bit model's layer (its LM head gets fp32 hidden states, for fp32 logits)
             return self._apply_q8(lib, layer, x, bias)
         x_fp32 = x.float().contiguous()  # [num_tokens, in]
         total_rows = layer.gguf_shape[0]
@@ -186,8 +189,9 @@ class GGUFLinearMethod:
     def _apply_q8(
         self, lib, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        """16-bit activations: blocks times x quantized to 8 bits (`reference_apply_q8`)."""
-        x_q8 = (x if x.dtype == torch.bfloat16 else x.float()).contiguous()  # [num_tokens, in]
+        """16-bit activations or model: blocks times x quantized to 8 bits (`reference_apply_q8`);
+        the output in x's dtype."""
+        x_q8 = (x if x.dtype in (torch.bfloat16, torch.float32) else x.float()).contiguous()
         out = torch.empty(x.shape[0], layer.gguf_shape[0], dtype=torch.float32)  # [tokens, out]
         threads = torch.get_num_threads()
         for part in layer.gguf_parts:

@@ -100,7 +100,7 @@ RTOL_Q8 = 1e-5
 
 
 @pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", [1, 3, 8, 33, 64, 256])
+@pytest.mark.parametrize("rows", [1, 3, 8, 33, 64, 256, 600])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gemm_q8_equals_dequantized_blocks_times_quantized_activations(lib, ggml_type, rows, dtype):
     rng = np.random.default_rng(rows * 100 + int(ggml_type))

@@ -85,6 +85,23 @@ def test_16_bit_activations_equal_the_8_bit_activation_reference(ggml_type, num_
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=2**-7)
 
 
+def test_a_16_bit_models_layer_quantizes_fp32_activations_too():
+    """The LM head of a bf16 model gets fp32 hidden states (for fp32 logits): still 8-bit
+    activations, fp32 out; an fp32 model's layer stays exact."""
+    packed, values = _packed(T.Q8_0, 40, 256, 3)
+    x = torch.randn(5, 256).to(torch.bfloat16).float()
+    for params_dtype in (torch.bfloat16, torch.float32):
+        layer = ReplicatedLinear(
+            256, 40, linear_method=GGUFLinearMethod(), params_dtype=params_dtype
+        )
+        layer.weight.weight_loader(layer.weight, packed)
+        _loaded(layer)
+        got = layer(x)
+        assert got.dtype == torch.float32
+        oracle = reference_apply_q8 if params_dtype == torch.bfloat16 else reference_apply
+        torch.testing.assert_close(got, oracle(layer, x).float(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("num_tokens", [2, 7])
 def test_a_fused_qkv_of_two_types_keeps_one_part_per_type(num_tokens):
     layer = QKVParallelLinear(256, 64, 4, 2, linear_method=GGUFLinearMethod())

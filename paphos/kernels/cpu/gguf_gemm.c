@@ -15,6 +15,7 @@
 #define Q8_TILE 16            /* output rows per unpacked tile (one zmm of int32 lanes) */
 #define Q8_KB_BYTES 768       /* per 32 columns of a tile: 8 x 64 bytes of u, then s0 s1 m0 m1 */
 #define Q8_X_ROWS 8           /* activation rows per register block */
+#define Q8_CHUNK_BYTES (256 * 1024) /* quantized activation rows passed over by every tile */
 
 /* Quantized activations of one call: q [rows, in], d [rows, in / 32], sums of d * q per 16 and
  * per 32 elements. */
@@ -600,12 +601,21 @@ int paphos_gguf_gemm_q8(int type, const void *x, int x_is_bf16, int64_t rows,
         uint8_t *base = mem + per_thread * t;
         uint8_t *buf = base, *tile = base + Q8_TILE * QK_K;
         tile = (uint8_t *)(((uintptr_t)tile + 63) & ~(uintptr_t)63);
-        for (int64_t k = tiles * t / n_t; k < tiles * (t + 1) / n_t; k++) {
-            int64_t o = k * Q8_TILE;
-            int n = out - o < Q8_TILE ? (int)(out - o) : Q8_TILE;
-            q8_unpack_tile(&mb, weight, o, n, buf, tile);
-            if (isa == 1) q8_tile_vnni(tile, &a, rows, n, type, y + o, y_stride);
-            else q8_tile_avx2(tile, &a, rows, n, type, y + o, y_stride);
+        /* activation rows in chunks that stay in L2 while every tile of this thread passes over
+         * them (each tile is unpacked again per chunk: a few rows' worth of work) */
+        int64_t chunk = Q8_CHUNK_BYTES / in;
+        chunk = chunk < 32 ? 32 : chunk / 8 * 8;
+        for (int64_t c = 0; c < rows; c += chunk) {
+            int64_t nc = rows - c < chunk ? rows - c : chunk;
+            Q8Rows part = {a.q + c * in, a.d + c * nb, a.s16 + c * nb * 2, a.s32 + c * nb, in};
+            for (int64_t k = tiles * t / n_t; k < tiles * (t + 1) / n_t; k++) {
+                int64_t o = k * Q8_TILE;
+                int n = out - o < Q8_TILE ? (int)(out - o) : Q8_TILE;
+                q8_unpack_tile(&mb, weight, o, n, buf, tile);
+                float *yc = y + c * y_stride + o;
+                if (isa == 1) q8_tile_vnni(tile, &part, nc, n, type, yc, y_stride);
+                else q8_tile_avx2(tile, &part, nc, n, type, yc, y_stride);
+            }
         }
     }
     free(mem);
