@@ -4,9 +4,10 @@ Invariant: a layer's output rows are covered, in order, by parts; each part is o
 (llama.cpp's mixes put several types in one file, and a fused qkv may hold q/k in Q4_K and v in
 Q6_K) stored as `[rows, row_bytes]` uint8, or dense rows for float tensors. With fp32 activations
 `apply` equals dequantize-then-matmul (`reference_apply`): up to 16 rows multiply the blocks in C,
-more rows multiply tiles dequantized per call. With 16-bit activations it quantizes them to 8 bits
-per 32 elements, as llama.cpp does, and takes integer dot products with the blocks
-(`reference_apply_q8` is its oracle). No dense copy is kept: memory stays the file's.
+more rows multiply tiles dequantized per call. Batches of more than 4 rows of a 16-bit model
+quantize their activations to 8 bits per 32 elements, as llama.cpp does, and take integer dot
+products with the blocks (`reference_apply_q8` is their oracle). No dense copy is kept: memory
+stays the file's.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ TILE_BYTES = 4 << 20
 # Activation (or model) dtypes whose CPU products quantize activations to 8 bits (fp32 models
 # stay exact: they are held to the fp32 reference)
 Q8_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+# Batches up to this many rows keep fp32 activations (the block products): the fused CPU decode
+# layer (1-4 tokens) multiplies the same blocks so, and stays bitwise equal to these layers
+Q8_MIN_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -159,8 +163,10 @@ class GGUFLinearMethod:
         if getattr(layer, "gguf_group", None) is not None:
             return gguf_gemm.apply(layer, x, bias)
         lib = gguf_matvec.load_library() if x.is_cpu else None
-        if lib is not None and (
-            x.dtype in Q8_ACTIVATION_DTYPES or layer.gguf_dtype in Q8_ACTIVATION_DTYPES
+        if (
+            lib is not None
+            and x.shape[0] > Q8_MIN_ROWS
+            and (x.dtype in Q8_ACTIVATION_DTYPES or layer.gguf_dtype in Q8_ACTIVATION_DTYPES)
         ):  # a 16-bit model's layer (its LM head gets fp32 hidden states, for fp32 logits)
             return self._apply_q8(lib, layer, x, bias)
         x_fp32 = x.float().contiguous()  # [num_tokens, in]
@@ -192,7 +198,9 @@ class GGUFLinearMethod:
         """16-bit activations or model: blocks times x quantized to 8 bits (`reference_apply_q8`);
         the output in x's dtype."""
         x_q8 = (x if x.dtype in (torch.bfloat16, torch.float32) else x.float()).contiguous()
-        out = torch.empty(x.shape[0], layer.gguf_shape[0], dtype=torch.float32)  # [tokens, out]
+        # bf16 out straight from the kernel (one rounding) unless a bias is added first
+        out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 and bias is None else torch.float32
+        out = torch.empty(x.shape[0], layer.gguf_shape[0], dtype=out_dtype)  # [tokens, out]
         threads = torch.get_num_threads()
         for part in layer.gguf_parts:
             y = out if len(layer.gguf_parts) == 1 else out.narrow(1, part.row_start, part.rows)

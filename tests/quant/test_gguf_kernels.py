@@ -115,6 +115,9 @@ def test_gemm_q8_equals_dequantized_blocks_times_quantized_activations(lib, ggml
         gguf_matvec.gemm_q8_into(lib, ggml_type, x, blocks, y, threads, path)
         error = (y.double() - expected).abs().max() / expected.abs().max()
         assert error <= RTOL_Q8, f"{ggml_type.name} path {path}: relative error {error:.2e}"
+        half = torch.empty(rows, out, dtype=torch.bfloat16)  # the same sums, rounded as torch
+        gguf_matvec.gemm_q8_into(lib, ggml_type, x, blocks, half, threads, path)
+        assert torch.equal(half, y.to(torch.bfloat16))
     assert wide[:, :2].isnan().all() and wide[:, -3:].isnan().all()
 
 

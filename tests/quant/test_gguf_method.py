@@ -68,11 +68,12 @@ def test_bf16_activations_of_a_batch_stay_within_bf16_rounding(ggml_type):
 
 
 @pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("num_tokens", [1, 8, 33])
+@pytest.mark.parametrize("num_tokens", [1, 4, 5, 8, 33])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_16_bit_activations_equal_the_8_bit_activation_reference(ggml_type, num_tokens, dtype):
-    """bf16/fp16 activations are quantized to 8 bits per 32 (llama.cpp's integer products): the
-    output is that reference's, rounded once to the activation dtype."""
+    """bf16/fp16 batches of more than 4 rows are quantized to 8 bits per 32 (llama.cpp's integer
+    products): the output is that reference's, rounded once to the activation dtype. Up to 4 rows
+    (what the fused decode layer takes) the activations stay fp32, as there."""
     layer = ReplicatedLinear(256, 48, bias=True, linear_method=GGUFLinearMethod())
     packed, values = _packed(ggml_type, 48, 256, int(ggml_type) + 1)
     layer.weight.weight_loader(layer.weight, packed)
@@ -81,7 +82,8 @@ def test_16_bit_activations_equal_the_8_bit_activation_reference(ggml_type, num_
     x = torch.randn(num_tokens, 256).to(dtype)
     got = layer(x)
     assert got.dtype == dtype
-    expected = reference_apply_q8(layer, x, layer.bias).double()
+    oracle = reference_apply_q8 if num_tokens > 4 else reference_apply
+    expected = oracle(layer, x, layer.bias).double()
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=2**-7)
 
 
@@ -89,7 +91,7 @@ def test_a_16_bit_models_layer_quantizes_fp32_activations_too():
     """The LM head of a bf16 model gets fp32 hidden states (for fp32 logits): still 8-bit
     activations, fp32 out; an fp32 model's layer stays exact."""
     packed, values = _packed(T.Q8_0, 40, 256, 3)
-    x = torch.randn(5, 256).to(torch.bfloat16).float()
+    x = torch.randn(6, 256).to(torch.bfloat16).float()
     for params_dtype in (torch.bfloat16, torch.float32):
         layer = ReplicatedLinear(
             256, 40, linear_method=GGUFLinearMethod(), params_dtype=params_dtype

@@ -18,16 +18,18 @@
 #define Q8_CHUNK_BYTES (256 * 1024) /* quantized activation rows passed over by every tile */
 
 /* Quantized activations of one call: q [rows, in], d [rows, in / 32], sums of d * q per 16 and
- * per 32 elements. */
+ * per 32 elements, and -offset * sum(q) per 16 and 32 (the integer start of each block's dot
+ * for the types whose minimum is an offset, u = w + offset). */
 typedef struct {
     int8_t *q;
     float *d, *s16, *s32;
+    int32_t *c16, *c32;
     int64_t in;
 } Q8Rows;
 
 /* Rows of x (fp32 or bf16) -> Q8Rows, rows [begin, end). */
-static void q8_quantize_rows(const void *x, int x_is_bf16, const Q8Rows *a, int64_t begin,
-                             int64_t end) {
+static void q8_quantize_rows(const void *x, int x_is_bf16, int offset, const Q8Rows *a,
+                             int64_t begin, int64_t end) {
     int64_t in = a->in, nb = in / QK;
     for (int64_t r = begin; r < end; r++) {
         for (int64_t kb = 0; kb < nb; kb++) {
@@ -62,6 +64,9 @@ static void q8_quantize_rows(const void *x, int x_is_bf16, const Q8Rows *a, int6
             a->s16[r * 2 * nb + 2 * kb] = d * (float)sums[0];
             a->s16[r * 2 * nb + 2 * kb + 1] = d * (float)sums[1];
             a->s32[r * nb + kb] = d * (float)(sums[0] + sums[1]);
+            a->c16[r * 2 * nb + 2 * kb] = -offset * sums[0];
+            a->c16[r * 2 * nb + 2 * kb + 1] = -offset * sums[1];
+            a->c32[r * nb + kb] = -offset * (sums[0] + sums[1]);
         }
     }
 }
@@ -78,6 +83,19 @@ static int q8_signed_values(int type) {
 static const uint8_t IQ4_U8[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
 
 PAPHOS_INLINE __m256i q8_set1(int byte) { return _mm256_set1_epi8((char)byte); }
+
+/* The offset of u = w + offset for the types without a minimum of their own (0: a real minimum):
+ * their dots start at -offset * sum(q) and skip the minimum term. */
+static int q8_offset(int type) {
+    switch (type) {
+    case T_Q4_0: return 8;
+    case T_Q5_0: return 16;
+    case T_Q3_K: return 4;
+    case T_Q6_K: return 32;
+    case T_Q8_0: case T_IQ4_NL: case T_IQ4_XS: return 128;
+    }
+    return 0;
+}
 
 /* Sub-blocks of 16 elements: the scale changes every 16 values (else every 32). */
 static int q8_sub16(int type) { return type == T_Q2_K || type == T_Q3_K || type == T_Q6_K; }
@@ -396,7 +414,7 @@ PAPHOS_INLINE __m256i q8_bcast4(const int8_t *at) {
 /* y[i, 0..8) (+= nothing: stored) for activation rows [i0, i0 + nr), one 8-row half h. */
 PAPHOS_INLINE __attribute__((always_inline)) void q8_tile_avx2_rows(
     const uint8_t *tile, const Q8Rows *a, int64_t i0, int nr, int h, int sub16, int signed8,
-    float f_out[Q8_AVX2_ROWS][8]) {
+    int ofs, float f_out[Q8_AVX2_ROWS][8]) {
     int64_t nb = a->in / QK;
     __m256 f[Q8_AVX2_ROWS];
     for (int i = 0; i < nr; i++) f[i] = _mm256_setzero_ps();
@@ -408,7 +426,11 @@ PAPHOS_INLINE __attribute__((always_inline)) void q8_tile_avx2_rows(
             if (!sub16 && half) break;
             int j0 = sub16 ? 4 * half : 0, j1 = sub16 ? j0 + 4 : 8;
             __m256i acc[Q8_AVX2_ROWS];
-            for (int i = 0; i < nr; i++) acc[i] = _mm256_setzero_si256();
+            for (int i = 0; i < nr; i++) {
+                int64_t r = i0 + i;
+                int32_t c = sub16 ? a->c16[r * 2 * nb + 2 * kb + half] : a->c32[r * nb + kb];
+                acc[i] = ofs && !signed8 ? _mm256_set1_epi32(c) : _mm256_setzero_si256();
+            }
             if (signed8) { /* |u - 128| times the activations with the sign of u - 128 */
                 for (int j = j0; j < j1; j++) {
                     __m256i ws = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + j * 64)), flip);
@@ -437,7 +459,7 @@ PAPHOS_INLINE __attribute__((always_inline)) void q8_tile_avx2_rows(
                 int64_t r = i0 + i;
                 __m256 scale = _mm256_mul_ps(sv, _mm256_set1_ps(a->d[r * nb + kb]));
                 f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i]), scale, f[i]);
-                if (signed8) continue; /* the sign trick multiplied u - 128 itself */
+                if (signed8 || ofs) continue; /* u - offset was multiplied: no minimum term */
                 float xs = sub16 ? a->s16[r * 2 * nb + 2 * kb + half] : a->s32[r * nb + kb];
                 f[i] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs), f[i]);
             }
@@ -447,21 +469,29 @@ PAPHOS_INLINE __attribute__((always_inline)) void q8_tile_avx2_rows(
 }
 
 static void q8_tile_avx2(const uint8_t *tile, const Q8Rows *a, int64_t rows, int n, int type,
-                         float *y, int64_t y_stride) {
-    int sub16 = q8_sub16(type), signed8 = q8_signed_values(type);
+                         void *y, int64_t y_stride, int y_bf16) {
+    int sub16 = q8_sub16(type), signed8 = q8_signed_values(type), ofs = q8_offset(type) != 0;
     for (int64_t i0 = 0; i0 < rows; i0 += Q8_AVX2_ROWS) {
         int nr = rows - i0 < Q8_AVX2_ROWS ? (int)(rows - i0) : Q8_AVX2_ROWS;
         for (int h = 0; h < 2 && 8 * h < n; h++) {
             float f[Q8_AVX2_ROWS][8];
             switch (nr) {
-            case 1: q8_tile_avx2_rows(tile, a, i0, 1, h, sub16, signed8, f); break;
-            case 2: q8_tile_avx2_rows(tile, a, i0, 2, h, sub16, signed8, f); break;
-            case 3: q8_tile_avx2_rows(tile, a, i0, 3, h, sub16, signed8, f); break;
-            default: q8_tile_avx2_rows(tile, a, i0, 4, h, sub16, signed8, f); break;
+            case 1: q8_tile_avx2_rows(tile, a, i0, 1, h, sub16, signed8, ofs, f); break;
+            case 2: q8_tile_avx2_rows(tile, a, i0, 2, h, sub16, signed8, ofs, f); break;
+            case 3: q8_tile_avx2_rows(tile, a, i0, 3, h, sub16, signed8, ofs, f); break;
+            default: q8_tile_avx2_rows(tile, a, i0, 4, h, sub16, signed8, ofs, f); break;
             }
             int cols = n - 8 * h < 8 ? n - 8 * h : 8;
-            for (int i = 0; i < nr; i++)
-                memcpy(y + (i0 + i) * y_stride + 8 * h, f[i], (size_t)cols * sizeof(float));
+            for (int i = 0; i < nr; i++) {
+                int64_t at = (i0 + i) * y_stride + 8 * h;
+                if (!y_bf16) {
+                    memcpy((float *)y + at, f[i], (size_t)cols * sizeof(float));
+                } else if (cols == 8) {
+                    store_bf16x8((uint16_t *)y + at, _mm256_loadu_ps(f[i]));
+                } else {
+                    for (int c = 0; c < cols; c++) ((uint16_t *)y)[at + c] = float_to_bf16(f[i][c]);
+                }
+            }
         }
     }
 }
@@ -476,8 +506,20 @@ AVX512_INLINE __m512i q8_bcast4_512(const int8_t *at) {
     return _mm512_set1_epi32(v);
 }
 
+/* 16 floats -> bf16 at dst (lanes in `keep`), rounded as float_to_bf16. */
+AVX512_INLINE void q8_store_bf16x16(uint16_t *dst, __mmask16 keep, __m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    __m512i quiet = _mm512_or_si512(bits, _mm512_set1_epi32(0x00400000));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    __m512i high = _mm512_srli_epi32(_mm512_mask_blend_epi32(nan, rounded, quiet), 16);
+    _mm256_mask_storeu_epi16(dst, keep, _mm512_cvtepi32_epi16(high));
+}
+
 AVX512_INLINE void q8_tile_vnni_rows(const uint8_t *tile, const Q8Rows *a, int64_t i0, int nr,
-                                     int sub16, int n, float *y, int64_t y_stride) {
+                                     int sub16, int ofs, int n, void *y, int64_t y_stride,
+                                     int y_bf16) {
     int64_t nb = a->in / QK;
     __m512 f[Q8_X_ROWS];
 #pragma GCC unroll 8
@@ -495,13 +537,15 @@ AVX512_INLINE void q8_tile_vnni_rows(const uint8_t *tile, const Q8Rows *a, int64
         for (int i = 0; i < nr; i++) {
                     int64_t r = i0 + i;
                     const int8_t *xq = a->q + r * a->in + kb * QK + 16 * half;
-                    __m512i acc = _mm512_setzero_si512();
+                    __m512i acc = ofs ? _mm512_set1_epi32(a->c16[r * 2 * nb + 2 * kb + half])
+                                      : _mm512_setzero_si512();
 #pragma GCC unroll 4
                     for (int j = 0; j < 4; j++)
                         acc = _mm512_dpbusd_epi32(acc, wv[4 * half + j], q8_bcast4_512(xq + 4 * j));
                     __m512 scale = _mm512_mul_ps(sv, _mm512_set1_ps(a->d[r * nb + kb]));
                     f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, f[i]);
-                    f[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a->s16[r * 2 * nb + 2 * kb + half]), f[i]);
+                    if (!ofs)
+                        f[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a->s16[r * 2 * nb + 2 * kb + half]), f[i]);
                 }
             }
             continue;
@@ -511,35 +555,51 @@ AVX512_INLINE void q8_tile_vnni_rows(const uint8_t *tile, const Q8Rows *a, int64
         for (int i = 0; i < nr; i++) {
             int64_t r = i0 + i;
             const int8_t *xq = a->q + r * a->in + kb * QK;
-            __m512i acc = _mm512_setzero_si512();
+            __m512i acc = ofs ? _mm512_set1_epi32(a->c32[r * nb + kb]) : _mm512_setzero_si512();
 #pragma GCC unroll 8
             for (int j = 0; j < 8; j++) acc = _mm512_dpbusd_epi32(acc, wv[j], q8_bcast4_512(xq + 4 * j));
             __m512 scale = _mm512_mul_ps(sv, _mm512_set1_ps(a->d[r * nb + kb]));
             f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, f[i]);
-            f[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a->s32[r * nb + kb]), f[i]);
+            if (!ofs) f[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a->s32[r * nb + kb]), f[i]);
         }
     }
     __mmask16 keep = (__mmask16)((1u << n) - 1u);
-    for (int i = 0; i < nr; i++) _mm512_mask_storeu_ps(y + (i0 + i) * y_stride, keep, f[i]);
+    for (int i = 0; i < nr; i++) {
+        if (y_bf16) q8_store_bf16x16((uint16_t *)y + (i0 + i) * y_stride, keep, f[i]);
+        else _mm512_mask_storeu_ps((float *)y + (i0 + i) * y_stride, keep, f[i]);
+    }
 }
 
-static __attribute__((noinline)) void q8_tile_vnni(const uint8_t *tile, const Q8Rows *a,
-                                                   int64_t rows, int n, int type, float *y,
-                                                   int64_t y_stride) {
-    int sub16 = q8_sub16(type);
-    for (int64_t i0 = 0; i0 < rows; i0 += Q8_X_ROWS) {
-        int nr = rows - i0 < Q8_X_ROWS ? (int)(rows - i0) : Q8_X_ROWS;
-        switch (nr) {
-        case 1: q8_tile_vnni_rows(tile, a, i0, 1, sub16, n, y, y_stride); break;
-        case 2: q8_tile_vnni_rows(tile, a, i0, 2, sub16, n, y, y_stride); break;
-        case 3: q8_tile_vnni_rows(tile, a, i0, 3, sub16, n, y, y_stride); break;
-        case 4: q8_tile_vnni_rows(tile, a, i0, 4, sub16, n, y, y_stride); break;
-        case 5: q8_tile_vnni_rows(tile, a, i0, 5, sub16, n, y, y_stride); break;
-        case 6: q8_tile_vnni_rows(tile, a, i0, 6, sub16, n, y, y_stride); break;
-        case 7: q8_tile_vnni_rows(tile, a, i0, 7, sub16, n, y, y_stride); break;
-        default: q8_tile_vnni_rows(tile, a, i0, 8, sub16, n, y, y_stride); break;
-        }
+/* The kernel for one (sub16, ofs) pair: each is a constant inside. */
+#define Q8_VNNI_VARIANT(name, SUB16, OFS)                                                        \
+    static __attribute__((noinline)) void name(const uint8_t *tile, const Q8Rows *a,          \
+                                               int64_t rows, int n, void *y, int64_t y_stride, \
+                                               int y_bf16) {                                   \
+        for (int64_t i0 = 0; i0 < rows; i0 += Q8_X_ROWS) {                                     \
+            int nr = rows - i0 < Q8_X_ROWS ? (int)(rows - i0) : Q8_X_ROWS;                     \
+            switch (nr) {                                                                      \
+            case 1: q8_tile_vnni_rows(tile, a, i0, 1, SUB16, OFS, n, y, y_stride, y_bf16); break; \
+            case 2: q8_tile_vnni_rows(tile, a, i0, 2, SUB16, OFS, n, y, y_stride, y_bf16); break; \
+            case 3: q8_tile_vnni_rows(tile, a, i0, 3, SUB16, OFS, n, y, y_stride, y_bf16); break; \
+            case 4: q8_tile_vnni_rows(tile, a, i0, 4, SUB16, OFS, n, y, y_stride, y_bf16); break; \
+            case 5: q8_tile_vnni_rows(tile, a, i0, 5, SUB16, OFS, n, y, y_stride, y_bf16); break; \
+            case 6: q8_tile_vnni_rows(tile, a, i0, 6, SUB16, OFS, n, y, y_stride, y_bf16); break; \
+            case 7: q8_tile_vnni_rows(tile, a, i0, 7, SUB16, OFS, n, y, y_stride, y_bf16); break; \
+            default: q8_tile_vnni_rows(tile, a, i0, 8, SUB16, OFS, n, y, y_stride, y_bf16); break; \
+            }                                                                                  \
+        }                                                                                      \
     }
+
+Q8_VNNI_VARIANT(q8_tile_vnni_min32, 0, 0)
+Q8_VNNI_VARIANT(q8_tile_vnni_ofs32, 0, 1)
+Q8_VNNI_VARIANT(q8_tile_vnni_min16, 1, 0)
+Q8_VNNI_VARIANT(q8_tile_vnni_ofs16, 1, 1)
+
+static void q8_tile_vnni(const uint8_t *tile, const Q8Rows *a, int64_t rows, int n, int type,
+                         void *y, int64_t y_stride, int y_bf16) {
+    int sub16 = q8_sub16(type), ofs = q8_offset(type) != 0;
+    if (sub16) (ofs ? q8_tile_vnni_ofs16 : q8_tile_vnni_min16)(tile, a, rows, n, y, y_stride, y_bf16);
+    else (ofs ? q8_tile_vnni_ofs32 : q8_tile_vnni_min32)(tile, a, rows, n, y, y_stride, y_bf16);
 }
 
 #pragma GCC pop_options
@@ -558,20 +618,22 @@ int paphos_gguf_quantize_q8(const void *x, int x_is_bf16, int64_t rows, int64_t 
     if (rows < 0) return -3;
     if (!x || !q || !d) return -5;
     int64_t nb = in / QK;
-    float *sums = (float *)malloc((size_t)(rows * nb * 3 + 1) * sizeof(float));
+    float *sums = (float *)malloc((size_t)(rows * nb * 6 + 1) * sizeof(float));
     if (!sums) return -6;
-    Q8Rows a = {q, d, sums, sums + rows * nb * 2, in};
-    q8_quantize_rows(x, x_is_bf16, &a, 0, rows);
+    int32_t *c = (int32_t *)(sums + rows * nb * 3);
+    Q8Rows a = {q, d, sums, sums + rows * nb * 2, c, c + rows * nb * 2, in};
+    q8_quantize_rows(x, x_is_bf16, 0, &a, 0, rows);
     free(sums);
     return 0;
 }
 
-/* y[b, o] (row stride y_stride, fp32) = xq[b] . W[o] for b < rows, x [rows, in] contiguous fp32
- * or bf16 (x_is_bf16), xq its 8-bit quantization (file comment). isa: 0 AVX2, 1 AVX512-VNNI
- * (only where paphos_gguf_has_vnni). Returns 0, or -1 an unknown type, -2 in, -3 rows,
- * -4 num_threads, -5 a null pointer, -6 out of memory, -7 out, -8 isa. */
+/* y[b, o] (row stride y_stride; fp32, or bf16 rounded once when y_is_bf16) = xq[b] . W[o] for
+ * b < rows, x [rows, in] contiguous fp32 or bf16 (x_is_bf16), xq its 8-bit quantization (file
+ * comment). isa: 0 AVX2, 1 AVX512-VNNI (only where paphos_gguf_has_vnni). Returns 0, or -1 an
+ * unknown type, -2 in, -3 rows, -4 num_threads, -5 a null pointer, -6 out of memory, -7 out,
+ * -8 isa. */
 int paphos_gguf_gemm_q8(int type, const void *x, int x_is_bf16, int64_t rows,
-                        const uint8_t *weight, int64_t out, int64_t in, float *y,
+                        const uint8_t *weight, int64_t out, int64_t in, void *y, int y_is_bf16,
                         int64_t y_stride, int isa, int num_threads) {
     Blocks mb;
     int code = blocks_for(type, in, &mb);
@@ -587,16 +649,18 @@ int paphos_gguf_gemm_q8(int type, const void *x, int x_is_bf16, int64_t rows,
     if (rows * out * in < (1 << 20)) threads = 1;
     /* per thread: one column of unpacked blocks, the tile; then the quantized activations */
     size_t per_thread = (size_t)(Q8_TILE * QK_K + nb * Q8_KB_BYTES + 64);
-    size_t act = (size_t)(rows * in + rows * nb * 4 * 4 + 64);
+    size_t act = (size_t)(rows * in + rows * nb * 7 * 4 + 64);
     uint8_t *mem = (uint8_t *)aligned_alloc(64, ((per_thread * threads + act) + 63) / 64 * 64);
     if (!mem) return -6;
     uint8_t *act_mem = mem + per_thread * threads;
     float *act_f = (float *)(act_mem + (rows * in + 63) / 64 * 64);
-    Q8Rows a = {(int8_t *)act_mem, act_f, act_f + rows * nb, act_f + rows * nb * 3, in};
+    int32_t *act_c = (int32_t *)(act_f + rows * nb * 4);
+    Q8Rows a = {(int8_t *)act_mem, act_f, act_f + rows * nb, act_f + rows * nb * 3,
+                act_c, act_c + rows * nb * 2, in};
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         int t = omp_get_thread_num(), n_t = omp_get_num_threads();
-        q8_quantize_rows(x, x_is_bf16, &a, rows * t / n_t, rows * (t + 1) / n_t);
+        q8_quantize_rows(x, x_is_bf16, q8_offset(type), &a, rows * t / n_t, rows * (t + 1) / n_t);
 #pragma omp barrier
         uint8_t *base = mem + per_thread * t;
         uint8_t *buf = base, *tile = base + Q8_TILE * QK_K;
@@ -607,14 +671,15 @@ int paphos_gguf_gemm_q8(int type, const void *x, int x_is_bf16, int64_t rows,
         chunk = chunk < 32 ? 32 : chunk / 8 * 8;
         for (int64_t c = 0; c < rows; c += chunk) {
             int64_t nc = rows - c < chunk ? rows - c : chunk;
-            Q8Rows part = {a.q + c * in, a.d + c * nb, a.s16 + c * nb * 2, a.s32 + c * nb, in};
+            Q8Rows part = {a.q + c * in,         a.d + c * nb,        a.s16 + c * nb * 2,
+                           a.s32 + c * nb,       a.c16 + c * nb * 2, a.c32 + c * nb, in};
             for (int64_t k = tiles * t / n_t; k < tiles * (t + 1) / n_t; k++) {
                 int64_t o = k * Q8_TILE;
                 int n = out - o < Q8_TILE ? (int)(out - o) : Q8_TILE;
                 q8_unpack_tile(&mb, weight, o, n, buf, tile);
-                float *yc = y + c * y_stride + o;
-                if (isa == 1) q8_tile_vnni(tile, &part, nc, n, type, yc, y_stride);
-                else q8_tile_avx2(tile, &part, nc, n, type, yc, y_stride);
+                void *yc = (char *)y + (c * y_stride + o) * (y_is_bf16 ? 2 : 4);
+                if (isa == 1) q8_tile_vnni(tile, &part, nc, n, type, yc, y_stride, y_is_bf16);
+                else q8_tile_avx2(tile, &part, nc, n, type, yc, y_stride, y_is_bf16);
             }
         }
     }

@@ -52,17 +52,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.paphos_gguf_quantize_q8.argtypes = [ptr, c_int, i64, i64, ptr, ptr]
     lib.paphos_gguf_quantize_q8.restype = c_int
     lib.paphos_gguf_gemm_q8.argtypes = [
-        c_int,
-        ptr,
-        c_int,
-        i64,
-        ptr,
-        i64,
-        i64,
-        ptr,
-        i64,
-        c_int,
-        c_int,
+        *(c_int, ptr, c_int, i64, ptr, i64, i64, ptr, c_int, i64, c_int, c_int)
     ]
     lib.paphos_gguf_gemm_q8.restype = c_int
     return lib
@@ -177,14 +167,16 @@ def gemm_q8_into(
     num_threads: int,
     isa: int | None = None,
 ) -> None:
-    """y [rows, out] fp32 (rows contiguous, any row stride) = xq @ W.T: x [rows, in] fp32 or bf16
+    """y [rows, out] fp32 or bf16 (rounded once; rows contiguous, any row stride) = xq @ W.T:
+    x [rows, in] fp32 or bf16
     quantized to 8 bits per 32-element block (`quantize_q8`), W as weight [out, row_bytes] uint8
     blocks of `ggml_type`, integer dot products per block. `isa`: AVX2 or AVX512 (VNNI; default
     `best_gemm_isa`)."""
     rows, in_features = x.shape
     assert x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
     assert weight.is_contiguous()
-    assert y.dtype == torch.float32 and y.stride(1) == 1 and y.shape == (rows, weight.shape[0])
+    assert y.dtype in (torch.float32, torch.bfloat16) and y.stride(1) == 1
+    assert y.shape == (rows, weight.shape[0])
     code = lib.paphos_gguf_gemm_q8(
         int(ggml_type),
         x.data_ptr(),
@@ -194,6 +186,7 @@ def gemm_q8_into(
         weight.shape[0],
         in_features,
         y.data_ptr(),
+        y.dtype == torch.bfloat16,
         y.stride(0),
         best_gemm_isa(lib) if isa is None else isa,
         num_threads,
