@@ -530,22 +530,28 @@ AVX512_INLINE void q8_tile_vnni_rows(const uint8_t *tile, const Q8Rows *a, int64
         __m512i wv[8];
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) wv[j] = _mm512_loadu_si512((const void *)(w + j * 64));
-        if (sub16) {
-            for (int half = 0; half < 2; half++) {
-                __m512 sv = _mm512_loadu_ps(sm + 16 * half), mv = _mm512_loadu_ps(sm + 32 + 16 * half);
-        #pragma GCC unroll 8
-        for (int i = 0; i < nr; i++) {
-                    int64_t r = i0 + i;
-                    const int8_t *xq = a->q + r * a->in + kb * QK + 16 * half;
-                    __m512i acc = ofs ? _mm512_set1_epi32(a->c16[r * 2 * nb + 2 * kb + half])
-                                      : _mm512_setzero_si512();
+        if (sub16) { /* two scales per 32: both halves' sums scaled, then times d once */
+            __m512 s0 = _mm512_loadu_ps(sm), s1 = _mm512_loadu_ps(sm + 16);
+            __m512 m0 = _mm512_loadu_ps(sm + 32), m1 = _mm512_loadu_ps(sm + 48);
+#pragma GCC unroll 8
+            for (int i = 0; i < nr; i++) {
+                int64_t r = i0 + i;
+                const int8_t *xq = a->q + r * a->in + kb * QK;
+                const int32_t *c = a->c16 + r * 2 * nb + 2 * kb;
+                __m512i acc0 = ofs ? _mm512_set1_epi32(c[0]) : _mm512_setzero_si512();
+                __m512i acc1 = ofs ? _mm512_set1_epi32(c[1]) : _mm512_setzero_si512();
 #pragma GCC unroll 4
-                    for (int j = 0; j < 4; j++)
-                        acc = _mm512_dpbusd_epi32(acc, wv[4 * half + j], q8_bcast4_512(xq + 4 * j));
-                    __m512 scale = _mm512_mul_ps(sv, _mm512_set1_ps(a->d[r * nb + kb]));
-                    f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, f[i]);
-                    if (!ofs)
-                        f[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a->s16[r * 2 * nb + 2 * kb + half]), f[i]);
+                for (int j = 0; j < 4; j++) {
+                    acc0 = _mm512_dpbusd_epi32(acc0, wv[j], q8_bcast4_512(xq + 4 * j));
+                    acc1 = _mm512_dpbusd_epi32(acc1, wv[4 + j], q8_bcast4_512(xq + 16 + 4 * j));
+                }
+                __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(acc0), s0);
+                t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc1), s1, t);
+                f[i] = _mm512_fmadd_ps(t, _mm512_set1_ps(a->d[r * nb + kb]), f[i]);
+                if (!ofs) {
+                    const float *xs = a->s16 + r * 2 * nb + 2 * kb;
+                    f[i] = _mm512_fmadd_ps(m0, _mm512_set1_ps(xs[0]), f[i]);
+                    f[i] = _mm512_fmadd_ps(m1, _mm512_set1_ps(xs[1]), f[i]);
                 }
             }
             continue;
