@@ -2,6 +2,12 @@
 through HF transformers `generate`, in the same run on the same model; prints one table with the
 ratios.
 
+Same weights in every row of a dtype: a GGUF file runs dequantized (paphos `-q none`, HF's GGUF
+loader, the peers' BF16/F32 copies of the file). A quantized GGUF then gets one more row group,
+the file as stored: paphos with its blocks kept (`-q gguf`, activations in the first --dtypes
+entry) beside llama.cpp on the same file when `--peers` has llamacpp (`--skip-quantized` drops
+the group).
+
     python benchmarks/throughput.py                       # default SmolLM2 (GGUF), bf16 and fp32
     python benchmarks/throughput.py --dtypes bfloat16 --skip-hf
     python benchmarks/throughput.py --model benchmarks/configs/smollm2-135m --load-format dummy
@@ -20,14 +26,21 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_WORKLOAD = REPO.parent / "shared" / "bench" / "workload_w.json"
-DEFAULT_REFERENCE = REPO.parent / "shared" / "bench" / "reference_outputs_fp32.json"
+# ../shared/bench of the checkout, or of the folder above it (a git worktree under wt/)
+BENCH = next(
+    (d / "shared" / "bench" for d in REPO.parents if (d / "shared" / "bench").is_dir()),
+    REPO.parent / "shared" / "bench",
+)
+DEFAULT_WORKLOAD = BENCH / "workload_w.json"
+DEFAULT_REFERENCE = BENCH / "reference_outputs_fp32.json"
+GGUF_FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def load_workload(path: Path, num_prompts: int) -> tuple[list[list[int]], int, int]:
@@ -39,7 +52,38 @@ def load_workload(path: Path, num_prompts: int) -> tuple[list[list[int]], int, i
 # ---- paphos -----------------------------------------------------------------------------------
 
 
-def run_paphos(model: str, dtype: str, prompts, max_tokens: int, latency_index: int, args) -> dict:
+def dense_quantization(model: str, requested: str) -> str:
+    """paphos's -q for the dtype rows: what was asked, else dense weights for a GGUF file (what
+    the peers read), else what the checkpoint says."""
+    if requested != "auto":
+        return requested
+    return "none" if str(model).endswith(".gguf") else "auto"
+
+
+def quantized_type(model: str, load_format: str) -> str | None:
+    """The ggml type most of a GGUF file's matrices are stored in ("Q4_1"), or None for a float
+    file or anything but a GGUF."""
+    if load_format == "dummy" or not str(model).endswith(".gguf"):
+        return None
+    from collections import Counter
+
+    from paphos.gguf_file import tensor_types
+
+    names = Counter(kind.name for kind in tensor_types(str(model)).values())
+    quantized = [(n, name) for name, n in names.items() if name not in GGUF_FLOAT_TYPES]
+    return max(quantized)[1] if quantized else None
+
+
+def run_paphos(
+    model: str,
+    dtype: str,
+    prompts,
+    max_tokens: int,
+    latency_index: int,
+    args,
+    quantization: str | None = None,
+) -> dict:
+    """quantization: paphos's -q (default: args.quantization)."""
     from paphos import LLM, SamplingParams
 
     start = time.perf_counter()
@@ -51,7 +95,7 @@ def run_paphos(model: str, dtype: str, prompts, max_tokens: int, latency_index: 
         tensor_parallel_size=args.tensor_parallel_size,
         max_num_seqs=max(len(prompts), 1),
         skip_tokenizer_init=args.load_format == "dummy",  # token-id prompts; a config dir
-        quantization=getattr(args, "quantization", "auto"),
+        quantization=quantization or getattr(args, "quantization", "auto"),
     )
     startup = time.perf_counter() - start
     runner = getattr(llm.engine.executor, "runner", None)  # one process: weights are countable
@@ -167,29 +211,63 @@ def main() -> None:
     parser.add_argument("--load-format", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    parser.add_argument("--quantization", default="auto", help="-q of paphos (auto/none/gguf)")
+    parser.add_argument(
+        "--quantization",
+        default="auto",
+        help="-q of paphos in the dtype rows (auto: dense weights for a GGUF, as the peers read)",
+    )
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument(
+        "--skip-quantized", action="store_true", help="no row group for a quantized GGUF as stored"
+    )
     parser.add_argument("--peers", default="", help="also run: llamacpp, vllm (comma-separated)")
     args = parser.parse_args()
     from paphos.config import default_model_path
 
     model = args.model or default_model_path()
     prompts, max_tokens, latency_index = load_workload(args.workload, args.num_prompts)
+    peer_names = list(filter(None, args.peers.split(",")))
+    workload = (prompts, max_tokens, latency_index)
+    dense = dense_quantization(model, args.quantization)
     rows = []
     for dtype in args.dtypes.split(","):
-        ours = run_paphos(model, dtype, prompts, max_tokens, latency_index, args)
+        ours = run_paphos(model, dtype, *workload, args, quantization=dense)
         peers = {}
         if not args.skip_hf:
-            peers["HF"] = run_hf(model, dtype, prompts, max_tokens, latency_index, args.load_format)
-        for name in filter(None, args.peers.split(",")):
-            from peers import NAMES, run_peer
-
-            job = (str(model), dtype, prompts, max_tokens, latency_index, args.load_format)
-            peers[NAMES[name]] = run_peer(name, *job)
+            peers["HF"] = run_hf(model, dtype, *workload, args.load_format)
+        for name in peer_names:
+            peers[peer_label(name)] = run_peer_on(name, model, dtype, workload, args.load_format)
         real = args.load_format != "dummy"  # random weights: no reference to compare with
         check = _check_reference(args.reference, dtype, ours["outputs"]) if real else "-"
-        rows.append((dtype, ours, peers, check))
+        notes = [f"-q {dense}"] + ([] if check == "-" else [f"fp32 reference: {check}"])
+        rows.append((dtype, ours, peers, ", ".join(notes)))
+    stored = None if args.skip_quantized else quantized_type(model, args.load_format)
+    if stored is not None:  # the file as stored: paphos's blocks vs llama.cpp's
+        dtype = args.dtypes.split(",")[0]
+        ours = run_paphos(model, dtype, *workload, args, quantization="gguf")
+        peers = {}
+        if "llamacpp" in peer_names:
+            peers[peer_label("llamacpp")] = run_peer_on("llamacpp", model, stored, workload, "auto")
+        rows.append((stored, ours, peers, f"-q gguf (the file's blocks), {dtype} activations"))
     _print_table(rows, len(prompts), max_tokens)
+
+
+def peer_label(name: str) -> str:
+    from peers import NAMES
+
+    return NAMES[name]
+
+
+def run_peer_on(name: str, model: str, dtype: str, workload, load_format: str) -> dict:
+    """A peer of benchmarks/peers.py on the workload; dtype: bfloat16/float32, or a GGUF type
+    name for the file as stored."""
+    from peers import run_peer
+
+    prompts, max_tokens, latency_index = workload
+    result = run_peer(name, str(model), dtype, prompts, max_tokens, latency_index, load_format)
+    if name == "llamacpp":
+        result["note"] = "one sequence at a time (the binding has no batched API)"
+    return result
 
 
 def _check_reference(path: Path, dtype: str, outputs) -> str:
@@ -203,13 +281,15 @@ def _check_reference(path: Path, dtype: str, outputs) -> str:
 def _print_table(rows, num_prompts: int, max_tokens: int) -> None:
     """paphos, then each peer with paphos's ratio to it: throughput ours/theirs, ms per token
     ours/theirs (above 1x is better in the first, below 1x in the second)."""
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
         f"\nworkload W: {num_prompts} prompts x {max_tokens} new tokens, greedy; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average at the end "
+        f"{load} (1/5/15 min: other processes' work slows every row)"
     )
     header = (
         f"{'dtype':9} {'engine':10} {'tok/s':>8} {'paphos/x':>8} {'TTFT ms':>8} "
-        f"{'ms/tok':>7} {'paphos/x':>8} {'start s':>7}  fp32 reference"
+        f"{'ms/tok':>7} {'paphos/x':>8} {'start s':>7}  note"
     )
     print(header)
     print("-" * len(header))
@@ -223,7 +303,7 @@ def _print_table(rows, num_prompts: int, max_tokens: int) -> None:
             lat_ratio = f"{ours['tpot_ms'] / peer['tpot_ms']:.2f}x"
             print(
                 f"{dtype:9} {name:10} {peer['tok_s']:8.1f} {tp_ratio:>8} {peer['ttft_ms']:8.1f} "
-                f"{peer['tpot_ms']:7.2f} {lat_ratio:>8} {'':>7}"
+                f"{peer['tpot_ms']:7.2f} {lat_ratio:>8} {'':>7}  {peer.get('note', '')}"
             )
 
 
