@@ -10,7 +10,11 @@ layer with half-precision weights may keep a second copy for batches of more row
   dtype: at least as accurate as the bf16 one;
 - oneDNN's prepacked (blocked) layout where `set_cpu_prepack` turned it on (by default on AMX
   CPUs): oneDNN then skips reordering the weight on every call (a 64-row SmolLM2 decode step 41.3
-  -> 33.4 ms on a 2-core AMX host; no gain seen on a Zen 4 with AVX512-BF16).
+  -> 33.4 ms on a 2-core AMX host; no gain seen on a Zen 4 with AVX512-BF16);
+- else, where the C kernels run at the AVX-512 BF16 level (no AMX), bf16 weights packed in bf16
+  pairs for matvec.c's own `vdpbf16ps` product (a flat bf16 tensor, `is_pair_packed`): oneDNN
+  reorders the weight on every call instead (SmolLM2's 64-row products 1.2x faster on one Zen 4
+  core, notes/cpu.md).
 `reference_linear` is the torch path and the oracle.
 """
 
@@ -54,6 +58,18 @@ def set_cpu_prepack(enabled: bool | None) -> bool:
     return _cpu_prepack["enabled"]
 
 
+def pair_packing_library():
+    """The matvec library where it was built with the packed bf16 product (the process's ISA level
+    is AVX-512 BF16 or AMX), else None."""
+    lib = matvec.load_library()
+    return lib if matvec.has_packed_gemm(lib) else None
+
+
+def is_pair_packed(batch_weight: torch.Tensor) -> bool:
+    """A `batch_copy` in matvec.c's bf16-pair layout (flat), not a matrix."""
+    return batch_weight.dim() == 1
+
+
 def batch_copy(weight: torch.Tensor) -> torch.Tensor | None:
     """The copy of `weight` [out, in] that products of more than SMALL_BATCH_ROWS rows use
     (module docstring), or None: they use the weight itself."""
@@ -62,6 +78,11 @@ def batch_copy(weight: torch.Tensor) -> torch.Tensor | None:
     half = weight.dtype in (torch.bfloat16, torch.float16)
     if half and weight.device.type == "cpu" and _cpu_prepack["enabled"]:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    takes_pairs = weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.numel() > 0
+    if takes_pairs and weight.device.type == "cpu":
+        lib = pair_packing_library()
+        if lib is not None:
+            return matvec.pack_bf16_pairs(lib, weight.detach().contiguous())
     return None
 
 
@@ -73,7 +94,7 @@ def reference_linear(
 ) -> torch.Tensor:
     """torch only: x [num_tokens, in]; weight [out, in] -> [num_tokens, out] in x's dtype;
     batch_weight: the layer's `batch_copy`, for more than SMALL_BATCH_ROWS rows."""
-    if batch_weight is None or x.shape[0] <= SMALL_BATCH_ROWS:
+    if batch_weight is None or x.shape[0] <= SMALL_BATCH_ROWS or is_pair_packed(batch_weight):
         return F.linear(x, weight, bias)
     if batch_weight.is_mkldnn:  # prepacked: the product in the weight's dtype, as F.linear
         x = x.to(weight.dtype).contiguous()
@@ -93,7 +114,8 @@ def linear(
     The Triton kernels store out_dtype directly (float32 logits need no conversion pass).
 
     Batches of at most SMALL_BATCH_ROWS rows use the CPU kernel when it loaded (decided once per
-    process by `matvec.load_library`) and takes these operands; on CUDA one row uses the Triton
+    process by `matvec.load_library`) and takes these operands, larger bf16 batches its packed
+    product where the layer keeps a pair-packed batch copy; on CUDA one row uses the Triton
     GEMV and 2-64 half-precision rows the Triton skinny GEMM (both faster than cuBLAS there), more
     rows cuBLAS; all else is `reference_linear`.
     """
@@ -108,7 +130,25 @@ def linear(
         lib = matvec.load_library()
         if lib is not None:
             return _cast(matvec.launch(lib, x, weight, bias, torch.get_num_threads()), out_dtype)
+    if batch_weight is not None and is_pair_packed(batch_weight) and _takes_pairs(x, weight):
+        lib = matvec.load_library()  # it packed the copy, so it loaded
+        y_dtype = torch.float32 if out_dtype == torch.float32 else torch.bfloat16
+        y = matvec.gemm_packed(
+            lib, x, batch_weight, weight.shape[0], bias, torch.get_num_threads(), y_dtype
+        )  # [num_tokens, out]
+        return _cast(y, None if out_dtype == y_dtype else out_dtype)
     return _cast(reference_linear(x, weight, bias, batch_weight), out_dtype)
+
+
+def _takes_pairs(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """bf16 rows the packed product takes (more than SMALL_BATCH_ROWS of them)."""
+    return (
+        x.dim() == 2
+        and x.shape[0] > SMALL_BATCH_ROWS
+        and x.dtype == torch.bfloat16
+        and x.is_cpu
+        and x.shape[1] == weight.shape[1]
+    )
 
 
 def linear_silu_and_mul(

@@ -1,6 +1,7 @@
 """The batch copy a CPU layer keeps for products of more than SMALL_BATCH_ROWS rows
 (paphos.ops.dense.batch_copy): oneDNN-prepacked half-precision weights when turned on (default:
-AMX CPUs only), fp32 copies only where the CPU lacks native half GEMMs; the products equal F.linear
+AMX CPUs only), fp32 copies only where the CPU lacks native half GEMMs, bf16 pairs for matvec.c's
+product at the AVX-512 BF16 level (tests/ops/test_cpu_packed_gemm.py); the products equal F.linear
 within the weight dtype's rounding and small batches keep using the weight itself."""
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def test_fp32_weights_and_prepack_off_keep_no_batch_copy(prepack) -> None:
     assert not hasattr(_linear(torch.float32), "batch_weight")  # fp32: nothing to gain
     dense.set_cpu_prepack(False)
     layer = _linear(torch.bfloat16)
-    assert hasattr(layer, "batch_weight") == dense.wants_fp32_copy(layer.weight)
+    pairs = dense.pair_packing_library() is not None  # the AVX-512 BF16 level's own product
+    assert hasattr(layer, "batch_weight") == (dense.wants_fp32_copy(layer.weight) or pairs)
 
 
 def test_prepack_default_is_on_only_at_the_amx_level(monkeypatch) -> None:

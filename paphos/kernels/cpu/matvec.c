@@ -313,3 +313,162 @@ int paphos_matvec(const void *x, int x_is_bf16, const void *weight, int weight_i
     free(prepared);
     return 0;
 }
+
+/* ---- Batched product over weights packed in bf16 pairs (AVX-512 BF16 builds only) -------------
+ *
+ * For more than MAX_ROWS rows, `vdpbf16ps` wants the weights of 16 output columns side by side
+ * with two consecutive inputs each: a copy of W [out, in] packed once into panels of PANEL_COLS
+ * columns, [num_panels][in_pairs][PANEL_COLS][2] (out rounded up to 16 with zero columns, in
+ * rounded up to even with a zero input). A panel is streamed once per row block, from L2 after the
+ * first block, while each row's input pair is broadcast from L1: no horizontal sums, no widening.
+ * Every output is one fp32 accumulator over the input pairs in order, so it does not depend on the
+ * row count, the blocking or the thread count.
+ */
+#define PANEL_VECTORS 3                      /* zmm of 16 output columns per panel */
+#define PANEL_COLS (16 * PANEL_VECTORS)      /* 48: divides 576, 960, 1536, 3072, 49152 */
+#define GEMM_ROW_BLOCK 8                     /* rows per block: 8 x 3 accumulators + 3 weights */
+
+static inline int64_t packed_cols(int64_t out) { return (out + 15) / 16 * 16; }
+static inline int64_t packed_pairs(int64_t in) { return (in + 1) / 2; }
+
+/* Elements of the packed copy of a [out, in] matrix (what paphos_pack_bf16_pairs fills). */
+int64_t paphos_packed_numel(int64_t out, int64_t in) {
+    return packed_cols(out) * packed_pairs(in) * 2;
+}
+
+/* w [out, in] bf16 -> packed [num_panels][in_pairs][panel columns][2] (the last panel may be
+ * narrower: 16 or 32 columns); -1 bad sizes, -5 null pointer. */
+int paphos_pack_bf16_pairs(const uint16_t *w, int64_t out, int64_t in, uint16_t *packed) {
+    if (out < 1 || in < 1) return -1;
+    if (!w || !packed) return -5;
+    int64_t cols = packed_cols(out), pairs = packed_pairs(in);
+    for (int64_t c0 = 0; c0 < cols; c0 += PANEL_COLS) {
+        int64_t width = cols - c0 < PANEL_COLS ? cols - c0 : PANEL_COLS;
+        uint16_t *panel = packed + c0 * pairs * 2;
+        for (int64_t p = 0; p < pairs; p++)
+            for (int64_t j = 0; j < width; j++)
+                for (int64_t e = 0; e < 2; e++) {
+                    int64_t col = c0 + j, i = 2 * p + e;
+                    panel[(p * width + j) * 2 + e] = col < out && i < in ? w[col * in + i] : 0;
+                }
+    }
+    return 0;
+}
+
+#if HAVE_DPBF16
+/* Input pair p of row m of x [rows, in] as one 32-bit lane (a zero past an odd `in`). */
+static inline int32_t input_pair(const uint16_t *x, int64_t in, int64_t m, int64_t p) {
+    const uint16_t *at = x + m * in + 2 * p;
+    uint32_t lo = at[0], hi = 2 * p + 1 < in ? at[1] : 0;
+    return (int32_t)(lo | hi << 16);
+}
+
+/* 16 floats rounded to bf16 as float_to_bf16 (nearest even; NaN stays quiet; denormals kept). */
+static inline __m256i bf16_bits16(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    __m512i quiet = _mm512_or_si512(bits, _mm512_set1_epi32(0x00400000));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_mask_blend_epi32(nan, rounded, quiet), 16));
+}
+
+/* acc[m][v] = rows m < height of x times the panel's columns 16v..16v+15, v < vectors; height and
+ * vectors are constants after inlining, so the accumulators live in registers. */
+static inline __attribute__((always_inline)) void gemm_block(
+    const uint16_t *x, int64_t in, int64_t pairs, const uint16_t *panel, int height, int vectors,
+    __m512 acc[GEMM_ROW_BLOCK][PANEL_VECTORS]) {
+    for (int m = 0; m < height; m++)
+        for (int v = 0; v < vectors; v++) acc[m][v] = _mm512_setzero_ps();
+    int64_t full = in / 2; /* pairs with both inputs inside the row */
+    for (int64_t p = 0; p < pairs; p++) {
+        const uint16_t *at = panel + p * vectors * 32;
+        _mm_prefetch((const char *)at + 4096, _MM_HINT_T0);
+        __m512bh w[PANEL_VECTORS];
+        for (int v = 0; v < vectors; v++) w[v] = (__m512bh)_mm512_loadu_si512(at + v * 32);
+        for (int m = 0; m < height; m++) {
+            int32_t pair;
+            if (p < full) memcpy(&pair, x + m * in + 2 * p, 4);
+            else pair = input_pair(x, in, m, p);
+            __m512bh xs = (__m512bh)_mm512_set1_epi32(pair);
+            for (int v = 0; v < vectors; v++) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], xs, w[v]);
+        }
+    }
+}
+
+static void gemm_block_dispatch(const uint16_t *x, int64_t in, int64_t pairs,
+                                const uint16_t *panel, int height, int vectors,
+                                __m512 acc[GEMM_ROW_BLOCK][PANEL_VECTORS]) {
+#define CASE(H, V) \
+    if (height == H && vectors == V) return gemm_block(x, in, pairs, panel, H, V, acc);
+#define HEIGHTS(V) CASE(8, V) CASE(7, V) CASE(6, V) CASE(5, V) CASE(4, V) CASE(3, V) CASE(2, V) CASE(1, V)
+    HEIGHTS(3) HEIGHTS(2) HEIGHTS(1)
+#undef HEIGHTS
+#undef CASE
+}
+
+/* Rows [m0, m0 + height) of y for the panel at column c0 (+ bias, rounded once to y's dtype). */
+static void store_gemm_block(__m512 acc[GEMM_ROW_BLOCK][PANEL_VECTORS], int height, int vectors,
+                             int64_t m0, int64_t c0, int64_t out, const float *bias, void *y,
+                             int y_is_bf16) {
+    for (int v = 0; v < vectors; v++) {
+        int64_t col = c0 + 16 * v;
+        if (col >= out) break;
+        __mmask16 mask = out - col >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (out - col)) - 1);
+        __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps();
+        for (int m = 0; m < height; m++) {
+            __m512 value = _mm512_add_ps(acc[m][v], b);
+            int64_t at = (m0 + m) * out + col;
+            if (!y_is_bf16) {
+                _mm512_mask_storeu_ps((float *)y + at, mask, value);
+                continue;
+            }
+            _mm256_mask_storeu_epi16((uint16_t *)y + at, mask, bf16_bits16(value));
+        }
+    }
+}
+
+/* Thread t's share (of n) of the panels, every row block of x against each. */
+static void gemm_share(const uint16_t *x, int64_t rows, int64_t in, const uint16_t *packed,
+                       int64_t out, const float *bias, void *y, int y_is_bf16, int t, int n) {
+    int64_t cols = packed_cols(out), pairs = packed_pairs(in);
+    int64_t num_panels = (cols + PANEL_COLS - 1) / PANEL_COLS;
+    int64_t begin = num_panels * t / n, end = num_panels * (t + 1) / n;
+    __m512 acc[GEMM_ROW_BLOCK][PANEL_VECTORS];
+    for (int64_t k = begin; k < end; k++) {
+        int64_t c0 = k * PANEL_COLS;
+        int vectors = (int)((cols - c0 < PANEL_COLS ? cols - c0 : PANEL_COLS) / 16);
+        const uint16_t *panel = packed + c0 * pairs * 2;
+        for (int64_t m0 = 0; m0 < rows; m0 += GEMM_ROW_BLOCK) {
+            int height = rows - m0 < GEMM_ROW_BLOCK ? (int)(rows - m0) : GEMM_ROW_BLOCK;
+            gemm_block_dispatch(x + m0 * in, in, pairs, panel, height, vectors, acc);
+            store_gemm_block(acc, height, vectors, m0, c0, out, bias, y, y_is_bf16);
+        }
+    }
+}
+#endif
+
+/* y [rows, out] (bf16 or fp32) = x [rows, in] (bf16) times the packed bf16 weights (+ bias fp32);
+ * 0 on success, else -1 rows, -2 in, -3 out, -4 num_threads, -5 a null pointer, -7 this build has
+ * no AVX-512 BF16 (the caller uses torch). */
+int paphos_gemm_packed(const uint16_t *x, const uint16_t *packed, const float *bias, void *y,
+                       int y_is_bf16, int64_t rows, int64_t in, int64_t out, int num_threads) {
+    if (rows < 1) return -1;
+    if (in < 1) return -2;
+    if (out < 1) return -3;
+    if (num_threads < 1) return -4;
+    if (!x || !packed || !y) return -5;
+#if HAVE_DPBF16
+    int64_t num_panels = (packed_cols(out) + PANEL_COLS - 1) / PANEL_COLS;
+    int64_t work = rows * packed_cols(out) * in; /* products: one thread below ~2M */
+    int threads = work < (1 << 21) ? 1 : num_threads;
+    if (threads > num_panels) threads = (int)num_panels;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    gemm_share(x, rows, in, packed, out, bias, y, y_is_bf16, omp_get_thread_num(),
+               omp_get_num_threads());
+    return 0;
+#else
+    (void)bias, (void)y_is_bf16;
+    return -7;
+#endif
+}

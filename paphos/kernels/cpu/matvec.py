@@ -1,4 +1,5 @@
-"""Loader and Python entry of the AVX2 small-batch matrix-vector kernel in matvec.c.
+"""Loader and Python entries of matvec.c: the small-batch matrix-vector kernel (1-4 rows, every
+ISA level) and, at the AVX-512 BF16 level, the batched product over weights packed in bf16 pairs.
 
 Invariant: `load_library()` builds and loads the library at most once per process; it returns None
 (after one logged warning) when the CPU, compiler or build cannot provide it.
@@ -30,6 +31,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.paphos_matvec.argtypes = [ptr, c_int, ptr, c_int, ptr, ptr, c_int, i64, i64, i64, c_int]
     lib.paphos_matvec.restype = c_int
+    bind_gemm(lib)
     return lib
 
 
@@ -105,3 +107,69 @@ def launch(
     if code != 0:
         raise ValueError(f"paphos_matvec rejected its {_ERRORS.get(code, code)} argument")
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+# ---- batched products over a packed copy (matvec.c's paphos_gemm_packed, AVX-512 BF16) ---------
+
+_GEMM_ERRORS = {**_ERRORS, -7: "isa"}
+
+
+def bind_gemm(lib: ctypes.CDLL) -> None:
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.paphos_packed_numel.argtypes = [i64, i64]
+    lib.paphos_packed_numel.restype = i64
+    lib.paphos_pack_bf16_pairs.argtypes = [ptr, i64, i64, ptr]
+    lib.paphos_pack_bf16_pairs.restype = c_int
+    lib.paphos_gemm_packed.argtypes = [ptr, ptr, ptr, ptr, c_int, i64, i64, i64, c_int]
+    lib.paphos_gemm_packed.restype = c_int
+
+
+def has_packed_gemm(lib: ctypes.CDLL | None) -> bool:
+    """Whether `lib` was built with the packed bf16 product (the AVX-512 BF16 level)."""
+    return lib is not None and lib.paphos_isa_level == "avx512_bf16"
+
+
+def pack_bf16_pairs(lib: ctypes.CDLL, weight: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] bf16 -> its packed copy for `gemm_packed`: a flat bf16 tensor laid out
+    [panels][in pairs][panel columns][2] (matvec.c)."""
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or not weight.is_contiguous():
+        raise ValueError(f"pack_bf16_pairs takes a contiguous 2-D bf16 weight, not {weight.dtype}")
+    out, in_ = weight.shape
+    packed = torch.empty(lib.paphos_packed_numel(out, in_), dtype=torch.bfloat16)  # flat
+    code = lib.paphos_pack_bf16_pairs(weight.data_ptr(), out, in_, packed.data_ptr())
+    if code != 0:
+        raise ValueError(f"paphos_pack_bf16_pairs rejected its {_ERRORS.get(code, code)} argument")
+    return packed
+
+
+def gemm_packed(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None,
+    num_threads: int,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """x [rows, in] bf16 times the weight `packed` came from (+ bias) -> [rows, out_features] in
+    out_dtype (bf16 or fp32; fp32 sums, one rounding)."""
+    rows, in_ = x.shape
+    if lib.paphos_packed_numel(out_features, in_) != packed.numel():
+        raise ValueError(f"packed copy of {packed.numel()} elements is not [{out_features}, {in_}]")
+    x_in = x.contiguous()  # [rows, in] bf16
+    y = torch.empty(rows, out_features, dtype=out_dtype)  # [rows, out]
+    bias_fp32 = None if bias is None else bias.float().contiguous()  # [out]
+    code = lib.paphos_gemm_packed(
+        x_in.data_ptr(),
+        packed.data_ptr(),
+        None if bias_fp32 is None else bias_fp32.data_ptr(),
+        y.data_ptr(),
+        out_dtype == torch.bfloat16,
+        rows,
+        in_,
+        out_features,
+        num_threads,
+    )
+    if code != 0:
+        raise ValueError(f"paphos_gemm_packed rejected its {_GEMM_ERRORS.get(code, code)} argument")
+    return y
