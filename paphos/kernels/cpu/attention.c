@@ -156,6 +156,64 @@ static inline __attribute__((always_inline)) void dot_keys(const float *q, const
     }
 }
 
+#ifdef __AVX512BF16__
+#define KEYS_BY_DPBF16 1
+/* [sum(a[0]), ..., sum(a[15])]: sixteen horizontal sums in one vector. */
+static inline __m512 sum16(const __m512 a[16]) {
+    __m256 halves[16];
+    for (int j = 0; j < 16; j++)
+        halves[j] = _mm256_add_ps(_mm512_castps512_ps256(a[j]), _mm512_extractf32x8_ps(a[j], 1));
+    __m256 lo = sum8(halves), hi = sum8(halves + 8);
+    return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+}
+
+/* dot_keys for bf16 queries and keys (AVX-512 BF16): q [head] bf16 in natural order, unscaled;
+ * 32 products per `vdpbf16ps` (exact, summed in fp32), 16 keys at a time, then scaled. */
+static inline __attribute__((always_inline)) void dot_keys_dpbf16(
+    const uint16_t *q, const char *keys, int64_t key_stride, int64_t n, int64_t head, float scale,
+    float *scores) {
+    int64_t full = head - head % 32, t = 0;
+    __mmask32 tail = (__mmask32)((1u << (head % 32)) - 1); /* head % 32 is 0 or 16 */
+    for (; t + 16 <= n; t += 16) {
+        __m512 acc[16];
+        for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < full; d += 32) {
+            __m512bh qv = (__m512bh)_mm512_loadu_si512(q + d);
+            for (int j = 0; j < 16; j++) {
+                const char *at = keys + (t + j) * key_stride + d * 2;
+                acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(at), qv);
+            }
+        }
+        if (tail) {
+            __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(tail, q + full);
+            for (int j = 0; j < 16; j++) {
+                const char *at = keys + (t + j) * key_stride + full * 2;
+                __m512bh k = (__m512bh)_mm512_maskz_loadu_epi16(tail, at);
+                acc[j] = _mm512_dpbf16_ps(acc[j], k, qv);
+            }
+        }
+        _mm512_storeu_ps(scores + t, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+    }
+    for (; t < n; t++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < head; d += 32) {
+            __mmask32 mask = head - d >= 32 ? (__mmask32)0xffffffffu : tail;
+            __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(mask, q + d);
+            __m512bh k = (__m512bh)_mm512_maskz_loadu_epi16(mask, keys + t * key_stride + d * 2);
+            acc = _mm512_dpbf16_ps(acc, k, qv);
+        }
+        scores[t] = _mm512_reduce_add_ps(acc) * scale;
+    }
+}
+#else
+#define KEYS_BY_DPBF16 0
+#endif
+
+/* Whether scores are bf16 queries times bf16 keys by vdpbf16ps (the queries then stay bf16). */
+static inline int scores_by_dpbf16(const Cache *c, const Queries *qs) {
+    return KEYS_BY_DPBF16 && c->bf16 && qs->bf16;
+}
+
 /* Online softmax over one span of n scores (base 2): turns scores[0..n) into weights
  * 2^(s - max), updates the running max *m and sum *l, and rescales acc [head] to the new max. */
 static void softmax_step(float *scores, int64_t n, float *m, float *l, float *acc, int64_t head) {
@@ -214,15 +272,20 @@ static void add_values(float *acc, const float *p, const char *values, int64_t s
     }
 }
 
-/* The item's queries as fp32, scaled to base-2 scores, in the cache's element order. */
+/* The item's queries as fp32, scaled to base-2 scores, in the cache's element order; or (dpbf16)
+ * their bf16 bits unscaled, in natural order. */
 static void load_queries(const Queries *qs, const Item *it, int64_t head, int cache_bf16,
-                         Scratch *s) {
+                         int dpbf16, Scratch *s) {
     int64_t heads = it->num_kv * qs->group;
     for (int64_t r = 0; r < it->num_rows; r++) {
         for (int64_t g = 0; g < heads; g++) {
             int64_t at = (it->token0 + r) * qs->token_stride +
                          (it->kv_head * qs->group + g) * head;
             float *q = s->q + (r * heads + g) * head;
+            if (dpbf16) { /* bf16 bits as they are, in the first half of the query's room */
+                memcpy(q, (const uint16_t *)qs->query + at, (size_t)head * 2);
+                continue;
+            }
             for (int64_t d = 0; d < head; d++) {
                 float x = qs->bf16 ? bf16_to_float(((const uint16_t *)qs->query)[at + d])
                                    : ((const float *)qs->query)[at + d];
@@ -262,6 +325,7 @@ static inline int64_t visible(const Item *it, int64_t r, int64_t pos, int64_t n_
 static void score_span(const Cache *c, const Queries *qs, const Item *it, const int64_t *table,
                        int64_t pos, int64_t n_max, Scratch *s) {
     int64_t heads = it->num_kv * qs->group, head_bytes = c->head_size * c->elem;
+    int dpbf16 = scores_by_dpbf16(c, qs);
     for (int64_t t = 0, m; t < n_max; t += m) {
         m = run_in_block(c, pos + t, n_max - t);
         const char *keys = key_address(c, table, pos + t, it->kv_head);
@@ -272,6 +336,13 @@ static void score_span(const Cache *c, const Queries *qs, const Item *it, const 
                 const float *q = s->q + i * c->head_size;
                 const char *at = keys + g / qs->group * head_bytes;
                 float *scores = s->scores + i * SPAN + t;
+#if KEYS_BY_DPBF16
+                if (dpbf16) {
+                    dot_keys_dpbf16((const uint16_t *)q, at, c->key_stride, n, c->head_size,
+                                    qs->scale_log2, scores);
+                    continue;
+                }
+#endif
                 if (c->bf16) dot_keys(q, at, c->key_stride, n, c->head_size, 1, scores);
                 else dot_keys(q, at, c->key_stride, n, c->head_size, 0, scores);
             }
@@ -303,7 +374,7 @@ static void add_span_values(const Cache *c, const Queries *qs, const Item *it,
  * its own position. */
 static void run_item(const Cache *c, const Queries *qs, const Item *it, Scratch *s) {
     int64_t head = c->head_size, heads = it->num_kv * qs->group, n_queries = it->num_rows * heads;
-    load_queries(qs, it, head, c->bf16, s);
+    load_queries(qs, it, head, c->bf16, scores_by_dpbf16(c, qs), s);
     memset(s->acc, 0, (size_t)(n_queries * head) * sizeof(float));
     for (int64_t i = 0; i < n_queries; i++) s->m[i] = -INFINITY, s->l[i] = 0.0f;
     const int64_t *table = c->block_tables + it->seq * c->table_stride;
