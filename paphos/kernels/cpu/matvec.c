@@ -370,7 +370,8 @@ static inline __m256i bf16_bits16(__m512 v) {
     __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
     __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     __m512i quiet = _mm512_or_si512(bits, _mm512_set1_epi32(0x00400000));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_mask_blend_epi32(nan, rounded, quiet), 16));
+    __m512i chosen = _mm512_mask_blend_epi32(nan, rounded, quiet);
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(chosen, 16));
 }
 
 /* acc[m][v] = rows m < height of x times the panel's columns 16v..16v+15, v < vectors; height and
@@ -401,7 +402,8 @@ static void gemm_block_dispatch(const uint16_t *x, int64_t in, int64_t pairs,
                                 __m512 acc[GEMM_ROW_BLOCK][PANEL_VECTORS]) {
 #define CASE(H, V) \
     if (height == H && vectors == V) return gemm_block(x, in, pairs, panel, H, V, acc);
-#define HEIGHTS(V) CASE(8, V) CASE(7, V) CASE(6, V) CASE(5, V) CASE(4, V) CASE(3, V) CASE(2, V) CASE(1, V)
+#define HEIGHTS(V) \
+    CASE(8, V) CASE(7, V) CASE(6, V) CASE(5, V) CASE(4, V) CASE(3, V) CASE(2, V) CASE(1, V)
     HEIGHTS(3) HEIGHTS(2) HEIGHTS(1)
 #undef HEIGHTS
 #undef CASE
