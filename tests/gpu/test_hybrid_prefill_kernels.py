@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from paphos.ops.causal_conv1d import causal_conv1d as ref_conv
+from paphos.ops.ssd import ssd as ref_ssd
 from tests.gpu.conftest import TOLERANCE, rel_error
 
 pytestmark = pytest.mark.gpu
@@ -82,3 +83,66 @@ def test_causal_conv1d_prefill_split_prompt_continues(device):
     ])  # fmt: skip
     assert rel_error(got, want) < 1e-6
     assert torch.equal(states, one)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", list(BATCHES))
+@pytest.mark.parametrize(
+    "heads,head_dim,groups,state,dt_limit",
+    [
+        (2, 16, 1, 16, (0.0, float("inf"))),
+        (4, 48, 2, 40, (0.01, 10.0)),
+        (2, 64, 2, 128, (0.0, 5.0)),
+    ],
+)
+def test_ssd_prefill_matches_reference(
+    device, dtype, batch, heads, head_dim, groups, state, dt_limit
+):
+    from paphos.kernels.ssd_update import ssd
+
+    qsl, indices, has_initial, max_len = _batch(BATCHES[batch], device)
+    num_tokens = int(qsl[-1])
+    # x, B, C as strided views of one projection, as the Mamba2 layer hands them over
+    width = heads * head_dim + 2 * groups * state
+    xbc = torch.randn(num_tokens, width, device=device).to(dtype)  # [T, x | B | C]
+    x, B, C = xbc.split([heads * head_dim, groups * state, groups * state], dim=-1)
+    x = x.view(num_tokens, heads, head_dim)  # [T, H, P]
+    B, C = B.view(num_tokens, groups, state), C.view(num_tokens, groups, state)  # [T, G, N]
+    dt = torch.randn(num_tokens, heads, device=device).to(dtype)  # [T, H] raw
+    A = -torch.rand(heads, device=device) * 2  # [H]
+    D, dt_bias = torch.randn(heads, device=device), torch.randn(heads, device=device)
+    states = torch.randn(NUM_SLOTS, heads, head_dim, state, device=device)  # float32
+    ref_states = states.clone()
+    args = (qsl, indices, has_initial, max_len, 16, dt_limit)  # the reference in 16-token chunks
+    y = ssd(x, dt, A, B, C, D, dt_bias, states, *args)
+    ref = ref_ssd(x, dt, A, B, C, D, dt_bias, ref_states, *args)
+    assert rel_error(y, ref) < _tol(dtype)
+    assert rel_error(states, ref_states) < 2e-5
+
+
+def test_ssd_prefill_split_prompt_continues(device):
+    """A 100-token prompt as 64 + 36 (the second call continuing the slot) equals one call, and
+    both equal 100 recurrent decode steps."""
+    from paphos.kernels.ssd_update import ssd
+
+    heads, head_dim, groups, state, length = 2, 16, 1, 16, 100
+    x = torch.randn(length, heads, head_dim, device=device)
+    dt = torch.randn(length, heads, device=device)
+    B, C = (torch.randn(length, groups, state, device=device) for _ in range(2))
+    A, D, dt_bias = -torch.rand(heads, device=device), torch.randn(heads), torch.randn(heads)
+    D, dt_bias = D.to(device), dt_bias.to(device)
+    slot = torch.tensor([3], device=device)
+    fresh, cont = torch.tensor([False], device=device), torch.tensor([True], device=device)
+
+    def call(states, lo, hi, initial):
+        qsl = torch.tensor([0, hi - lo], dtype=torch.int32, device=device)
+        sl = slice(lo, hi)
+        return ssd(x[sl], dt[sl], A, B[sl], C[sl], D, dt_bias, states, qsl, slot, initial,
+                   hi - lo, 256)  # fmt: skip
+
+    one, two, steps = (torch.zeros(4, heads, head_dim, state, device=device) for _ in range(3))
+    want = call(one, 0, length, fresh)
+    got = torch.cat([call(two, 0, 64, fresh), call(two, 64, length, cont)])
+    stepped = torch.cat([call(steps, t, t + 1, cont if t else fresh) for t in range(length)])
+    assert rel_error(got, want) < 1e-5 and rel_error(two, one) < 1e-5
+    assert rel_error(stepped, want) < 1e-5 and rel_error(steps, one) < 1e-5
