@@ -14,7 +14,9 @@ import triton.language as tl
 
 from paphos.kernels._checks import check_dim
 
-PREFILL_CHUNK = 64  # tokens per step of the prompt kernel's walk over a sequence
+# The prompt kernel's tiles: tokens per step of its walk over a sequence, head_dim rows per
+# program; larger tiles spill (ptxas for sm90, notes/hybrid.md)
+PREFILL_CHUNK, PREFILL_BLOCK_P, PREFILL_WARPS = 32, 32, 8
 
 
 @triton.jit
@@ -192,7 +194,7 @@ def ssd_prefill(
         raise ValueError("each slot of ssm_states must be contiguous")
     x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
     y = torch.empty((num_tokens, heads, head_dim), dtype=x.dtype, device=x.device)  # [T, H, P]
-    block_p = max(16, min(triton.next_power_of_2(head_dim), 32))
+    block_p = max(16, min(triton.next_power_of_2(head_dim), PREFILL_BLOCK_P))
     block_n = max(16, triton.next_power_of_2(state))
     grid = (state_indices.shape[0], heads, triton.cdiv(head_dim, block_p))
     _ssd_prefill_kernel[grid](
@@ -201,7 +203,7 @@ def ssd_prefill(
         float(dt_limit[1]), x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1),
         C.stride(0), C.stride(1), ssm_states.stride(0), ssm_states.stride(1), y.stride(0),
         y.stride(1), HEAD_DIM=head_dim, STATE=state, HEADS_PER_GROUP=heads // groups,
-        BLOCK_L=PREFILL_CHUNK, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=8,
+        BLOCK_L=PREFILL_CHUNK, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=PREFILL_WARPS,
     )  # fmt: skip
     return y
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from paphos.ops.causal_conv1d import causal_conv1d as ref_conv
+from paphos.ops.gated_delta_rule import gated_delta_rule as ref_gdn
 from paphos.ops.ssd import ssd as ref_ssd
 from tests.gpu.conftest import TOLERANCE, rel_error
 
@@ -143,6 +145,59 @@ def test_ssd_prefill_split_prompt_continues(device):
     one, two, steps = (torch.zeros(4, heads, head_dim, state, device=device) for _ in range(3))
     want = call(one, 0, length, fresh)
     got = torch.cat([call(two, 0, 64, fresh), call(two, 64, length, cont)])
+    stepped = torch.cat([call(steps, t, t + 1, cont if t else fresh) for t in range(length)])
+    assert rel_error(got, want) < 1e-5 and rel_error(two, one) < 1e-5
+    assert rel_error(stepped, want) < 1e-5 and rel_error(steps, one) < 1e-5
+
+
+def _gdn_inputs(num_tokens, hk, hv, dk, dv, dtype, device):
+    """q, k, v as strided views of one conv output (as the DeltaNet layer hands them over),
+    g (log decay <= 0) and beta in float32."""
+    qkv = torch.randn(num_tokens, 2 * hk * dk + hv * dv, device=device).to(dtype)
+    q, k, v = qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
+    q, k = q.view(num_tokens, hk, dk), k.view(num_tokens, hk, dk)  # [T, Hk, Dk]
+    v = v.view(num_tokens, hv, dv)  # [T, Hv, Dv]
+    g = -F.softplus(torch.randn(num_tokens, hv, device=device)) * 0.5  # [T, Hv]
+    beta = torch.rand(num_tokens, hv, device=device)  # [T, Hv]
+    return q, k, v, g, beta
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", list(BATCHES))
+@pytest.mark.parametrize("hk,hv,dk,dv", [(1, 1, 16, 16), (2, 4, 32, 16), (1, 2, 128, 40)])
+def test_gated_delta_rule_prefill_matches_reference(device, dtype, batch, hk, hv, dk, dv):
+    from paphos.kernels.gated_delta_rule import gated_delta_rule
+
+    qsl, indices, has_initial, max_len = _batch(BATCHES[batch], device)
+    q, k, v, g, beta = _gdn_inputs(int(qsl[-1]), hk, hv, dk, dv, dtype, device)
+    states = torch.randn(NUM_SLOTS, hv, dk, dv, device=device) * 0.1  # float32
+    ref_states = states.clone()
+    args = (qsl, indices, has_initial, max_len, 16)  # the reference in 16-token chunks
+    out = gated_delta_rule(q, k, v, g, beta, states, *args)
+    ref = ref_gdn(q, k, v, g, beta, ref_states, *args)
+    assert rel_error(out, ref) < _tol(dtype)
+    assert rel_error(states, ref_states) < 2e-5
+
+
+def test_gated_delta_rule_prefill_split_prompt_continues(device):
+    """A 70-token prompt as 32 + 38 (the second call continuing the slot) equals one call, and
+    both equal 70 recurrent decode steps."""
+    from paphos.kernels.gated_delta_rule import gated_delta_rule
+
+    hk, hv, dk, dv, length = 1, 2, 32, 16, 70
+    q, k, v, g, beta = _gdn_inputs(length, hk, hv, dk, dv, torch.float32, device)
+    slot = torch.tensor([2], device=device)
+    fresh, cont = torch.tensor([False], device=device), torch.tensor([True], device=device)
+
+    def call(states, lo, hi, initial):
+        qsl = torch.tensor([0, hi - lo], dtype=torch.int32, device=device)
+        sl = slice(lo, hi)
+        return gated_delta_rule(q[sl], k[sl], v[sl], g[sl], beta[sl], states, qsl, slot,
+                                initial, hi - lo)  # fmt: skip
+
+    one, two, steps = (torch.zeros(4, hv, dk, dv, device=device) for _ in range(3))
+    want = call(one, 0, length, fresh)
+    got = torch.cat([call(two, 0, 32, fresh), call(two, 32, length, cont)])
     stepped = torch.cat([call(steps, t, t + 1, cont if t else fresh) for t in range(length)])
     assert rel_error(got, want) < 1e-5 and rel_error(two, one) < 1e-5
     assert rel_error(stepped, want) < 1e-5 and rel_error(steps, one) < 1e-5
