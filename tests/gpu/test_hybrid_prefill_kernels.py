@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from paphos.ops.causal_conv1d import causal_conv1d as ref_conv
 from paphos.ops.gated_delta_rule import gated_delta_rule as ref_gdn
+from paphos.ops.registry import REFERENCES
 from paphos.ops.ssd import ssd as ref_ssd
 from tests.gpu.conftest import TOLERANCE, rel_error
 
@@ -25,6 +26,11 @@ BATCHES = {
     "mixed": [(17, False), (70, True), (1, True), (33, False)],
     "one_long": [(130, True)],
 }
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)  # the tolerances are checked over seeds 0-5 on the interpreter
 
 
 def _batch(spec: list[tuple[int, bool]], device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -123,7 +129,7 @@ def test_ssd_prefill_matches_reference(
 
 
 def test_ssd_prefill_split_prompt_continues(device):
-    """A 100-token prompt as 64 + 36 (the second call continuing the slot) equals one call, and
+    """A 100-token prompt as 45 + 55 (the second call continuing the slot) equals one call, and
     both equal 100 recurrent decode steps."""
     from paphos.kernels.ssd_update import ssd
 
@@ -144,10 +150,10 @@ def test_ssd_prefill_split_prompt_continues(device):
 
     one, two, steps = (torch.zeros(4, heads, head_dim, state, device=device) for _ in range(3))
     want = call(one, 0, length, fresh)
-    got = torch.cat([call(two, 0, 64, fresh), call(two, 64, length, cont)])
+    got = torch.cat([call(two, 0, 45, fresh), call(two, 45, length, cont)])
     stepped = torch.cat([call(steps, t, t + 1, cont if t else fresh) for t in range(length)])
-    assert rel_error(got, want) < 1e-5 and rel_error(two, one) < 1e-5
-    assert rel_error(stepped, want) < 1e-5 and rel_error(steps, one) < 1e-5
+    assert rel_error(got, want) < 2e-5 and rel_error(two, one) < 2e-5
+    assert rel_error(stepped, want) < 2e-5 and rel_error(steps, one) < 2e-5
 
 
 def _gdn_inputs(num_tokens, hk, hv, dk, dv, dtype, device):
@@ -180,7 +186,7 @@ def test_gated_delta_rule_prefill_matches_reference(device, dtype, batch, hk, hv
 
 
 def test_gated_delta_rule_prefill_split_prompt_continues(device):
-    """A 70-token prompt as 32 + 38 (the second call continuing the slot) equals one call, and
+    """A 70-token prompt as 27 + 43 (the second call continuing the slot) equals one call, and
     both equal 70 recurrent decode steps."""
     from paphos.kernels.gated_delta_rule import gated_delta_rule
 
@@ -197,7 +203,80 @@ def test_gated_delta_rule_prefill_split_prompt_continues(device):
 
     one, two, steps = (torch.zeros(4, hv, dk, dv, device=device) for _ in range(3))
     want = call(one, 0, length, fresh)
-    got = torch.cat([call(two, 0, 32, fresh), call(two, 32, length, cont)])
+    got = torch.cat([call(two, 0, 27, fresh), call(two, 27, length, cont)])
     stepped = torch.cat([call(steps, t, t + 1, cont if t else fresh) for t in range(length)])
-    assert rel_error(got, want) < 1e-5 and rel_error(two, one) < 1e-5
-    assert rel_error(stepped, want) < 1e-5 and rel_error(steps, one) < 1e-5
+    assert rel_error(got, want) < 2e-5 and rel_error(two, one) < 2e-5
+    assert rel_error(stepped, want) < 2e-5 and rel_error(steps, one) < 2e-5
+
+
+def _layer_batch(spec: list[tuple[int, int]], device: torch.device):
+    """AttentionMetadata for (query length, context before) per sequence, scattered slots; the
+    runner's dtypes (int64 query_start_loc and state_indices)."""
+    from paphos.attention import AttentionMetadata
+
+    lens = torch.tensor([q for q, _ in spec])
+    seq_lens = lens + torch.tensor([c for _, c in spec])
+    qsl = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    num_tokens, n = int(qsl[-1]), len(spec)
+    return AttentionMetadata(
+        slot_mapping=torch.zeros(num_tokens, dtype=torch.long, device=device),
+        query_start_loc=qsl.to(device),
+        seq_lens=seq_lens.to(device),
+        block_tables=torch.zeros(n, 1, dtype=torch.long, device=device),
+        logits_indices=(qsl[1:] - 1).to(device),
+        max_query_len=int(lens.max()),
+        max_seq_len=int(seq_lens.max()),
+        state_indices=torch.randperm(NUM_SLOTS - 1)[:n].to(device),
+    )
+
+
+def _run_both(layer, kernels: dict[str, object], md, hidden, num_slots):
+    """The layer's forward with the Triton kernels and with the references, from the same
+    random state slots: (out, states) of each."""
+    shapes = layer.state_shapes()
+    gen = torch.Generator().manual_seed(5)
+    states = [
+        torch.randn(num_slots, *s, generator=gen).to(dt).to(hidden.device) for s, dt in shapes
+    ]
+    results = []
+    for fns in (kernels, {name: REFERENCES[name] for name in kernels}):
+        for name, fn in fns.items():
+            setattr(layer, f"_{name}", fn)
+        cache = tuple(s.clone() for s in states)
+        results.append((layer(None, hidden, cache, md), cache))
+    return results
+
+
+@pytest.mark.parametrize("layer_kind", ["mamba2", "gated_deltanet"])
+def test_hybrid_layer_prompt_batch_matches_references(device, layer_kind):
+    """A Mamba2 mixer and a Gated DeltaNet layer over a batch of a 1-token fresh prompt, a
+    40-token chunk continuing a prompt, a decode row and a 37-token fresh prompt: the layer
+    forward with the Triton kernels (what CUDA picks) equals the one with the references."""
+    from paphos.kernels import CUDA_KERNELS
+    from paphos.parallel import ParallelInfo
+
+    md = _layer_batch([(1, 0), (40, 16), (1, 9), (37, 0)], device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        if layer_kind == "mamba2":
+            from paphos.layers.mamba2 import Mamba2Mixer, Mamba2Spec
+
+            spec = Mamba2Spec(64, 4, 16, 2, 16, 4, 16, 1e-5, dt_limit=(0.0, 8.0))
+            layer, names = Mamba2Mixer(spec, None, ParallelInfo()), ("causal_conv1d", "ssd")
+        else:
+            from paphos.layers.gated_deltanet import GatedDeltaNet, GatedDeltaNetSpec
+
+            spec = GatedDeltaNetSpec(64, 2, 4, 16, 24, 4, 1e-6, chunk_size=16)
+            layer = GatedDeltaNet(spec, None, ParallelInfo())
+            names = ("causal_conv1d", "gated_delta_rule")
+        for p in layer.parameters():
+            p.data.normal_(0.0, 0.2)
+        hidden = torch.randn(int(md.query_start_loc[-1]), 64)
+    if device.type == "cuda":  # the kernels were picked at start-up
+        assert all(getattr(layer, f"_{name}") is CUDA_KERNELS[name] for name in names)
+    (out, states), (ref, ref_states) = _run_both(
+        layer, {name: CUDA_KERNELS[name] for name in names}, md, hidden, NUM_SLOTS
+    )
+    assert rel_error(out, ref) < 1e-4
+    for got, want in zip(states, ref_states):
+        assert rel_error(got, want) < 1e-5
