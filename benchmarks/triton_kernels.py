@@ -283,6 +283,53 @@ def run_sweep() -> list[dict]:
     return rows
 
 
+# Hybrid prompt chunks: one fresh 8192-token prompt through one layer's state ops (bf16 inputs,
+# float32 states). Qwen3.5-27B Gated DeltaNet: 16 key / 48 value heads of 128, its conv over
+# q | k | v (10240 channels); Mamba2-2.7B: 80 heads of 64, 1 group, state 128 (conv: 5376).
+HYBRID_PREFILL_TOKENS = 8192
+HYBRID_OPS = ("causal_conv1d", "ssd", "gated_delta_rule")
+
+
+def hybrid_prefill_cases(device: torch.device) -> list[tuple[str, str, tuple, float, float]]:
+    """(case, op, args, bytes, flops); flops of the chunked forms at the kernels' chunk lengths
+    (the kernels multiply in float32 on the CUDA cores, so the bf16 matmul floor is far)."""
+    from paphos.kernels import gated_delta_rule as gdn_kernel
+    from paphos.kernels import ssd_update
+
+    t = HYBRID_PREFILL_TOKENS
+    batch = (
+        torch.tensor([0, t], device=device),  # query_start_loc (int64, as the runner's)
+        torch.tensor([0], device=device),  # state_indices
+        torch.tensor([False], device=device),  # has_initial: fresh (its slot is not read)
+        t,
+    )
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=DTYPE)
+
+    cases = []
+    for name, dim in (("conv1d qwen3.5-27b 8k", 10240), ("conv1d mamba2-2.7b 8k", 5376)):
+        args = (randn(t, dim), randn(dim, 4), None, randn(2, dim, 3), *batch, "silu")
+        cases.append((name, "causal_conv1d", args, 2 * t * dim * 2, 2 * t * dim * 4))
+    heads, p, groups, n, chunk = 80, 64, 1, 128, ssd_update.PREFILL_CHUNK
+    ones, zeros = torch.ones(heads, device=device), torch.zeros(heads, device=device)
+    states = torch.zeros(2, heads, p, n, device=device)  # [slots, H, P, N] float32
+    args = (randn(t, heads, p), randn(t, heads), -torch.rand(heads, device=device))
+    args += (randn(t, groups, n), randn(t, groups, n), ones, zeros, states, *batch, 256)
+    num_bytes = 2 * (2 * t * heads * p + 2 * t * groups * n + t * heads)
+    flops = 2 * t * heads * (chunk * n + chunk * p + 2 * n * p)
+    cases.append(("ssd mamba2-2.7b 8k", "ssd", args, num_bytes, flops))
+    hk, hv, d, chunk = 16, 48, 128, gdn_kernel.PREFILL_CHUNK
+    g = -torch.rand(t, hv, device=device)  # [T, Hv] log decay
+    beta = torch.rand(t, hv, device=device)  # [T, Hv]
+    states = torch.zeros(2, hv, d, d, device=device)  # [slots, Hv, Dk, Dv] float32
+    args = (randn(t, hk, d), randn(t, hk, d), randn(t, hv, d), g, beta, states, *batch, 64)
+    num_bytes = 2 * (2 * t * hk * d + 2 * t * hv * d) + 2 * t * hv * 4
+    flops = 2 * t * hv * (5 * chunk * d + 3 * d * d)
+    cases.append(("gdn qwen3.5-27b 8k", "gated_delta_rule", args, num_bytes, flops))
+    return cases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None, help="write results as JSON to this file")
@@ -310,6 +357,8 @@ def main() -> None:
     for name, (heads, seq_lens) in MLA_CASES.items():
         args, num_bytes, flops = mla_case(heads, seq_lens, device)
         rows.extend(_guarded(name, "mla_decode_attention", args, {}, (num_bytes, flops), floors))
+    for name, op, args, num_bytes, flops in hybrid_prefill_cases(device):
+        rows.extend(_guarded(name, op, args, {}, (num_bytes, flops), floors))
     print(
         f"{'case':<22}{'rel_err':>9}{'kernel ms':>11}{'ref ms':>10}{'floor ms':>10}"
         f"{'floor/kern':>11}{'speedup':>9}"
@@ -320,6 +369,13 @@ def main() -> None:
             f"{r['floor_ms']:>10.4f}{r['floor_ms'] / r['kernel_ms']:>11.2f}"
             f"{r['ref_ms'] / r['kernel_ms']:>9.1f}"
         )
+    for r in rows:
+        if r["op"] in HYBRID_OPS:
+            tokens = HYBRID_PREFILL_TOKENS * 1e3
+            print(
+                f"{r['case']}: prefill {tokens / r['kernel_ms']:.0f} tok/s "
+                f"(torch reference {tokens / r['ref_ms']:.0f} tok/s)"
+            )
     sweep_rows = run_sweep() if cli.sweep else []
     if cli.out:
         with open(cli.out, "w") as f:
