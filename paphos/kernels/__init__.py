@@ -41,7 +41,7 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
         "mla_decode_attention": mla_decode_attention,
         "write_latent_cache": write_latent_cache,
         "fused_experts": fused_experts,
-        # hybrid models' state ops: the decode step on the GPU, prompt chunks by the reference
+        # hybrid models' state ops: decode steps and prompt chunks (no host sync either way)
         "causal_conv1d": causal_conv1d,
         "ssd": ssd,
         "gated_delta_rule": gated_delta_rule,
