@@ -158,7 +158,9 @@ def _gdn_prefill_kernel(
         beta = tl.load(beta_ptr + tokens * stride_beta_tok + head, mask=t_mask, other=0.0)
         beta = beta.to(tl.float32)  # tokens past the end: g = beta = 0, q = k = v = 0
         cum = tl.cumsum(g, axis=0)  # [BLOCK_L]: log decay from the chunk start
-        total = tl.sum(g, axis=0)
+        # the chunk's log decay: cum's last entry itself (padded tokens add 0), so that the
+        # last token's exp(total - cum) is exactly 1 (a separate sum rounds differently)
+        total = tl.sum(tl.where(steps == BLOCK_L - 1, cum, 0.0), axis=0)
         decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))  # [L, L]
         k_beta = k * beta[:, None]  # [BLOCK_L, BLOCK_K]
         system = tl.dot(k_beta, tl.trans(k), input_precision="ieee") * decay  # [L, L]

@@ -135,7 +135,9 @@ def _ssd_prefill_kernel(
         dt = tl.where(t_mask, dt, 0.0)  # tokens past the end: no decay, no input
         log_decay = dt * a_head  # [BLOCK_L]
         cum = tl.cumsum(log_decay, axis=0)  # [BLOCK_L]: log decay from the chunk start
-        total = tl.sum(log_decay, axis=0)  # the whole chunk's
+        # the chunk's log decay: cum's last entry itself (padded tokens add 0), so that the
+        # last token's exp(total - cum) is exactly 1 (a separate sum rounds differently)
+        total = tl.sum(tl.where(steps == BLOCK_L - 1, cum, 0.0), axis=0)
         bc_mask = t_mask[:, None] & col_mask[None, :]
         b = tl.load(
             b_ptr + tokens[:, None] * stride_b_tok + group * stride_b_group + cols[None, :],
