@@ -2,7 +2,7 @@
 block of channels); the window is read, shifted and written in place. Prompt chunks: one program
 per (sequence, block of channels, block of tokens) over the flat batch; the first token block
 of each sequence reads the slot's window (fresh sequences: zeros) and then writes the new one.
-Fresh sequences start from zeros. No host sync, no loop over sequences on the host."""
+No host sync, no loop over sequences on the host; the decode path is what CUDA graphs capture."""
 
 from __future__ import annotations
 

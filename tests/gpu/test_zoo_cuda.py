@@ -92,7 +92,7 @@ def test_moe_family_on_cuda_matches_transformers(tmp_path, name):
 @pytest.mark.parametrize("name", sorted(HYBRID_CASES))
 def test_hybrid_family_on_cuda_matches_transformers(tmp_path, name):
     """Hybrids: Triton state decode steps inside the captured decode graphs, prompt chunks by
-    the torch reference."""
+    the Triton prefill kernels (conv1d, SSD, gated delta rule)."""
     config_class, overrides = HYBRID_CASES[name]
     hf = make_tiny_model(tmp_path, config_class, **without_reference_quirks(name, overrides))
     runner = make_runner_for(str(tmp_path), "cuda")
