@@ -15,7 +15,8 @@ from collections.abc import Callable
 import torch
 import triton
 
-from paphos.kernels import CUDA_KERNELS
+from paphos.kernels import CUDA_KERNELS, ssd_update
+from paphos.kernels import gated_delta_rule as gdn_kernel
 from paphos.kernels._checks import num_sms
 from paphos.kernels.decode_attention import (
     DecodeTiles,
@@ -293,9 +294,6 @@ HYBRID_OPS = ("causal_conv1d", "ssd", "gated_delta_rule")
 def hybrid_prefill_cases(device: torch.device) -> list[tuple[str, str, tuple, float, float]]:
     """(case, op, args, bytes, flops); flops of the chunked forms at the kernels' chunk lengths
     (the kernels multiply in float32 on the CUDA cores, so the bf16 matmul floor is far)."""
-    from paphos.kernels import gated_delta_rule as gdn_kernel
-    from paphos.kernels import ssd_update
-
     t = HYBRID_PREFILL_TOKENS
     batch = (
         torch.tensor([0, t], device=device),  # query_start_loc (int64, as the runner's)
