@@ -20,6 +20,7 @@ from paphos.gguf_file import GGUFQuantizedTensor
 from paphos.layers.embedding import VocabParallelEmbedding
 from paphos.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from paphos.parallel import ParallelInfo
+from paphos.quant import gguf as gguf_method
 from paphos.quant.gguf import GGUFLinearMethod, reference_apply, reference_apply_q8
 from paphos.serve.cli import build_parser
 
@@ -67,13 +68,38 @@ def test_bf16_activations_of_a_batch_stay_within_bf16_rounding(ggml_type):
     torch.testing.assert_close(got.double(), expected, atol=0.02 * expected.abs().max(), rtol=0.02)
 
 
+@pytest.fixture
+def q8_on(monkeypatch):
+    gguf_method.q8_activations.cache_clear()
+    monkeypatch.setenv(gguf_method.Q8_ACTIVATIONS_ENV, "1")
+    yield
+    gguf_method.q8_activations.cache_clear()
+
+
+def test_16_bit_batches_keep_exact_activations_by_default(monkeypatch):
+    """Off by default: a bf16 batch of 8 rows is the exact (fp32-activation) product."""
+    gguf_method.q8_activations.cache_clear()
+    monkeypatch.delenv(gguf_method.Q8_ACTIVATIONS_ENV, raising=False)
+    layer = ReplicatedLinear(256, 48, linear_method=GGUFLinearMethod())
+    packed, _ = _packed(T.Q4_1, 48, 256, 7)
+    layer.weight.weight_loader(layer.weight, packed)
+    _loaded(layer)
+    x = torch.randn(8, 256).to(torch.bfloat16)
+    expected = reference_apply(layer, x).double()
+    torch.testing.assert_close(layer(x).double(), expected, atol=1e-5, rtol=2**-7)
+    gguf_method.q8_activations.cache_clear()
+
+
 @pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("num_tokens", [1, 4, 5, 8, 33])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_16_bit_activations_equal_the_8_bit_activation_reference(ggml_type, num_tokens, dtype):
-    """bf16/fp16 batches of more than 4 rows are quantized to 8 bits per 32 (llama.cpp's integer
-    products): the output is that reference's, rounded once to the activation dtype. Up to 4 rows
-    (what the fused decode layer takes) the activations stay fp32, as there."""
+def test_16_bit_activations_equal_the_8_bit_activation_reference(
+    q8_on, ggml_type, num_tokens, dtype
+):
+    """With PAPHOS_GGUF_Q8_ACTIVATIONS=1, bf16/fp16 batches of more than 4 rows are quantized to
+    8 bits per 32 (llama.cpp's integer products): the output is that reference's, rounded once to
+    the activation dtype. Up to 4 rows (what the fused decode layer takes) the activations stay
+    fp32, as there."""
     layer = ReplicatedLinear(256, 48, bias=True, linear_method=GGUFLinearMethod())
     packed, values = _packed(ggml_type, 48, 256, int(ggml_type) + 1)
     layer.weight.weight_loader(layer.weight, packed)
@@ -87,9 +113,9 @@ def test_16_bit_activations_equal_the_8_bit_activation_reference(ggml_type, num_
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=2**-7)
 
 
-def test_a_16_bit_models_layer_quantizes_fp32_activations_too():
-    """The LM head of a bf16 model gets fp32 hidden states (for fp32 logits): still 8-bit
-    activations, fp32 out; an fp32 model's layer stays exact."""
+def test_a_16_bit_models_layer_quantizes_fp32_activations_too(q8_on):
+    """With 8-bit activations on, the LM head of a bf16 model gets fp32 hidden states (for fp32
+    logits): still 8-bit activations, fp32 out; an fp32 model's layer stays exact."""
     packed, values = _packed(T.Q8_0, 40, 256, 3)
     x = torch.randn(6, 256).to(torch.bfloat16).float()
     for params_dtype in (torch.bfloat16, torch.float32):
