@@ -148,8 +148,11 @@ def test_a_killed_worker_raises_worker_error_at_the_next_step(tiny_llama_dir):
             llm.generate(PROMPT, GREEDY, use_tqdm=False)
 
 
+# The engine process handles Ctrl-C as one started from a terminal does, even where pytest itself
+# runs with SIGINT ignored (a background job of a non-interactive shell: its children inherit that)
 ENGINE_SCRIPT = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from paphos import LLM
 llm = LLM(sys.argv[1], **{kwargs!r})
 print(*(w.process.pid for w in llm.engine.executor.workers), flush=True)
