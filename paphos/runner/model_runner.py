@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from paphos.attention import AttentionMetadata
+from paphos.attention.layer import Attention
 from paphos.config import EngineConfig, auto_device
 from paphos.core.kv_cache_groups import KVCacheLayout, sliding_group_bound
 from paphos.core.step_data import RunnerOutput, SchedulerOutput, StepHandle
@@ -228,10 +229,9 @@ class ModelRunner:
             describe_weight_memory(model),
         )
         scaled = [
-            m
-            for m in model.modules()
-            if (getattr(m, "k_scale", 1.0), getattr(m, "v_scale", 1.0)) != (1.0, 1.0)
-        ]
+            m for m in model.modules()
+            if isinstance(m, Attention) and (m.k_scale, m.v_scale) != (1.0, 1.0)
+        ]  # fmt: skip
         if scaled:
             fp8 = self.config.cache.kv_cache_dtype != "auto"
             logger.info(
